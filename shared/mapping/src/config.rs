@@ -279,7 +279,10 @@ fn is_marketo_name(s: &str) -> bool {
 }
 
 fn is_logical_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 struct Errors(Vec<ConfigError>);
@@ -334,7 +337,11 @@ impl MappingConfig {
                     format!("`{name}` is not a default field"),
                     format!(
                         "use one of: {}",
-                        default_fields().iter().map(|d| d.marketo.as_str()).collect::<Vec<_>>().join(", ")
+                        default_fields()
+                            .iter()
+                            .map(|d| d.marketo.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 );
             }
@@ -430,7 +437,13 @@ impl MappingConfig {
                 LeadMatch::Email
             }
         };
-        let create_missing_leads = choice(&self.leads.missing, "mapping.leads.missing", "create", "skip", &mut errors);
+        let create_missing_leads = choice(
+            &self.leads.missing,
+            "mapping.leads.missing",
+            "create",
+            "skip",
+            &mut errors,
+        );
         let delete_opportunities = choice(
             &self.deletes.opportunities,
             "mapping.deletes.opportunities",
@@ -438,7 +451,13 @@ impl MappingConfig {
             "keep",
             &mut errors,
         );
-        let delete_roles = choice(&self.deletes.roles, "mapping.deletes.roles", "delete", "keep", &mut errors);
+        let delete_roles = choice(
+            &self.deletes.roles,
+            "mapping.deletes.roles",
+            "delete",
+            "keep",
+            &mut errors,
+        );
 
         if errors.0.is_empty() {
             Ok(Mapping {
@@ -464,7 +483,11 @@ fn choice(value: &Option<String>, key: &str, first: &str, second: &str, errors: 
         Some(v) if v == first => true,
         Some(v) if v == second => false,
         Some(v) => {
-            errors.push(key, format!("unknown value `{v}`"), format!("use \"{first}\" or \"{second}\""));
+            errors.push(
+                key,
+                format!("unknown value `{v}`"),
+                format!("use \"{first}\" or \"{second}\""),
+            );
             true
         }
     }
@@ -502,11 +525,7 @@ fn field_rule(field: &FieldConfig, key: &str, errors: &mut Errors) -> Option<Fie
     };
     let kind = field.kind.as_str();
     unexpected(errors, "max_length", field.max_length.is_some() && kind != "string");
-    unexpected(
-        errors,
-        "label",
-        field.label.is_some() && kind != "option",
-    );
+    unexpected(errors, "label", field.label.is_some() && kind != "option");
     unexpected(errors, "labels", field.labels.is_some() && kind != "option");
     unexpected(errors, "values", field.values.is_some() && kind != "option_in");
     unexpected(errors, "lookup", field.lookup.is_some() && kind != "lookup");
@@ -637,7 +656,7 @@ fn field_rule(field: &FieldConfig, key: &str, errors: &mut Errors) -> Option<Fie
             && matches!(&source, Source::Attribute(a) if &**a == "opportunityid"))
     {
         errors.push(
-            format!("{key}"),
+            key.to_string(),
             "externalOpportunityId must come from opportunityid as a guid: a deleted opportunity is known by its id alone",
             "use { marketo = \"externalOpportunityId\", dataverse = \"opportunityid\", type = \"guid\" }",
         );

@@ -34,7 +34,9 @@ pub enum Conversion {
     /// A GUID, written lowercase.
     Guid,
     /// Text, truncated to the Marketo field's length in characters.
-    String { max_chars: usize },
+    String {
+        max_chars: usize,
+    },
     Integer,
     /// Decimal and Money (JSON numbers).
     Decimal,
@@ -46,11 +48,17 @@ pub enum Conversion {
     /// An option set's raw number.
     OptionValue,
     /// An option set's label: from `labels` when configured, else the FormattedValue annotation.
-    OptionLabel { labels: BTreeMap<i64, Arc<str>> },
+    OptionLabel {
+        labels: BTreeMap<i64, Arc<str>>,
+    },
     /// True when the option value is one of `values` (isClosed, isWon).
-    OptionIn { values: Vec<i64> },
+    OptionIn {
+        values: Vec<i64>,
+    },
     /// A lookup's GUID, or its name (FormattedValue) when `name`.
-    Lookup { name: bool },
+    Lookup {
+        name: bool,
+    },
     /// actualclosedate when the opportunity is closed (statecode ≠ 0), else estimatedclosedate.
     CloseDate,
 }
@@ -84,7 +92,9 @@ impl FieldRule {
             Source::Derived => close_date(opportunity),
             Source::Attribute(name) => match opportunity.attribute(name) {
                 // Absent is not null: the attribute was not read, so nothing is known about it.
-                None => return FieldOutcome::Warn(format!("`{name}` is not in the Dataverse record; is it in $select?")),
+                None => {
+                    return FieldOutcome::Warn(format!("`{name}` is not in the Dataverse record; is it in $select?"));
+                }
                 Some(Value::Null) => Ok(None),
                 Some(v) => self.convert(name, v, opportunity),
             },
@@ -111,7 +121,12 @@ impl FieldRule {
                 preview(value)
             )
         };
-        let plain = |v: Value| Ok(Some(Converted { value: v, warning: None }));
+        let plain = |v: Value| {
+            Ok(Some(Converted {
+                value: v,
+                warning: None,
+            }))
+        };
         match &self.conversion {
             Conversion::Guid | Conversion::Lookup { name: false } => match value {
                 Value::String(s) => match Guid::parse(s) {
@@ -170,7 +185,9 @@ impl FieldRule {
                 if !labels.is_empty() {
                     return match labels.get(&number) {
                         Some(label) => plain(Value::String(label.to_string())),
-                        None => Err(format!("`{name}` has the unknown option value {number}; add it to labels")),
+                        None => Err(format!(
+                            "`{name}` has the unknown option value {number}; add it to labels"
+                        )),
                     };
                 }
                 match opportunity.formatted(name) {
@@ -286,8 +303,13 @@ pub(crate) fn date_part(text: &str) -> Option<&str> {
         2 => 28,
         _ => return None,
     };
-    (y >= 1 && (1..=days).contains(&d) && date.bytes().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit()))
-        .then_some(date)
+    (y >= 1
+        && (1..=days).contains(&d)
+        && date
+            .bytes()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit()))
+    .then_some(date)
 }
 
 /// `YYYY-MM-DDThh:mm:ss[.fff](Z|±hh:mm)`.
@@ -298,7 +320,8 @@ fn is_datetime(text: &str) -> bool {
     if text.as_bytes().get(10) != Some(&b'T') || tb.len() < 9 || tb[2] != b':' || tb[5] != b':' {
         return false;
     }
-    let two = |s: &str, max: u32| s.parse::<u32>().ok().is_some_and(|v| v <= max) && s.bytes().all(|c| c.is_ascii_digit());
+    let two =
+        |s: &str, max: u32| s.parse::<u32>().ok().is_some_and(|v| v <= max) && s.bytes().all(|c| c.is_ascii_digit());
     if !(two(&time[0..2], 23) && two(&time[3..5], 59) && two(&time[6..8], 59)) {
         return false;
     }
@@ -363,19 +386,43 @@ mod tests {
     #[test]
     fn integer_accepts_whole_floats_and_rejects_fractions() {
         let r = rule("closeprobability", Conversion::Integer);
-        assert_eq!(r.apply(&opp(json!({"closeprobability": 40}))), FieldOutcome::Set(json!(40)));
-        assert_eq!(r.apply(&opp(json!({"closeprobability": 40.0}))), FieldOutcome::Set(json!(40)));
-        assert!(matches!(r.apply(&opp(json!({"closeprobability": 40.5}))), FieldOutcome::Warn(_)));
-        assert!(matches!(r.apply(&opp(json!({"closeprobability": "forty"}))), FieldOutcome::Warn(_)));
+        assert_eq!(
+            r.apply(&opp(json!({"closeprobability": 40}))),
+            FieldOutcome::Set(json!(40))
+        );
+        assert_eq!(
+            r.apply(&opp(json!({"closeprobability": 40.0}))),
+            FieldOutcome::Set(json!(40))
+        );
+        assert!(matches!(
+            r.apply(&opp(json!({"closeprobability": 40.5}))),
+            FieldOutcome::Warn(_)
+        ));
+        assert!(matches!(
+            r.apply(&opp(json!({"closeprobability": "forty"}))),
+            FieldOutcome::Warn(_)
+        ));
     }
 
     #[test]
     fn decimal_keeps_money_and_parses_ieee754_compatible_strings() {
         let r = rule("estimatedvalue", Conversion::Decimal);
-        assert_eq!(r.apply(&opp(json!({"estimatedvalue": 12000.5}))), FieldOutcome::Set(json!(12000.5)));
-        assert_eq!(r.apply(&opp(json!({"estimatedvalue": "99.25"}))), FieldOutcome::Set(json!(99.25)));
-        assert!(matches!(r.apply(&opp(json!({"estimatedvalue": "NaN"}))), FieldOutcome::Warn(_)));
-        assert!(matches!(r.apply(&opp(json!({"estimatedvalue": true}))), FieldOutcome::Warn(_)));
+        assert_eq!(
+            r.apply(&opp(json!({"estimatedvalue": 12000.5}))),
+            FieldOutcome::Set(json!(12000.5))
+        );
+        assert_eq!(
+            r.apply(&opp(json!({"estimatedvalue": "99.25"}))),
+            FieldOutcome::Set(json!(99.25))
+        );
+        assert!(matches!(
+            r.apply(&opp(json!({"estimatedvalue": "NaN"}))),
+            FieldOutcome::Warn(_)
+        ));
+        assert!(matches!(
+            r.apply(&opp(json!({"estimatedvalue": true}))),
+            FieldOutcome::Warn(_)
+        ));
     }
 
     #[test]
@@ -389,13 +436,19 @@ mod tests {
     #[test]
     fn date_accepts_date_only_and_the_date_of_a_datetime_and_rejects_impossible_dates() {
         let r = rule("d", Conversion::Date);
-        assert_eq!(r.apply(&opp(json!({"d": "2026-12-31"}))), FieldOutcome::Set(json!("2026-12-31")));
+        assert_eq!(
+            r.apply(&opp(json!({"d": "2026-12-31"}))),
+            FieldOutcome::Set(json!("2026-12-31"))
+        );
         assert_eq!(
             r.apply(&opp(json!({"d": "2026-02-28T10:00:00Z"}))),
             FieldOutcome::Set(json!("2026-02-28"))
         );
         for bad in ["2026-02-30", "2026-13-01", "31/12/2026", "2026-1-01", "", "2026-12-31X"] {
-            assert!(matches!(r.apply(&opp(json!({"d": bad}))), FieldOutcome::Warn(_)), "{bad}");
+            assert!(
+                matches!(r.apply(&opp(json!({"d": bad}))), FieldOutcome::Warn(_)),
+                "{bad}"
+            );
         }
         assert_eq!(
             r.apply(&opp(json!({"d": "2024-02-29"}))),
@@ -406,11 +459,26 @@ mod tests {
     #[test]
     fn datetime_checks_the_iso_shape() {
         let r = rule("modifiedon", Conversion::DateTime);
-        for good in ["2026-11-20T10:00:00Z", "2026-11-20T10:00:00.123Z", "2026-11-20T10:00:00+01:00"] {
-            assert_eq!(r.apply(&opp(json!({"modifiedon": good}))), FieldOutcome::Set(json!(good)));
+        for good in [
+            "2026-11-20T10:00:00Z",
+            "2026-11-20T10:00:00.123Z",
+            "2026-11-20T10:00:00+01:00",
+        ] {
+            assert_eq!(
+                r.apply(&opp(json!({"modifiedon": good}))),
+                FieldOutcome::Set(json!(good))
+            );
         }
-        for bad in ["2026-11-20", "2026-11-20T25:00:00Z", "2026-11-20T10:00:00", "2026-11-20T10:00:00.Z"] {
-            assert!(matches!(r.apply(&opp(json!({"modifiedon": bad}))), FieldOutcome::Warn(_)), "{bad}");
+        for bad in [
+            "2026-11-20",
+            "2026-11-20T25:00:00Z",
+            "2026-11-20T10:00:00",
+            "2026-11-20T10:00:00.Z",
+        ] {
+            assert!(
+                matches!(r.apply(&opp(json!({"modifiedon": bad}))), FieldOutcome::Warn(_)),
+                "{bad}"
+            );
         }
     }
 
@@ -418,15 +486,26 @@ mod tests {
     fn option_label_prefers_configured_labels_then_the_formatted_value() {
         let labels: BTreeMap<i64, Arc<str>> = [(0, Arc::from("Open"))].into_iter().collect();
         let configured = rule("statecode", Conversion::OptionLabel { labels });
-        assert_eq!(configured.apply(&opp(json!({"statecode": 0}))), FieldOutcome::Set(json!("Open")));
+        assert_eq!(
+            configured.apply(&opp(json!({"statecode": 0}))),
+            FieldOutcome::Set(json!("Open"))
+        );
         match configured.apply(&opp(json!({"statecode": 7}))) {
             FieldOutcome::Warn(w) => assert!(w.contains("unknown option value 7"), "{w}"),
             other => panic!("{other:?}"),
         }
-        let annotated = rule("salesstage", Conversion::OptionLabel { labels: BTreeMap::new() });
+        let annotated = rule(
+            "salesstage",
+            Conversion::OptionLabel {
+                labels: BTreeMap::new(),
+            },
+        );
         let o = opp(json!({"salesstage": 2, "salesstage@OData.Community.Display.V1.FormattedValue": "Propose"}));
         assert_eq!(annotated.apply(&o), FieldOutcome::Set(json!("Propose")));
-        assert!(matches!(annotated.apply(&opp(json!({"salesstage": 2}))), FieldOutcome::Warn(_)));
+        assert!(matches!(
+            annotated.apply(&opp(json!({"salesstage": 2}))),
+            FieldOutcome::Warn(_)
+        ));
     }
 
     #[test]
@@ -437,7 +516,10 @@ mod tests {
         );
         let won = rule("statecode", Conversion::OptionIn { values: vec![1] });
         assert_eq!(won.apply(&opp(json!({"statecode": 1}))), FieldOutcome::Set(json!(true)));
-        assert_eq!(won.apply(&opp(json!({"statecode": 2}))), FieldOutcome::Set(json!(false)));
+        assert_eq!(
+            won.apply(&opp(json!({"statecode": 2}))),
+            FieldOutcome::Set(json!(false))
+        );
     }
 
     #[test]
@@ -455,7 +537,10 @@ mod tests {
             FieldOutcome::Set(json!("Dana Seller"))
         );
         let bad = opp(json!({"_ownerid_value": "not-a-guid"}));
-        assert!(matches!(rule("_ownerid_value", Conversion::Lookup { name: false }).apply(&bad), FieldOutcome::Warn(_)));
+        assert!(matches!(
+            rule("_ownerid_value", Conversion::Lookup { name: false }).apply(&bad),
+            FieldOutcome::Warn(_)
+        ));
     }
 
     #[test]
@@ -489,7 +574,13 @@ mod tests {
         assert_eq!(r.apply(&opp(open)), FieldOutcome::Set(json!("2026-12-31")));
         assert_eq!(r.apply(&opp(won)), FieldOutcome::Set(json!("2026-10-01")));
         let lost_without_actual = json!({"statecode": 2, "actualclosedate": null, "estimatedclosedate": "2026-12-31"});
-        assert_eq!(r.apply(&opp(lost_without_actual)), FieldOutcome::Set(json!("2026-12-31")));
-        assert!(matches!(r.apply(&opp(json!({"estimatedclosedate": "2026-12-31"}))), FieldOutcome::Warn(_)));
+        assert_eq!(
+            r.apply(&opp(lost_without_actual)),
+            FieldOutcome::Set(json!("2026-12-31"))
+        );
+        assert!(matches!(
+            r.apply(&opp(json!({"estimatedclosedate": "2026-12-31"}))),
+            FieldOutcome::Warn(_)
+        ));
     }
 }

@@ -102,13 +102,11 @@ fn read_guid(
 ) -> Result<Option<Guid>, RecordError> {
     match map.get(attribute) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Guid::parse(s)
-            .map(Some)
-            .map_err(|source| RecordError::InvalidGuid {
-                entity,
-                attribute,
-                source,
-            }),
+        Some(Value::String(s)) => Guid::parse(s).map(Some).map_err(|source| RecordError::InvalidGuid {
+            entity,
+            attribute,
+            source,
+        }),
         Some(other) => Err(RecordError::WrongType {
             entity,
             attribute,
@@ -431,7 +429,9 @@ impl Related {
 
     /// Resolves a role reference: the expanded role if present, else the role table.
     pub fn role<'a>(&'a self, role: &'a RoleRef) -> Option<&'a ConnectionRole> {
-        role.expanded.as_ref().or_else(|| role.id.and_then(|id| self.roles.get(&id)))
+        role.expanded
+            .as_ref()
+            .or_else(|| role.id.and_then(|id| self.roles.get(&id)))
     }
 
     /// Parses whole Web API `value` arrays; rows that cannot be used are returned, not dropped

@@ -30,7 +30,11 @@ pub struct CustomerOutcome {
 /// Reads the Potential Customer from `customerid` (polymorphic: account or contact) and the two
 /// form fields. When `customerid` lacks its lookuplogicalname annotation the id is looked up
 /// among the accounts and contacts read for the batch.
-pub fn potential_customer(fields: &CustomerFields, related: &Related, warnings: &mut Vec<Warning>) -> PotentialCustomer {
+pub fn potential_customer(
+    fields: &CustomerFields,
+    related: &Related,
+    warnings: &mut Vec<Warning>,
+) -> PotentialCustomer {
     let mut account = fields.parent_account;
     let mut contact = fields.parent_contact;
     if let Some(lookup) = fields.customerid {
@@ -65,7 +69,11 @@ pub fn potential_customer(fields: &CustomerFields, related: &Related, warnings: 
 }
 
 /// Applies whichever customer rule matches the Potential Customer.
-pub fn apply_customer_rules(customer: PotentialCustomer, related: &Related, warnings: &mut Vec<Warning>) -> CustomerOutcome {
+pub fn apply_customer_rules(
+    customer: PotentialCustomer,
+    related: &Related,
+    warnings: &mut Vec<Warning>,
+) -> CustomerOutcome {
     match customer {
         PotentialCustomer::None => CustomerOutcome::default(),
         PotentialCustomer::Contact(contact) => contact_set_account_empty(contact, related, warnings),
@@ -79,7 +87,11 @@ pub fn apply_customer_rules(customer: PotentialCustomer, related: &Related, warn
 ///
 /// The contact's account is its `parentcustomerid` when that is an account; a contact whose
 /// parent is another contact has no account.
-pub fn contact_set_account_empty(contact: ContactId, related: &Related, warnings: &mut Vec<Warning>) -> CustomerOutcome {
+pub fn contact_set_account_empty(
+    contact: ContactId,
+    related: &Related,
+    warnings: &mut Vec<Warning>,
+) -> CustomerOutcome {
     let account = match related.contacts.get(&contact).and_then(|c| c.parent) {
         None | Some(ParentCustomer::Contact(_)) => None,
         Some(ParentCustomer::Account(a)) => Some(a),
@@ -141,12 +153,18 @@ pub fn stakeholder_roles(
                 format!(
                     "the connection role of contact {} is not readable ({}); that stakeholder is skipped",
                     link.contact,
-                    link.role.id.map(|g| g.to_string()).unwrap_or_else(|| "no role id".to_owned())
+                    link.role
+                        .id
+                        .map(|g| g.to_string())
+                        .unwrap_or_else(|| "no role id".to_owned())
                 ),
             ));
             continue;
         };
-        if !role.category.is_some_and(|c| mapping.stakeholder_categories.contains(&c)) {
+        if !role
+            .category
+            .is_some_and(|c| mapping.stakeholder_categories.contains(&c))
+        {
             continue;
         }
         let Some(name) = role_name(role.name.as_deref(), link.contact, warnings) else {

@@ -1,0 +1,20 @@
+//! Helpers shared by the whole-product test suite.
+
+use std::path::PathBuf;
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The first line of the fenced code block under the README heading `heading`.
+pub fn readme_command(readme: &str, heading: &str) -> Option<String> {
+    let after = &readme[readme.find(heading)? + heading.len()..];
+    let fence = after.find("```")?;
+    let block = &after[fence + 3..];
+    let body = &block[block.find('\n')? + 1..];
+    body.lines().next().map(|l| l.trim().to_owned())
+}

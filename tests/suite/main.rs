@@ -1,0 +1,4 @@
+//! The whole-product suite: one binary.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod repo;

@@ -1,0 +1,89 @@
+//! The repository keeps its promises to a new user: the README's commands are the ones CI runs.
+
+use oppsync_tests::{readme_command, repo_root};
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo_root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn ci_runs_exactly_the_readmes_test_command() {
+    let readme = read("README.md");
+    let command = readme_command(&readme, "### Run the tests").expect("README has a test command block");
+    assert!(!command.is_empty());
+    let ci = read(".ci/run");
+    assert!(
+        ci.lines()
+            .map(str::trim)
+            .any(|l| l == command || l == format!("exec {command}")),
+        ".ci/run does not run the README's test command `{command}`:\n{ci}"
+    );
+}
+
+#[test]
+fn the_test_command_exists_and_is_a_bash_script_that_stops_on_failure() {
+    let readme = read("README.md");
+    let command = readme_command(&readme, "### Run the tests").unwrap();
+    let script = command.split_whitespace().last().unwrap();
+    let text = read(script);
+    assert!(text.starts_with("#!/usr/bin/env bash"), "{script} has no bash shebang");
+    assert!(
+        text.contains("set -euo pipefail"),
+        "{script} must stop at the first failure"
+    );
+    assert!(
+        text.contains("cargo test --workspace"),
+        "{script} must run the whole workspace's tests"
+    );
+}
+
+#[test]
+fn the_readme_names_the_demo_command() {
+    let readme = read("README.md");
+    let command = readme_command(&readme, "### Run the demo").expect("README has a demo command block");
+    assert!(command.contains("oppsync") && command.contains("demo"), "{command}");
+}
+
+#[test]
+fn every_workspace_crate_takes_its_dependencies_from_the_workspace() {
+    // One dependency set keeps a 2-core build compiling each crate once.
+    let root: toml::Table = read("Cargo.toml").parse().unwrap();
+    let members = root["workspace"]["members"].as_array().unwrap();
+    assert!(
+        members.iter().any(|m| m.as_str() == Some("shared/mapping")),
+        "{members:?}"
+    );
+    for member in members {
+        let member = member.as_str().unwrap();
+        let manifest: toml::Table = read(&format!("{member}/Cargo.toml")).parse().unwrap();
+        for section in ["dependencies", "dev-dependencies", "build-dependencies"] {
+            let Some(deps) = manifest.get(section).and_then(|d| d.as_table()) else {
+                continue;
+            };
+            for (name, spec) in deps {
+                let from_workspace = spec.get("workspace").and_then(|w| w.as_bool()) == Some(true);
+                assert!(
+                    from_workspace,
+                    "{member}: {section}.{name} does not use the workspace's version"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_readmes_configuration_example_is_valid_and_means_what_it_says() {
+    let readme = read("README.md");
+    let start = readme
+        .find("```toml\n[mapping]")
+        .expect("README has the full [mapping] example")
+        + "```toml\n".len();
+    let example = &readme[start..start + readme[start..].find("```").unwrap()];
+    let mapping = oppsync_mapping::MappingConfig::from_toml(example)
+        .and_then(|c| c.validate())
+        .unwrap_or_else(|e| panic!("the README's example is invalid:\n{e}"));
+    let fields: Vec<&str> = mapping.fields.iter().map(|f| &*f.marketo).collect();
+    assert!(fields.contains(&"region") && fields.contains(&"ownerName") && fields.contains(&"salesStage"));
+    assert!(!fields.contains(&"description"), "excluded in the example");
+    assert_eq!(mapping.sync_filter.as_deref(), Some("new_synctomkto"));
+}
