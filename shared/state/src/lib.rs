@@ -1,0 +1,430 @@
+//! The sync state: a cursor per source, the poller lease, one item per opportunity, and the
+//! queries operators need. One trait, [`StateStore`], with a DynamoDB implementation for Lambda
+//! and an embedded SQLite one for local runs; both pass the same conformance suite.
+//!
+//! Guarantees every implementation keeps (architecture.md, "State model"):
+//! - idempotent: any step can run twice;
+//! - no regression: an older source version never overwrites a newer one;
+//! - nothing lost: a cursor moves only under the lease, after its changes are recorded;
+//! - fenced: a poller whose lease expired cannot move a cursor.
+//!
+//! Time is passed in (`now`, Unix milliseconds) so that tests control the clock.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+
+use oppsync_mapping::{AccountId, OpportunityId, Plan, PlanHash, WrittenRole};
+use serde::{Deserialize, Serialize};
+
+pub mod dynamodb;
+pub mod sqlite;
+
+pub use dynamodb::DynamoStore;
+pub use sqlite::SqliteStore;
+
+/// Unix time in milliseconds.
+pub type Millis = i64;
+
+/// Where an opportunity is in the sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Changed in Dynamics; to be transformed.
+    Pending,
+    /// Planned; to be written to Marketo.
+    Ready,
+    /// Marketo reflects the latest version.
+    Synced,
+    /// Failed permanently; the error ledger has the reason.
+    Failed,
+    /// Deleted in Dynamics and handled in Marketo.
+    Deleted,
+    /// Excluded by the sync filter.
+    Filtered,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] = [
+        Status::Pending,
+        Status::Ready,
+        Status::Synced,
+        Status::Failed,
+        Status::Deleted,
+        Status::Filtered,
+    ];
+
+    /// The name stored in both stores and matched by the Lambda stream filters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Ready => "ready",
+            Status::Synced => "synced",
+            Status::Failed => "failed",
+            Status::Deleted => "deleted",
+            Status::Filtered => "filtered",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Statuses that still need work or attention; stores index these for cheap queries.
+    pub fn is_open(self) -> bool {
+        matches!(self, Status::Pending | Status::Ready | Status::Failed)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A change source with its own cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    Opportunities,
+    Connections,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Opportunities => "opportunities",
+            Source::Connections => "connections",
+        }
+    }
+}
+
+/// How far a source has been read: a delta link or a watermark, opaque to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub value: String,
+    pub updated_at: Millis,
+}
+
+/// The poller's lease. `token` grows with every acquisition, fencing out an older holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub name: String,
+    pub owner: String,
+    pub token: i64,
+    pub expires_at: Millis,
+}
+
+/// A change read from Dataverse, to be recorded as pending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingChange {
+    pub id: OpportunityId,
+    /// `versionnumber`; deletions use [`DELETED_VERSION`].
+    pub version: i64,
+    pub deleted: bool,
+    /// `modifiedon`, for the sync-lag metric.
+    pub modified_on: Option<String>,
+}
+
+/// The version a deletion is recorded with: a deletion is final, so it outranks every version.
+/// (Should Dataverse ever restore a deleted record with its old id, `requeue` brings it back.)
+pub const DELETED_VERSION: i64 = i64::MAX;
+
+impl PendingChange {
+    pub fn upserted(id: OpportunityId, version: i64, modified_on: Option<String>) -> Self {
+        PendingChange {
+            id,
+            version,
+            deleted: false,
+            modified_on,
+        }
+    }
+
+    pub fn deleted(id: OpportunityId) -> Self {
+        PendingChange {
+            id,
+            version: DELETED_VERSION,
+            deleted: true,
+            modified_on: None,
+        }
+    }
+}
+
+/// What recording a change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkOutcome {
+    /// Recorded: the item is pending at this version.
+    Recorded,
+    /// The store already has this version or a newer one; nothing changed.
+    Stale,
+}
+
+/// Exclusive, expiring right to work on one item at one version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub id: OpportunityId,
+    pub version: i64,
+    pub token: i64,
+    pub until: Millis,
+}
+
+/// What Marketo holds for an opportunity, as last written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Written {
+    /// The source version the write reflected.
+    pub version: i64,
+    pub hash: PlanHash,
+    /// Marketo's `marketoGUID` for the opportunity.
+    pub marketo_guid: Option<String>,
+    pub company: Option<AccountId>,
+    pub roles: Vec<WrittenRole>,
+    /// The opportunity was deleted from Marketo.
+    pub deleted: bool,
+    pub at: Millis,
+}
+
+/// Why an opportunity failed: the operation, the Marketo or Dataverse code, the message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncError {
+    pub operation: String,
+    pub code: String,
+    pub message: String,
+}
+
+/// One opportunity's sync state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpportunityState {
+    pub id: OpportunityId,
+    pub status: Status,
+    pub version: i64,
+    pub deleted: bool,
+    pub modified_on: Option<String>,
+    /// The last plan made for it.
+    pub plan: Option<Plan>,
+    pub written: Option<Written>,
+    pub attempts: u32,
+    pub last_error: Option<SyncError>,
+    pub claim_until: Option<Millis>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    /// When it entered its current status (oldest pending, error ledger's "last try").
+    pub status_since: Millis,
+}
+
+/// How a transform ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TransformResult {
+    /// A plan to write: status ready.
+    Ready(Plan),
+    /// The plan's hash equals what was last written: status synced, no Marketo call.
+    Unchanged,
+    /// Excluded by the sync filter: status filtered, no Marketo call.
+    Filtered(Plan),
+    /// Deleted in Dynamics, and the delete policy keeps Marketo's copy: status deleted.
+    Kept(Plan),
+    /// The records could not be planned: status failed.
+    Failed(SyncError),
+}
+
+/// How a write to Marketo ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteResult {
+    /// Marketo reflects the plan: status synced (or deleted, for a deletion).
+    Synced(Written),
+    /// A retryable failure: status stays ready, attempts grows, the claim is released.
+    Retry { error: SyncError, written: Option<Written> },
+    /// A permanent failure: status failed, with the reason in the error ledger.
+    Failed { error: SyncError, written: Option<Written> },
+}
+
+/// Whether a completion took effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    Completed,
+    /// The claim was lost (expired and taken, or a newer version arrived). What was written to
+    /// Marketo is still recorded, so the newer work plans against it.
+    Superseded,
+}
+
+/// Items by status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts(pub BTreeMap<Status, u64>);
+
+impl Counts {
+    pub fn get(&self, status: Status) -> u64 {
+        self.0.get(&status).copied().unwrap_or(0)
+    }
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
+
+/// One page of a listing; `next` continues it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<String>,
+}
+
+/// What went wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "the lease `{0}` is no longer held by this poller (it expired or another poller took it); nothing was moved"
+    )]
+    LeaseLost(String),
+    #[error("DynamoDB {operation} failed: {message}")]
+    Dynamo {
+        operation: &'static str,
+        message: String,
+        retryable: bool,
+    },
+    #[error("the SQLite state store {path}: {message}")]
+    Sqlite { path: String, message: String },
+    #[error(
+        "stored state for {key} cannot be read: {reason}; it was written by an incompatible version or edited by hand"
+    )]
+    Corrupt { key: String, reason: String },
+    #[error("{what} is {size} bytes, more than the store can hold ({limit} bytes)")]
+    TooLarge { what: String, size: usize, limit: usize },
+    #[error("invalid page token `{0}`; start the listing again without one")]
+    BadPageToken(String),
+}
+
+impl StateError {
+    /// Whether trying again later may succeed (throttling, a network blip).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StateError::Dynamo { retryable, .. } => *retryable,
+            StateError::Sqlite { message, .. } => message.contains("locked") || message.contains("busy"),
+            _ => false,
+        }
+    }
+}
+
+/// The minute bucket completions are counted in.
+pub fn minute_of(now: Millis) -> i64 {
+    now.div_euclid(60_000)
+}
+
+/// The sync-state store. Every method is one atomic step; every guard is checked by the store
+/// itself (a conditional write or a transaction), never by reading first and writing after.
+pub trait StateStore: Send + Sync {
+    /// The cursor of a source, if it has been read before.
+    fn cursor(&self, source: Source) -> impl Future<Output = Result<Option<Cursor>, StateError>> + Send;
+
+    /// Moves a cursor, only while `lease` is still held (fencing).
+    fn advance_cursor(
+        &self,
+        lease: &Lease,
+        source: Source,
+        value: &str,
+        now: Millis,
+    ) -> impl Future<Output = Result<(), StateError>> + Send;
+
+    /// Takes the named lease if it is free or expired; `None` when someone else holds it.
+    fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> impl Future<Output = Result<Option<Lease>, StateError>> + Send;
+
+    /// Extends a held lease; `None` when it was lost.
+    fn renew_lease(
+        &self,
+        lease: &Lease,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> impl Future<Output = Result<Option<Lease>, StateError>> + Send;
+
+    /// Gives the lease up early; a no-op when it was already lost.
+    fn release_lease(&self, lease: &Lease) -> impl Future<Output = Result<(), StateError>> + Send;
+
+    /// Records changes as pending, each guarded by version: an older or equal version changes
+    /// nothing. Returns one outcome per change, in order.
+    fn mark_pending(
+        &self,
+        changes: &[PendingChange],
+        now: Millis,
+    ) -> impl Future<Output = Result<Vec<MarkOutcome>, StateError>> + Send;
+
+    /// Puts an existing item back to pending at its current version (resync, retry of a failed
+    /// record). Returns false when there is no such item.
+    fn requeue(&self, id: OpportunityId, now: Millis) -> impl Future<Output = Result<bool, StateError>> + Send;
+
+    /// Claims an item in `from` status that nobody holds (or whose claim expired).
+    fn claim(
+        &self,
+        id: OpportunityId,
+        from: Status,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> impl Future<Output = Result<Option<(Claim, OpportunityState)>, StateError>> + Send;
+
+    /// Ends a transform claim.
+    fn complete_transform(
+        &self,
+        claim: &Claim,
+        result: TransformResult,
+        now: Millis,
+    ) -> impl Future<Output = Result<Completion, StateError>> + Send;
+
+    /// Ends a write claim. What was written is recorded even when the claim was superseded,
+    /// unless a newer write is already recorded.
+    fn complete_write(
+        &self,
+        claim: &Claim,
+        result: WriteResult,
+        now: Millis,
+    ) -> impl Future<Output = Result<Completion, StateError>> + Send;
+
+    fn get(&self, id: OpportunityId) -> impl Future<Output = Result<Option<OpportunityState>, StateError>> + Send;
+
+    /// Items in a status, oldest in that status first.
+    fn list(
+        &self,
+        status: Status,
+        limit: usize,
+        page: Option<&str>,
+    ) -> impl Future<Output = Result<Page<OpportunityState>, StateError>> + Send;
+
+    fn counts(&self) -> impl Future<Output = Result<Counts, StateError>> + Send;
+
+    /// The item pending the longest, and since when.
+    fn oldest_pending(&self) -> impl Future<Output = Result<Option<(OpportunityId, Millis)>, StateError>> + Send;
+
+    /// Items that reached synced, deleted or filtered from `since` to `until` (per-minute
+    /// resolution: whole minutes that overlap the window count).
+    fn completions(&self, since: Millis, until: Millis) -> impl Future<Output = Result<u64, StateError>> + Send;
+
+    /// Adds to a day's Marketo call count atomically; returns the new total.
+    fn add_marketo_calls(&self, day: &str, calls: u64) -> impl Future<Output = Result<u64, StateError>> + Send;
+
+    fn marketo_calls(&self, day: &str) -> impl Future<Output = Result<u64, StateError>> + Send;
+}
+
+/// A claim token that no other claim in this or another process will draw.
+pub(crate) fn new_token() -> i64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // RandomState is seeded randomly per process; the counter separates claims within one.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    (h.finish() >> 1) as i64
+}
+
+/// The status a write result leads to, given whether the plan deleted the opportunity.
+pub(crate) fn written_status(written: &Written) -> Status {
+    if written.deleted {
+        Status::Deleted
+    } else {
+        Status::Synced
+    }
+}

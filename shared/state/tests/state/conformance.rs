@@ -1,0 +1,666 @@
+//! The conformance suite: what every [`StateStore`] must do. Each test takes a fresh store.
+
+use std::sync::Arc;
+
+use oppsync_mapping::{
+    Action, ContactId, Desired, Guid, Mapping, Opportunity, OpportunityId, Plan, PlanHash, Role, WrittenRole,
+    plan_upsert,
+};
+use oppsync_state::{
+    Completion, MarkOutcome, PendingChange, Source, StateError, StateStore, Status, SyncError, TransformResult,
+    WriteResult, Written,
+};
+use serde_json::json;
+
+const T0: i64 = 1_790_000_000_000;
+const MINUTE: i64 = 60_000;
+const TTL: i64 = 30_000;
+
+pub fn id(n: u128) -> OpportunityId {
+    OpportunityId(Guid::from_u128(0x0b00_0000_0000_4000_8000_0000_0000_0000 | n))
+}
+
+fn change(n: u128, version: i64) -> PendingChange {
+    PendingChange::upserted(id(n), version, Some("2026-11-20T10:00:00Z".into()))
+}
+
+pub fn plan(n: u128) -> Plan {
+    let opp = Opportunity::from_json(json!({
+        "opportunityid": id(n).to_string(), "name": format!("Deal {n}"), "statecode": 0,
+        "estimatedvalue": 100.5, "closeprobability": 10, "estimatedclosedate": "2026-12-31",
+        "description": null, "actualclosedate": null,
+    }))
+    .unwrap();
+    plan_upsert(&Mapping::default(), &opp, &Default::default(), &[])
+}
+
+fn role(contact: u128, name: &str, lead: i64) -> WrittenRole {
+    WrittenRole {
+        contact: ContactId(Guid::from_u128(contact)),
+        role: name.to_owned(),
+        lead_id: Some(lead),
+    }
+}
+
+fn written(version: i64, roles: Vec<WrittenRole>) -> Written {
+    Written {
+        version,
+        hash: PlanHash(u128::from(version as u64)),
+        marketo_guid: Some(format!("guid-{version}")),
+        company: None,
+        roles,
+        deleted: false,
+        at: T0,
+    }
+}
+
+fn error(code: &str) -> SyncError {
+    SyncError {
+        operation: "opportunities.sync".into(),
+        code: code.into(),
+        message: format!("Marketo said {code}"),
+    }
+}
+
+/// Records `n` at `version` and walks it to ready.
+async fn to_ready<S: StateStore>(store: &S, n: u128, version: i64, now: i64) {
+    store.mark_pending(&[change(n, version)], now).await.unwrap();
+    let (claim, _) = store.claim(id(n), Status::Pending, TTL, now).await.unwrap().unwrap();
+    let done = store
+        .complete_transform(&claim, TransformResult::Ready(plan(n)), now)
+        .await
+        .unwrap();
+    assert_eq!(done, Completion::Completed);
+}
+
+pub async fn a_cursor_starts_empty_and_moves_only_under_the_lease<S: StateStore>(store: S) {
+    assert_eq!(store.cursor(Source::Opportunities).await.unwrap(), None);
+    let lease = store.acquire_lease("poller", "a", TTL, T0).await.unwrap().unwrap();
+    store
+        .advance_cursor(&lease, Source::Opportunities, "delta-1", T0 + 1)
+        .await
+        .unwrap();
+    store
+        .advance_cursor(&lease, Source::Connections, "watermark-9", T0 + 2)
+        .await
+        .unwrap();
+    let cursor = store.cursor(Source::Opportunities).await.unwrap().unwrap();
+    assert_eq!((cursor.value.as_str(), cursor.updated_at), ("delta-1", T0 + 1));
+    assert_eq!(
+        store.cursor(Source::Connections).await.unwrap().unwrap().value,
+        "watermark-9"
+    );
+    store
+        .advance_cursor(&lease, Source::Opportunities, "delta-2", T0 + 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cursor(Source::Opportunities).await.unwrap().unwrap().value,
+        "delta-2"
+    );
+}
+
+pub async fn a_lease_cannot_be_taken_while_held_and_expires_by_itself<S: StateStore>(store: S) {
+    let a = store.acquire_lease("poller", "a", TTL, T0).await.unwrap().unwrap();
+    assert_eq!(
+        store.acquire_lease("poller", "b", TTL, T0 + TTL - 1).await.unwrap(),
+        None
+    );
+    // Another lease name is independent.
+    assert!(store.acquire_lease("other", "b", TTL, T0).await.unwrap().is_some());
+    // Renewal extends it.
+    let a = store.renew_lease(&a, TTL, T0 + TTL - 1).await.unwrap().unwrap();
+    assert_eq!(
+        store.acquire_lease("poller", "b", TTL, T0 + TTL + 1).await.unwrap(),
+        None
+    );
+    // Expired: anyone may take it, with a higher fencing token.
+    let b = store
+        .acquire_lease("poller", "b", TTL, a.expires_at)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        b.token > a.token,
+        "fencing token must grow: {} then {}",
+        a.token,
+        b.token
+    );
+    assert_eq!(b.owner, "b");
+}
+
+pub async fn a_poller_whose_lease_expired_cannot_move_the_cursor_or_renew<S: StateStore>(store: S) {
+    let a = store.acquire_lease("poller", "a", TTL, T0).await.unwrap().unwrap();
+    store
+        .advance_cursor(&a, Source::Opportunities, "a-1", T0)
+        .await
+        .unwrap();
+    // a stalls past its lease; b takes over and moves on.
+    let b = store
+        .acquire_lease("poller", "b", TTL, T0 + TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .advance_cursor(&b, Source::Opportunities, "b-1", T0 + TTL + 1)
+        .await
+        .unwrap();
+    // a wakes up: it must not move the cursor back, nor renew.
+    let err = store
+        .advance_cursor(&a, Source::Opportunities, "a-2", T0 + TTL + 2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StateError::LeaseLost(ref name) if name == "poller"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("nothing was moved"));
+    assert_eq!(store.renew_lease(&a, TTL, T0 + TTL + 2).await.unwrap(), None);
+    assert_eq!(store.cursor(Source::Opportunities).await.unwrap().unwrap().value, "b-1");
+    // Even an expired lease that nobody took cannot move the cursor.
+    let err = store
+        .advance_cursor(&b, Source::Opportunities, "b-2", T0 + 3 * TTL)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::LeaseLost(_)));
+}
+
+pub async fn a_released_lease_is_free_at_once<S: StateStore>(store: S) {
+    let a = store.acquire_lease("poller", "a", TTL, T0).await.unwrap().unwrap();
+    store.release_lease(&a).await.unwrap();
+    let b = store.acquire_lease("poller", "b", TTL, T0 + 1).await.unwrap().unwrap();
+    // Releasing a lease someone else holds now does nothing.
+    store.release_lease(&a).await.unwrap();
+    assert_eq!(store.acquire_lease("poller", "c", TTL, T0 + 2).await.unwrap(), None);
+    assert!(store.renew_lease(&b, TTL, T0 + 2).await.unwrap().is_some());
+}
+
+pub async fn new_changes_are_recorded_pending_and_repeats_are_no_ops<S: StateStore>(store: S) {
+    let outcomes = store
+        .mark_pending(&[change(1, 10), change(2, 20), change(1, 10)], T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [MarkOutcome::Recorded, MarkOutcome::Recorded, MarkOutcome::Stale]
+    );
+    let one = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!((one.status, one.version, one.deleted), (Status::Pending, 10, false));
+    assert_eq!(one.modified_on.as_deref(), Some("2026-11-20T10:00:00Z"));
+    assert_eq!((one.created_at, one.status_since), (T0, T0));
+    assert_eq!(store.get(id(3)).await.unwrap(), None);
+    // The same change delivered again later changes nothing.
+    assert_eq!(
+        store.mark_pending(&[change(2, 20)], T0 + 5).await.unwrap(),
+        [MarkOutcome::Stale]
+    );
+    assert_eq!(store.get(id(2)).await.unwrap().unwrap().updated_at, T0);
+}
+
+pub async fn out_of_order_versions_never_regress_a_record<S: StateStore>(store: S) {
+    to_ready(&store, 1, 30, T0).await;
+    for (version, expected) in [
+        (10, MarkOutcome::Stale),
+        (30, MarkOutcome::Stale),
+        (29, MarkOutcome::Stale),
+    ] {
+        assert_eq!(
+            store.mark_pending(&[change(1, version)], T0 + 1).await.unwrap(),
+            [expected]
+        );
+    }
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.version),
+        (Status::Ready, 30),
+        "an older version must not requeue"
+    );
+    assert_eq!(
+        store.mark_pending(&[change(1, 31)], T0 + 2).await.unwrap(),
+        [MarkOutcome::Recorded]
+    );
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!((state.status, state.version), (Status::Pending, 31));
+    // A newer version of a pending record keeps its place in the queue (it has waited since T0+2).
+    store.mark_pending(&[change(1, 32)], T0 + 9).await.unwrap();
+    assert_eq!(store.get(id(1)).await.unwrap().unwrap().status_since, T0 + 2);
+}
+
+pub async fn a_deletion_outranks_every_version<S: StateStore>(store: S) {
+    store.mark_pending(&[change(1, 5)], T0).await.unwrap();
+    store
+        .mark_pending(&[PendingChange::deleted(id(1))], T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.mark_pending(&[change(1, 1_000_000)], T0 + 2).await.unwrap(),
+        [MarkOutcome::Stale]
+    );
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert!(state.deleted);
+    assert_eq!(state.modified_on, None);
+}
+
+pub async fn a_double_claim_fails_until_the_first_claim_expires<S: StateStore>(store: S) {
+    store.mark_pending(&[change(1, 1)], T0).await.unwrap();
+    let (first, state) = store.claim(id(1), Status::Pending, TTL, T0).await.unwrap().unwrap();
+    assert_eq!((first.version, state.status), (1, Status::Pending));
+    assert_eq!(state.claim_until, Some(T0 + TTL));
+    assert!(
+        store
+            .claim(id(1), Status::Pending, TTL, T0 + 1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Wrong status: nothing to claim.
+    assert!(
+        store
+            .claim(id(1), Status::Ready, TTL, T0 + TTL)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // No such record: nothing to claim.
+    assert!(store.claim(id(9), Status::Pending, TTL, T0).await.unwrap().is_none());
+    // After expiry a second worker may take it, and the first one's completion is refused.
+    let (second, _) = store
+        .claim(id(1), Status::Pending, TTL, T0 + TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(first.token, second.token);
+    let late = store
+        .complete_transform(&first, TransformResult::Ready(plan(1)), T0 + TTL + 1)
+        .await
+        .unwrap();
+    assert_eq!(late, Completion::Superseded);
+    let done = store
+        .complete_transform(&second, TransformResult::Ready(plan(1)), T0 + TTL + 2)
+        .await
+        .unwrap();
+    assert_eq!(done, Completion::Completed);
+}
+
+pub async fn racing_claims_have_exactly_one_winner<S: StateStore + 'static>(store: S) {
+    store.mark_pending(&[change(1, 1)], T0).await.unwrap();
+    let store = Arc::new(store);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move { store.claim(id(1), Status::Pending, TTL, T0).await.unwrap().is_some() });
+    }
+    let mut winners = 0;
+    while let Some(won) = tasks.join_next().await {
+        winners += usize::from(won.unwrap());
+    }
+    assert_eq!(winners, 1);
+}
+
+pub async fn a_transform_completes_only_under_its_claim_and_version<S: StateStore>(store: S) {
+    store.mark_pending(&[change(1, 1)], T0).await.unwrap();
+    let (claim, _) = store.claim(id(1), Status::Pending, TTL, T0).await.unwrap().unwrap();
+    // A newer version arrives while the transform runs.
+    store.mark_pending(&[change(1, 2)], T0 + 1).await.unwrap();
+    let stale = store
+        .complete_transform(&claim, TransformResult::Ready(plan(1)), T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!(stale, Completion::Superseded);
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.version, state.plan.as_ref()),
+        (Status::Pending, 2, None)
+    );
+    // The newer version is claimable at once (the new change released the old claim).
+    let (claim, _) = store.claim(id(1), Status::Pending, TTL, T0 + 3).await.unwrap().unwrap();
+    assert_eq!(claim.version, 2);
+    let p = plan(1);
+    store
+        .complete_transform(&claim, TransformResult::Ready(p.clone()), T0 + 4)
+        .await
+        .unwrap();
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.plan, state.claim_until),
+        (Status::Ready, Some(p), None)
+    );
+    // Completing twice is refused: the claim is spent.
+    let again = store
+        .complete_transform(&claim, TransformResult::Unchanged, T0 + 5)
+        .await
+        .unwrap();
+    assert_eq!(again, Completion::Superseded);
+    assert_eq!(store.get(id(1)).await.unwrap().unwrap().status, Status::Ready);
+}
+
+pub async fn an_unchanged_plan_is_synced_without_a_write<S: StateStore>(store: S) {
+    store
+        .mark_pending(&[change(1, 1), change(2, 1), change(3, 1)], T0)
+        .await
+        .unwrap();
+    let outcomes = [
+        (1, TransformResult::Unchanged, Status::Synced),
+        (2, TransformResult::Filtered(plan(2)), Status::Filtered),
+        (3, TransformResult::Failed(error("1003")), Status::Failed),
+    ];
+    for (n, result, expected) in outcomes {
+        let (claim, _) = store.claim(id(n), Status::Pending, TTL, T0).await.unwrap().unwrap();
+        store.complete_transform(&claim, result, T0 + 1).await.unwrap();
+        let state = store.get(id(n)).await.unwrap().unwrap();
+        assert_eq!(state.status, expected);
+        assert_eq!(state.status_since, T0 + 1);
+    }
+    let failed = store.get(id(3)).await.unwrap().unwrap();
+    assert_eq!((failed.attempts, failed.last_error), (1, Some(error("1003"))));
+}
+
+pub async fn a_write_marks_synced_and_records_what_marketo_holds<S: StateStore>(store: S) {
+    to_ready(&store, 1, 7, T0).await;
+    let (claim, state) = store.claim(id(1), Status::Ready, TTL, T0 + 1).await.unwrap().unwrap();
+    assert_eq!(state.plan, Some(plan(1)), "the writer gets the stored plan");
+    let w = written(7, vec![role(1, "Champion", 101), role(2, "Potential Customer", 102)]);
+    let done = store
+        .complete_write(&claim, WriteResult::Synced(w.clone()), T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!(done, Completion::Completed);
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.attempts, state.last_error),
+        (Status::Synced, 0, None)
+    );
+    assert_eq!(state.written, Some(w));
+    assert_eq!(state.claim_until, None);
+}
+
+pub async fn a_deletion_write_marks_the_record_deleted<S: StateStore>(store: S) {
+    to_ready(&store, 1, 7, T0).await;
+    let (claim, _) = store.claim(id(1), Status::Ready, TTL, T0 + 1).await.unwrap().unwrap();
+    let w = Written {
+        deleted: true,
+        ..written(7, vec![])
+    };
+    store
+        .complete_write(&claim, WriteResult::Synced(w), T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!(store.get(id(1)).await.unwrap().unwrap().status, Status::Deleted);
+}
+
+pub async fn a_crash_between_the_marketo_write_and_marking_synced_converges_on_rerun<S: StateStore>(store: S) {
+    to_ready(&store, 1, 7, T0).await;
+    // The writer claims, writes to Marketo, and dies before completing.
+    let (_lost, _) = store.claim(id(1), Status::Ready, TTL, T0 + 1).await.unwrap().unwrap();
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        state.status,
+        Status::Ready,
+        "nothing is lost: the record is still ready"
+    );
+    // Until the claim expires nobody else writes it; then the rerun repeats the (idempotent)
+    // write and completes.
+    assert!(store.claim(id(1), Status::Ready, TTL, T0 + 2).await.unwrap().is_none());
+    let (claim, state) = store
+        .claim(id(1), Status::Ready, TTL, T0 + 1 + TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.plan, Some(plan(1)));
+    store
+        .complete_write(&claim, WriteResult::Synced(written(7, vec![])), T0 + 2 + TTL)
+        .await
+        .unwrap();
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!((state.status, state.version), (Status::Synced, 7));
+}
+
+pub async fn a_superseded_write_still_records_what_was_written_but_never_an_older_one<S: StateStore>(store: S) {
+    to_ready(&store, 1, 7, T0).await;
+    let (claim7, _) = store.claim(id(1), Status::Ready, TTL, T0 + 1).await.unwrap().unwrap();
+    // Version 8 arrives while version 7 is being written.
+    store.mark_pending(&[change(1, 8)], T0 + 2).await.unwrap();
+    let w7 = written(7, vec![role(1, "Champion", 101)]);
+    let done = store
+        .complete_write(&claim7, WriteResult::Synced(w7.clone()), T0 + 3)
+        .await
+        .unwrap();
+    assert_eq!(done, Completion::Superseded);
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.version),
+        (Status::Pending, 8),
+        "v8 still has to be synced"
+    );
+    assert_eq!(state.written, Some(w7.clone()), "v8's plan must see the roles v7 wrote");
+    // v8 is written; then a very late v7 completion must not overwrite it.
+    let (c, _) = store.claim(id(1), Status::Pending, TTL, T0 + 4).await.unwrap().unwrap();
+    store
+        .complete_transform(&c, TransformResult::Ready(plan(1)), T0 + 4)
+        .await
+        .unwrap();
+    let (c, _) = store.claim(id(1), Status::Ready, TTL, T0 + 5).await.unwrap().unwrap();
+    let w8 = written(8, vec![role(1, "Decision Maker", 101)]);
+    store
+        .complete_write(&c, WriteResult::Synced(w8.clone()), T0 + 6)
+        .await
+        .unwrap();
+    let late = store
+        .complete_write(&claim7, WriteResult::Synced(w7), T0 + 7)
+        .await
+        .unwrap();
+    assert_eq!(late, Completion::Superseded);
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!((state.status, state.written), (Status::Synced, Some(w8)));
+}
+
+pub async fn a_retryable_failure_stays_ready_and_a_permanent_one_goes_to_the_error_ledger<S: StateStore>(store: S) {
+    to_ready(&store, 1, 7, T0).await;
+    let (claim, _) = store.claim(id(1), Status::Ready, TTL, T0 + 1).await.unwrap().unwrap();
+    store
+        .complete_write(
+            &claim,
+            WriteResult::Retry {
+                error: error("606"),
+                written: None,
+            },
+            T0 + 2,
+        )
+        .await
+        .unwrap();
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!((state.status, state.attempts), (Status::Ready, 1));
+    assert_eq!(state.last_error, Some(error("606")));
+    assert_eq!(state.claim_until, None, "the claim is released for the retry");
+    assert_eq!(state.status_since, T0, "still waiting since it became ready");
+
+    let (claim, _) = store.claim(id(1), Status::Ready, TTL, T0 + 3).await.unwrap().unwrap();
+    let partial = written(7, vec![role(1, "Champion", 101)]);
+    store
+        .complete_write(
+            &claim,
+            WriteResult::Failed {
+                error: error("1007"),
+                written: Some(partial.clone()),
+            },
+            T0 + 4,
+        )
+        .await
+        .unwrap();
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!((state.status, state.attempts), (Status::Failed, 2));
+    assert_eq!(state.last_error, Some(error("1007")));
+    assert_eq!(state.written, Some(partial), "a partial write is still recorded");
+    let page = store.list(Status::Failed, 10, None).await.unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(page.items[0].last_error.as_ref().unwrap().code, "1007");
+    // A new version clears the error and starts over.
+    store.mark_pending(&[change(1, 8)], T0 + 5).await.unwrap();
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.attempts, state.last_error),
+        (Status::Pending, 0, None)
+    );
+}
+
+pub async fn the_failed_view_pages_through_every_failure_oldest_first<S: StateStore>(store: S) {
+    for n in 0..25u128 {
+        store.mark_pending(&[change(n, 1)], T0).await.unwrap();
+        let (claim, _) = store.claim(id(n), Status::Pending, TTL, T0).await.unwrap().unwrap();
+        store
+            .complete_transform(&claim, TransformResult::Failed(error("1003")), T0 + 100 - n as i64)
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut page_token = None;
+    let mut pages = 0;
+    loop {
+        let page = store.list(Status::Failed, 10, page_token.as_deref()).await.unwrap();
+        assert!(page.items.len() <= 10);
+        seen.extend(page.items.iter().map(|s| (s.status_since, s.id)));
+        pages += 1;
+        match page.next {
+            Some(t) => page_token = Some(t),
+            None => break,
+        }
+        assert!(pages < 10, "paging does not end");
+    }
+    assert_eq!(seen.len(), 25, "every failure exactly once");
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(seen, sorted, "oldest first");
+    assert_eq!(seen[0].1, id(24));
+    assert!(store.list(Status::Pending, 10, None).await.unwrap().items.is_empty());
+}
+
+pub async fn counts_and_oldest_pending_describe_the_backlog<S: StateStore>(store: S) {
+    assert_eq!(store.counts().await.unwrap().total(), 0);
+    assert_eq!(store.oldest_pending().await.unwrap(), None);
+    store.mark_pending(&[change(1, 1)], T0 + 10).await.unwrap();
+    store.mark_pending(&[change(2, 1)], T0 + 5).await.unwrap();
+    store.mark_pending(&[change(3, 1)], T0 + 20).await.unwrap();
+    to_ready(&store, 4, 1, T0).await;
+    to_ready(&store, 5, 1, T0).await;
+    let (claim, _) = store.claim(id(5), Status::Ready, TTL, T0).await.unwrap().unwrap();
+    store
+        .complete_write(&claim, WriteResult::Synced(written(1, vec![])), T0 + 1)
+        .await
+        .unwrap();
+    let counts = store.counts().await.unwrap();
+    assert_eq!(counts.get(Status::Pending), 3);
+    assert_eq!(counts.get(Status::Ready), 1);
+    assert_eq!(counts.get(Status::Synced), 1);
+    assert_eq!(counts.get(Status::Failed), 0);
+    assert_eq!(counts.total(), 5);
+    assert_eq!(store.oldest_pending().await.unwrap(), Some((id(2), T0 + 5)));
+}
+
+pub async fn completions_are_counted_per_minute<S: StateStore>(store: S) {
+    let hour_ago = T0 - 60 * MINUTE;
+    for (n, at) in [(1, T0 - 90 * MINUTE), (2, T0 - 30 * MINUTE), (3, T0 - MINUTE), (4, T0)] {
+        store.mark_pending(&[change(n, 1)], at).await.unwrap();
+        let (claim, _) = store.claim(id(n), Status::Pending, TTL, at).await.unwrap().unwrap();
+        store
+            .complete_transform(&claim, TransformResult::Unchanged, at)
+            .await
+            .unwrap();
+    }
+    // A transform to ready is not a completion.
+    to_ready(&store, 5, 1, T0).await;
+    assert_eq!(store.completions(hour_ago, T0).await.unwrap(), 3);
+    assert_eq!(store.completions(T0 - 2 * 60 * MINUTE, T0).await.unwrap(), 4);
+    assert_eq!(store.completions(T0 + MINUTE, T0 + 2 * MINUTE).await.unwrap(), 0);
+}
+
+pub async fn marketo_call_counters_are_exact_under_concurrent_increments<S: StateStore + 'static>(store: S) {
+    let store = Arc::new(store);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move {
+            for _ in 0..10 {
+                store.add_marketo_calls("2026-11-25", 3).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(store.marketo_calls("2026-11-25").await.unwrap(), 600);
+    assert_eq!(store.marketo_calls("2026-11-26").await.unwrap(), 0);
+    assert_eq!(store.add_marketo_calls("2026-11-26", 4).await.unwrap(), 4);
+}
+
+pub async fn requeue_puts_a_record_back_to_pending<S: StateStore>(store: S) {
+    to_ready(&store, 1, 7, T0).await;
+    let (claim, _) = store.claim(id(1), Status::Ready, TTL, T0).await.unwrap().unwrap();
+    store
+        .complete_write(&claim, WriteResult::Synced(written(7, vec![])), T0 + 1)
+        .await
+        .unwrap();
+    assert!(store.requeue(id(1), T0 + 2).await.unwrap());
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.version, state.status_since),
+        (Status::Pending, 7, T0 + 2)
+    );
+    assert!(state.written.is_some(), "what Marketo holds is kept");
+    assert!(
+        store
+            .claim(id(1), Status::Pending, TTL, T0 + 3)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(!store.requeue(id(2), T0).await.unwrap());
+}
+
+/// A plan far larger than a DynamoDB item (400 KB) once serialized.
+pub fn large_plan(n: u128, roles: usize) -> Plan {
+    let mut p = plan(n);
+    if let Action::Upsert(Desired { roles: r, .. }) = &mut p.action {
+        *r = (0..roles)
+            .map(|i| Role {
+                contact: ContactId(Guid::from_u128(i as u128)),
+                role: format!("Stakeholder role number {i}"),
+                is_primary: false,
+            })
+            .collect();
+    }
+    p
+}
+
+pub async fn a_large_plan_round_trips<S: StateStore>(store: S) {
+    let big = large_plan(1, 20_000);
+    let size = serde_json::to_string(&big).unwrap().len();
+    assert!(size > 1_500_000, "the test plan is only {size} bytes");
+    store.mark_pending(&[change(1, 1)], T0).await.unwrap();
+    let (claim, _) = store.claim(id(1), Status::Pending, TTL, T0).await.unwrap().unwrap();
+    store
+        .complete_transform(&claim, TransformResult::Ready(big.clone()), T0)
+        .await
+        .unwrap();
+    let (claim, state) = store.claim(id(1), Status::Ready, TTL, T0).await.unwrap().unwrap();
+    assert_eq!(state.plan, Some(big));
+    let roles: Vec<WrittenRole> = (0..20_000).map(|i| role(i, "Stakeholder", i as i64)).collect();
+    store
+        .complete_write(&claim, WriteResult::Synced(written(1, roles.clone())), T0)
+        .await
+        .unwrap();
+    assert_eq!(store.get(id(1)).await.unwrap().unwrap().written.unwrap().roles, roles);
+    // And a small plan afterwards replaces it cleanly.
+    store.mark_pending(&[change(1, 2)], T0 + 1).await.unwrap();
+    let (claim, _) = store.claim(id(1), Status::Pending, TTL, T0 + 1).await.unwrap().unwrap();
+    store
+        .complete_transform(&claim, TransformResult::Ready(plan(1)), T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(store.get(id(1)).await.unwrap().unwrap().plan, Some(plan(1)));
+}
+
+pub async fn a_bad_page_token_is_a_clear_error<S: StateStore>(store: S) {
+    let err = store.list(Status::Failed, 10, Some("not a token")).await.unwrap_err();
+    assert!(matches!(err, StateError::BadPageToken(_)), "{err}");
+    assert!(err.to_string().contains("start the listing again"), "{err}");
+}

@@ -1,0 +1,163 @@
+//! What only the DynamoDB store has: item shapes the Lambda stream filters and the sparse index
+//! rely on, the table's stream, and the 400 KB item limit.
+
+use aws_sdk_dynamodb::types::{AttributeValue, StreamViewType};
+use oppsync_mapping::{Action, ContactId, Desired, Guid, Role};
+use oppsync_state::{PendingChange, StateError, StateStore, Status, TransformResult, WriteResult, Written};
+
+use crate::conformance::{id, plan};
+use crate::stores::{client, dynamo};
+
+async fn raw(table: &str, n: u128) -> std::collections::HashMap<String, AttributeValue> {
+    client()
+        .get_item()
+        .table_name(table)
+        .key("pk", AttributeValue::S(format!("opp#{}", id(n))))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap()
+}
+
+#[tokio::test]
+async fn items_carry_the_status_the_stream_filters_match_and_leave_the_open_index_when_done() {
+    let store = dynamo().await;
+    store
+        .mark_pending(&[PendingChange::upserted(id(1), 3, None)], 1_000)
+        .await
+        .unwrap();
+    let item = raw(store.table(), 1).await;
+    // The transformer's filter: {"dynamodb": {"NewImage": {"status": {"S": ["pending"]}}}}
+    assert_eq!(item["status"], AttributeValue::S("pending".into()));
+    assert_eq!(item["q"], AttributeValue::S("pending".into()));
+    assert_eq!(item["ver"], AttributeValue::N("3".into()));
+
+    let (claim, _) = store
+        .claim(id(1), Status::Pending, 10_000, 1_000)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .complete_transform(&claim, TransformResult::Ready(plan(1)), 1_001)
+        .await
+        .unwrap();
+    let item = raw(store.table(), 1).await;
+    assert_eq!(item["status"], AttributeValue::S("ready".into()));
+    assert!(
+        item.contains_key("plan_json"),
+        "a small plan is stored as readable JSON"
+    );
+
+    let (claim, _) = store.claim(id(1), Status::Ready, 10_000, 1_002).await.unwrap().unwrap();
+    let written = Written {
+        version: 3,
+        hash: plan(1).hash,
+        marketo_guid: None,
+        company: None,
+        roles: vec![],
+        deleted: false,
+        at: 1_003,
+    };
+    store
+        .complete_write(&claim, WriteResult::Synced(written), 1_003)
+        .await
+        .unwrap();
+    let item = raw(store.table(), 1).await;
+    assert_eq!(item["status"], AttributeValue::S("synced".into()));
+    assert!(
+        !item.contains_key("q"),
+        "a synced item must leave the sparse open index"
+    );
+    assert!(!item.contains_key("claim"));
+}
+
+#[tokio::test]
+async fn the_table_streams_new_images_and_has_the_sparse_open_index() {
+    let store = dynamo().await;
+    let table = client()
+        .describe_table()
+        .table_name(store.table())
+        .send()
+        .await
+        .unwrap()
+        .table
+        .unwrap();
+    let stream = table.stream_specification.unwrap();
+    assert!(stream.stream_enabled);
+    assert_eq!(stream.stream_view_type, Some(StreamViewType::NewImage));
+    let indexes = table.global_secondary_indexes.unwrap();
+    assert_eq!(indexes.len(), 1);
+    assert_eq!(
+        indexes[0].index_name.as_deref(),
+        Some(oppsync_state::dynamodb::OPEN_INDEX)
+    );
+    // Creating it again is harmless.
+    store.create_table().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_plan_too_large_for_an_item_even_compressed_is_refused_and_nothing_is_lost() {
+    let store = dynamo().await;
+    // Role names from a xorshift generator do not compress.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut noise = || {
+        (0..40)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'!' + (x % 90) as u8)
+            })
+            .collect::<String>()
+    };
+    let mut huge = plan(1);
+    if let Action::Upsert(Desired { roles, .. }) = &mut huge.action {
+        *roles = (0..12_000)
+            .map(|i| Role {
+                contact: ContactId(Guid::from_u128(i)),
+                role: noise(),
+                is_primary: false,
+            })
+            .collect();
+    }
+    store
+        .mark_pending(&[PendingChange::upserted(id(1), 1, None)], 0)
+        .await
+        .unwrap();
+    let (claim, _) = store.claim(id(1), Status::Pending, 10_000, 0).await.unwrap().unwrap();
+    let err = store
+        .complete_transform(&claim, TransformResult::Ready(huge), 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::TooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("the plan"), "{err}");
+    // The record is still pending under its claim: the transformer can record the failure.
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(state.status, Status::Pending);
+    let failed = oppsync_state::SyncError {
+        operation: "store plan".into(),
+        code: "TooLarge".into(),
+        message: err.to_string(),
+    };
+    store
+        .complete_transform(&claim, TransformResult::Failed(failed), 2)
+        .await
+        .unwrap();
+    assert_eq!(store.get(id(1)).await.unwrap().unwrap().status, Status::Failed);
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_a_retryable_error_naming_the_operation() {
+    let config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("t", "t", None, None, "t"))
+        .endpoint_url("http://127.0.0.1:9")
+        .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled())
+        .build();
+    let store = oppsync_state::DynamoStore::new(aws_sdk_dynamodb::Client::from_conf(config), "nowhere");
+    let err = store.get(id(1)).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("GetItem"), "{err}");
+}

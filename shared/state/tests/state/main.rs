@@ -1,0 +1,54 @@
+//! The state stores' tests: one conformance suite, run against SQLite and DynamoDB (moto).
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod conformance;
+mod dynamodb_only;
+mod stores;
+
+/// Instantiates every conformance test for both stores.
+macro_rules! for_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    crate::conformance::$name(crate::stores::sqlite()).await;
+                }
+            )*
+        }
+        mod dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    crate::conformance::$name(crate::stores::dynamo().await).await;
+                }
+            )*
+        }
+    };
+}
+
+for_both_stores!(
+    a_cursor_starts_empty_and_moves_only_under_the_lease,
+    a_lease_cannot_be_taken_while_held_and_expires_by_itself,
+    a_poller_whose_lease_expired_cannot_move_the_cursor_or_renew,
+    a_released_lease_is_free_at_once,
+    new_changes_are_recorded_pending_and_repeats_are_no_ops,
+    out_of_order_versions_never_regress_a_record,
+    a_deletion_outranks_every_version,
+    a_double_claim_fails_until_the_first_claim_expires,
+    racing_claims_have_exactly_one_winner,
+    a_transform_completes_only_under_its_claim_and_version,
+    an_unchanged_plan_is_synced_without_a_write,
+    a_write_marks_synced_and_records_what_marketo_holds,
+    a_deletion_write_marks_the_record_deleted,
+    a_crash_between_the_marketo_write_and_marking_synced_converges_on_rerun,
+    a_superseded_write_still_records_what_was_written_but_never_an_older_one,
+    a_retryable_failure_stays_ready_and_a_permanent_one_goes_to_the_error_ledger,
+    the_failed_view_pages_through_every_failure_oldest_first,
+    counts_and_oldest_pending_describe_the_backlog,
+    completions_are_counted_per_minute,
+    marketo_call_counters_are_exact_under_concurrent_increments,
+    requeue_puts_a_record_back_to_pending,
+    a_large_plan_round_trips,
+    a_bad_page_token_is_a_clear_error,
+);
