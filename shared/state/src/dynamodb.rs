@@ -29,7 +29,6 @@ use tokio::task::JoinSet;
 use crate::{
     Claim, Completion, Counts, Cursor, Lease, MarkOutcome, Millis, OpportunityState, Page, PendingChange, Source,
     StateError, StateStore, Status, SyncError, TransformResult, WriteResult, Written, minute_of, new_token,
-    written_status,
 };
 
 type Item = HashMap<String, AttributeValue>;
@@ -759,13 +758,7 @@ impl StateStore for DynamoStore {
         result: TransformResult,
         now: Millis,
     ) -> Result<Completion, StateError> {
-        let (status, plan, error) = match &result {
-            TransformResult::Ready(plan) => (Status::Ready, Some(plan), None),
-            TransformResult::Unchanged => (Status::Synced, None, None),
-            TransformResult::Filtered(plan) => (Status::Filtered, Some(plan), None),
-            TransformResult::Kept(plan) => (Status::Deleted, Some(plan), None),
-            TransformResult::Failed(e) => (Status::Failed, None, Some(e)),
-        };
+        let (status, plan, error) = result.parts();
         let mut u = Update::default();
         u.status(status)
             .set("updated = :now, since = :now, attempts = attempts + :inc")
@@ -799,11 +792,7 @@ impl StateStore for DynamoStore {
     }
 
     async fn complete_write(&self, claim: &Claim, result: WriteResult, now: Millis) -> Result<Completion, StateError> {
-        let (status, written, error) = match &result {
-            WriteResult::Synced(w) => (written_status(w), Some(w), None),
-            WriteResult::Retry { error, written } => (Status::Ready, written.as_ref(), Some(error)),
-            WriteResult::Failed { error, written } => (Status::Failed, written.as_ref(), Some(error)),
-        };
+        let (status, written, error) = result.parts();
         let mut u = Update::default();
         u.status(status)
             .set("updated = :now")

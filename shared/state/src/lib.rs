@@ -420,11 +420,26 @@ pub(crate) fn new_token() -> i64 {
     (h.finish() >> 1) as i64
 }
 
-/// The status a write result leads to, given whether the plan deleted the opportunity.
-pub(crate) fn written_status(written: &Written) -> Status {
-    if written.deleted {
-        Status::Deleted
-    } else {
-        Status::Synced
+impl TransformResult {
+    /// The status it leads to, the plan to store, and the error to record.
+    pub(crate) fn parts(&self) -> (Status, Option<&Plan>, Option<&SyncError>) {
+        match self {
+            TransformResult::Ready(plan) => (Status::Ready, Some(plan), None),
+            TransformResult::Unchanged => (Status::Synced, None, None),
+            TransformResult::Filtered(plan) => (Status::Filtered, Some(plan), None),
+            TransformResult::Kept(plan) => (Status::Deleted, Some(plan), None),
+            TransformResult::Failed(e) => (Status::Failed, None, Some(e)),
+        }
+    }
+}
+
+impl WriteResult {
+    /// The status it leads to, what Marketo now holds, and the error to record.
+    pub(crate) fn parts(&self) -> (Status, Option<&Written>, Option<&SyncError>) {
+        match self {
+            WriteResult::Synced(w) => (if w.deleted { Status::Deleted } else { Status::Synced }, Some(w), None),
+            WriteResult::Retry { error, written } => (Status::Ready, written.as_ref(), Some(error)),
+            WriteResult::Failed { error, written } => (Status::Failed, written.as_ref(), Some(error)),
+        }
     }
 }

@@ -12,7 +12,6 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use crate::{
     Claim, Completion, Counts, Cursor, Lease, MarkOutcome, Millis, OpportunityState, Page, PendingChange, Source,
     StateError, StateStore, Status, SyncError, TransformResult, WriteResult, Written, minute_of, new_token,
-    written_status,
 };
 
 const SCHEMA: &str = "
@@ -404,13 +403,9 @@ impl StateStore for SqliteStore {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql)?;
-            let (status, plan, error, done) = match &result {
-                TransformResult::Ready(plan) => (Status::Ready, Some(to_json(plan)?), None, false),
-                TransformResult::Unchanged => (Status::Synced, None, None, true),
-                TransformResult::Filtered(plan) => (Status::Filtered, Some(to_json(plan)?), None, true),
-                TransformResult::Kept(plan) => (Status::Deleted, Some(to_json(plan)?), None, true),
-                TransformResult::Failed(e) => (Status::Failed, None, Some(e), false),
-            };
+            let (status, plan, error) = result.parts();
+            let plan = plan.map(to_json).transpose()?;
+            let done = !status.is_open();
             let n = tx
                 .execute(
                     "UPDATE opportunities SET status = ?4, plan = COALESCE(?5, plan),
@@ -451,11 +446,8 @@ impl StateStore for SqliteStore {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql)?;
             let id = claim.id.to_string();
-            let (status, written, error, attempts_delta) = match &result {
-                WriteResult::Synced(w) => (written_status(w), Some(w), None, None),
-                WriteResult::Retry { error, written } => (Status::Ready, written.as_ref(), Some(error), Some(1)),
-                WriteResult::Failed { error, written } => (Status::Failed, written.as_ref(), Some(error), Some(1)),
-            };
+            let (status, written, error) = result.parts();
+            let attempts_delta = error.map(|_| 1);
             if let Some(w) = written {
                 record_written(&tx, &id, w)?;
             }
