@@ -1,0 +1,149 @@
+//! Marketo's errors, typed at three levels and classified for retry decisions.
+
+/// What a caller should do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// 601, 602: get a new token and retry once.
+    ReAuth,
+    /// 606, 615, HTTP 502: back off and retry.
+    Throttled,
+    /// 604, 608, 611, 713, 5xx, timeouts, garbled answers: retry with backoff.
+    Transient,
+    /// 607: the daily quota is spent; nothing more until Marketo's daily reset.
+    QuotaExhausted,
+    /// 1018: the instance runs native CRM sync; the opportunity APIs are not available.
+    CrmEnabled,
+    /// Anything else: retrying will not help; record it with its code and message.
+    Permanent,
+}
+
+impl ErrorClass {
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorClass::ReAuth | ErrorClass::Throttled | ErrorClass::Transient)
+    }
+}
+
+/// Classifies a Marketo error code (response level 6xx/7xx or record level 1xxx).
+pub fn classify(code: &str) -> ErrorClass {
+    match code {
+        "601" | "602" => ErrorClass::ReAuth,
+        "502" | "606" | "615" => ErrorClass::Throttled,
+        "604" | "608" | "611" | "713" => ErrorClass::Transient,
+        "607" => ErrorClass::QuotaExhausted,
+        "1018" => ErrorClass::CrmEnabled,
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// One `{code, message}` from Marketo.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct Reason {
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// A failed Marketo call.
+#[derive(Debug, thiserror::Error)]
+pub enum MarketoError {
+    #[error(
+        "Marketo refused the client credentials (HTTP {status} from the identity endpoint); check MARKETO_CLIENT_ID and MARKETO_CLIENT_SECRET against the LaunchPoint service"
+    )]
+    Auth { status: u16 },
+    #[error("Marketo {endpoint}: HTTP {status}{}", if *status == 413 { " (request body over 1 MB)" } else if *status == 414 { " (URL over 8 KB)" } else { "" })]
+    Http { endpoint: &'static str, status: u16 },
+    #[error("Marketo {endpoint}: error {code}: {message}")]
+    Api {
+        endpoint: &'static str,
+        code: String,
+        message: String,
+    },
+    #[error(
+        "Marketo's daily API quota is spent (607); writes stop until the daily reset at midnight US Central time, and every record stays queued"
+    )]
+    QuotaExhausted,
+    #[error(
+        "this Marketo instance runs the native CRM sync (1018 \"CRM Enabled\"), which makes the opportunity, role and company APIs unavailable; oppsync is for instances without it"
+    )]
+    CrmEnabled,
+    #[error(
+        "oppsync's daily Marketo budget is spent ({used} of {budget} calls today); writes resume after Marketo's daily reset, and every record stays queued. Raise [marketo] daily_budget to allow more"
+    )]
+    BudgetExhausted { used: u64, budget: u64 },
+    #[error("Marketo {endpoint} answered {got} results for {sent} records; nothing from this call was trusted")]
+    ResultMismatch {
+        endpoint: &'static str,
+        sent: usize,
+        got: usize,
+    },
+    #[error("Marketo {endpoint}: {message}")]
+    Transport {
+        endpoint: &'static str,
+        message: String,
+        timeout: bool,
+    },
+    #[error("Marketo {endpoint} answered something that is not its JSON envelope: {preview}")]
+    Decode { endpoint: &'static str, preview: String },
+}
+
+impl MarketoError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            MarketoError::Auth { .. } => ErrorClass::Permanent,
+            MarketoError::Http { status, .. } => match status {
+                502 => ErrorClass::Throttled,
+                500..=599 => ErrorClass::Transient,
+                _ => ErrorClass::Permanent,
+            },
+            MarketoError::Api { code, .. } => classify(code),
+            MarketoError::QuotaExhausted | MarketoError::BudgetExhausted { .. } => ErrorClass::QuotaExhausted,
+            MarketoError::CrmEnabled => ErrorClass::CrmEnabled,
+            MarketoError::ResultMismatch { .. } | MarketoError::Transport { .. } | MarketoError::Decode { .. } => {
+                ErrorClass::Transient
+            }
+        }
+    }
+
+    /// The Marketo code, for the error ledger.
+    pub fn code(&self) -> String {
+        match self {
+            MarketoError::Api { code, .. } => code.clone(),
+            MarketoError::Http { status, .. } | MarketoError::Auth { status } => format!("HTTP {status}"),
+            MarketoError::QuotaExhausted => "607".into(),
+            MarketoError::CrmEnabled => "1018".into(),
+            MarketoError::BudgetExhausted { .. } => "budget".into(),
+            MarketoError::ResultMismatch { .. } => "result-mismatch".into(),
+            MarketoError::Transport { timeout: true, .. } => "timeout".into(),
+            MarketoError::Transport { .. } => "transport".into(),
+            MarketoError::Decode { .. } => "decode".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_classified_as_documented() {
+        for (code, class) in [
+            ("601", ErrorClass::ReAuth),
+            ("602", ErrorClass::ReAuth),
+            ("606", ErrorClass::Throttled),
+            ("615", ErrorClass::Throttled),
+            ("502", ErrorClass::Throttled),
+            ("604", ErrorClass::Transient),
+            ("608", ErrorClass::Transient),
+            ("611", ErrorClass::Transient),
+            ("713", ErrorClass::Transient),
+            ("607", ErrorClass::QuotaExhausted),
+            ("1018", ErrorClass::CrmEnabled),
+            ("603", ErrorClass::Permanent),
+            ("1003", ErrorClass::Permanent),
+            ("1007", ErrorClass::Permanent),
+            ("1013", ErrorClass::Permanent),
+        ] {
+            assert_eq!(classify(code), class, "{code}");
+        }
+    }
+}

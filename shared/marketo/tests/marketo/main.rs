@@ -1,0 +1,9 @@
+//! The Marketo client against the Marketo simulator, over real sockets.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod auth;
+mod batching;
+mod common;
+mod errors;
+mod limits;
+mod secrets;

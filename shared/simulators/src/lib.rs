@@ -1,0 +1,6 @@
+//! Simulators of the APIs oppsync talks to, served over real HTTP on loopback: part of the
+//! product (the demo, the tests and the benchmarks run against them).
+
+pub mod marketo;
+
+pub use marketo::{Endpoint as MarketoEndpoint, Fault as MarketoFault, MarketoConfig, MarketoSim};

@@ -1,0 +1,1081 @@
+//! A Marketo REST API simulator: what oppsync's client depends on, faithful to Adobe's
+//! documentation (../shared/docs/marketo.md), with limits and faults switchable per test.
+//!
+//! Faithful in the ways that matter to a client: HTTP 200 with `success: false` for request-level
+//! errors (6xx/7xx), per-record `skipped` with `reasons`, results in input order with `seq`,
+//! expiring bearer tokens (601/602), 100 calls per 20 s (606), 10 concurrent calls (615), a daily
+//! quota (607), 300 records per call, 1 MB bodies (HTTP 413), 8 KB URLs (HTTP 414), and the
+//! opportunity-role key (externalOpportunityId, leadId, role) whose opportunity and lead must
+//! exist. Where the documentation does not say which record code Marketo uses, the choice is
+//! marked "unconfirmed".
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+/// Limits and behaviour, each switchable. `Default` is Marketo's documented limits.
+#[derive(Debug, Clone)]
+pub struct MarketoConfig {
+    pub client_id: String,
+    pub client_secret: String,
+    pub token_ttl: Duration,
+    /// Calls allowed per `rate_window` (Marketo: 100 per 20 s); `None` disables the check.
+    pub rate_limit: Option<usize>,
+    pub rate_window: Duration,
+    /// Concurrent calls allowed (Marketo: 10); `None` disables the check.
+    pub concurrency_limit: Option<usize>,
+    /// Calls allowed per day (Marketo: 50,000 by default; subscriptions vary).
+    pub daily_quota: u64,
+    pub max_batch: usize,
+    pub max_body_bytes: usize,
+    pub max_url_bytes: usize,
+    /// Time each REST call takes inside the simulator, so concurrency is real.
+    pub latency: Duration,
+    /// Native CRM sync enabled: opportunity, role and company writes are refused (1018).
+    pub crm_enabled: bool,
+    /// Custom opportunity fields that exist besides the standard ones.
+    pub custom_opportunity_fields: Vec<String>,
+    /// Custom lead fields (for example one holding the Dynamics contact id).
+    pub custom_lead_fields: Vec<String>,
+}
+
+impl Default for MarketoConfig {
+    fn default() -> Self {
+        MarketoConfig {
+            client_id: "sim-client".into(),
+            client_secret: "sim-secret".into(),
+            token_ttl: Duration::from_secs(3600),
+            rate_limit: Some(100),
+            rate_window: Duration::from_secs(20),
+            concurrency_limit: Some(10),
+            daily_quota: 50_000,
+            max_batch: 300,
+            max_body_bytes: 1_048_576,
+            max_url_bytes: 8 * 1024,
+            latency: Duration::ZERO,
+            crm_enabled: false,
+            custom_opportunity_fields: Vec::new(),
+            custom_lead_fields: vec!["dynamicsContactId".into()],
+        }
+    }
+}
+
+/// The endpoints, for counters and fault schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Endpoint {
+    Identity,
+    OpportunitySync,
+    OpportunityDelete,
+    OpportunityQuery,
+    OpportunityDescribe,
+    RoleSync,
+    RoleDelete,
+    RoleQuery,
+    RoleDescribe,
+    CompanySync,
+    CompanyQuery,
+    LeadQuery,
+    LeadSync,
+    Usage,
+}
+
+/// A fault to inject on the Nth call (1-based) of an endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// HTTP 200, `success: false`, this error code.
+    Code(&'static str),
+    /// This HTTP status with an empty body.
+    Http(u16),
+    /// A body that is not JSON.
+    Malformed,
+    /// A well-formed success with one result fewer than the input.
+    DropResult,
+}
+
+const STANDARD_OPPORTUNITY_FIELDS: &[&str] = &[
+    "externalOpportunityId",
+    "name",
+    "description",
+    "stage",
+    "type",
+    "amount",
+    "expectedRevenue",
+    "closeDate",
+    "fiscalQuarter",
+    "fiscalYear",
+    "forecastCategory",
+    "forecastCategoryName",
+    "isClosed",
+    "isWon",
+    "quantity",
+    "probability",
+    "lastActivityDate",
+    "leadSource",
+    "nextStep",
+    "externalCompanyId",
+    "externalSalesPersonId",
+];
+const ROLE_FIELDS: &[&str] = &[
+    "externalOpportunityId",
+    "leadId",
+    "role",
+    "isPrimary",
+    "externalCreatedDate",
+];
+const COMPANY_FIELDS: &[&str] = &[
+    "externalCompanyId",
+    "company",
+    "website",
+    "industry",
+    "numberOfEmployees",
+];
+const LEAD_FIELDS: &[&str] = &[
+    "email",
+    "firstName",
+    "lastName",
+    "company",
+    "externalCompanyId",
+    "title",
+];
+
+/// A lead as the simulator stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimLead {
+    pub id: i64,
+    pub fields: Map<String, Value>,
+}
+
+/// An opportunity role as the simulator stores it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SimRole {
+    pub external_opportunity_id: String,
+    pub lead_id: i64,
+    pub role: String,
+    pub is_primary: bool,
+    pub marketo_guid: String,
+}
+
+/// Everything the simulator holds, for assertions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// By externalOpportunityId: the fields, with `marketoGUID`.
+    pub opportunities: BTreeMap<String, Map<String, Value>>,
+    pub roles: Vec<SimRole>,
+    /// By externalCompanyId.
+    pub companies: BTreeMap<String, Map<String, Value>>,
+    pub leads: Vec<SimLead>,
+}
+
+#[derive(Default)]
+struct Counters {
+    calls: BTreeMap<Endpoint, u64>,
+    /// Calls refused by a limit, by code (606, 615, 607, 601, 602, 413, 414).
+    refused: BTreeMap<String, u64>,
+    in_flight: usize,
+    high_water: usize,
+    daily: u64,
+    window: VecDeque<Instant>,
+    token_in_query: u64,
+    method_overrides: u64,
+}
+
+#[derive(Default)]
+struct Data {
+    opportunities: BTreeMap<String, Map<String, Value>>,
+    roles: BTreeMap<(String, i64, String), SimRole>,
+    companies: BTreeMap<String, Map<String, Value>>,
+    leads: Vec<SimLead>,
+    next_id: i64,
+}
+
+struct Inner {
+    config: MarketoConfig,
+    tokens: HashMap<String, Instant>,
+    token_seq: u64,
+    counters: Counters,
+    data: Data,
+    faults: Vec<(Endpoint, u64, Fault)>,
+    record_faults: Vec<(String, &'static str, u32)>,
+}
+
+/// A running simulator. Dropping it stops the server.
+pub struct MarketoSim {
+    inner: Arc<Mutex<Inner>>,
+    addr: SocketAddr,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MarketoSim {
+    fn drop(&mut self) {
+        self._server.abort();
+    }
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MarketoSim {
+    /// Starts a simulator on 127.0.0.1 at an ephemeral port.
+    pub async fn start(config: MarketoConfig) -> std::io::Result<MarketoSim> {
+        Self::start_on("127.0.0.1:0".parse().map_err(std::io::Error::other)?, config).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, config: MarketoConfig) -> std::io::Result<MarketoSim> {
+        let inner = Arc::new(Mutex::new(Inner {
+            config,
+            tokens: HashMap::new(),
+            token_seq: 0,
+            counters: Counters::default(),
+            data: Data {
+                next_id: 1000,
+                ..Data::default()
+            },
+            faults: Vec::new(),
+            record_faults: Vec::new(),
+        }));
+        let app = Router::new()
+            .fallback(handle)
+            .layer(DefaultBodyLimit::max(16 << 20))
+            .with_state(Arc::clone(&inner));
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(MarketoSim {
+            inner,
+            addr,
+            _server: server,
+        })
+    }
+
+    /// The base URL (`{MARKETO_URL}`): identity at `/identity`, REST at `/rest/v1`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn client_id(&self) -> String {
+        lock(&self.inner).config.client_id.clone()
+    }
+
+    pub fn client_secret(&self) -> String {
+        lock(&self.inner).config.client_secret.clone()
+    }
+
+    /// Calls answered per endpoint (refused calls included).
+    pub fn calls(&self, endpoint: Endpoint) -> u64 {
+        lock(&self.inner).counters.calls.get(&endpoint).copied().unwrap_or(0)
+    }
+
+    /// REST calls (identity excluded), as Marketo counts them against the quota.
+    pub fn rest_calls(&self) -> u64 {
+        let inner = lock(&self.inner);
+        inner
+            .counters
+            .calls
+            .iter()
+            .filter(|(e, _)| **e != Endpoint::Identity)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Calls refused with `code` (606, 615, 607, 601, 602, 413, 414).
+    pub fn refused(&self, code: &str) -> u64 {
+        lock(&self.inner).counters.refused.get(code).copied().unwrap_or(0)
+    }
+
+    /// The most REST calls in flight at once.
+    pub fn concurrency_high_water(&self) -> usize {
+        lock(&self.inner).counters.high_water
+    }
+
+    /// Calls that carried the token as a query parameter (oppsync must never do that).
+    pub fn token_in_query(&self) -> u64 {
+        lock(&self.inner).counters.token_in_query
+    }
+
+    /// Calls sent as `POST ?_method=GET` (long queries).
+    pub fn method_overrides(&self) -> u64 {
+        lock(&self.inner).counters.method_overrides
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = lock(&self.inner);
+        Snapshot {
+            opportunities: inner.data.opportunities.clone(),
+            roles: inner.data.roles.values().cloned().collect(),
+            companies: inner.data.companies.clone(),
+            leads: inner.data.leads.clone(),
+        }
+    }
+
+    /// Adds a lead directly (as if created in Marketo), returning its id.
+    pub fn add_lead(&self, fields: Value) -> i64 {
+        let mut inner = lock(&self.inner);
+        inner.data.next_id += 1;
+        let id = inner.data.next_id;
+        let fields = fields.as_object().cloned().unwrap_or_default();
+        inner.data.leads.push(SimLead { id, fields });
+        id
+    }
+
+    /// Schedules a fault for the `nth` call (1-based, counting from the start) of an endpoint.
+    pub fn inject(&self, endpoint: Endpoint, nth: u64, fault: Fault) {
+        lock(&self.inner).faults.push((endpoint, nth, fault));
+    }
+
+    /// Makes the next `times` writes of the record with this key (externalOpportunityId,
+    /// externalCompanyId, email, or "externalOpportunityId|leadId|role") skipped with `code`.
+    pub fn skip_record(&self, key: &str, code: &'static str, times: u32) {
+        lock(&self.inner).record_faults.push((key.to_owned(), code, times));
+    }
+
+    /// Expires every token now (the next call answers 602).
+    pub fn expire_tokens(&self) {
+        let now = Instant::now();
+        for expiry in lock(&self.inner).tokens.values_mut() {
+            *expiry = now;
+        }
+    }
+
+    /// Forgets every token (the next call answers 601).
+    pub fn invalidate_tokens(&self) {
+        lock(&self.inner).tokens.clear();
+    }
+
+    /// Changes the configuration while running (limits, CRM mode, quota).
+    pub fn configure(&self, change: impl FnOnce(&mut MarketoConfig)) {
+        change(&mut lock(&self.inner).config);
+    }
+
+    /// Sets the calls already made today (to test the quota without making them).
+    pub fn set_daily_calls(&self, calls: u64) {
+        lock(&self.inner).counters.daily = calls;
+    }
+}
+
+fn endpoint_of(method: &Method, path: &str, query: &HashMap<String, String>) -> Option<Endpoint> {
+    let get_override = query.get("_method").is_some_and(|m| m.eq_ignore_ascii_case("GET"));
+    let is_get = *method == Method::GET || get_override;
+    Some(match path {
+        "/identity/oauth/token" => Endpoint::Identity,
+        "/rest/v1/opportunities.json" if is_get => Endpoint::OpportunityQuery,
+        "/rest/v1/opportunities.json" => Endpoint::OpportunitySync,
+        "/rest/v1/opportunities/delete.json" => Endpoint::OpportunityDelete,
+        "/rest/v1/opportunities/describe.json" => Endpoint::OpportunityDescribe,
+        "/rest/v1/opportunities/roles.json" if is_get => Endpoint::RoleQuery,
+        "/rest/v1/opportunities/roles.json" => Endpoint::RoleSync,
+        "/rest/v1/opportunities/roles/delete.json" => Endpoint::RoleDelete,
+        "/rest/v1/opportunities/roles/describe.json" => Endpoint::RoleDescribe,
+        "/rest/v1/companies.json" if is_get => Endpoint::CompanyQuery,
+        "/rest/v1/companies.json" => Endpoint::CompanySync,
+        "/rest/v1/leads.json" if is_get => Endpoint::LeadQuery,
+        "/rest/v1/leads.json" => Endpoint::LeadSync,
+        "/rest/v1/stats/usage.json" => Endpoint::Usage,
+        _ => return None,
+    })
+}
+
+fn parse_query(text: &str) -> HashMap<String, String> {
+    text.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    format!("{:x}#sim", N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn failure(code: &str, message: &str) -> Response {
+    axum::Json(json!({
+        "requestId": request_id(),
+        "success": false,
+        "errors": [{"code": code, "message": message}],
+    }))
+    .into_response()
+}
+
+/// A request-level error (HTTP 200, `success: false`), before it becomes a response.
+struct Refusal {
+    code: String,
+    message: String,
+}
+
+fn refusal(code: &str, message: &str) -> Refusal {
+    Refusal {
+        code: code.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+fn success(result: Vec<Value>) -> Response {
+    axum::Json(json!({"requestId": request_id(), "success": true, "result": result})).into_response()
+}
+
+fn skipped(seq: usize, code: &str, message: &str) -> Value {
+    json!({"seq": seq, "status": "skipped", "reasons": [{"code": code, "message": message}]})
+}
+
+/// Releases the in-flight slot when the request ends, however it ends.
+struct InFlight(Arc<Mutex<Inner>>);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut inner = lock(&self.0);
+        inner.counters.in_flight = inner.counters.in_flight.saturating_sub(1);
+    }
+}
+
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let query = parse_query(uri.query().unwrap_or(""));
+    let Some(endpoint) = endpoint_of(&method, uri.path(), &query) else {
+        return (StatusCode::NOT_FOUND, "no such endpoint").into_response();
+    };
+    if endpoint == Endpoint::Identity {
+        return identity(&inner, &query, &body);
+    }
+
+    // Admission, in the order Marketo documents its checks.
+    let latency = {
+        let mut guard = lock(&inner);
+        let g = &mut *guard;
+        *g.counters.calls.entry(endpoint).or_default() += 1;
+        let refuse = |g: &mut Inner, code: &str| {
+            *g.counters.refused.entry(code.to_owned()).or_default() += 1;
+        };
+        if query.contains_key("access_token") {
+            g.counters.token_in_query += 1;
+        }
+        if method == Method::POST && query.get("_method").is_some_and(|m| m.eq_ignore_ascii_case("GET")) {
+            g.counters.method_overrides += 1;
+        }
+        if uri.to_string().len() > g.config.max_url_bytes {
+            refuse(g, "414");
+            return (StatusCode::URI_TOO_LONG, "").into_response();
+        }
+        let bearer = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned)
+            .or_else(|| query.get("access_token").cloned());
+        match bearer.as_deref().and_then(|t| g.tokens.get(t)) {
+            None => {
+                refuse(g, "601");
+                return failure("601", "Access token invalid");
+            }
+            Some(expiry) if *expiry <= Instant::now() => {
+                refuse(g, "602");
+                return failure("602", "Access token expired");
+            }
+            Some(_) => {}
+        }
+        if let Some(limit) = g.config.concurrency_limit
+            && g.counters.in_flight >= limit
+        {
+            refuse(g, "615");
+            return failure("615", &format!("Concurrent access limit reached ({limit})"));
+        }
+        let now = Instant::now();
+        let window = g.config.rate_window;
+        while g
+            .counters
+            .window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= window)
+        {
+            g.counters.window.pop_front();
+        }
+        if let Some(limit) = g.config.rate_limit
+            && g.counters.window.len() >= limit
+        {
+            refuse(g, "606");
+            return failure(
+                "606",
+                &format!("Max rate limit '{limit}' exceeded with in '{}' secs", window.as_secs()),
+            );
+        }
+        if g.counters.daily >= g.config.daily_quota {
+            refuse(g, "607");
+            return failure("607", "Daily quota reached");
+        }
+        if body.len() > g.config.max_body_bytes {
+            refuse(g, "413");
+            return (StatusCode::PAYLOAD_TOO_LARGE, "").into_response();
+        }
+        g.counters.window.push_back(now);
+        g.counters.daily += 1;
+        g.counters.in_flight += 1;
+        g.counters.high_water = g.counters.high_water.max(g.counters.in_flight);
+        g.config.latency
+    };
+    let _slot = InFlight(Arc::clone(&inner));
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+
+    let mut guard = lock(&inner);
+    let g = &mut *guard;
+    let nth = g.counters.calls.get(&endpoint).copied().unwrap_or(0);
+    let fault = g
+        .faults
+        .iter()
+        .position(|(e, n, _)| *e == endpoint && *n == nth)
+        .map(|i| g.faults.remove(i).2);
+    match fault {
+        Some(Fault::Code(code)) => return failure(code, "Injected fault"),
+        Some(Fault::Http(status)) => {
+            return StatusCode::from_u16(status)
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+                .into_response();
+        }
+        Some(Fault::Malformed) => return (StatusCode::OK, "<html>Service Unavailable</html>").into_response(),
+        Some(Fault::DropResult) | None => {}
+    }
+
+    let input = || -> Result<Value, Refusal> {
+        if body.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&body).map_err(|_| refusal("609", "Invalid JSON"))
+    };
+    let mut response = match endpoint {
+        Endpoint::OpportunitySync => input().map(|b| opportunity_sync(g, &b)),
+        Endpoint::OpportunityDelete => input().map(|b| delete(g, &b, Kind::Opportunity)),
+        Endpoint::RoleSync => input().map(|b| role_sync(g, &b)),
+        Endpoint::RoleDelete => input().map(|b| delete(g, &b, Kind::Role)),
+        Endpoint::CompanySync => input().map(|b| company_sync(g, &b)),
+        Endpoint::LeadSync => input().map(|b| lead_sync(g, &b)),
+        Endpoint::OpportunityQuery => Ok(query_by(g, &query, Kind::Opportunity)),
+        Endpoint::CompanyQuery => Ok(query_by(g, &query, Kind::Company)),
+        Endpoint::LeadQuery => {
+            // POST ?_method=GET carries the parameters as a form body.
+            let mut params = query.clone();
+            if method == Method::POST {
+                params.extend(parse_query(&String::from_utf8_lossy(&body)));
+            }
+            Ok(lead_query(g, &params))
+        }
+        Endpoint::RoleQuery => input().map(|b| role_query(g, &b)),
+        Endpoint::OpportunityDescribe => Ok(describe(g, Kind::Opportunity)),
+        Endpoint::RoleDescribe => Ok(describe(g, Kind::Role)),
+        Endpoint::Usage => Ok(Ok(vec![json!({"date": "today", "total": g.counters.daily})])),
+        Endpoint::Identity => Ok(Ok(Vec::new())),
+    };
+    if let Ok(Ok(results)) = &mut response
+        && matches!(fault, Some(Fault::DropResult))
+    {
+        results.pop();
+    }
+    match response {
+        Err(r) | Ok(Err(r)) => failure(&r.code, &r.message),
+        Ok(Ok(results)) => success(results),
+    }
+}
+
+fn identity(inner: &Mutex<Inner>, query: &HashMap<String, String>, body: &[u8]) -> Response {
+    let mut params = query.clone();
+    params.extend(parse_query(&String::from_utf8_lossy(body)));
+    let mut g = lock(inner);
+    *g.counters.calls.entry(Endpoint::Identity).or_default() += 1;
+    let ok = params.get("grant_type").map(String::as_str) == Some("client_credentials")
+        && params.get("client_id") == Some(&g.config.client_id)
+        && params.get("client_secret") == Some(&g.config.client_secret);
+    if !ok {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "unauthorized", "error_description": "Bad client credentials"})),
+        )
+            .into_response();
+    }
+    let now = Instant::now();
+    // Before expiry Marketo returns the same token with its remaining lifetime.
+    if let Some((token, expiry)) = g.tokens.iter().find(|(_, e)| **e > now) {
+        let remaining = expiry.duration_since(now).as_secs();
+        return axum::Json(
+            json!({"access_token": token, "token_type": "bearer", "expires_in": remaining, "scope": "api@sim"}),
+        )
+        .into_response();
+    }
+    g.token_seq += 1;
+    let token = format!("sim-token-{}-{:x}", g.token_seq, now.elapsed().as_nanos() ^ 0x5eed);
+    let ttl = g.config.token_ttl;
+    g.tokens.insert(token.clone(), now + ttl);
+    axum::Json(json!({"access_token": token, "token_type": "bearer", "expires_in": ttl.as_secs(), "scope": "api@sim"}))
+        .into_response()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Opportunity,
+    Role,
+    Company,
+}
+
+/// The `input` array of a write, or a request-level error.
+fn inputs<'a>(g: &Inner, body: &'a Value) -> Result<&'a Vec<Value>, Refusal> {
+    let Some(input) = body.get("input").and_then(Value::as_array) else {
+        return Err(refusal("1001", "Invalid value for input"));
+    };
+    if input.len() > g.config.max_batch {
+        // Unconfirmed: the exact code Marketo returns for an oversized batch.
+        return Err(refusal("1003", &format!("Batch size exceeds {}", g.config.max_batch)));
+    }
+    Ok(input)
+}
+
+/// A record fault for this key, consumed.
+fn record_fault(g: &mut Inner, key: &str) -> Option<&'static str> {
+    let i = g.record_faults.iter().position(|(k, _, n)| k == key && *n > 0)?;
+    g.record_faults[i].2 -= 1;
+    Some(g.record_faults[i].1)
+}
+
+fn unknown_field(record: &Map<String, Value>, allowed: &[&str], custom: &[String]) -> Option<String> {
+    record
+        .keys()
+        .find(|k| !allowed.contains(&k.as_str()) && !custom.iter().any(|c| c == *k))
+        .cloned()
+}
+
+fn new_guid(g: &mut Inner, prefix: &str) -> String {
+    g.data.next_id += 1;
+    format!("{prefix}-{:08x}-sim", g.data.next_id)
+}
+
+fn opportunity_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
+    let input = inputs(g, body)?.clone();
+    let action = body.get("action").and_then(Value::as_str).unwrap_or("createOrUpdate");
+    let mut seen = std::collections::HashSet::new();
+    let mut results = Vec::with_capacity(input.len());
+    for (seq, record) in input.iter().enumerate() {
+        let Some(record) = record.as_object() else {
+            results.push(skipped(seq, "1003", "Invalid record"));
+            continue;
+        };
+        if g.config.crm_enabled {
+            results.push(skipped(seq, "1018", "CRM Enabled"));
+            continue;
+        }
+        let Some(key) = record
+            .get("externalOpportunityId")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            results.push(skipped(
+                seq,
+                "1003",
+                "Value for required field 'externalOpportunityId' not specified",
+            ));
+            continue;
+        };
+        if !seen.insert(key.clone()) {
+            results.push(skipped(seq, "1036", "Duplicate externalOpportunityId in input"));
+            continue;
+        }
+        if let Some(field) = unknown_field(record, STANDARD_OPPORTUNITY_FIELDS, &g.config.custom_opportunity_fields) {
+            results.push(skipped(seq, "1006", &format!("Field '{field}' not found")));
+            continue;
+        }
+        if let Some(code) = record_fault(g, &key) {
+            results.push(skipped(seq, code, "Injected record fault"));
+            continue;
+        }
+        if key.chars().count() > 50 {
+            results.push(skipped(seq, "1003", "externalOpportunityId longer than 50"));
+            continue;
+        }
+        let exists = g.data.opportunities.contains_key(&key);
+        match (action, exists) {
+            ("createOnly", true) => results.push(skipped(seq, "1005", "Opportunity already exists")),
+            ("updateOnly", false) => results.push(skipped(seq, "1013", "Opportunity not found")),
+            (_, true) => {
+                let stored = g.data.opportunities.get_mut(&key).map(|o| {
+                    o.extend(record.clone());
+                    o.get("marketoGUID").cloned().unwrap_or(Value::Null)
+                });
+                results.push(json!({"seq": seq, "status": "updated", "marketoGUID": stored}));
+            }
+            (_, false) => {
+                if record.get("name").is_none_or(Value::is_null) {
+                    results.push(skipped(seq, "1003", "Value for required field 'name' not specified"));
+                    continue;
+                }
+                let guid = new_guid(g, "opp");
+                let mut stored = record.clone();
+                stored.insert("marketoGUID".into(), json!(guid));
+                g.data.opportunities.insert(key, stored);
+                results.push(json!({"seq": seq, "status": "created", "marketoGUID": guid}));
+            }
+        }
+    }
+    Ok(results)
+}
+
+fn role_key(record: &Map<String, Value>) -> Option<(String, i64, String)> {
+    Some((
+        record.get("externalOpportunityId")?.as_str()?.to_owned(),
+        record.get("leadId")?.as_i64()?,
+        record.get("role")?.as_str()?.to_owned(),
+    ))
+}
+
+fn role_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
+    let input = inputs(g, body)?.clone();
+    let mut seen = std::collections::HashSet::new();
+    let mut results = Vec::with_capacity(input.len());
+    for (seq, record) in input.iter().enumerate() {
+        let Some(record) = record.as_object() else {
+            results.push(skipped(seq, "1003", "Invalid record"));
+            continue;
+        };
+        if g.config.crm_enabled {
+            results.push(skipped(seq, "1018", "CRM Enabled"));
+            continue;
+        }
+        let Some(key) = role_key(record) else {
+            results.push(skipped(
+                seq,
+                "1003",
+                "externalOpportunityId, leadId and role are required",
+            ));
+            continue;
+        };
+        if !seen.insert(key.clone()) {
+            results.push(skipped(seq, "1036", "Duplicate role in input"));
+            continue;
+        }
+        if let Some(field) = unknown_field(record, ROLE_FIELDS, &[]) {
+            results.push(skipped(seq, "1006", &format!("Field '{field}' not found")));
+            continue;
+        }
+        if let Some(code) = record_fault(g, &format!("{}|{}|{}", key.0, key.1, key.2)) {
+            results.push(skipped(seq, code, "Injected record fault"));
+            continue;
+        }
+        if key.2.chars().count() > 50 {
+            results.push(skipped(seq, "1003", "role longer than 50"));
+            continue;
+        }
+        // Unconfirmed: the codes for a role whose opportunity or lead does not exist.
+        if !g.data.opportunities.contains_key(&key.0) {
+            results.push(skipped(seq, "1013", "Opportunity not found"));
+            continue;
+        }
+        if !g.data.leads.iter().any(|l| l.id == key.1) {
+            results.push(skipped(seq, "1004", "Lead not found"));
+            continue;
+        }
+        let is_primary = record.get("isPrimary").and_then(Value::as_bool).unwrap_or(false);
+        match g.data.roles.get_mut(&key) {
+            Some(existing) => {
+                existing.is_primary = is_primary;
+                let guid = existing.marketo_guid.clone();
+                results.push(json!({"seq": seq, "status": "updated", "marketoGUID": guid}));
+            }
+            None => {
+                let guid = new_guid(g, "role");
+                g.data.roles.insert(
+                    key.clone(),
+                    SimRole {
+                        external_opportunity_id: key.0,
+                        lead_id: key.1,
+                        role: key.2,
+                        is_primary,
+                        marketo_guid: guid.clone(),
+                    },
+                );
+                results.push(json!({"seq": seq, "status": "created", "marketoGUID": guid}));
+            }
+        }
+    }
+    Ok(results)
+}
+
+fn delete(g: &mut Inner, body: &Value, kind: Kind) -> Result<Vec<Value>, Refusal> {
+    let input = inputs(g, body)?.clone();
+    let mut results = Vec::with_capacity(input.len());
+    for (seq, record) in input.iter().enumerate() {
+        let record = record.as_object().cloned().unwrap_or_default();
+        if g.config.crm_enabled {
+            results.push(skipped(seq, "1018", "CRM Enabled"));
+            continue;
+        }
+        let found = match kind {
+            Kind::Opportunity => record
+                .get("externalOpportunityId")
+                .and_then(Value::as_str)
+                .and_then(|k| g.data.opportunities.remove(k))
+                .and_then(|o| o.get("marketoGUID").cloned()),
+            Kind::Role => role_key(&record)
+                .and_then(|k| g.data.roles.remove(&k))
+                .map(|r| json!(r.marketo_guid)),
+            Kind::Company => None,
+        };
+        match found {
+            Some(guid) => results.push(json!({"seq": seq, "status": "deleted", "marketoGUID": guid})),
+            None => results.push(skipped(seq, "1013", "Record not found")),
+        }
+    }
+    Ok(results)
+}
+
+fn company_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
+    let input = inputs(g, body)?.clone();
+    let mut seen = std::collections::HashSet::new();
+    let mut results = Vec::with_capacity(input.len());
+    for (seq, record) in input.iter().enumerate() {
+        let Some(record) = record.as_object() else {
+            results.push(skipped(seq, "1003", "Invalid record"));
+            continue;
+        };
+        if g.config.crm_enabled {
+            results.push(skipped(seq, "1018", "CRM Enabled"));
+            continue;
+        }
+        let Some(key) = record
+            .get("externalCompanyId")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            results.push(skipped(
+                seq,
+                "1003",
+                "Value for required field 'externalCompanyId' not specified",
+            ));
+            continue;
+        };
+        if !seen.insert(key.clone()) {
+            results.push(skipped(seq, "1036", "Duplicate externalCompanyId in input"));
+            continue;
+        }
+        if let Some(field) = unknown_field(record, COMPANY_FIELDS, &[]) {
+            results.push(skipped(seq, "1006", &format!("Field '{field}' not found")));
+            continue;
+        }
+        if let Some(code) = record_fault(g, &key) {
+            results.push(skipped(seq, code, "Injected record fault"));
+            continue;
+        }
+        match g.data.companies.get_mut(&key) {
+            Some(existing) => {
+                existing.extend(record.clone());
+                let id = existing.get("id").cloned();
+                results.push(json!({"seq": seq, "status": "updated", "id": id}));
+            }
+            None => {
+                g.data.next_id += 1;
+                let id = g.data.next_id;
+                let mut stored = record.clone();
+                stored.insert("id".into(), json!(id));
+                g.data.companies.insert(key, stored);
+                results.push(json!({"seq": seq, "status": "created", "id": id}));
+            }
+        }
+    }
+    Ok(results)
+}
+
+fn lead_matches<'a>(g: &'a Inner, field: &str, value: &str) -> Vec<&'a SimLead> {
+    g.data
+        .leads
+        .iter()
+        .filter(|l| match l.fields.get(field).and_then(Value::as_str) {
+            // Marketo matches email case-insensitively.
+            Some(v) if field == "email" => v.eq_ignore_ascii_case(value),
+            Some(v) => v == value,
+            None => false,
+        })
+        .collect()
+}
+
+fn lead_json(lead: &SimLead) -> Value {
+    let mut out = lead.fields.clone();
+    out.insert("id".into(), json!(lead.id));
+    Value::Object(out)
+}
+
+fn lead_query(g: &Inner, params: &HashMap<String, String>) -> Result<Vec<Value>, Refusal> {
+    let field = params.get("filterType").cloned().unwrap_or_default();
+    if field != "email" && field != "id" && !g.config.custom_lead_fields.contains(&field) {
+        return Err(refusal("1003", &format!("Invalid filterType '{field}'")));
+    }
+    let values: Vec<&str> = params
+        .get("filterValues")
+        .map(|v| v.split(',').filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    if values.len() > g.config.max_batch {
+        return Err(refusal("1003", "Too many filterValues"));
+    }
+    let mut out = Vec::new();
+    for value in values {
+        if field == "id" {
+            out.extend(g.data.leads.iter().filter(|l| l.id.to_string() == value).map(lead_json));
+        } else {
+            out.extend(lead_matches(g, &field, value).into_iter().map(lead_json));
+        }
+    }
+    Ok(out)
+}
+
+fn lead_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
+    let input = inputs(g, body)?.clone();
+    let action = body.get("action").and_then(Value::as_str).unwrap_or("createOrUpdate");
+    let lookup = body
+        .get("lookupField")
+        .and_then(Value::as_str)
+        .unwrap_or("email")
+        .to_owned();
+    let mut results = Vec::with_capacity(input.len());
+    for (seq, record) in input.iter().enumerate() {
+        let Some(record) = record.as_object() else {
+            results.push(skipped(seq, "1003", "Invalid record"));
+            continue;
+        };
+        if let Some(field) = unknown_field(record, LEAD_FIELDS, &g.config.custom_lead_fields) {
+            results.push(skipped(seq, "1006", &format!("Field '{field}' not found")));
+            continue;
+        }
+        let Some(key) = record.get(&lookup).and_then(Value::as_str).map(str::to_owned) else {
+            results.push(skipped(
+                seq,
+                "1003",
+                &format!("Value for lookup field '{lookup}' not specified"),
+            ));
+            continue;
+        };
+        if let Some(code) = record_fault(g, &key) {
+            results.push(skipped(seq, code, "Injected record fault"));
+            continue;
+        }
+        let matches: Vec<i64> = lead_matches(g, &lookup, &key).iter().map(|l| l.id).collect();
+        match (action, matches.as_slice()) {
+            (_, [_, _, ..]) => results.push(skipped(seq, "1007", "Multiple lead match lookup criteria")),
+            ("createOnly", [_]) => results.push(skipped(seq, "1005", "Lead already exists")),
+            ("updateOnly", []) => results.push(skipped(seq, "1004", "Lead not found")),
+            (_, [id]) => {
+                let id = *id;
+                if let Some(lead) = g.data.leads.iter_mut().find(|l| l.id == id) {
+                    lead.fields.extend(record.clone());
+                }
+                results.push(json!({"seq": seq, "status": "updated", "id": id}));
+            }
+            (_, []) => {
+                g.data.next_id += 1;
+                let id = g.data.next_id;
+                g.data.leads.push(SimLead {
+                    id,
+                    fields: record.clone(),
+                });
+                results.push(json!({"seq": seq, "status": "created", "id": id}));
+            }
+        }
+    }
+    Ok(results)
+}
+
+fn query_by(g: &Inner, params: &HashMap<String, String>, kind: Kind) -> Result<Vec<Value>, Refusal> {
+    let values: Vec<&str> = params
+        .get("filterValues")
+        .map(|v| v.split(',').collect())
+        .unwrap_or_default();
+    if values.len() > g.config.max_batch {
+        return Err(refusal("1003", "Too many filterValues"));
+    }
+    let table = match kind {
+        Kind::Opportunity => &g.data.opportunities,
+        _ => &g.data.companies,
+    };
+    Ok(values
+        .into_iter()
+        .filter_map(|v| table.get(v).cloned().map(Value::Object))
+        .collect())
+}
+
+fn role_query(g: &Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
+    let keys = body.get("input").and_then(Value::as_array).cloned().unwrap_or_default();
+    if keys.len() > g.config.max_batch {
+        return Err(refusal("1003", "Too many keys"));
+    }
+    Ok(keys
+        .iter()
+        .filter_map(|k| role_key(k.as_object()?))
+        .filter_map(|k| g.data.roles.get(&k))
+        .map(|r| {
+            json!({"externalOpportunityId": r.external_opportunity_id, "leadId": r.lead_id, "role": r.role,
+                   "isPrimary": r.is_primary, "marketoGUID": r.marketo_guid})
+        })
+        .collect())
+}
+
+fn describe(g: &Inner, kind: Kind) -> Result<Vec<Value>, Refusal> {
+    if g.config.crm_enabled {
+        // The opportunity APIs are read-only or disabled with native CRM sync (docs disagree).
+        return Err(refusal("1018", "CRM Enabled"));
+    }
+    let (name, dedupe, fields): (&str, Vec<&str>, Vec<String>) = match kind {
+        Kind::Opportunity => (
+            "opportunity",
+            vec!["externalOpportunityId"],
+            STANDARD_OPPORTUNITY_FIELDS
+                .iter()
+                .map(|f| (*f).to_owned())
+                .chain(g.config.custom_opportunity_fields.iter().cloned())
+                .collect(),
+        ),
+        _ => (
+            "opportunityRole",
+            vec!["externalOpportunityId", "leadId", "role"],
+            ROLE_FIELDS.iter().map(|f| (*f).to_owned()).collect(),
+        ),
+    };
+    Ok(vec![json!({
+        "name": name,
+        "idField": "marketoGUID",
+        "dedupeFields": dedupe,
+        "fields": fields.iter().map(|f| json!({"name": f, "displayName": f, "dataType": "string", "updateable": true})).collect::<Vec<_>>(),
+    })])
+}
