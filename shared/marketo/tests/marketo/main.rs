@@ -7,3 +7,4 @@ mod common;
 mod errors;
 mod limits;
 mod secrets;
+mod simulator;
