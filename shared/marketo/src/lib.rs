@@ -20,5 +20,5 @@ pub use client::{
     LeadRecord, MarketoClient, ObjectDescription, Preflight, RecordOutcome, RecordStatus, RoleKey, RoleRecord,
 };
 pub use error::{ErrorClass, MarketoError, Reason, classify};
-pub use limiter::{Limiter, LimiterSettings};
+pub use limiter::{Limiter, LimiterSettings, LimitsConfig};
 pub use settings::{MarketoSettings, Secret, SettingsError};

@@ -85,3 +85,106 @@ impl Limiter {
         }
     }
 }
+
+/// The `[marketo]` section of oppsync's configuration: how much of the shared instance to use.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Calls per 20 seconds, of Marketo's 100 per instance.
+    #[serde(default = "default_calls")]
+    pub calls_per_20s: u32,
+    /// Calls in flight, of Marketo's 10 per instance.
+    #[serde(default = "default_concurrent")]
+    pub concurrent_calls: u32,
+    /// Calls per day, of the instance's quota (50,000 unless the subscription says otherwise).
+    #[serde(default = "default_budget")]
+    pub daily_budget: u64,
+}
+
+fn default_calls() -> u32 {
+    50
+}
+fn default_concurrent() -> u32 {
+    5
+}
+fn default_budget() -> u64 {
+    40_000
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            calls_per_20s: default_calls(),
+            concurrent_calls: default_concurrent(),
+            daily_budget: default_budget(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Reads the `[marketo]` table of a configuration file (absent: the defaults) and checks it.
+    /// Each error names the key and the fix.
+    pub fn from_toml(document: &str) -> Result<LimitsConfig, Vec<String>> {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            #[serde(default)]
+            marketo: Option<LimitsConfig>,
+        }
+        let doc: Doc = toml::from_str(document).map_err(|e| vec![format!("marketo: {}", e.message())])?;
+        let config = doc.marketo.unwrap_or_default();
+        let mut errors = Vec::new();
+        if !(1..=100).contains(&config.calls_per_20s) {
+            errors.push(format!(
+                "marketo.calls_per_20s: {} is outside 1..=100. Fix: Marketo allows 100 calls per 20 s for the whole instance; 50 leaves room for other integrations",
+                config.calls_per_20s
+            ));
+        }
+        if !(1..=10).contains(&config.concurrent_calls) {
+            errors.push(format!(
+                "marketo.concurrent_calls: {} is outside 1..=10. Fix: Marketo allows 10 concurrent calls for the whole instance; 5 leaves room for other integrations",
+                config.concurrent_calls
+            ));
+        }
+        if config.daily_budget == 0 {
+            errors.push(
+                "marketo.daily_budget: 0 would stop every write. Fix: set it below the instance's daily quota, like 40000"
+                    .to_owned(),
+            );
+        }
+        if errors.is_empty() { Ok(config) } else { Err(errors) }
+    }
+
+    /// The limiter these settings describe.
+    pub fn limiter(&self) -> LimiterSettings {
+        LimiterSettings {
+            calls_per_window: self.calls_per_20s as usize,
+            window: Duration::from_secs(20),
+            concurrency: self.concurrent_calls as usize,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_half_the_shared_limits_and_a_budget_below_the_quota() {
+        let c = LimitsConfig::from_toml("").unwrap();
+        assert_eq!((c.calls_per_20s, c.concurrent_calls, c.daily_budget), (50, 5, 40_000));
+        assert_eq!(c.limiter(), LimiterSettings::default());
+    }
+
+    #[test]
+    fn values_past_marketos_limits_are_errors_naming_the_key() {
+        let errors =
+            LimitsConfig::from_toml("[marketo]\ncalls_per_20s = 150\nconcurrent_calls = 0\ndaily_budget = 0\n")
+                .unwrap_err();
+        assert_eq!(errors.len(), 3);
+        assert!(errors[0].starts_with("marketo.calls_per_20s") && errors[0].contains("Fix:"));
+        assert!(errors[1].starts_with("marketo.concurrent_calls"));
+        assert!(errors[2].starts_with("marketo.daily_budget"));
+        let typo = LimitsConfig::from_toml("[marketo]\ncalls_per_20_s = 10\n").unwrap_err();
+        assert!(typo[0].contains("calls_per_20_s"), "{typo:?}");
+    }
+}
