@@ -91,8 +91,15 @@ fn the_readmes_configuration_example_is_valid_and_means_what_it_says() {
 #[test]
 fn the_readmes_marketo_example_is_valid_and_shows_the_defaults() {
     let readme = read("README.md");
-    let start = readme.find("```toml\n[marketo]").expect("README has the [marketo] example") + "```toml\n".len();
+    let start = readme
+        .find("```toml\n[marketo]")
+        .expect("README has the [marketo] example")
+        + "```toml\n".len();
     let example = &readme[start..start + readme[start..].find("```").unwrap()];
     let limits = oppsync_marketo::LimitsConfig::from_toml(example).unwrap_or_else(|e| panic!("{e:?}"));
-    assert_eq!(limits, oppsync_marketo::LimitsConfig::default(), "the README says these are the defaults");
+    assert_eq!(
+        limits,
+        oppsync_marketo::LimitsConfig::default(),
+        "the README says these are the defaults"
+    );
 }
