@@ -460,9 +460,9 @@ async fn handle(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !bearer
+        if bearer
             .and_then(|t| g.tokens.get(t))
-            .is_some_and(|e| *e > Instant::now())
+            .is_none_or(|e| *e <= Instant::now())
         {
             return (
                 StatusCode::UNAUTHORIZED,
@@ -559,8 +559,15 @@ fn token(inner: &Mutex<Inner>, method: &Method, path: &str, body: &[u8]) -> Resp
 /// A parsed `$filter`: a conjunction of comparisons.
 #[derive(Debug)]
 enum Condition {
-    Compare { path: Vec<String>, op: Op, value: Value },
-    In { attribute: String, values: Vec<String> },
+    Compare {
+        path: Vec<String>,
+        op: Op,
+        value: Value,
+    },
+    In {
+        attribute: String,
+        values: std::collections::HashSet<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -614,9 +621,12 @@ fn parse_filter(text: &str) -> Result<Vec<Condition>, String> {
             json!(s.replace("''", "'"))
         } else if let Ok(n) = literal.parse::<i64>() {
             json!(n)
-        } else if literal.len() == 36 || literal.ends_with('Z') {
-            // Unquoted GUIDs and DateTimeOffset literals.
+        } else if literal.len() == 36 && literal.matches('-').count() == 4 {
+            // Unquoted GUIDs compare lowercase.
             json!(literal.to_ascii_lowercase())
+        } else if literal.ends_with('Z') {
+            // DateTimeOffset literals compare as written (ISO 8601 sorts as text).
+            json!(literal)
         } else {
             return Err(format!("cannot parse the literal `{literal}`"));
         };
@@ -694,8 +704,7 @@ fn matches(g: &Inner, row: &Row, conditions: &[Condition]) -> bool {
     conditions.iter().all(|c| match c {
         Condition::In { attribute, values } => {
             let v = value_at(g, row, std::slice::from_ref(attribute));
-            v.as_str()
-                .is_some_and(|s| values.iter().any(|x| x.eq_ignore_ascii_case(s)))
+            v.as_str().is_some_and(|s| values.contains(&s.to_ascii_lowercase()))
         }
         Condition::Compare { path, op, value } => {
             let actual = value_at(g, row, path);
@@ -865,11 +874,13 @@ fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) ->
     } else {
         param("$skiptoken").and_then(|s| s.parse().ok()).unwrap_or(0)
     };
-    let rows = g.tables.get(&table).cloned().unwrap_or_default();
+    let empty = BTreeMap::new();
+    let view: &Inner = g;
+    let rows = view.tables.get(&table).unwrap_or(&empty);
     let mut hits: Vec<&Row> = rows
         .values()
         .filter(|r| !track || (r.version > after && r.version <= upto))
-        .filter(|r| matches(g, r, &conditions))
+        .filter(|r| matches(view, r, &conditions))
         .collect();
     match param("$orderby") {
         Some(order) => {
@@ -892,7 +903,7 @@ fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) ->
     }
     let mut value: Vec<Value> = Vec::new();
     let mut tombstones: Vec<(String, i64)> = if track && after != i64::MIN {
-        g.tombstones
+        view.tombstones
             .get(&table)
             .map(|t| t.iter().filter(|(_, v)| *v > after && *v <= upto).cloned().collect())
             .unwrap_or_default()
@@ -913,11 +924,11 @@ fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) ->
     let more = merged.len() > page_size;
     merged.truncate(page_size);
     let last_version = merged.last().map(|(v, _)| *v);
-    let host = g.config.link_host.clone().unwrap_or_else(|| g.addr.clone());
+    let host = view.config.link_host.clone().unwrap_or_else(|| view.addr.clone());
     let base = format!("http://{host}{API}{}", table.set());
     for (_, item) in &merged {
         value.push(match item {
-            Ok(row) => render(g, table, row, &select, &expand, annotate),
+            Ok(row) => render(view, table, row, &select, &expand, annotate),
             Err(id) => json!({"@odata.context": format!("$metadata#{}/$deletedEntity", table.set()), "id": id, "reason": "deleted"}),
         });
     }

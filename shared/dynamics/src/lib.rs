@@ -1,0 +1,826 @@
+//! Read-only Dataverse Web API client for oppsync.
+//!
+//! Read-only by construction: the only request that is not a GET is the Entra ID token request,
+//! and nothing public can build another.
+//!
+//! - Token: client credentials against Entra ID (or `DYNAMICS_TOKEN_URL`), scope
+//!   `{environment}/.default`, cached and refreshed before it runs out; a 401 from the Web API
+//!   refreshes once and retries.
+//! - Change detection: change tracking ([`DataverseClient::changes`], delta links, `$deletedEntity`
+//!   rows; an expired delta token restarts a full read of that table, logged) or a watermark on
+//!   `versionnumber` / `modifiedon` ([`DataverseClient::watermark_changes`]) with a full id scan
+//!   ([`DataverseClient::all_ids`]) to find deletions.
+//! - Paging: `Prefer: odata.maxpagesize`; `@odata.nextLink` followed verbatim, only to the
+//!   environment's own host; one page per call, so the caller records a page before it stores the
+//!   cursor that follows it.
+//! - Related reads for a batch: `Microsoft.Dynamics.CRM.In` filters chunked under the 32 KB URL
+//!   limit ([`DataverseClient::related`]).
+//! - Service protection: 429 waits exactly `Retry-After`; 5xx, timeouts and garbled answers retry
+//!   with capped exponential backoff and jitter; concurrency is bounded.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use oppsync_mapping::dataverse::{ParentCustomer, Related, Table};
+use oppsync_mapping::{ContactId, Opportunity, OpportunityId, RecordError};
+use reqwest::{StatusCode, Url};
+use serde_json::Value;
+use tokio::sync::{Mutex, Semaphore};
+use tokio::time::Instant;
+
+/// Dataverse's "Version stamp associated with the client has expired".
+pub const EXPIRED_VERSION_STAMP: &str = "0x80044352";
+const ANNOTATIONS: &str =
+    "odata.include-annotations=\"OData.Community.Display.V1.FormattedValue,Microsoft.Dynamics.CRM.lookuplogicalname\"";
+/// GUIDs per `In()` filter: about 43 URL bytes each, keeping a request well under 32 KB.
+pub const IN_CHUNK: usize = 700;
+const MAX_ATTEMPTS: u32 = 6;
+
+/// A secret that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: impl Into<String>) -> Self {
+        Secret(text.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The tables oppsync reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntitySet {
+    Opportunities,
+    Accounts,
+    Contacts,
+    Connections,
+    ConnectionRoles,
+}
+
+impl EntitySet {
+    pub fn name(self) -> &'static str {
+        match self {
+            EntitySet::Opportunities => "opportunities",
+            EntitySet::Accounts => "accounts",
+            EntitySet::Contacts => "contacts",
+            EntitySet::Connections => "connections",
+            EntitySet::ConnectionRoles => "connectionroles",
+        }
+    }
+    pub fn key(self) -> &'static str {
+        match self {
+            EntitySet::Opportunities => "opportunityid",
+            EntitySet::Accounts => "accountid",
+            EntitySet::Contacts => "contactid",
+            EntitySet::Connections => "connectionid",
+            EntitySet::ConnectionRoles => "connectionroleid",
+        }
+    }
+}
+
+/// What went wrong talking to Dataverse.
+#[derive(Debug, thiserror::Error)]
+pub enum DataverseError {
+    #[error(
+        "Entra ID refused the Dataverse credentials (HTTP {status}: {detail}); check DYNAMICS_TENANT_ID, DYNAMICS_CLIENT_ID and DYNAMICS_CLIENT_SECRET, and that the app registration has a Dataverse application user"
+    )]
+    Auth { status: u16, detail: String },
+    #[error(
+        "Dataverse refused access ({code}: {message}); give the application user a security role with organization-level Read on opportunity, connection, account, contact and connectionrole"
+    )]
+    Forbidden { code: String, message: String },
+    #[error("Dataverse: not found ({code}: {message})")]
+    NotFound { code: String, message: String },
+    #[error("Dataverse rejected the query ({code}: {message})")]
+    BadQuery { code: String, message: String },
+    #[error("Dataverse kept throttling (429) after {attempts} attempts")]
+    Throttled { attempts: u32 },
+    #[error("Dataverse failed with HTTP {status} after {attempts} attempts ({message})")]
+    Transient {
+        status: u16,
+        attempts: u32,
+        message: String,
+    },
+    #[error("the change-tracking token has expired (Dataverse {EXPIRED_VERSION_STAMP}); a full read is needed")]
+    ChangeTokenExpired,
+    #[error("refusing to follow a link to another host: {0}")]
+    ForeignLink(String),
+    #[error("Dataverse answered something that is not OData JSON: {0}")]
+    Decode(String),
+    #[error("cannot reach Dataverse: {message}")]
+    Transport { message: String, timeout: bool },
+    #[error("{0}")]
+    Settings(String),
+}
+
+impl DataverseError {
+    /// Whether trying again later may help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            DataverseError::Throttled { .. }
+                | DataverseError::Transient { .. }
+                | DataverseError::Transport { .. }
+                | DataverseError::Decode(_)
+        )
+    }
+}
+
+/// Where Dataverse is and who we are.
+#[derive(Clone, Debug)]
+pub struct DataverseSettings {
+    /// The environment URL (`DYNAMICS_URL`), like https://contoso.crm.dynamics.com.
+    pub environment: Url,
+    pub token_url: Url,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Rows per page (Prefer: odata.maxpagesize), at most 5000.
+    pub page_size: u32,
+    /// Requests in flight at once (Dataverse allows 52 per user).
+    pub concurrency: usize,
+}
+
+fn loopback(url: &Url) -> bool {
+    let host = url
+        .host_str()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn checked_url(name: &str, text: &str) -> Result<Url, DataverseError> {
+    let url = Url::parse(text.trim()).map_err(|_| DataverseError::Settings(format!("{name} `{text}` is not a URL")))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if loopback(&url) => Ok(url),
+        _ => Err(DataverseError::Settings(format!(
+            "{name} `{text}` must use https:// (plain http is only for loopback simulators)"
+        ))),
+    }
+}
+
+impl DataverseSettings {
+    /// `token_url` overrides `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token`.
+    pub fn new(
+        environment: &str,
+        tenant_id: &str,
+        client_id: &str,
+        client_secret: Secret,
+        token_url: Option<&str>,
+    ) -> Result<Self, DataverseError> {
+        let mut environment = checked_url("DYNAMICS_URL", environment)?;
+        environment.set_path("/");
+        let token_url = match token_url {
+            Some(t) => checked_url("DYNAMICS_TOKEN_URL", t)?,
+            None => {
+                if tenant_id.trim().is_empty() {
+                    return Err(DataverseError::Settings("DYNAMICS_TENANT_ID is empty".into()));
+                }
+                checked_url(
+                    "the Entra ID token URL",
+                    &format!(
+                        "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
+                        tenant_id.trim()
+                    ),
+                )?
+            }
+        };
+        if client_id.trim().is_empty() || client_secret.expose().is_empty() {
+            return Err(DataverseError::Settings(
+                "DYNAMICS_CLIENT_ID and DYNAMICS_CLIENT_SECRET must both be set".into(),
+            ));
+        }
+        Ok(DataverseSettings {
+            environment,
+            token_url,
+            client_id: client_id.trim().to_owned(),
+            client_secret,
+            page_size: 5000,
+            concurrency: 4,
+        })
+    }
+}
+
+/// One page of changes and the cursor that follows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangePage {
+    /// Rows created or updated (current state, as `$select`ed, annotated).
+    pub rows: Vec<Value>,
+    /// Ids of deleted rows.
+    pub deleted: Vec<String>,
+    /// The cursor to store once this page is recorded.
+    pub cursor: String,
+    /// True when `cursor` is a delta link: the read is caught up.
+    pub caught_up: bool,
+    /// True when the stored delta token had expired and this is a full read starting over.
+    pub full_resync: bool,
+}
+
+/// A watermark for tables read without change tracking.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Watermark {
+    /// `versionnumber gt N`: a rowversion, so no ties.
+    Version(i64),
+    /// `modifiedon ge T`, skipping the rows already seen at exactly T (one-second precision
+    /// makes ties; `gt` would drop them).
+    ModifiedOn { at: String, seen: Vec<(String, i64)> },
+}
+
+/// The client. Cheap to clone; clones share the token, the limit and the counters.
+#[derive(Clone)]
+pub struct DataverseClient {
+    http: reqwest::Client,
+    settings: Arc<DataverseSettings>,
+    api: Url,
+    token: Arc<Mutex<Option<(Secret, Instant)>>>,
+    permits: Arc<Semaphore>,
+    requests: Arc<AtomicU64>,
+    backoff_base: Duration,
+}
+
+impl std::fmt::Debug for DataverseClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataverseClient")
+            .field("environment", &self.settings.environment.as_str())
+            .field("client_id", &self.settings.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A parsed OData error body.
+fn odata_error(body: &str) -> (String, String) {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    (
+        v["error"]["code"].as_str().unwrap_or("").to_owned(),
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| body.get(..200).unwrap_or(body))
+            .to_owned(),
+    )
+}
+
+impl DataverseClient {
+    pub fn new(settings: DataverseSettings) -> Result<Self, DataverseError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| DataverseError::Transport {
+                message: e.to_string(),
+                timeout: false,
+            })?;
+        let api = settings
+            .environment
+            .join("api/data/v9.2/")
+            .map_err(|e| DataverseError::Settings(e.to_string()))?;
+        Ok(DataverseClient {
+            http,
+            permits: Arc::new(Semaphore::new(settings.concurrency.max(1))),
+            settings: Arc::new(settings),
+            api,
+            token: Arc::new(Mutex::new(None)),
+            requests: Arc::new(AtomicU64::new(0)),
+            backoff_base: Duration::from_millis(500),
+        })
+    }
+
+    /// Shortens the first backoff (tests).
+    pub fn with_backoff_base(mut self, base: Duration) -> Self {
+        self.backoff_base = base;
+        self
+    }
+
+    /// Web API requests sent (token requests excluded).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    async fn access_token(&self, refresh: bool) -> Result<Secret, DataverseError> {
+        let mut cached = self.token.lock().await;
+        if !refresh
+            && let Some((token, until)) = cached.as_ref()
+            && Instant::now() < *until
+        {
+            return Ok(token.clone());
+        }
+        let scope = format!("{}/.default", self.settings.environment.as_str().trim_end_matches('/'));
+        let response = self
+            .http
+            .post(self.settings.token_url.clone())
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", self.settings.client_id.as_str()),
+                ("client_secret", self.settings.client_secret.expose()),
+                ("scope", scope.as_str()),
+            ])
+            .send()
+            .await
+            .map_err(|e| DataverseError::Transport {
+                message: format!("token request: {e}"),
+                timeout: e.is_timeout(),
+            })?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let detail = v["error_description"]
+                .as_str()
+                .or_else(|| v["error"].as_str())
+                .unwrap_or("no detail")
+                .chars()
+                .take(200)
+                .collect();
+            return Err(DataverseError::Auth {
+                status: status.as_u16(),
+                detail,
+            });
+        }
+        #[derive(serde::Deserialize)]
+        struct Issued {
+            access_token: String,
+            expires_in: u64,
+        }
+        let issued: Issued = serde_json::from_str(&text)
+            .map_err(|_| DataverseError::Decode("the token endpoint's answer (withheld)".into()))?;
+        // Lifetimes are 60-90 minutes: trust expires_in, refresh 5 minutes (or half) early.
+        let lifetime = Duration::from_secs(issued.expires_in);
+        let until = Instant::now() + lifetime - Duration::from_secs(300).min(lifetime / 2);
+        let token = Secret::new(issued.access_token);
+        *cached = Some((token.clone(), until));
+        Ok(token)
+    }
+
+    /// GETs one URL of the environment, with retries; returns the JSON body.
+    async fn get(&self, url: Url, prefer: &[&str]) -> Result<Value, DataverseError> {
+        if url.host_str() != self.settings.environment.host_str()
+            || url.port_or_known_default() != self.settings.environment.port_or_known_default()
+            || url.scheme() != self.settings.environment.scheme()
+        {
+            return Err(DataverseError::ForeignLink(url.to_string()));
+        }
+        let mut refreshed = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let token = self.access_token(false).await?;
+            let _permit = self.permits.acquire().await.map_err(|_| DataverseError::Transport {
+                message: "client closed".into(),
+                timeout: false,
+            })?;
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let mut request = self
+                .http
+                .get(url.clone())
+                .bearer_auth(token.expose())
+                .header("Accept", "application/json")
+                .header("OData-MaxVersion", "4.0")
+                .header("OData-Version", "4.0")
+                .header("If-None-Match", "null");
+            if !prefer.is_empty() {
+                request = request.header("Prefer", prefer.join(","));
+            }
+            let result = request.send().await;
+            drop(_permit);
+            let response = match result {
+                Ok(r) => r,
+                Err(e) if attempt < MAX_ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "dataverse request failed; retrying");
+                    tokio::time::sleep(backoff(self.backoff_base, attempt)).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(DataverseError::Transport {
+                        message: e.to_string(),
+                        timeout: e.is_timeout(),
+                    });
+                }
+            };
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get("Retry-After")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            let text = response.text().await.unwrap_or_default();
+            match status {
+                s if s.is_success() => match serde_json::from_str(&text) {
+                    Ok(v) => return Ok(v),
+                    Err(_) if attempt < MAX_ATTEMPTS => {
+                        tracing::warn!(attempt, "dataverse answered non-JSON; retrying");
+                        tokio::time::sleep(backoff(self.backoff_base, attempt)).await;
+                    }
+                    Err(_) => return Err(DataverseError::Decode(text.chars().take(120).collect())),
+                },
+                StatusCode::UNAUTHORIZED if !refreshed => {
+                    refreshed = true;
+                    self.access_token(true).await?;
+                }
+                StatusCode::UNAUTHORIZED => {
+                    return Err(DataverseError::Auth {
+                        status: 401,
+                        detail: "the Web API refused a fresh token".into(),
+                    });
+                }
+                StatusCode::TOO_MANY_REQUESTS if attempt < MAX_ATTEMPTS + 4 => {
+                    // Service protection: wait exactly what Dataverse asks (fallback 2^n seconds).
+                    let wait = retry_after.map_or_else(|| backoff(self.backoff_base, attempt), Duration::from_secs);
+                    tracing::warn!(
+                        wait_s = wait.as_secs_f64(),
+                        attempt,
+                        "dataverse throttled (429); waiting Retry-After"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                StatusCode::TOO_MANY_REQUESTS => return Err(DataverseError::Throttled { attempts: attempt }),
+                s if (s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT) && attempt < MAX_ATTEMPTS => {
+                    tracing::warn!(status = s.as_u16(), attempt, "dataverse server error; retrying");
+                    tokio::time::sleep(backoff(self.backoff_base, attempt)).await;
+                }
+                s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => {
+                    let (_, message) = odata_error(&text);
+                    return Err(DataverseError::Transient {
+                        status: s.as_u16(),
+                        attempts: attempt,
+                        message,
+                    });
+                }
+                s => {
+                    let (code, message) = odata_error(&text);
+                    return Err(match s {
+                        _ if code.eq_ignore_ascii_case(EXPIRED_VERSION_STAMP) || message.contains("Version stamp") => {
+                            DataverseError::ChangeTokenExpired
+                        }
+                        StatusCode::FORBIDDEN => DataverseError::Forbidden { code, message },
+                        StatusCode::NOT_FOUND => DataverseError::NotFound { code, message },
+                        _ => DataverseError::BadQuery { code, message },
+                    });
+                }
+            }
+        }
+    }
+
+    fn entity_url(&self, set: EntitySet, params: &[(&str, String)]) -> Result<Url, DataverseError> {
+        let mut url = self
+            .api
+            .join(set.name())
+            .map_err(|e| DataverseError::Settings(e.to_string()))?;
+        if !params.is_empty() {
+            url.query_pairs_mut()
+                .extend_pairs(params.iter().map(|(k, v)| (*k, v.as_str())));
+        }
+        Ok(url)
+    }
+
+    fn page_pref(&self) -> String {
+        format!("odata.maxpagesize={}", self.settings.page_size.clamp(1, 5000))
+    }
+
+    /// Reads one page of changes. `cursor` is what the previous page returned (a next link or
+    /// a delta link); `None` starts a full read. An expired delta token starts a full read too,
+    /// flagged `full_resync`.
+    pub async fn changes(
+        &self,
+        set: EntitySet,
+        select: &[&str],
+        cursor: Option<&str>,
+    ) -> Result<ChangePage, DataverseError> {
+        let page_pref = self.page_pref();
+        let prefer = ["odata.track-changes", page_pref.as_str(), ANNOTATIONS];
+        let (body, full_resync) = match cursor {
+            Some(link) => {
+                let url = Url::parse(link)
+                    .map_err(|_| DataverseError::Decode(format!("stored cursor `{link}` is not a URL")))?;
+                match self.get(url, &prefer).await {
+                    Ok(body) => (body, false),
+                    Err(DataverseError::ChangeTokenExpired) => {
+                        tracing::warn!(
+                            table = set.name(),
+                            "change-tracking token expired; reading the whole table again"
+                        );
+                        let url = self.entity_url(set, &[("$select", select.join(","))])?;
+                        (self.get(url, &prefer).await?, true)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            None => {
+                let url = self.entity_url(set, &[("$select", select.join(","))])?;
+                (self.get(url, &prefer).await?, false)
+            }
+        };
+        let mut rows = Vec::new();
+        let mut deleted = Vec::new();
+        for item in body["value"].as_array().cloned().unwrap_or_default() {
+            let is_deletion = item
+                .get("@odata.context")
+                .and_then(Value::as_str)
+                .is_some_and(|c| c.ends_with("$deletedEntity"));
+            if is_deletion {
+                if let Some(id) = item.get("id").and_then(Value::as_str) {
+                    deleted.push(id.to_ascii_lowercase());
+                }
+            } else {
+                rows.push(item);
+            }
+        }
+        let (cursor, caught_up) = match (body["@odata.nextLink"].as_str(), body["@odata.deltaLink"].as_str()) {
+            (Some(next), _) => (next.to_owned(), false),
+            (None, Some(delta)) => (delta.to_owned(), true),
+            (None, None) => {
+                return Err(DataverseError::Decode(
+                    "a change-tracking page with neither @odata.nextLink nor @odata.deltaLink".into(),
+                ));
+            }
+        };
+        Ok(ChangePage {
+            rows,
+            deleted,
+            cursor,
+            caught_up,
+            full_resync,
+        })
+    }
+
+    /// Reads rows changed after a watermark, following every page; returns them and the next
+    /// watermark.
+    pub async fn watermark_changes(
+        &self,
+        set: EntitySet,
+        select: &[&str],
+        watermark: &Watermark,
+    ) -> Result<(Vec<Value>, Watermark), DataverseError> {
+        let (filter, order) = match watermark {
+            Watermark::Version(v) => (format!("versionnumber gt {v}"), "versionnumber asc"),
+            Watermark::ModifiedOn { at, .. } => (format!("modifiedon ge {at}"), "modifiedon asc"),
+        };
+        let mut select: Vec<&str> = select.to_vec();
+        select.extend(["versionnumber", "modifiedon"]);
+        select.sort_unstable();
+        select.dedup();
+        let page_pref = self.page_pref();
+        let prefer = [page_pref.as_str(), ANNOTATIONS];
+        let mut url = self.entity_url(
+            set,
+            &[
+                ("$select", select.join(",")),
+                ("$filter", filter),
+                ("$orderby", order.into()),
+            ],
+        )?;
+        let mut rows = Vec::new();
+        loop {
+            let body = self.get(url, &prefer).await?;
+            rows.extend(body["value"].as_array().cloned().unwrap_or_default());
+            match body["@odata.nextLink"].as_str() {
+                Some(next) => url = Url::parse(next).map_err(|_| DataverseError::Decode(next.to_owned()))?,
+                None => break,
+            }
+        }
+        let version = |r: &Value| r["versionnumber"].as_i64().unwrap_or(0);
+        let id = |r: &Value| r[set.key()].as_str().unwrap_or("").to_owned();
+        let next = match watermark {
+            Watermark::Version(v) => Watermark::Version(rows.iter().map(version).max().unwrap_or(*v).max(*v)),
+            Watermark::ModifiedOn { at, seen } => {
+                rows.retain(|r| !seen.contains(&(id(r), version(r))));
+                let newest = rows
+                    .iter()
+                    .filter_map(|r| r["modifiedon"].as_str())
+                    .max()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| at.clone());
+                let mut at_newest: Vec<(String, i64)> = rows
+                    .iter()
+                    .filter(|r| r["modifiedon"].as_str() == Some(newest.as_str()))
+                    .map(|r| (id(r), version(r)))
+                    .collect();
+                if newest == *at {
+                    at_newest.extend(seen.iter().cloned());
+                }
+                Watermark::ModifiedOn {
+                    at: newest,
+                    seen: at_newest,
+                }
+            }
+        };
+        Ok((rows, next))
+    }
+
+    /// Every id in a table (a watermark strategy's periodic scan for deletions).
+    pub async fn all_ids(&self, set: EntitySet) -> Result<BTreeSet<String>, DataverseError> {
+        let page_pref = self.page_pref();
+        let mut url = self.entity_url(set, &[("$select", set.key().to_owned())])?;
+        let mut ids = BTreeSet::new();
+        loop {
+            let body = self.get(url, &[page_pref.as_str()]).await?;
+            for row in body["value"].as_array().cloned().unwrap_or_default() {
+                if let Some(id) = row[set.key()].as_str() {
+                    ids.insert(id.to_ascii_lowercase());
+                }
+            }
+            match body["@odata.nextLink"].as_str() {
+                Some(next) => url = Url::parse(next).map_err(|_| DataverseError::Decode(next.to_owned()))?,
+                None => return Ok(ids),
+            }
+        }
+    }
+
+    /// Reads rows whose `property` (a logical name, like `contactid` or `record1id`) is one of
+    /// `ids`, in `In()` chunks, following pages; `filter` and `expand` are added to each request.
+    pub async fn read_in(
+        &self,
+        set: EntitySet,
+        property: &str,
+        ids: &[String],
+        select: &[&str],
+        filter: Option<&str>,
+        expand: Option<&str>,
+    ) -> Result<Vec<Value>, DataverseError> {
+        let mut rows = Vec::new();
+        let page_pref = self.page_pref();
+        let prefer = [page_pref.as_str(), ANNOTATIONS];
+        for chunk in ids.chunks(IN_CHUNK) {
+            let values: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
+            let mut f = format!(
+                "Microsoft.Dynamics.CRM.In(PropertyName='{property}',PropertyValues=[{}])",
+                values.join(",")
+            );
+            if let Some(extra) = filter {
+                f.push_str(" and ");
+                f.push_str(extra);
+            }
+            let mut params = vec![("$select", select.join(",")), ("$filter", f)];
+            if let Some(e) = expand {
+                params.push(("$expand", e.to_owned()));
+            }
+            let mut url = self.entity_url(set, &params)?;
+            loop {
+                let body = self.get(url, &prefer).await?;
+                rows.extend(body["value"].as_array().cloned().unwrap_or_default());
+                match body["@odata.nextLink"].as_str() {
+                    Some(next) => url = Url::parse(next).map_err(|_| DataverseError::Decode(next.to_owned()))?,
+                    None => break,
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Everything the mapping needs for a batch of opportunities, in a handful of requests:
+    /// active opportunity→contact connections with their roles expanded, the contacts (customers
+    /// and stakeholders), and the accounts (customers and the contacts' parents).
+    pub async fn related(&self, opportunities: &[Opportunity]) -> Result<(Related, Vec<RecordError>), DataverseError> {
+        let opportunity_ids: Vec<String> = opportunities.iter().map(|o| o.id.to_string()).collect();
+        let connections = self
+            .read_in(
+                EntitySet::Connections,
+                "record1id",
+                &opportunity_ids,
+                &[
+                    "connectionid",
+                    "_record1id_value",
+                    "_record2id_value",
+                    "record1objecttypecode",
+                    "record2objecttypecode",
+                    "_record2roleid_value",
+                    "statecode",
+                ],
+                Some("record1objecttypecode eq 3 and record2objecttypecode eq 2 and statecode eq 0"),
+                Some("record2roleid($select=connectionroleid,name,category)"),
+            )
+            .await?;
+        let mut contact_ids: BTreeSet<String> = BTreeSet::new();
+        let mut account_ids: BTreeSet<String> = BTreeSet::new();
+        for o in opportunities {
+            if let Some(c) = o.customer.customerid {
+                match c.table {
+                    Some(Table::Account) => {
+                        account_ids.insert(c.id.to_string());
+                    }
+                    Some(Table::Contact) => {
+                        contact_ids.insert(c.id.to_string());
+                    }
+                    // Unknown table: read it as both; the mapping resolves it by what exists.
+                    _ => {
+                        account_ids.insert(c.id.to_string());
+                        contact_ids.insert(c.id.to_string());
+                    }
+                }
+            }
+            account_ids.extend(o.customer.parent_account.map(|a| a.to_string()));
+            contact_ids.extend(o.customer.parent_contact.map(|c| c.to_string()));
+        }
+        for c in &connections {
+            if let Some(id) = c["_record2id_value"].as_str() {
+                contact_ids.insert(id.to_ascii_lowercase());
+            }
+        }
+        let contact_ids: Vec<String> = contact_ids.into_iter().collect();
+        let contacts = self
+            .read_in(
+                EntitySet::Contacts,
+                "contactid",
+                &contact_ids,
+                &[
+                    "contactid",
+                    "emailaddress1",
+                    "firstname",
+                    "lastname",
+                    "_parentcustomerid_value",
+                ],
+                None,
+                None,
+            )
+            .await?;
+        for c in &contacts {
+            if let Ok(contact) = oppsync_mapping::Contact::from_json(c.clone()) {
+                match contact.parent {
+                    Some(ParentCustomer::Account(a)) => {
+                        account_ids.insert(a.to_string());
+                    }
+                    Some(ParentCustomer::Unknown(g)) => {
+                        account_ids.insert(g.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let account_ids: Vec<String> = account_ids.into_iter().collect();
+        let accounts = self
+            .read_in(
+                EntitySet::Accounts,
+                "accountid",
+                &account_ids,
+                &["accountid", "name"],
+                None,
+                None,
+            )
+            .await?;
+        Ok(Related::from_json(accounts, contacts, Vec::new(), connections))
+    }
+
+    /// Reads opportunities by id (a resync of named records).
+    pub async fn opportunities(&self, ids: &[OpportunityId], select: &[&str]) -> Result<Vec<Value>, DataverseError> {
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        self.read_in(EntitySet::Opportunities, "opportunityid", &ids, select, None, None)
+            .await
+    }
+}
+
+/// The opportunities a page of connection rows touches: either side may be the opportunity.
+pub fn opportunities_touched(connection_rows: &[Value]) -> BTreeSet<OpportunityId> {
+    let mut out = BTreeSet::new();
+    for row in connection_rows {
+        for side in ["1", "2"] {
+            let code = row[format!("record{side}objecttypecode")].as_i64();
+            let logical = row[format!("_record{side}id_value@Microsoft.Dynamics.CRM.lookuplogicalname")].as_str();
+            if code == Some(3) || logical == Some("opportunity") {
+                if let Some(id) = row[format!("_record{side}id_value")]
+                    .as_str()
+                    .and_then(|t| OpportunityId::parse(t).ok())
+                {
+                    out.insert(id);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Contacts a page of connection rows names (for tests and diagnostics).
+pub fn contacts_touched(connection_rows: &[Value]) -> BTreeSet<ContactId> {
+    let mut out = BTreeSet::new();
+    for row in connection_rows {
+        for side in ["1", "2"] {
+            if row[format!("record{side}objecttypecode")].as_i64() == Some(2)
+                && let Some(id) = row[format!("_record{side}id_value")]
+                    .as_str()
+                    .and_then(|t| ContactId::parse(t).ok())
+            {
+                out.insert(id);
+            }
+        }
+    }
+    out
+}
+
+/// Capped exponential backoff with jitter: between half and all of base × 2^(attempt-1), at most 30 s.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let ceiling = base
+        .saturating_mul(1 << attempt.saturating_sub(1).min(10))
+        .min(Duration::from_secs(30));
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(attempt);
+    ceiling / 2 + ceiling / 2 * ((h.finish() % 1000) as u32) / 1000
+}
