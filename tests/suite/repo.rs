@@ -103,3 +103,15 @@ fn the_readmes_marketo_example_is_valid_and_shows_the_defaults() {
         "the README says these are the defaults"
     );
 }
+
+#[test]
+fn the_readmes_dataverse_example_is_valid_and_shows_the_defaults() {
+    let readme = read("README.md");
+    let start = readme
+        .find("```toml\n[dataverse]")
+        .expect("README has the [dataverse] example")
+        + "```toml\n".len();
+    let example = &readme[start..start + readme[start..].find("```").unwrap()];
+    let options = oppsync_dynamics::DataverseOptions::from_toml(example).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(options, oppsync_dynamics::DataverseOptions::default());
+}

@@ -188,3 +188,50 @@ async fn a_full_id_scan_finds_what_a_watermark_cannot_see_deleted() {
     assert_eq!(ids.len(), 11);
     assert!(!ids.contains(&seeded.opportunities[2]));
 }
+
+#[tokio::test]
+async fn the_simulator_serves_single_records_and_top() {
+    let sim = sim().await;
+    let seeded = sim.seed(5, 1, Mix::Uniform);
+    let token_client = reqwest::Client::new();
+    let (_, id, secret) = sim.credentials();
+    let token: serde_json::Value = token_client
+        .post(sim.token_url())
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", id.as_str()),
+            ("client_secret", secret.as_str()),
+            ("scope", &format!("{}/.default", sim.url())),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bearer = token["access_token"].as_str().unwrap().to_owned();
+    let get = |path: String| {
+        let (c, b) = (token_client.clone(), bearer.clone());
+        async move { c.get(path).bearer_auth(b).send().await.unwrap() }
+    };
+    let one = get(format!(
+        "{}/api/data/v9.2/opportunities({})?$select=name",
+        sim.url(),
+        seeded.opportunities[2]
+    ))
+    .await;
+    let one: serde_json::Value = one.json().await.unwrap();
+    assert_eq!(one["name"], "Opportunity 2");
+    let missing = get(format!(
+        "{}/api/data/v9.2/opportunities(0b000000-0000-4000-8000-000000000999)",
+        sim.url()
+    ))
+    .await;
+    assert_eq!(missing.status().as_u16(), 404);
+    let top: serde_json::Value = get(format!("{}/api/data/v9.2/accounts?$top=1", sim.url()))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(top["value"].as_array().unwrap().len(), 1);
+}
