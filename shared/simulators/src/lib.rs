@@ -3,6 +3,7 @@
 
 pub mod dataverse;
 pub mod marketo;
+mod query;
 
 pub use dataverse::{DataverseConfig, DataverseFault, DataverseSim};
 pub use marketo::{Endpoint as MarketoEndpoint, Fault as MarketoFault, MarketoConfig, MarketoSim};

@@ -21,6 +21,12 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
+use crate::query::decode_pairs;
+
+fn parse_query(text: &str) -> HashMap<String, String> {
+    decode_pairs(text).into_iter().collect()
+}
+
 /// Limits and behaviour, each switchable. `Default` is Marketo's documented limits.
 #[derive(Debug, Clone)]
 pub struct MarketoConfig {
@@ -383,39 +389,6 @@ fn endpoint_of(method: &Method, path: &str, query: &HashMap<String, String>) -> 
         "/rest/v1/stats/usage.json" => Endpoint::Usage,
         _ => return None,
     })
-}
-
-fn parse_query(text: &str) -> HashMap<String, String> {
-    text.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k), decode(v))
-        })
-        .collect()
-}
-
-fn decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn request_id() -> String {
