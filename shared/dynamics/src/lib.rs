@@ -482,6 +482,21 @@ impl DataverseClient {
         Ok(url)
     }
 
+    /// GETs `url` and every page after it (following `@odata.nextLink`); returns all rows.
+    async fn all_pages(&self, mut url: Url, prefer: &[&str]) -> Result<Vec<Value>, DataverseError> {
+        let mut rows = Vec::new();
+        loop {
+            let body = self.get(url, prefer).await?;
+            if let Some(Value::Array(values)) = body.get("value") {
+                rows.extend(values.iter().cloned());
+            }
+            match body["@odata.nextLink"].as_str() {
+                Some(next) => url = Url::parse(next).map_err(|_| DataverseError::Decode(next.to_owned()))?,
+                None => return Ok(rows),
+            }
+        }
+    }
+
     fn page_pref(&self) -> String {
         format!("odata.maxpagesize={}", self.settings.page_size.clamp(1, 5000))
     }
@@ -570,7 +585,7 @@ impl DataverseClient {
         select.dedup();
         let page_pref = self.page_pref();
         let prefer = [page_pref.as_str(), ANNOTATIONS];
-        let mut url = self.entity_url(
+        let url = self.entity_url(
             set,
             &[
                 ("$select", select.join(",")),
@@ -578,15 +593,7 @@ impl DataverseClient {
                 ("$orderby", order.into()),
             ],
         )?;
-        let mut rows = Vec::new();
-        loop {
-            let body = self.get(url, &prefer).await?;
-            rows.extend(body["value"].as_array().cloned().unwrap_or_default());
-            match body["@odata.nextLink"].as_str() {
-                Some(next) => url = Url::parse(next).map_err(|_| DataverseError::Decode(next.to_owned()))?,
-                None => break,
-            }
-        }
+        let mut rows = self.all_pages(url, &prefer).await?;
         let version = |r: &Value| r["versionnumber"].as_i64().unwrap_or(0);
         let id = |r: &Value| r[set.key()].as_str().unwrap_or("").to_owned();
         let next = match watermark {
@@ -619,20 +626,13 @@ impl DataverseClient {
     /// Every id in a table (a watermark strategy's periodic scan for deletions).
     pub async fn all_ids(&self, set: EntitySet) -> Result<BTreeSet<String>, DataverseError> {
         let page_pref = self.page_pref();
-        let mut url = self.entity_url(set, &[("$select", set.key().to_owned())])?;
-        let mut ids = BTreeSet::new();
-        loop {
-            let body = self.get(url, &[page_pref.as_str()]).await?;
-            for row in body["value"].as_array().cloned().unwrap_or_default() {
-                if let Some(id) = row[set.key()].as_str() {
-                    ids.insert(id.to_ascii_lowercase());
-                }
-            }
-            match body["@odata.nextLink"].as_str() {
-                Some(next) => url = Url::parse(next).map_err(|_| DataverseError::Decode(next.to_owned()))?,
-                None => return Ok(ids),
-            }
-        }
+        let url = self.entity_url(set, &[("$select", set.key().to_owned())])?;
+        let rows = self.all_pages(url, &[page_pref.as_str()]).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| row[set.key()].as_str())
+            .map(str::to_ascii_lowercase)
+            .collect())
     }
 
     /// Reads rows whose `property` (a logical name, like `contactid` or `record1id`) is one of
@@ -663,15 +663,8 @@ impl DataverseClient {
             if let Some(e) = expand {
                 params.push(("$expand", e.to_owned()));
             }
-            let mut url = self.entity_url(set, &params)?;
-            loop {
-                let body = self.get(url, &prefer).await?;
-                rows.extend(body["value"].as_array().cloned().unwrap_or_default());
-                match body["@odata.nextLink"].as_str() {
-                    Some(next) => url = Url::parse(next).map_err(|_| DataverseError::Decode(next.to_owned()))?,
-                    None => break,
-                }
-            }
+            let url = self.entity_url(set, &params)?;
+            rows.extend(self.all_pages(url, &prefer).await?);
         }
         Ok(rows)
     }
