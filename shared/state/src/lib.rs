@@ -402,6 +402,17 @@ pub trait StateStore: Send + Sync {
     fn add_marketo_calls(&self, day: &str, calls: u64) -> impl Future<Output = Result<u64, StateError>> + Send;
 
     fn marketo_calls(&self, day: &str) -> impl Future<Output = Result<u64, StateError>> + Send;
+
+    /// Remembers which opportunity each stakeholder connection belongs to. Dataverse reports a
+    /// deleted connection by its id alone; this is how its opportunity is found again.
+    fn remember_links(&self, links: &[(String, OpportunityId)]) -> impl Future<Output = Result<(), StateError>> + Send;
+
+    /// The opportunities of the remembered connections among `connections` (unknown ids are
+    /// left out), deduplicated.
+    fn linked_opportunities(
+        &self,
+        connections: &[String],
+    ) -> impl Future<Output = Result<Vec<OpportunityId>, StateError>> + Send;
 }
 
 /// A claim token that no other claim in this or another process will draw.

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS opportunities (
 CREATE INDEX IF NOT EXISTS opportunities_by_status ON opportunities (status, status_since, id);
 CREATE TABLE IF NOT EXISTS completions (minute INTEGER PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS marketo_calls (day TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS links (connection TEXT PRIMARY KEY, opportunity TEXT NOT NULL);
 ";
 
 const COLUMNS: &str = "id, status, version, deleted, modified_on, plan, written, attempts, \
@@ -606,6 +607,52 @@ impl StateStore for SqliteStore {
                 .optional()
                 .map_err(sql)?;
             Ok(n.unwrap_or(0) as u64)
+        })
+        .await
+    }
+
+    async fn remember_links(&self, links: &[(String, OpportunityId)]) -> Result<(), StateError> {
+        let links: Vec<(String, String)> = links
+            .iter()
+            .map(|(c, o)| (c.to_ascii_lowercase(), o.to_string()))
+            .collect();
+        self.run(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached("INSERT OR REPLACE INTO links (connection, opportunity) VALUES (?1, ?2)")
+                    .map_err(sql)?;
+                for (connection, opportunity) in &links {
+                    stmt.execute(params![connection, opportunity]).map_err(sql)?;
+                }
+            }
+            tx.commit().map_err(sql)
+        })
+        .await
+    }
+
+    async fn linked_opportunities(&self, connections: &[String]) -> Result<Vec<OpportunityId>, StateError> {
+        let connections: Vec<String> = connections.iter().map(|c| c.to_ascii_lowercase()).collect();
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT opportunity FROM links WHERE connection = ?1")
+                .map_err(sql)?;
+            let mut out = std::collections::BTreeSet::new();
+            for connection in &connections {
+                let found: Option<String> = stmt
+                    .query_row(params![connection], |r| r.get(0))
+                    .optional()
+                    .map_err(sql)?;
+                if let Some(text) = found {
+                    out.insert(
+                        OpportunityId::parse(&text)
+                            .map_err(|e| corrupt(format!("link {connection}"), e.to_string()))?,
+                    );
+                }
+            }
+            Ok(out.into_iter().collect())
         })
         .await
     }

@@ -664,3 +664,35 @@ pub async fn a_bad_page_token_is_a_clear_error<S: StateStore>(store: S) {
     assert!(matches!(err, StateError::BadPageToken(_)), "{err}");
     assert!(err.to_string().contains("start the listing again"), "{err}");
 }
+
+/// GIVEN links remembered for two connections (one remembered twice, case differing)
+/// WHEN the connections are looked up with an unknown one among them
+/// THEN each known connection yields its opportunity once, the unknown one nothing.
+pub async fn a_deleted_connection_is_traced_back_to_its_opportunity<S: StateStore>(store: S) {
+    let (a, b) = (id(1), id(2));
+    let links = vec![
+        ("00000000-0000-0000-0000-00000000aaaa".to_owned(), a),
+        ("00000000-0000-0000-0000-00000000bbbb".to_owned(), b),
+        ("00000000-0000-0000-0000-00000000AAAA".to_owned(), a),
+    ];
+    store.remember_links(&links).await.unwrap();
+    let found = store
+        .linked_opportunities(&[
+            "00000000-0000-0000-0000-00000000AAAA".to_owned(),
+            "00000000-0000-0000-0000-00000000cccc".to_owned(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(found, vec![a]);
+    let both = store
+        .linked_opportunities(&[
+            "00000000-0000-0000-0000-00000000aaaa".to_owned(),
+            "00000000-0000-0000-0000-00000000bbbb".to_owned(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(both.len(), 2);
+    assert!(store.linked_opportunities(&[]).await.unwrap().is_empty());
+    // Links are not opportunities: they never show up in the counts.
+    assert_eq!(store.counts().await.unwrap().total(), 0);
+}

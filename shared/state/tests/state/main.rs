@@ -51,4 +51,5 @@ for_both_stores!(
     requeue_puts_a_record_back_to_pending,
     a_large_plan_round_trips,
     a_bad_page_token_is_a_clear_error,
+    a_deleted_connection_is_traced_back_to_its_opportunity,
 );
