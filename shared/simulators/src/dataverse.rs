@@ -296,6 +296,15 @@ impl DataverseSim {
         lock(&self.inner).tables.get(&table)?.get(id).cloned()
     }
 
+    /// Every row of a table, by id.
+    pub fn rows(&self, table: Table) -> Vec<(String, Row)> {
+        lock(&self.inner)
+            .tables
+            .get(&table)
+            .map(|rows| rows.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
     pub fn count(&self, table: Table) -> usize {
         lock(&self.inner).tables.get(&table).map_or(0, BTreeMap::len)
     }

@@ -3,6 +3,7 @@
 
 pub mod dataverse;
 pub mod marketo;
+pub mod oracle;
 mod query;
 
 pub use dataverse::{DataverseConfig, DataverseFault, DataverseSim};

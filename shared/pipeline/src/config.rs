@@ -1,0 +1,158 @@
+//! The configuration file: one TOML document whose sections belong to the crates that use them
+//! (`[mapping]`, `[dataverse]`, `[marketo]`) plus the pipeline's own `[sync]`. Every problem in
+//! every section is reported at once, each naming the key and the fix.
+
+use std::fmt;
+
+use oppsync_dynamics::DataverseOptions;
+use oppsync_mapping::{Mapping, MappingConfig};
+use oppsync_marketo::LimitsConfig;
+use serde::Deserialize;
+
+/// The `[sync]` section: how the pipeline batches and holds work.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncOptions {
+    /// Opportunities per transform or write batch. 300 fills one Marketo call per object type.
+    pub batch_size: usize,
+    /// How long a claimed record is held before another worker may take it.
+    pub claim_ttl_seconds: u32,
+    /// How long the poller's lease lasts without renewal.
+    pub lease_ttl_seconds: u32,
+    /// Open records untouched this long are requeued by the poller's sweep.
+    pub stuck_after_minutes: u32,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            batch_size: 300,
+            claim_ttl_seconds: 300,
+            lease_ttl_seconds: 120,
+            stuck_after_minutes: 15,
+        }
+    }
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub mapping: Mapping,
+    pub dataverse: DataverseOptions,
+    pub marketo: LimitsConfig,
+    pub sync: SyncOptions,
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// Where the configuration came from (a path, or "the embedded defaults").
+    pub origin: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "the configuration in {} has {n} problem{}:",
+            self.origin,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        write!(f, "See README.md, section Configuration, for every key.")
+    }
+}
+
+const SECTIONS: [&str; 4] = ["mapping", "dataverse", "marketo", "sync"];
+
+impl Config {
+    /// Parses and checks a whole configuration document. `origin` names it in errors.
+    pub fn from_toml(document: &str, origin: &str) -> Result<Config, ConfigError> {
+        let fail = |problems: Vec<String>| ConfigError {
+            origin: origin.to_owned(),
+            problems,
+        };
+        let table: toml::Table = toml::from_str(document).map_err(|e| {
+            fail(vec![format!(
+                "not valid TOML: {}{}",
+                e.message(),
+                e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default()
+            )])
+        })?;
+        let mut problems = Vec::new();
+        for key in table.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                problems.push(format!(
+                    "{key}: unknown section. Fix: the sections are [mapping], [dataverse], [marketo] and [sync]"
+                ));
+            }
+        }
+        let mapping = match MappingConfig::from_toml(document).and_then(|c| c.validate()) {
+            Ok(m) => Some(m),
+            Err(errors) => {
+                problems.extend(errors.0.iter().map(ToString::to_string));
+                None
+            }
+        };
+        let dataverse = DataverseOptions::from_toml(document)
+            .map_err(|e| problems.extend(e))
+            .ok();
+        let marketo = LimitsConfig::from_toml(document).map_err(|e| problems.extend(e)).ok();
+        let sync = sync_section(&table, &mut problems);
+        match (mapping, dataverse, marketo, sync) {
+            (Some(mapping), Some(dataverse), Some(marketo), Some(sync)) if problems.is_empty() => Ok(Config {
+                mapping,
+                dataverse,
+                marketo,
+                sync,
+            }),
+            _ => Err(fail(problems)),
+        }
+    }
+}
+
+fn sync_section(table: &toml::Table, problems: &mut Vec<String>) -> Option<SyncOptions> {
+    let Some(section) = table.get("sync") else {
+        return Some(SyncOptions::default());
+    };
+    let options: SyncOptions = match section.clone().try_into() {
+        Ok(o) => o,
+        Err(e) => {
+            problems.push(format!(
+                "sync: {}. Fix: the keys are batch_size, claim_ttl_seconds, lease_ttl_seconds and stuck_after_minutes",
+                e.message()
+            ));
+            return None;
+        }
+    };
+    let before = problems.len();
+    if !(1..=300).contains(&options.batch_size) {
+        problems.push(format!(
+            "sync.batch_size: {} is outside 1..=300. Fix: Marketo takes at most 300 records a call; 300 makes the fewest calls",
+            options.batch_size
+        ));
+    }
+    if options.claim_ttl_seconds < 30 {
+        problems.push(format!(
+            "sync.claim_ttl_seconds: {} is under 30. Fix: a claim must outlast one batch's Marketo calls; 300 is safe",
+            options.claim_ttl_seconds
+        ));
+    }
+    if options.lease_ttl_seconds < 10 {
+        problems.push(format!(
+            "sync.lease_ttl_seconds: {} is under 10. Fix: the lease must outlast one Dataverse page; 120 is safe",
+            options.lease_ttl_seconds
+        ));
+    }
+    if u64::from(options.stuck_after_minutes) * 60 <= u64::from(options.claim_ttl_seconds) {
+        problems.push(format!(
+            "sync.stuck_after_minutes: {} minutes does not outlast a claim ({} s). Fix: make it longer than claim_ttl_seconds",
+            options.stuck_after_minutes, options.claim_ttl_seconds
+        ));
+    }
+    (problems.len() == before).then_some(options)
+}

@@ -1,0 +1,6 @@
+//! The pipeline over real HTTP simulators and real stores (SQLite, and DynamoDB on moto).
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod flow;
+mod harness;
+mod steps;
