@@ -1,6 +1,14 @@
-//! Helpers shared by the whole-product test suite.
+//! Helpers shared by the whole-product suite and the crates' own integration tests: the
+//! simulators and stores wired into a pipeline, moto's DynamoDB stream read as Lambda would
+//! deliver it, and the SAM template.
+// Test support: a failed unwrap is a failed test, with the panic naming what broke.
+#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
+
+pub mod harness;
+pub mod stream;
+pub mod template;
 
 /// The repository's root directory.
 pub fn repo_root() -> PathBuf {

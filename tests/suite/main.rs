@@ -1,4 +1,7 @@
 //! The whole-product suite: one binary.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod lambda_events;
+mod lambda_flow;
 mod repo;
+mod template;

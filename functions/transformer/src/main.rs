@@ -1,19 +1,11 @@
 //! The transformer: the state table's stream, filtered to `status = pending` → a plan per
-//! opportunity (or synced at once when the plan is what Marketo already holds).
-
-use std::sync::Arc;
-
-use lambda_runtime::{Error, LambdaEvent, service_fn};
-use oppsync_lambda::coldstart;
-use serde_json::Value;
+//! opportunity (or synced at once when the plan is what Marketo already holds). Answers with
+//! `batchItemFailures` for the records to deliver again.
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
-    oppsync_lambda::init_logging();
-    let pipeline = Arc::new(coldstart::from_process_env().await?);
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
-        let pipeline = pipeline.clone();
-        async move { oppsync_lambda::transform(&pipeline, event.payload).await }
-    }))
+async fn main() -> Result<(), lambda_runtime::Error> {
+    oppsync_lambda::serve("transformer", |pipeline, event| async move {
+        oppsync_lambda::transform(&pipeline, event.payload).await
+    })
     .await
 }

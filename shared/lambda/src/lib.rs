@@ -2,11 +2,15 @@
 //! ([`coldstart::from_process_env`]) and hands every event to one handler here; the handlers
 //! are plain async functions that tests call with event JSON.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use lambda_runtime::{LambdaEvent, service_fn};
 
 use oppsync_mapping::OpportunityId;
 use oppsync_pipeline::{Metrics, Pipeline, PipelineError, PollReport, ResyncReport, ResyncRequest};
-use oppsync_state::{StateStore, Status};
+use oppsync_state::{DynamoStore, StateStore, Status};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -160,51 +164,77 @@ impl BatchResponse {
 
 // ------------------------------------------------------------------ handlers
 
+/// What a handler gives back: the response for Lambda, and the metrics the invocation
+/// publishes (as one embedded-metric-format line, by [`serve`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handled<T> {
+    pub response: T,
+    pub metrics: Metrics,
+}
+
 /// The transformer: a stream batch of pending records → plans.
-pub async fn transform<S: StateStore>(pipeline: &Pipeline<S>, payload: Value) -> Result<BatchResponse, HandlerError> {
+pub async fn transform<S: StateStore>(
+    pipeline: &Pipeline<S>,
+    payload: Value,
+) -> Result<Handled<BatchResponse>, HandlerError> {
     let event = StreamEvent::parse(payload)?;
     let items = event.items(Status::Pending);
     let ids: Vec<OpportunityId> = items.iter().map(|i| i.id).collect();
+    let mut metrics = Metrics::default();
     if ids.is_empty() {
-        return Ok(BatchResponse::default());
+        return Ok(Handled {
+            response: BatchResponse::default(),
+            metrics,
+        });
     }
     let requests_before = pipeline.dataverse.requests();
-    match pipeline.transform(&ids, false).await {
+    let result = pipeline.transform(&ids, false).await;
+    metrics.count("DataverseCalls", pipeline.dataverse.requests() - requests_before);
+    let response = match result {
         Ok(report) => {
-            let mut metrics = report.metrics;
-            metrics.count("DataverseCalls", pipeline.dataverse.requests() - requests_before);
-            emit(&metrics, "transformer", (pipeline.clock)());
-            Ok(BatchResponse::default())
+            metrics.merge(report.metrics);
+            BatchResponse::default()
         }
         // Dataverse or the store failed for the whole batch: hand every record back.
         Err(e) if e.is_retryable() => {
             tracing::warn!(error = %e, records = ids.len(), "transform failed; the batch is handed back for retry");
-            Ok(BatchResponse::failing(&items, &ids))
+            BatchResponse::failing(&items, &ids)
         }
-        Err(e) => Err(e.into()),
-    }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Handled { response, metrics })
 }
 
 /// The writer: a stream batch of ready records → Marketo.
-pub async fn write<S: StateStore>(pipeline: &Pipeline<S>, payload: Value) -> Result<BatchResponse, HandlerError> {
+pub async fn write<S: StateStore>(
+    pipeline: &Pipeline<S>,
+    payload: Value,
+) -> Result<Handled<BatchResponse>, HandlerError> {
     let event = StreamEvent::parse(payload)?;
     let items = event.items(Status::Ready);
     let ids: Vec<OpportunityId> = items.iter().map(|i| i.id).collect();
     if ids.is_empty() {
-        return Ok(BatchResponse::default());
+        return Ok(Handled {
+            response: BatchResponse::default(),
+            metrics: Metrics::default(),
+        });
     }
     match pipeline.write(&ids).await {
         Ok(report) => {
-            emit(&report.metrics, "writer", (pipeline.clock)());
-            let retry = report.retry();
             if let Some(stop) = &report.stopped {
                 tracing::warn!(reason = %stop, "Marketo writes stopped; unfinished records stay ready");
             }
-            Ok(BatchResponse::failing(&items, &retry))
+            Ok(Handled {
+                response: BatchResponse::failing(&items, &report.retry()),
+                metrics: report.metrics,
+            })
         }
         Err(e) if e.is_retryable() => {
             tracing::warn!(error = %e, records = ids.len(), "write failed; the batch is handed back for retry");
-            Ok(BatchResponse::failing(&items, &ids))
+            Ok(Handled {
+                response: BatchResponse::failing(&items, &ids),
+                metrics: Metrics::default(),
+            })
         }
         Err(e) => Err(e.into()),
     }
@@ -216,7 +246,7 @@ pub async fn poll<S: StateStore>(
     pipeline: &Pipeline<S>,
     payload: Value,
     deadline: Instant,
-) -> Result<PollReport, HandlerError> {
+) -> Result<Handled<PollReport>, HandlerError> {
     if !payload.is_object() {
         return Err(HandlerError::BadEvent {
             expected: "an EventBridge Scheduler event (a JSON object)",
@@ -232,25 +262,66 @@ pub async fn poll<S: StateStore>(
     metrics.count("OpportunitiesMarkedPending", report.marked);
     metrics.count("OpportunitiesRequeued", report.requeued);
     metrics.count("DataverseCalls", report.dataverse_requests);
-    emit(&metrics, "poller", (pipeline.clock)());
     tracing::info!(
         marked = report.marked,
         caught_up = report.caught_up,
         busy = report.busy,
         "poll finished"
     );
-    Ok(report)
+    Ok(Handled {
+        response: report,
+        metrics,
+    })
 }
 
 /// The resync function: `{"opportunityIds": [...], "dryRun": false}` or `{"all": true}`.
-pub async fn resync<S: StateStore>(pipeline: &Pipeline<S>, payload: Value) -> Result<ResyncReport, HandlerError> {
+pub async fn resync<S: StateStore>(
+    pipeline: &Pipeline<S>,
+    payload: Value,
+) -> Result<Handled<ResyncReport>, HandlerError> {
     let bad = |problem: String| HandlerError::BadEvent {
         expected: r#"a resync request ({"opportunityIds": ["<guid>", ...], "dryRun": false} or {"all": true})"#,
         problem,
     };
     let request: ResyncRequest = serde_json::from_value(payload).map_err(|e| bad(e.to_string()))?;
     let target = request.target().map_err(bad)?;
-    Ok(pipeline.resync(target, request.dry_run).await?)
+    let report = pipeline.resync(target, request.dry_run).await?;
+    let mut metrics = Metrics::default();
+    metrics.count("OpportunitiesResynced", report.records.len() as u64);
+    Ok(Handled {
+        response: report,
+        metrics,
+    })
+}
+
+/// Runs a function: builds the pipeline once (cold start), then hands every event to
+/// `handler` and publishes its metrics. What each `main` calls.
+pub async fn serve<T, F, Fut>(function: &'static str, handler: F) -> Result<(), lambda_runtime::Error>
+where
+    T: Serialize,
+    F: Fn(Arc<Pipeline<DynamoStore>>, LambdaEvent<Value>) -> Fut,
+    Fut: Future<Output = Result<Handled<T>, HandlerError>>,
+{
+    init_logging();
+    let pipeline = match coldstart::from_process_env().await {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            // Logged as well as returned: the runtime reports it as an init error.
+            tracing::error!(error = %e, "cold start failed");
+            return Err(e.into());
+        }
+    };
+    let handler = &handler;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let pipeline = pipeline.clone();
+        async move {
+            let now = (pipeline.clock)();
+            let handled = handler(pipeline, event).await?;
+            emit(&handled.metrics, function, now);
+            Ok::<T, HandlerError>(handled.response)
+        }
+    }))
+    .await
 }
 
 fn kind_of(v: &Value) -> &'static str {
@@ -268,16 +339,26 @@ fn kind_of(v: &Value) -> &'static str {
 
 /// JSON logs to stdout (CloudWatch), level from `RUST_LOG` (default info).
 pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing::subscriber::set_global_default(log_subscriber(filter, std::io::stdout));
+}
+
+/// The functions' log format: one JSON object a line, with the fields of the current span
+/// (the step and, on record-level lines, `opportunity`). Tests capture it with their own writer.
+pub fn log_subscriber<W>(filter: tracing_subscriber::EnvFilter, writer: W) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
+        .with_writer(writer)
         .with_current_span(true)
         .with_span_list(false)
         .with_target(false)
         .without_time()
-        .try_init();
+        .finish()
 }
 
 /// Writes one embedded-metric-format line.

@@ -6,7 +6,7 @@ use oppsync_simulators::dataverse::{Mix, Table, seed_id};
 use oppsync_state::{StateStore, Status};
 use serde_json::json;
 
-use crate::harness::*;
+use oppsync_tests::harness::*;
 
 /// GIVEN 2,000 opportunities of every customer and stakeholder case in Dynamics
 /// WHEN the pipeline polls and drains, then Dynamics changes and it runs again

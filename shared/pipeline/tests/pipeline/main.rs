@@ -2,5 +2,4 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod flow;
-mod harness;
 mod steps;

@@ -1,4 +1,4 @@
-//! Simulators, clients and stores for the pipeline tests.
+//! Simulators, clients and stores wired into a pipeline, for tests.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -45,20 +45,27 @@ pub fn sqlite() -> SqliteStore {
     SqliteStore::open(std::env::temp_dir().join(format!("{}.db", unique("oppsync-pipeline-test")))).unwrap()
 }
 
-pub async fn dynamo() -> DynamoStore {
-    let endpoint = std::env::var("OPPSYNC_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
+/// moto's server, which `scripts/test` starts.
+pub fn moto_endpoint() -> String {
+    std::env::var("OPPSYNC_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
         panic!("OPPSYNC_DYNAMODB_ENDPOINT is not set; run scripts/test, which starts moto's server")
-    });
+    })
+}
+
+/// A DynamoDB client for moto's server, with the dummy credentials it accepts.
+pub fn dynamo_client() -> aws_sdk_dynamodb::Client {
     let config = aws_sdk_dynamodb::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
-        .endpoint_url(endpoint)
+        .endpoint_url(moto_endpoint())
         .build();
-    let store = DynamoStore::new(
-        aws_sdk_dynamodb::Client::from_conf(config),
-        unique("oppsync-pipeline-test"),
-    );
+    aws_sdk_dynamodb::Client::from_conf(config)
+}
+
+/// A new table on moto's server, created as `template.yaml` declares it (stream included).
+pub async fn dynamo() -> DynamoStore {
+    let store = DynamoStore::new(dynamo_client(), unique("oppsync-test"));
     store.create_table().await.unwrap();
     store
 }

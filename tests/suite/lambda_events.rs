@@ -1,0 +1,244 @@
+//! The Lambda handlers with event JSON in the shapes Lambda delivers: stream records that the
+//! filters let through (and some they should not have), the Scheduler event, resync requests,
+//! and malformed payloads, each of which gets a clear, non-retryable error.
+
+use std::time::{Duration, Instant};
+
+use oppsync_lambda::{HandlerError, StreamEvent};
+use oppsync_mapping::OpportunityId;
+use oppsync_pipeline::Config;
+use oppsync_simulators::dataverse::seed_id;
+use oppsync_state::{StateStore, Status};
+use oppsync_tests::harness::{pipeline, sims, sqlite};
+use serde_json::{Value, json};
+
+const ARN: &str =
+    "arn:aws:dynamodb:us-east-1:123456789012:table/oppsync-SyncStateTable-1ABC/stream/2026-11-30T20:00:00.000";
+
+/// One stream record as Lambda delivers it from a NEW_IMAGE stream.
+fn record(event_name: &str, pk: &str, status: Option<&str>, seq: u64) -> Value {
+    let mut image = json!({
+        "pk": {"S": pk},
+        "ver": {"N": "1730000000123"},
+        "attempts": {"N": "0"},
+        "updated": {"N": "1764532800000"},
+        "deleted": {"BOOL": false}
+    });
+    if let Some(s) = status {
+        image["status"] = json!({"S": s});
+        image["q"] = json!({"S": s});
+    }
+    let mut dynamodb = json!({
+        "ApproximateCreationDateTime": 1764532800,
+        "Keys": {"pk": {"S": pk}},
+        "SequenceNumber": format!("{:026}", 13021600000000001596u64 + seq),
+        "SizeBytes": 212,
+        "StreamViewType": "NEW_IMAGE"
+    });
+    if event_name != "REMOVE" {
+        dynamodb["NewImage"] = image;
+    }
+    json!({
+        "eventID": format!("c4ca4238a0b923820dcc509a6f75849{seq}"),
+        "eventName": event_name,
+        "eventVersion": "1.1",
+        "eventSource": "aws:dynamodb",
+        "awsRegion": "us-east-1",
+        "dynamodb": dynamodb,
+        "eventSourceARN": ARN
+    })
+}
+
+fn opp(n: u64) -> String {
+    seed_id(0x0b00_0000, n)
+}
+
+#[test]
+fn a_stream_event_yields_the_opportunities_of_the_functions_status_with_their_sequence_numbers() {
+    let event = json!({"Records": [
+        record("INSERT", &format!("opp#{}", opp(1)), Some("pending"), 1),
+        record("MODIFY", &format!("opp#{}", opp(2)), Some("ready"), 2),
+        record("MODIFY", &format!("opp#{}", opp(3)), Some("pending"), 3),
+        // Items that are not opportunities, removals and other statuses are not work.
+        record("MODIFY", "cursor#opportunities", None, 4),
+        record("MODIFY", "lease#poller", None, 5),
+        record("REMOVE", &format!("opp#{}", opp(4)), None, 6),
+        record("MODIFY", &format!("opp#{}", opp(5)), Some("synced"), 7),
+    ]});
+    let parsed = StreamEvent::parse(event).unwrap();
+    let pending = parsed.items(Status::Pending);
+    let ids: Vec<String> = pending.iter().map(|i| i.id.to_string()).collect();
+    assert_eq!(ids, vec![opp(1), opp(3)]);
+    assert_eq!(
+        pending[0].sequence_number,
+        format!("{:026}", 13021600000000001596u64 + 1)
+    );
+    let ready = parsed.items(Status::Ready);
+    assert_eq!(ready.len(), 1);
+    assert_eq!(ready[0].id, OpportunityId::parse(&opp(2)).unwrap());
+}
+
+#[test]
+fn a_record_whose_key_is_not_an_opportunity_id_is_passed_over_not_a_panic() {
+    let event = json!({"Records": [
+        record("MODIFY", "opp#not-a-guid') or true", Some("pending"), 1),
+        record("MODIFY", &format!("opp#{}", opp(9)), Some("pending"), 2),
+    ]});
+    let items = StreamEvent::parse(event).unwrap().items(Status::Pending);
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].id.to_string(), opp(9));
+}
+
+/// Malformed stream payloads, and what the error must name.
+fn malformed_stream_events() -> Vec<(Value, &'static str)> {
+    vec![
+        (json!({}), "Records"),
+        (json!({"Records": "all of them"}), "Records"),
+        (json!({"Records": [{"eventName": "MODIFY"}]}), "dynamodb"),
+        (
+            json!({"Records": [{"dynamodb": {"Keys": {}, "NewImage": {}}}]}),
+            "SequenceNumber",
+        ),
+        (json!([1, 2, 3]), "DynamoDB stream event"),
+        (Value::Null, "DynamoDB stream event"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_stream_events_get_a_clear_non_retryable_error_and_change_nothing() {
+    let sims = sims().await;
+    let p = pipeline(&sims, sqlite(), Config::default());
+    for (payload, names) in malformed_stream_events() {
+        for handler in ["transformer", "writer"] {
+            let result = match handler {
+                "transformer" => oppsync_lambda::transform(&p, payload.clone()).await.map(|_| ()),
+                _ => oppsync_lambda::write(&p, payload.clone()).await.map(|_| ()),
+            };
+            let e = result.expect_err("a malformed event is an error");
+            assert!(matches!(e, HandlerError::BadEvent { .. }), "{e:?}");
+            assert!(!e.is_retryable(), "retrying a malformed event cannot help");
+            let message = e.to_string();
+            assert!(message.contains(names), "{handler}: `{message}` should name {names}");
+            let diagnostic = lambda_runtime::Diagnostic::from(e);
+            assert_eq!(diagnostic.error_type, "NonRetryable");
+        }
+    }
+    assert_eq!(sims.dv.requests(), 0, "nothing was read for a malformed event");
+    assert_eq!(sims.mk.rest_calls(), 0, "nothing was written for a malformed event");
+    assert_eq!(p.store.counts().await.unwrap().total(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_nothing_for_the_function_answers_with_no_failures_and_no_calls() {
+    let sims = sims().await;
+    let p = pipeline(&sims, sqlite(), Config::default());
+    let event = json!({"Records": [record("MODIFY", "cursor#connections", None, 1)]});
+    let handled = oppsync_lambda::write(&p, event.clone()).await.unwrap();
+    assert!(handled.response.batch_item_failures.is_empty());
+    let handled = oppsync_lambda::transform(&p, event).await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&handled.response).unwrap(),
+        json!({"batchItemFailures": []})
+    );
+    assert_eq!((sims.dv.requests(), sims.mk.rest_calls()), (0, 0));
+}
+
+/// The event EventBridge Scheduler sends a templated Lambda target without an input.
+fn scheduler_event() -> Value {
+    json!({})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_event_polls_and_anything_but_an_object_is_refused() {
+    let sims = sims().await;
+    sims.dv.seed(20, 3, oppsync_simulators::dataverse::Mix::Realistic);
+    let p = pipeline(&sims, sqlite(), Config::default());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    for bad in [json!("poll"), json!([1]), json!(42), Value::Null] {
+        let e = oppsync_lambda::poll(&p, bad, deadline).await.unwrap_err();
+        assert!(e.to_string().contains("EventBridge Scheduler event"), "{e}");
+        assert!(!e.is_retryable());
+    }
+    assert_eq!(sims.dv.requests(), 0);
+    let handled = oppsync_lambda::poll(&p, scheduler_event(), deadline).await.unwrap();
+    assert!(handled.response.caught_up);
+    assert_eq!(handled.response.marked, 20);
+    assert_eq!(handled.metrics.counts["OpportunitiesMarkedPending"], 20);
+    assert!(handled.metrics.counts["DataverseCalls"] > 0);
+    // An EventBridge-style event with detail fields is an object too, and polls.
+    let rich = json!({"version": "0", "detail-type": "Scheduled Event", "source": "aws.scheduler", "detail": {}});
+    let again = oppsync_lambda::poll(&p, rich, deadline).await.unwrap();
+    assert_eq!(again.response.marked, 0, "nothing changed since");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_near_its_deadline_stops_checkpointed_and_the_next_run_continues() {
+    let sims = sims().await;
+    sims.dv.seed(30, 5, oppsync_simulators::dataverse::Mix::Realistic);
+    sims.dv.configure(|c| c.max_page_size = 10);
+    let p = pipeline(&sims, sqlite(), Config::default());
+    // Less than the handler's one-minute margin left: it stops before reading anything.
+    let stopped = oppsync_lambda::poll(&p, json!({}), Instant::now() + Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(!stopped.response.caught_up && !stopped.response.busy);
+    assert_eq!(stopped.response.marked, 0);
+    let next = oppsync_lambda::poll(&p, json!({}), Instant::now() + Duration::from_secs(900))
+        .await
+        .unwrap();
+    assert!(next.response.caught_up);
+    assert_eq!(next.response.marked, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_requests_are_checked_before_anything_is_read_or_written() {
+    let sims = sims().await;
+    let p = pipeline(&sims, sqlite(), Config::default());
+    let cases = [
+        (
+            json!({"opportunityIds": ["0b000000-0000-4000-8000-00000000000z"]}),
+            "not opportunity ids",
+        ),
+        (
+            json!({"opportunityIds": ["x') or statecode eq 0 or ('"]}),
+            "not opportunity ids",
+        ),
+        (json!({"opportunityIds": []}), "nothing to resync"),
+        (json!({}), "nothing to resync"),
+        (json!({"opportunityIds": [opp(1)], "all": true}), "not both"),
+        (json!({"ids": [opp(1)]}), "unknown field `ids`"),
+        (json!({"opportunityIds": opp(1)}), "invalid type"),
+        (json!({"all": "yes"}), "invalid type"),
+        (json!("resync everything"), "invalid type"),
+    ];
+    for (payload, names) in cases {
+        let e = oppsync_lambda::resync(&p, payload.clone()).await.unwrap_err();
+        let message = e.to_string();
+        assert!(message.contains(names), "{payload}: `{message}` should say {names}");
+        assert!(
+            message.contains("opportunityIds"),
+            "the error shows the expected shape: {message}"
+        );
+        assert!(!e.is_retryable());
+    }
+    assert_eq!((sims.dv.requests(), sims.mk.rest_calls()), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_resync_reports_the_plan_and_writes_nothing() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(5, 11, oppsync_simulators::dataverse::Mix::Uniform);
+    let p = pipeline(&sims, sqlite(), Config::default());
+    let id = seeded.opportunities[0].clone();
+    let handled = oppsync_lambda::resync(&p, json!({"opportunityIds": [id.to_uppercase()], "dryRun": true}))
+        .await
+        .unwrap();
+    let report = serde_json::to_value(&handled.response).unwrap();
+    assert_eq!(report["dry_run"], json!(true));
+    assert_eq!(report["records"].as_array().unwrap().len(), 1);
+    assert_eq!(report["records"][0]["id"], json!(id), "ids are read case-insensitively");
+    assert!(report["records"][0]["plan"].is_object(), "{report}");
+    assert_eq!(report["records"][0]["write"], Value::Null);
+    assert_eq!(sims.mk.rest_calls(), 0);
+    assert_eq!(p.store.counts().await.unwrap().total(), 0, "a dry run records nothing");
+}

@@ -1,0 +1,427 @@
+//! The deployed shape, minus AWS: the functions cold-start from Secrets Manager (moto), the
+//! poller's handler records changes in DynamoDB (moto), and the transformer's and writer's
+//! handlers receive the table's real stream records, kept by the template's own filter
+//! patterns and cut to its batch sizes, with failed records redelivered as Lambda does.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_config::BehaviorVersion;
+use oppsync_lambda::coldstart::{self, ColdStartError, Env};
+use oppsync_lambda::{BatchResponse, Handled};
+use oppsync_mapping::OpportunityId;
+use oppsync_pipeline::Pipeline;
+use oppsync_simulators::MarketoEndpoint as E;
+use oppsync_simulators::dataverse::{Mix, Table, seed_id};
+use oppsync_state::{DynamoStore, StateStore, Status};
+use oppsync_tests::harness::{Sims, assert_marketo_matches_dynamics, dynamo, moto_endpoint, sims, unique};
+use oppsync_tests::stream::{self, StreamReader};
+use oppsync_tests::template;
+use serde_json::{Value, json};
+
+fn aws() -> aws_config::SdkConfig {
+    aws_config::SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+            aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "tests"),
+        ))
+        .endpoint_url(moto_endpoint())
+        .build()
+}
+
+/// Stores a secret in moto's Secrets Manager; returns its ARN.
+async fn secret(value: &str) -> String {
+    let client = aws_sdk_secretsmanager::Client::new(&aws());
+    let out = client
+        .create_secret()
+        .name(unique("oppsync/credentials"))
+        .secret_string(value)
+        .send()
+        .await
+        .unwrap();
+    out.arn().unwrap().to_owned()
+}
+
+fn dynamics_secret(sims: &Sims) -> String {
+    let (tenant, client, secret) = sims.dv.credentials();
+    json!({"url": sims.dv.url(), "tenantId": tenant, "clientId": client, "clientSecret": secret,
+           "tokenUrl": sims.dv.token_url()})
+    .to_string()
+}
+
+fn marketo_secret(sims: &Sims) -> String {
+    json!({"url": sims.mk.url(), "clientId": sims.mk.client_id(), "clientSecret": sims.mk.client_secret()}).to_string()
+}
+
+fn env(table: &str, dynamics_arn: &str, marketo_arn: &str, config: &str) -> Env {
+    let vars = [
+        ("STATE_TABLE", table),
+        ("DYNAMICS_SECRET_ARN", dynamics_arn),
+        ("MARKETO_SECRET_ARN", marketo_arn),
+        ("OPPSYNC_CONFIG", config),
+    ];
+    Env::read(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())).unwrap()
+}
+
+/// What Lambda does with the two stream consumers.
+struct Deployment {
+    pipeline: Pipeline<DynamoStore>,
+    reader: StreamReader,
+    pending: (Value, usize),
+    ready: (Value, usize),
+    /// Every metric name a handler published.
+    emitted: BTreeSet<String>,
+    /// Deliveries answered with batchItemFailures, and the records they named.
+    redelivered: Vec<String>,
+}
+
+impl Deployment {
+    async fn cold_start(sims: &Sims) -> Deployment {
+        let store = dynamo().await;
+        let table = store.table().to_owned();
+        let reader = StreamReader::open(&oppsync_tests::harness::dynamo_client(), &moto_endpoint(), &table).await;
+        let env = env(
+            &table,
+            &secret(&dynamics_secret(sims)).await,
+            &secret(&marketo_secret(sims)).await,
+            "",
+        );
+        let pipeline = coldstart::build(&env, &aws()).await.unwrap();
+        let t = template::load();
+        Deployment {
+            pipeline,
+            reader,
+            pending: template::stream_source(&t, "TransformerFunction", "Pending"),
+            ready: template::stream_source(&t, "WriterFunction", "Ready"),
+            emitted: BTreeSet::new(),
+            redelivered: Vec::new(),
+        }
+    }
+
+    async fn poll(&mut self) {
+        let handled = oppsync_lambda::poll(&self.pipeline, json!({}), Instant::now() + Duration::from_secs(900))
+            .await
+            .unwrap();
+        assert!(handled.response.caught_up, "{:?}", handled.response);
+        self.emitted.extend(handled.metrics.counts.keys().cloned());
+    }
+
+    /// Reads the stream until it is quiet, delivering each batch to its function.
+    async fn pump(&mut self) {
+        for _ in 0..50 {
+            let records = self.reader.read().await;
+            if records.is_empty() {
+                return;
+            }
+            for event in stream::events(&records, &self.pending.0, self.pending.1) {
+                self.deliver(true, event).await;
+            }
+            for event in stream::events(&records, &self.ready.0, self.ready.1) {
+                self.deliver(false, event).await;
+            }
+        }
+        panic!("the stream never went quiet");
+    }
+
+    /// One batch, retried from the first failed record on, as Lambda does with
+    /// ReportBatchItemFailures (at most the template's MaximumRetryAttempts).
+    async fn deliver(&mut self, transformer: bool, mut event: Value) {
+        for _ in 0..=5 {
+            let handled: Handled<BatchResponse> = if transformer {
+                oppsync_lambda::transform(&self.pipeline, event.clone()).await.unwrap()
+            } else {
+                oppsync_lambda::write(&self.pipeline, event.clone()).await.unwrap()
+            };
+            self.emitted.extend(handled.metrics.counts.keys().cloned());
+            self.emitted.extend(handled.metrics.millis.keys().cloned());
+            let failed: Vec<u128> = handled
+                .response
+                .batch_item_failures
+                .iter()
+                .map(|f| f.item_identifier.parse().unwrap())
+                .collect();
+            let Some(first) = failed.iter().min() else { return };
+            self.redelivered.extend(
+                handled
+                    .response
+                    .batch_item_failures
+                    .iter()
+                    .map(|f| f.item_identifier.clone()),
+            );
+            let rest: Vec<Value> = event["Records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| {
+                    r["dynamodb"]["SequenceNumber"]
+                        .as_str()
+                        .unwrap()
+                        .parse::<u128>()
+                        .unwrap()
+                        >= *first
+                })
+                .cloned()
+                .collect();
+            event = json!({ "Records": rest });
+        }
+        panic!("a batch still failed after the retries: {event}");
+    }
+
+    async fn state(&self, id: &str) -> oppsync_state::OpportunityState {
+        self.pipeline
+            .store
+            .get(OpportunityId::parse(id).unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
+
+/// Log lines captured in the functions' own format.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines(&self) -> Vec<Value> {
+        let bytes = self.0.lock().unwrap().clone();
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {l}")))
+            .collect()
+    }
+}
+
+/// GIVEN opportunities of every customer and stakeholder case in Dynamics, and the functions
+/// cold-started from their secrets
+/// WHEN the poller's handler runs and the stream drives the transformer and the writer
+/// THEN Marketo matches Dynamics record by record, in ⌈n/300⌉ opportunity calls; and an
+/// incremental round writes only what changed, skips an unchanged save, deletes a deleted
+/// opportunity, redelivers a transient per-record failure until it succeeds, and puts a
+/// permanent one in the error ledger; every record-level log line names its opportunity and
+/// no secret is logged.
+#[tokio::test]
+async fn the_functions_sync_dynamics_into_marketo_over_the_real_stream() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let _guard = tracing::subscriber::set_default(oppsync_lambda::log_subscriber(
+        tracing_subscriber::EnvFilter::new("info"),
+        move || writer.clone(),
+    ));
+    let sims = sims().await;
+    let seeded = sims.dv.seed(450, 21, Mix::Realistic);
+    let mut d = Deployment::cold_start(&sims).await;
+
+    d.poll().await;
+    d.pump().await;
+    let counts = d.pipeline.store.counts().await.unwrap();
+    assert_eq!(counts.get(Status::Synced), 450, "{counts:?}");
+    assert_marketo_matches_dynamics(&sims);
+    assert_eq!(sims.mk.calls(E::OpportunitySync), 2, "⌈450/300⌉ opportunity calls");
+    assert!(d.redelivered.is_empty(), "nothing failed: {:?}", d.redelivered);
+
+    // The incremental round.
+    let o = |n: u64| seed_id(0x0b00_0000, n);
+    let amount = |sims: &Sims, id: &str| {
+        sims.mk
+            .snapshot()
+            .opportunities
+            .get(id)
+            .and_then(|f| f.get("amount").cloned())
+    };
+    sims.dv
+        .upsert(Table::Opportunities, &o(1), json!({"estimatedvalue": 4242.5}), &[]);
+    // Saved without a change that matters to Marketo.
+    let same = sims.dv.row(Table::Opportunities, &o(2)).unwrap();
+    sims.dv.upsert(
+        Table::Opportunities,
+        &o(2),
+        json!({"name": same.attributes["name"].clone()}),
+        &[],
+    );
+    sims.dv.delete(Table::Opportunities, &o(3));
+    sims.dv
+        .upsert(Table::Opportunities, &o(4), json!({"estimatedvalue": 44.0}), &[]);
+    sims.mk.skip_record(&o(4), "611", 1);
+    sims.dv
+        .upsert(Table::Opportunities, &o(5), json!({"estimatedvalue": 55.0}), &[]);
+    sims.mk.skip_record(&o(5), "1003", 100);
+    let opportunity_calls = sims.mk.calls(E::OpportunitySync);
+
+    d.poll().await;
+    d.pump().await;
+
+    assert_eq!(amount(&sims, &o(1)), Some(json!(4242.5)));
+    assert_eq!(d.state(&o(2)).await.status, Status::Synced);
+    assert!(
+        !sims.mk.snapshot().opportunities.contains_key(&o(3)),
+        "deleted in Marketo"
+    );
+    assert_eq!(d.state(&o(3)).await.status, Status::Deleted);
+    assert_eq!(
+        amount(&sims, &o(4)),
+        Some(json!(44.0)),
+        "the transient failure was retried"
+    );
+    assert_eq!(d.state(&o(4)).await.status, Status::Synced);
+    assert!(!d.redelivered.is_empty(), "the transient failure went back to Lambda");
+    let failed = d.state(&o(5)).await;
+    assert_eq!(failed.status, Status::Failed);
+    assert_eq!(failed.last_error.as_ref().unwrap().code, "1003");
+    // The changed records share calls: one batch, then the one retry.
+    assert!(sims.mk.calls(E::OpportunitySync) - opportunity_calls <= 2);
+    assert!(seeded.opportunities.len() == 450);
+
+    // What the dashboard and alarms read is what the handlers publish.
+    let shown = crate::template::dashboard_metrics();
+    let missing: Vec<_> = shown.difference(&d.emitted).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard shows metrics no handler published: {missing:?}"
+    );
+    assert!(
+        d.emitted.iter().any(|m| m.starts_with("MarketoCalls.")),
+        "{:?}",
+        d.emitted
+    );
+
+    // Logs: JSON lines; a line about one record names it in `opportunity`; no secret appears.
+    let lines = logs.lines();
+    let ids: Vec<String> = seeded.opportunities.clone();
+    let mut record_lines = 0;
+    for line in &lines {
+        let text = line.to_string();
+        let about: Vec<&String> = ids.iter().filter(|id| text.contains(id.as_str())).collect();
+        if about.is_empty() {
+            continue;
+        }
+        record_lines += 1;
+        let named = line["fields"]["opportunity"]
+            .as_str()
+            .or_else(|| line["span"]["opportunity"].as_str());
+        assert!(named.is_some(), "a record-level line without `opportunity`: {text}");
+    }
+    assert!(
+        record_lines > 0,
+        "the failures above were logged with their opportunity"
+    );
+    let (_, _, dynamics_secret) = sims.dv.credentials();
+    let everything: String = lines.iter().map(Value::to_string).collect();
+    assert!(
+        !everything.contains(&dynamics_secret),
+        "the Dynamics client secret was logged"
+    );
+    assert!(
+        !everything.contains(&sims.mk.client_secret()),
+        "the Marketo client secret was logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_start_names_what_is_wrong_with_the_environment_secrets_or_configuration() {
+    let sims = sims().await;
+    let good_dynamics = secret(&dynamics_secret(&sims)).await;
+    let good_marketo = secret(&marketo_secret(&sims)).await;
+
+    // Every missing variable, at once.
+    let e = Env::read(|_| None).unwrap_err();
+    let text = e.to_string();
+    for name in ["STATE_TABLE", "DYNAMICS_SECRET_ARN", "MARKETO_SECRET_ARN"] {
+        assert!(text.contains(name), "{text}");
+    }
+    let e = Env::read(|k| match k {
+        "MARKETO_BUDGET_SHARE" => Some("zero".into()),
+        _ => Some("x".into()),
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("MARKETO_BUDGET_SHARE"), "{e}");
+
+    // A secret that is not there.
+    let e = coldstart::build(
+        &env(
+            "t",
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:nope-AbCdEf",
+            &good_marketo,
+            "",
+        ),
+        &aws(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        matches!(e, ColdStartError::SecretRead { system: "Dynamics", .. }),
+        "{e}"
+    );
+
+    // A secret of the wrong shape: the message names the system and the shape, never the value.
+    let leaky = "s3cr3t-that-must-not-print";
+    let wrong = secret(&json!({"url": sims.mk.url(), "client_id": "a", "clientSecret": leaky}).to_string()).await;
+    let e = coldstart::build(&env("t", &good_dynamics, &wrong, ""), &aws())
+        .await
+        .err()
+        .unwrap();
+    let text = e.to_string();
+    assert!(
+        matches!(e, ColdStartError::SecretShape { system: "Marketo", .. }),
+        "{text}"
+    );
+    assert!(text.contains("clientId") && text.contains("Deploy to AWS"), "{text}");
+    assert!(!text.contains(leaky) && !format!("{e:?}").contains(leaky), "{text}");
+    let not_json = secret("url=https://x;secret=hunter2").await;
+    let e = coldstart::build(&env("t", &not_json, &good_marketo, ""), &aws())
+        .await
+        .err()
+        .unwrap();
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+
+    // A plain-http, non-loopback endpoint in a secret.
+    let remote =
+        secret(&json!({"url": "http://marketo.example.com", "clientId": "a", "clientSecret": "b"}).to_string()).await;
+    let e = coldstart::build(&env("t", &good_dynamics, &remote, ""), &aws())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, ColdStartError::Settings { system: "Marketo", .. }), "{e}");
+
+    // A bad configuration fails before any secret is read, with every problem named.
+    let e = coldstart::build(
+        &env(
+            "t",
+            "arn:nope",
+            "arn:nope",
+            "[marketo]\ncalls_per_20s = 500\n[sync]\nbatch = 3\n",
+        ),
+        &aws(),
+    )
+    .await
+    .err()
+    .unwrap();
+    let text = e.to_string();
+    assert!(
+        text.contains("OPPSYNC_CONFIG") && text.contains("calls_per_20s") && text.contains("batch"),
+        "{text}"
+    );
+
+    // And the good ones build a pipeline whose Debug output holds no secret.
+    let p = coldstart::build(&env("t", &good_dynamics, &good_marketo, ""), &aws())
+        .await
+        .unwrap();
+    let parsed = coldstart::DynamicsSecret::parse(&dynamics_secret(&sims)).unwrap();
+    let (_, _, dynamics_client_secret) = sims.dv.credentials();
+    assert!(!format!("{parsed:?}").contains(&dynamics_client_secret));
+    assert_eq!(p.store.table(), "t");
+}

@@ -1,0 +1,373 @@
+//! The SAM template grants each function only what it uses and wires the pipeline as
+//! architecture.md draws it. cfn-lint and `sam validate --lint` run in scripts/test too, but
+//! their checks stop short of these.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use oppsync_tests::template::{self, resources, stream_source};
+use serde_json::{Value, json};
+
+/// Each role's grants: (action, resource) pairs, resources in CloudFormation's long form.
+fn grants(role: &Value) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for policy in role["Properties"]["Policies"].as_array().unwrap() {
+        for statement in policy["PolicyDocument"]["Statement"].as_array().unwrap() {
+            assert_eq!(statement["Effect"], "Allow", "{statement}");
+            let list = |v: &Value| match v {
+                Value::Array(items) => items.clone(),
+                other => vec![other.clone()],
+            };
+            for action in list(&statement["Action"]) {
+                for resource in list(&statement["Resource"]) {
+                    out.insert((action.as_str().unwrap().to_owned(), resource.to_string()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn table() -> String {
+    json!({"Fn::GetAtt": ["SyncStateTable", "Arn"]}).to_string()
+}
+
+fn index() -> String {
+    json!({"Fn::Sub": "${SyncStateTable.Arn}/index/open"}).to_string()
+}
+
+fn stream() -> String {
+    json!({"Fn::GetAtt": ["SyncStateTable", "StreamArn"]}).to_string()
+}
+
+fn secrets() -> Vec<String> {
+    vec![
+        json!({"Ref": "DynamicsSecretArn"}).to_string(),
+        json!({"Ref": "MarketoSecretArn"}).to_string(),
+    ]
+}
+
+/// What each function needs, from the calls its code makes (shared/state/src/dynamodb.rs):
+/// - poller: the lease (UpdateItem), cursors (GetItem; advance = ConditionCheck on the lease +
+///   PutItem, one transaction), pending marks and requeues (UpdateItem), connection links
+///   (BatchWriteItem, BatchGetItem), the stuck sweep (Query on `open`) and the deletion scan,
+///   which lists closed statuses too (Scan);
+/// - transformer: claim and complete (UpdateItem), plus reading its stream;
+/// - writer: claim and complete (UpdateItem), the day's Marketo calls (GetItem, UpdateItem),
+///   plus its stream;
+/// - resync: what was written before (GetItem), requeue, claim, complete (UpdateItem).
+///
+/// Every function reads both secrets at cold start and writes its own log group.
+fn needs() -> BTreeMap<&'static str, BTreeSet<(String, String)>> {
+    let mut needs = BTreeMap::new();
+    let on = |actions: &[&str], resources: &[String]| -> BTreeSet<(String, String)> {
+        let mut set = BTreeSet::new();
+        for a in actions {
+            for r in resources {
+                set.insert((a.to_string(), r.clone()));
+            }
+        }
+        set
+    };
+    let common = |function: &str| {
+        let log = json!({"Fn::GetAtt": [format!("{function}LogGroup"), "Arn"]}).to_string();
+        let mut set = on(&["logs:CreateLogStream", "logs:PutLogEvents"], &[log]);
+        set.extend(on(&["secretsmanager:GetSecretValue"], &secrets()));
+        set
+    };
+    let stream_read = on(
+        &[
+            "dynamodb:DescribeStream",
+            "dynamodb:GetRecords",
+            "dynamodb:GetShardIterator",
+            "dynamodb:ListStreams",
+        ],
+        &[stream()],
+    );
+    let failures = on(
+        &["sqs:SendMessage"],
+        &[json!({"Fn::GetAtt": ["StreamFailureQueue", "Arn"]}).to_string()],
+    );
+
+    let mut poller = common("Poller");
+    poller.extend(on(
+        &[
+            "dynamodb:GetItem",
+            "dynamodb:PutItem",
+            "dynamodb:UpdateItem",
+            "dynamodb:ConditionCheckItem",
+            "dynamodb:BatchGetItem",
+            "dynamodb:BatchWriteItem",
+            "dynamodb:Query",
+            "dynamodb:Scan",
+        ],
+        &[table(), index()],
+    ));
+    needs.insert("PollerRole", poller);
+
+    let mut transformer = common("Transformer");
+    transformer.extend(stream_read.clone());
+    transformer.extend(failures.clone());
+    transformer.extend(on(&["dynamodb:UpdateItem"], &[table()]));
+    needs.insert("TransformerRole", transformer);
+
+    let mut writer = common("Writer");
+    writer.extend(stream_read);
+    writer.extend(failures);
+    writer.extend(on(&["dynamodb:GetItem", "dynamodb:UpdateItem"], &[table()]));
+    needs.insert("WriterRole", writer);
+
+    let mut resync = common("Resync");
+    resync.extend(on(&["dynamodb:GetItem", "dynamodb:UpdateItem"], &[table()]));
+    needs.insert("ResyncRole", resync);
+    needs
+}
+
+#[test]
+fn no_policy_grants_a_wildcard() {
+    let t = template::load();
+    let roles = resources(&t, "AWS::IAM::Role");
+    assert_eq!(roles.len(), 4, "one role per function");
+    for (name, role) in roles {
+        for (action, resource) in grants(role) {
+            assert!(!action.contains('*'), "{name} grants the wildcard action {action}");
+            assert!(
+                !resource.contains('*'),
+                "{name} grants {action} on the wildcard {resource}"
+            );
+        }
+    }
+}
+
+#[test]
+fn each_role_grants_exactly_what_its_function_uses() {
+    let t = template::load();
+    for (role, needed) in needs() {
+        let granted = grants(&t["Resources"][role]);
+        let extra: Vec<_> = granted.difference(&needed).collect();
+        let missing: Vec<_> = needed.difference(&granted).collect();
+        assert!(extra.is_empty(), "{role} grants more than its function uses: {extra:?}");
+        assert!(missing.is_empty(), "{role} lacks what its function uses: {missing:?}");
+    }
+}
+
+#[test]
+fn every_function_runs_under_its_own_role_and_no_sam_generated_policy() {
+    // A SAM `Policies:` list (or no `Role`) makes SAM attach managed policies whose resource
+    // is `*` (AWSLambdaDynamoDBExecutionRole): the explicit roles above replace them.
+    let t = template::load();
+    let functions = resources(&t, "AWS::Serverless::Function");
+    assert_eq!(functions.len(), 4);
+    for (name, f) in functions {
+        let props = &f["Properties"];
+        assert!(props.get("Policies").is_none(), "{name} has SAM policies");
+        let role = props["Role"]["Fn::GetAtt"][0].as_str().unwrap_or_default();
+        assert_eq!(role, name.replace("Function", "Role"), "{name} runs under {role}");
+        assert_eq!(f["Metadata"]["BuildMethod"], "rust-cargolambda", "{name}");
+    }
+}
+
+#[test]
+fn each_function_builds_the_binary_of_its_crate() {
+    let t = template::load();
+    for (logical, crate_dir) in [
+        ("PollerFunction", "poller"),
+        ("TransformerFunction", "transformer"),
+        ("WriterFunction", "writer"),
+        ("ResyncFunction", "resync"),
+    ] {
+        let binary = t["Resources"][logical]["Metadata"]["BuildProperties"]["Binary"]
+            .as_str()
+            .unwrap();
+        let manifest: toml::Table =
+            std::fs::read_to_string(oppsync_tests::repo_root().join(format!("functions/{crate_dir}/Cargo.toml")))
+                .unwrap()
+                .parse()
+                .unwrap();
+        let bins = manifest["bin"].as_array().unwrap();
+        assert!(
+            bins.iter().any(|b| b["name"].as_str() == Some(binary)),
+            "{logical} builds `{binary}`, which functions/{crate_dir} does not define"
+        );
+    }
+}
+
+#[test]
+fn the_runtime_is_al2023_on_arm64() {
+    let t = template::load();
+    let globals = &t["Globals"]["Function"];
+    assert_eq!(globals["Runtime"], "provided.al2023");
+    assert_eq!(globals["Architectures"], json!(["arm64"]));
+    for variable in [
+        "STATE_TABLE",
+        "DYNAMICS_SECRET_ARN",
+        "MARKETO_SECRET_ARN",
+        "OPPSYNC_CONFIG",
+    ] {
+        assert!(
+            globals["Environment"]["Variables"].get(variable).is_some(),
+            "the functions need {variable} (shared/lambda/src/coldstart.rs)"
+        );
+    }
+}
+
+#[test]
+fn the_stream_consumers_report_partial_failures_bisect_retry_and_dead_letter() {
+    let t = template::load();
+    for (function, event, status) in [
+        ("TransformerFunction", "Pending", "pending"),
+        ("WriterFunction", "Ready", "ready"),
+    ] {
+        let e = &t["Resources"][function]["Properties"]["Events"][event];
+        assert_eq!(e["Type"], "DynamoDB", "{function}");
+        let p = &e["Properties"];
+        assert_eq!(p["Stream"], json!({"Fn::GetAtt": ["SyncStateTable", "StreamArn"]}));
+        assert_eq!(
+            p["FunctionResponseTypes"],
+            json!(["ReportBatchItemFailures"]),
+            "{function}"
+        );
+        assert_eq!(p["BisectBatchOnFunctionError"], json!(true), "{function}");
+        let retries = p["MaximumRetryAttempts"].as_i64().unwrap();
+        assert!(
+            (1..=10).contains(&retries),
+            "{function}: a bounded retry count, not {retries}"
+        );
+        assert_eq!(
+            p["DestinationConfig"]["OnFailure"]["Destination"],
+            json!({"Fn::GetAtt": ["StreamFailureQueue", "Arn"]})
+        );
+        let (pattern, batch) = stream_source(&t, function, event);
+        assert_eq!(
+            pattern,
+            json!({"dynamodb": {"NewImage": {"status": {"S": [status]}}}}),
+            "{function}"
+        );
+        assert_eq!(batch, 300, "{function}: batches fill one Marketo call");
+    }
+    let writer = &t["Resources"]["WriterFunction"]["Properties"];
+    assert!(
+        writer["Events"]["Ready"]["Properties"]["MaximumBatchingWindowInSeconds"]
+            .as_i64()
+            .unwrap()
+            > 0,
+        "the writer waits for batches to fill"
+    );
+    assert_eq!(
+        writer["ReservedConcurrentExecutions"],
+        json!({"Ref": "WriterConcurrency"})
+    );
+    let allowed = t["Parameters"]["WriterConcurrency"]["AllowedValues"]
+        .as_array()
+        .unwrap();
+    assert!(allowed.len() <= 4, "the writer's concurrency stays low");
+}
+
+#[test]
+fn every_writer_concurrency_has_a_budget_share_that_counts_the_resync_too() {
+    let t = template::load();
+    let allowed = t["Parameters"]["WriterConcurrency"]["AllowedValues"]
+        .as_array()
+        .unwrap();
+    for value in allowed {
+        let writers: u32 = value.as_str().unwrap().parse().unwrap();
+        let share: u32 = t["Mappings"]["BudgetShare"][value.as_str().unwrap()]["Share"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let resync = t["Resources"]["ResyncFunction"]["Properties"]["ReservedConcurrentExecutions"]
+            .as_u64()
+            .unwrap() as u32;
+        assert_eq!(share, writers + resync, "WriterConcurrency {writers}");
+    }
+}
+
+#[test]
+fn the_poller_runs_on_a_scheduler_schedule_with_a_dead_letter_queue() {
+    let t = template::load();
+    let poller = &t["Resources"]["PollerFunction"]["Properties"];
+    let schedule = &poller["Events"]["Schedule"];
+    assert_eq!(schedule["Type"], "ScheduleV2");
+    assert_eq!(
+        schedule["Properties"]["ScheduleExpression"],
+        json!({"Ref": "PollSchedule"})
+    );
+    assert_eq!(t["Parameters"]["PollSchedule"]["Default"], "rate(1 minute)");
+    assert_eq!(
+        schedule["Properties"]["DeadLetterConfig"]["Arn"],
+        json!({"Fn::GetAtt": ["ScheduleDeadLetterQueue", "Arn"]})
+    );
+    assert_eq!(poller["ReservedConcurrentExecutions"], json!(1));
+    assert_eq!(poller["Timeout"], json!(900), "the longest a backfill step can run");
+}
+
+#[test]
+fn the_state_table_streams_new_images_with_recovery_and_on_demand_billing() {
+    let t = template::load();
+    let p = &t["Resources"]["SyncStateTable"]["Properties"];
+    assert_eq!(p["BillingMode"], "PAY_PER_REQUEST");
+    assert_eq!(p["StreamSpecification"]["StreamViewType"], "NEW_IMAGE");
+    assert_eq!(
+        p["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"],
+        json!(true)
+    );
+}
+
+#[test]
+fn alarms_cover_errors_dead_letters_iterator_age_and_sync_lag() {
+    let t = template::load();
+    let alarms = resources(&t, "AWS::CloudWatch::Alarm");
+    let watched: BTreeSet<String> = alarms
+        .iter()
+        .map(|(_, a)| {
+            let p = &a["Properties"];
+            let metric = p["MetricName"]
+                .as_str()
+                .or_else(|| p["Metrics"][0]["MetricStat"]["Metric"]["MetricName"].as_str())
+                .unwrap();
+            assert!(p["AlarmActions"].as_array().is_some_and(|a| !a.is_empty()));
+            metric.to_owned()
+        })
+        .collect();
+    for metric in ["Errors", "ApproximateNumberOfMessagesVisible", "IteratorAge", "SyncLag"] {
+        assert!(watched.contains(metric), "no alarm on {metric}: {watched:?}");
+    }
+    let errors = alarms
+        .iter()
+        .filter(|(_, a)| a["Properties"]["MetricName"] == "Errors")
+        .count();
+    assert_eq!(errors, 4, "one error alarm per function");
+}
+
+/// The metric names the dashboard and alarms read from the `oppsync` namespace (checked
+/// against what the handlers emit in the Lambda flow test).
+pub fn dashboard_metrics() -> BTreeSet<String> {
+    let t = template::load();
+    let body = &t["Resources"]["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"];
+    let body: Value = serde_json::from_str(body.as_str().unwrap()).unwrap();
+    let mut names = BTreeSet::new();
+    for widget in body["widgets"].as_array().unwrap() {
+        for row in widget["properties"]["metrics"].as_array().into_iter().flatten() {
+            if row[0] == "oppsync" {
+                names.insert(row[1].as_str().unwrap().to_owned());
+            } else if row[0] == "." {
+                names.insert(row[1].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_is_valid_json_showing_the_sync_metrics() {
+    let names = dashboard_metrics();
+    for metric in [
+        "OpportunitiesSynced",
+        "OpportunitiesFailed",
+        "OpportunitiesSkippedUnchanged",
+        "SyncLag",
+        "DataverseCalls",
+    ] {
+        assert!(names.contains(metric), "the dashboard lacks {metric}: {names:?}");
+    }
+}
