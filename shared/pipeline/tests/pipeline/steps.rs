@@ -1,1 +1,124 @@
-//! steps
+//! The steps one at a time: the poller's lease and checkpoints, the hash skip, and a write
+//! stopped by Marketo's daily quota.
+
+use std::time::{Duration, Instant};
+
+use oppsync_pipeline::{Config, POLL_LEASE};
+use oppsync_simulators::MarketoEndpoint as E;
+use oppsync_simulators::dataverse::{DataverseFault, Mix, Table, seed_id};
+use oppsync_simulators::marketo::Fault;
+use oppsync_state::{StateStore, Status};
+use oppsync_tests::harness::*;
+use serde_json::json;
+
+/// GIVEN another poller holds the lease WHEN this one polls THEN it reads nothing and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poller_that_finds_the_lease_taken_reads_nothing() {
+    let sims = sims().await;
+    sims.dv.seed(10, 1, Mix::Uniform);
+    let p = pipeline(&sims, sqlite(), Config::default());
+    let now = (p.clock)();
+    let held = p
+        .store
+        .acquire_lease(POLL_LEASE, "someone-else", 60_000, now)
+        .await
+        .unwrap();
+    assert!(held.is_some());
+    let report = p.poll(None).await.unwrap();
+    assert!(report.busy && !report.caught_up, "{report:?}");
+    assert_eq!(sims.dv.requests(), 0, "a busy poller reads nothing");
+    assert_eq!(p.store.counts().await.unwrap().total(), 0);
+}
+
+/// GIVEN a backfill larger than one invocation's time WHEN the deadline cuts the poll
+/// THEN the cursor holds what was recorded and the next poll reads only the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_cut_by_the_deadline_continues_from_its_checkpoint() {
+    let sims = sims().await;
+    sims.dv.seed(100, 2, Mix::Uniform);
+    sims.dv.configure(|c| c.max_page_size = 10);
+    let mut config = Config::default();
+    config.dataverse.page_size = 10;
+    let p = pipeline(&sims, sqlite(), config);
+    // Every request from the second on is slow, so the deadline falls after a page or two.
+    for n in 2..=30 {
+        sims.dv.inject(n, DataverseFault::Delay(Duration::from_millis(150)));
+    }
+    let first = p.poll(Some(Instant::now() + Duration::from_millis(200))).await.unwrap();
+    assert!(!first.caught_up, "{first:?}");
+    assert!(
+        first.opportunity_changes > 0 && first.opportunity_changes < 100,
+        "{first:?}"
+    );
+    assert_eq!(
+        p.store.counts().await.unwrap().get(Status::Pending),
+        first.opportunity_changes
+    );
+    let second = p.poll(None).await.unwrap();
+    assert!(second.caught_up, "{second:?}");
+    assert_eq!(
+        first.opportunity_changes + second.opportunity_changes,
+        100,
+        "the second poll continued; it did not start over"
+    );
+    assert_eq!(p.store.counts().await.unwrap().get(Status::Pending), 100);
+}
+
+/// GIVEN a synced opportunity WHEN it is saved in Dynamics with nothing Marketo cares about
+/// changed THEN it is synced again without a single Marketo call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_that_changes_nothing_for_marketo_makes_no_marketo_call() {
+    let sims = sims().await;
+    sims.dv.seed(40, 3, Mix::Realistic);
+    let p = pipeline(&sims, sqlite(), Config::default());
+    sync(&p).await;
+    let id = seed_id(0x0b00_0000, 7);
+    let row = sims.dv.row(Table::Opportunities, &id).unwrap();
+    sims.dv.upsert(
+        Table::Opportunities,
+        &id,
+        json!({"name": row.attributes["name"].clone()}),
+        &[],
+    );
+    let calls = sims.mk.rest_calls();
+    let poll = p.poll(None).await.unwrap();
+    assert_eq!(poll.marked, 1, "the save is a change in Dynamics: {poll:?}");
+    let drained = p.drain(|_, _| {}).await.unwrap();
+    assert_eq!((drained.unchanged, drained.written), (1, 0), "{drained:?}");
+    assert_eq!(sims.mk.rest_calls(), calls, "no Marketo call for an unchanged plan");
+    assert_eq!(
+        p.store
+            .get(oppsync_mapping::OpportunityId::parse(&id).unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        Status::Synced
+    );
+}
+
+/// GIVEN Marketo's daily quota runs out in the middle of a write WHEN the writer stops
+/// THEN every record it did not finish stays ready, nothing is marked failed, and the next
+/// run (the quota back) finishes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_stopped_by_the_daily_quota_leaves_its_records_ready() {
+    let sims = sims().await;
+    sims.dv.seed(30, 4, Mix::Uniform);
+    let p = pipeline(&sims, sqlite(), Config::default());
+    p.poll(None).await.unwrap();
+    sims.mk.inject(E::OpportunitySync, 1, Fault::Code("607"));
+    let drained = p.drain(|_, _| {}).await.unwrap();
+    assert!(
+        drained
+            .stopped
+            .as_deref()
+            .is_some_and(|s| s.contains("607") || s.contains("quota")),
+        "{drained:?}"
+    );
+    let counts = p.store.counts().await.unwrap();
+    assert_eq!(counts.get(Status::Ready), 30, "{counts:?}");
+    assert_eq!(counts.get(Status::Failed), 0, "{counts:?}");
+    let next = p.drain(|_, _| {}).await.unwrap();
+    assert_eq!(next.written, 30, "{next:?}");
+    assert_marketo_matches_dynamics(&sims);
+}
