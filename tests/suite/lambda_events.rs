@@ -242,3 +242,30 @@ async fn a_dry_run_resync_reports_the_plan_and_writes_nothing() {
     assert_eq!(sims.mk.rest_calls(), 0);
     assert_eq!(p.store.counts().await.unwrap().total(), 0, "a dry run records nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_writes_the_named_record_again_and_reports_marketos_answers() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(6, 12, oppsync_simulators::dataverse::Mix::Uniform);
+    let p = pipeline(&sims, sqlite(), Config::default());
+    oppsync_tests::harness::sync(&p).await;
+    let id = seeded.opportunities[2].clone();
+    let calls = sims.mk.rest_calls();
+    let handled = oppsync_lambda::resync(&p, json!({"opportunityIds": [id]}))
+        .await
+        .unwrap();
+    let report = serde_json::to_value(&handled.response).unwrap();
+    let record = &report["records"][0];
+    assert_eq!(record["id"], json!(id));
+    assert_eq!(record["write"]["outcome"], "synced", "{report}");
+    assert!(record["previously_written"]["hash"].is_string() || record["previously_written"]["hash"].is_number());
+    let operations: Vec<&str> = record["answers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["operation"].as_str().unwrap())
+        .collect();
+    assert!(operations.contains(&"opportunities"), "{operations:?}");
+    assert!(sims.mk.rest_calls() > calls, "written again though nothing changed");
+    assert_eq!(handled.metrics.counts["OpportunitiesResynced"], 1);
+}

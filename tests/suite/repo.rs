@@ -115,3 +115,58 @@ fn the_readmes_dataverse_example_is_valid_and_shows_the_defaults() {
     let options = oppsync_dynamics::DataverseOptions::from_toml(example).unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(options, oppsync_dynamics::DataverseOptions::default());
 }
+
+#[test]
+fn the_readmes_sync_example_is_valid_and_shows_the_defaults() {
+    let readme = read("README.md");
+    let start = readme.find("```toml\n[sync]").expect("README has the [sync] example") + "```toml\n".len();
+    let example = &readme[start..start + readme[start..].find("```").unwrap()];
+    let config = oppsync_pipeline::Config::from_toml(example, "README.md").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.sync, oppsync_pipeline::SyncOptions::default());
+}
+
+#[test]
+fn the_readmes_deploy_section_names_what_the_template_and_functions_need() {
+    let readme = read("README.md");
+    let deploy = &readme[readme
+        .find("## Deploy to AWS")
+        .expect("README has a Deploy to AWS section")..];
+    for needed in [
+        "sam build",
+        "sam deploy --guided",
+        "\"tenantId\"",
+        "\"clientSecret\"",
+        "API Only",
+        "LaunchPoint",
+        "security role",
+        "\"opportunityIds\"",
+    ] {
+        assert!(deploy.contains(needed), "the Deploy to AWS section lacks {needed}");
+    }
+    // Every template parameter is explained.
+    let template = oppsync_tests::template::load();
+    for parameter in template["Parameters"].as_object().unwrap().keys() {
+        assert!(
+            deploy.contains(&format!("`{parameter}`")),
+            "README does not explain {parameter}"
+        );
+    }
+    // The secrets' shapes are the ones the functions parse.
+    for shape in [
+        oppsync_lambda::coldstart::DYNAMICS_SHAPE,
+        oppsync_lambda::coldstart::MARKETO_SHAPE,
+    ] {
+        for key in ["url", "clientId", "clientSecret"] {
+            assert!(shape.contains(&format!("\"{key}\"")), "{shape}");
+        }
+    }
+    for example in deploy.split("--secret-string '").skip(1) {
+        let json = &example[..example.find("'").unwrap()];
+        let value: serde_json::Value = serde_json::from_str(json).unwrap();
+        if value.get("tenantId").is_some() {
+            oppsync_lambda::coldstart::DynamicsSecret::parse(json).unwrap();
+        } else {
+            oppsync_lambda::coldstart::MarketoSecret::parse(json).unwrap();
+        }
+    }
+}

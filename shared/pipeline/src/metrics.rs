@@ -67,3 +67,51 @@ impl Metrics {
         Value::Object(root)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_emf_document_declares_every_metric_under_the_namespace_with_its_value_at_the_root() {
+        let mut m = Metrics::default();
+        m.count("OpportunitiesSynced", 3);
+        m.count("OpportunitiesSynced", 2);
+        m.count("MarketoCalls.opportunities", 1);
+        m.observe_ms("SyncLag", 1500.0);
+        m.observe_ms("SyncLag", 250.0);
+        let doc = m.emf("writer", 1_764_532_800_000);
+        let directive = &doc["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(doc["_aws"]["Timestamp"], 1_764_532_800_000i64);
+        assert_eq!(directive["Namespace"], NAMESPACE);
+        assert_eq!(directive["Dimensions"], json!([["function"]]));
+        assert_eq!(doc["function"], "writer");
+        let declared: Vec<(&str, &str)> = directive["Metrics"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|d| (d["Name"].as_str().unwrap_or(""), d["Unit"].as_str().unwrap_or("")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            declared,
+            vec![
+                ("MarketoCalls.opportunities", "Count"),
+                ("OpportunitiesSynced", "Count"),
+                ("SyncLag", "Milliseconds")
+            ]
+        );
+        assert_eq!(doc["OpportunitiesSynced"], 5);
+        assert_eq!(doc["SyncLag"], json!([1500.0, 250.0]));
+    }
+
+    #[test]
+    fn emf_caps_a_metric_at_100_values_per_document() {
+        let mut m = Metrics::default();
+        for i in 0..150 {
+            m.observe_ms("SyncLag", f64::from(i));
+        }
+        assert_eq!(m.emf("writer", 0)["SyncLag"].as_array().map(Vec::len), Some(100));
+    }
+}
