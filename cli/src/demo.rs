@@ -1,0 +1,327 @@
+//! `oppsync demo`: the whole product against the built-in simulators, on embedded defaults.
+//!
+//! 1. starts the Dataverse and Marketo simulators on loopback and seeds every customer and
+//!    stakeholder case;
+//! 2. polls and drains (the initial sync) on a SQLite store;
+//! 3. changes Dynamics the way users do: an amount, a stakeholder added and one removed, a
+//!    customer switched from an account to a contact, an opportunity won, one deleted, one
+//!    excluded by the sync filter;
+//! 4. polls and drains again (the incremental sync);
+//! 5. prints what happened and checks Marketo's end state against the rules, written a second
+//!    time independently of the mapping crate (`oppsync_simulators::oracle`).
+//!
+//! Marketo's 20-second rate window is compressed to one second on both sides: the same calls,
+//! without the waiting, so the demo finishes in seconds. The call counts are what they would be.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use oppsync_dynamics::{DataverseClient, DataverseSettings};
+use oppsync_marketo::{Limiter, LimiterSettings, MarketoClient, MarketoSettings};
+use oppsync_pipeline::{Config, DrainReport, Pipeline, Stage, system_clock};
+use oppsync_simulators::dataverse::{DataverseConfig, Mix, Seeded, Table, seed_id};
+use oppsync_simulators::oracle::{self, Rules};
+use oppsync_simulators::{DataverseSim, MarketoConfig, MarketoEndpoint as E, MarketoSim};
+use oppsync_state::{SqliteStore, StateStore, Status};
+use serde_json::json;
+
+use crate::CliError;
+use crate::progress::Progress;
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How many opportunities to seed in the Dataverse simulator (10 to 200,000).
+    #[arg(long, default_value_t = 5_000)]
+    opportunities: u64,
+    /// The seed of the data generator: the same seed, the same data.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// The SQLite state file (default: a new file in the system's temporary directory).
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+/// The demo's configuration: the defaults plus the sync filter, so that one scripted change can
+/// show a record being excluded.
+const DEMO_CONFIG: &str = "[mapping]\nsync_filter = \"new_synctomkto\"\n";
+const SYNC_FILTER: &str = "new_synctomkto";
+
+pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
+    if !(10..=200_000).contains(&args.opportunities) {
+        return Err(CliError::Usage(format!(
+            "--opportunities {} is out of range: give 10 to 200000",
+            args.opportunities
+        )));
+    }
+    let started = Instant::now();
+    let fatal = |what: &str| {
+        let what = what.to_owned();
+        move |e: std::io::Error| CliError::Fatal(format!("{what}: {e}"))
+    };
+    let dv = DataverseSim::start(DataverseConfig::default())
+        .await
+        .map_err(fatal("starting the Dataverse simulator"))?;
+    let mk = MarketoSim::start(MarketoConfig {
+        rate_window: Duration::from_secs(1),
+        ..MarketoConfig::default()
+    })
+    .await
+    .map_err(fatal("starting the Marketo simulator"))?;
+    let seeded = dv.seed(args.opportunities, args.seed, Mix::Realistic);
+    let state_path = args.state.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("oppsync-demo-{}-{}.db", std::process::id(), started.elapsed().as_nanos()))
+    });
+    let store = SqliteStore::open(&state_path).map_err(|e| CliError::Fatal(e.to_string()))?;
+    let config = Config::from_toml(DEMO_CONFIG, "the demo's configuration").map_err(|e| CliError::Usage(e.to_string()))?;
+    let pipeline = Pipeline {
+        store,
+        dataverse: dataverse_client(&dv)?,
+        marketo: marketo_client(&mk)?,
+        config: Arc::new(config),
+        clock: system_clock(),
+        owner: format!("oppsync-demo-{}", std::process::id()),
+    };
+
+    println!(
+        "oppsync demo: {} opportunities in the Dataverse simulator ({} accounts, {} contacts), state in {}",
+        seeded.opportunities.len(),
+        seeded.accounts.len(),
+        seeded.contacts.len(),
+        state_path.display()
+    );
+    println!("Marketo's 20 s rate window is compressed to 1 s: the same calls, without the waiting.\n");
+
+    let initial = round(&pipeline, &dv, &mk, "initial sync", seeded.opportunities.len()).await?;
+
+    let script = change_dynamics(&dv, &seeded);
+    println!("\nChanged in Dynamics:");
+    for line in &script.lines {
+        println!("  - {line}");
+    }
+    println!();
+    let incremental = round(&pipeline, &dv, &mk, "incremental sync", script.lines.len()).await?;
+
+    // The end state, by the rules.
+    let rules = Rules {
+        sync_filter: Some(SYNC_FILTER.into()),
+        ..Rules::default()
+    };
+    let expected = oracle::expected(&dv, &rules);
+    let snapshot = mk.snapshot();
+    let mut diff = oracle::differences(&expected, &snapshot, &BTreeSet::from([script.excluded.clone()]));
+    let excluded_name = snapshot
+        .opportunities
+        .get(&script.excluded)
+        .and_then(|f| f.get("name").cloned());
+    if excluded_name != Some(json!(script.excluded_old_name)) {
+        diff.push(format!(
+            "opportunity {}: excluded by the sync filter, yet Marketo's name changed to {excluded_name:?}",
+            script.excluded
+        ));
+    }
+
+    let counts = pipeline
+        .store
+        .counts()
+        .await
+        .map_err(|e| CliError::Fatal(e.to_string()))?;
+    println!("\nRecords by status:");
+    for status in Status::ALL {
+        let n = counts.get(status);
+        if n > 0 {
+            println!("  {:<10} {n:>8}", status.as_str());
+        }
+    }
+    println!(
+        "\nMarketo now holds {} opportunities, {} roles, {} companies, {} leads.",
+        snapshot.opportunities.len(),
+        snapshot.roles.len(),
+        snapshot.companies.len(),
+        snapshot.leads.len()
+    );
+    println!("Total time: {:.1} s", started.elapsed().as_secs_f64());
+
+    let failed = initial.failed + incremental.failed;
+    if !diff.is_empty() {
+        println!("\nFAIL: Marketo differs from the rules in {} places; the first ones:", diff.len());
+        for d in diff.iter().take(20) {
+            println!("  {d}");
+        }
+        return Ok(ExitCode::from(1));
+    }
+    if failed > 0 {
+        println!("\nFAIL: {failed} records failed (run with RUST_LOG=warn to see why)");
+        return Ok(ExitCode::from(1));
+    }
+    println!(
+        "\nPASS: Marketo matches Dynamics by the rules, record by record ({} opportunities, {} roles, {} companies checked).",
+        expected.opportunities.len(),
+        expected.roles.len(),
+        expected.companies.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One poll and drain, with its progress and summary.
+async fn round(
+    pipeline: &Pipeline<SqliteStore>,
+    dv: &DataverseSim,
+    mk: &MarketoSim,
+    name: &str,
+    expected_records: usize,
+) -> Result<DrainReport, CliError> {
+    let started = Instant::now();
+    let calls_before = endpoint_calls(mk);
+    let dv_before = dv.requests();
+    let poll = pipeline.poll(None).await.map_err(|e| CliError::Fatal(format!("poll: {e}")))?;
+    let mut transform = Progress::new("transform", expected_records);
+    let mut write = Progress::new("write", expected_records);
+    let report = pipeline
+        .drain(|stage, n| match stage {
+            Stage::Transform => transform.add(n),
+            Stage::Write => write.add(n),
+        })
+        .await
+        .map_err(|e| CliError::Fatal(format!("{name}: {e}")))?;
+    transform.finish();
+    write.finish();
+    let elapsed = started.elapsed();
+    println!(
+        "{name}: {} changes read, {} planned, {} unchanged or filtered (no Marketo call), {} written, {} failed, in {:.1} s",
+        poll.marked + poll.requeued,
+        report.transformed,
+        report.unchanged,
+        report.written,
+        report.failed,
+        elapsed.as_secs_f64()
+    );
+    let calls: BTreeMap<&str, u64> = endpoint_calls(mk)
+        .into_iter()
+        .map(|(k, v)| (k, v - calls_before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    let total: u64 = calls.values().sum();
+    println!(
+        "  Marketo calls: {total} ({}); a one-call-per-record integration would make at least {}",
+        calls.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "),
+        report.written + report.transformed.saturating_sub(report.written)
+    );
+    println!("  Dataverse requests: {}", dv.requests() - dv_before);
+    Ok(report)
+}
+
+fn endpoint_calls(mk: &MarketoSim) -> BTreeMap<&'static str, u64> {
+    [
+        ("companies", E::CompanySync),
+        ("lead lookups", E::LeadQuery),
+        ("lead creates", E::LeadSync),
+        ("opportunities", E::OpportunitySync),
+        ("roles", E::RoleSync),
+        ("role deletions", E::RoleDelete),
+        ("opportunity deletions", E::OpportunityDelete),
+        ("describe", E::OpportunityDescribe),
+        ("role describe", E::RoleDescribe),
+    ]
+    .into_iter()
+    .map(|(name, endpoint)| (name, mk.calls(endpoint)))
+    .collect()
+}
+
+fn dataverse_client(dv: &DataverseSim) -> Result<DataverseClient, CliError> {
+    let (tenant, id, secret) = dv.credentials();
+    let settings = DataverseSettings::new(
+        &dv.url(),
+        &tenant,
+        &id,
+        oppsync_dynamics::Secret::new(secret),
+        Some(&dv.token_url()),
+    )
+    .map_err(|e| CliError::Fatal(e.to_string()))?;
+    DataverseClient::new(settings).map_err(|e| CliError::Fatal(e.to_string()))
+}
+
+fn marketo_client(mk: &MarketoSim) -> Result<MarketoClient, CliError> {
+    let settings = MarketoSettings::new(
+        &mk.url(),
+        &mk.client_id(),
+        oppsync_marketo::Secret::new(mk.client_secret()),
+    )
+    .map_err(|e| CliError::Fatal(e.to_string()))?;
+    let limits = LimiterSettings {
+        window: Duration::from_secs(1),
+        ..LimiterSettings::default()
+    };
+    MarketoClient::new(settings, Limiter::new(limits), 40_000).map_err(|e| CliError::Fatal(e.to_string()))
+}
+
+/// What the scripted round changed, for the summary and the end-state check.
+struct Script {
+    lines: Vec<String>,
+    excluded: String,
+    excluded_old_name: String,
+}
+
+fn change_dynamics(dv: &DataverseSim, seeded: &Seeded) -> Script {
+    let o = |n: usize| seeded.opportunities[n % seeded.opportunities.len()].clone();
+    let contact = |n: u64| seed_id(0xc000_0000, n % seeded.contacts.len() as u64);
+    let mut lines = Vec::new();
+
+    let id = o(1);
+    dv.upsert(Table::Opportunities, &id, json!({"estimatedvalue": 98765.43}), &[]);
+    lines.push(format!("{id}: amount changed to 98765.43"));
+
+    let id = o(2);
+    dv.add_stakeholder(&id, &contact(5), &seed_id(0xf000_0000, 2));
+    lines.push(format!("{id}: stakeholder {} added", contact(5)));
+
+    if let Some((opportunity, pairs)) = seeded.stakeholders.iter().find(|(_, pairs)| !pairs.is_empty()) {
+        dv.remove_connection(&pairs[0]);
+        lines.push(format!("{opportunity}: a stakeholder removed"));
+    }
+
+    let id = o(3);
+    let switched_to = contact(12);
+    dv.upsert(
+        Table::Opportunities,
+        &id,
+        json!({"_customerid_value": switched_to, "_parentaccountid_value": null, "_parentcontactid_value": switched_to}),
+        &[("_customerid_value", "contact"), ("_parentcontactid_value", "contact")],
+    );
+    lines.push(format!("{id}: customer switched to contact {switched_to}"));
+
+    let id = o(4);
+    dv.upsert(
+        Table::Opportunities,
+        &id,
+        json!({"statecode": 1, "statuscode": 3, "actualclosedate": "2026-11-30"}),
+        &[],
+    );
+    lines.push(format!("{id}: won"));
+
+    let id = o(5);
+    dv.delete(Table::Opportunities, &id);
+    lines.push(format!("{id}: deleted"));
+
+    let excluded = o(6);
+    let excluded_old_name = dv
+        .row(Table::Opportunities, &excluded)
+        .and_then(|r| r.attributes.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+        .unwrap_or_default();
+    dv.upsert(
+        Table::Opportunities,
+        &excluded,
+        json!({SYNC_FILTER: false, "name": "Renamed after it was excluded"}),
+        &[],
+    );
+    lines.push(format!("{excluded}: {SYNC_FILTER} set to No, then renamed (Marketo keeps the old name)"));
+
+    Script {
+        lines,
+        excluded,
+        excluded_old_name,
+    }
+}
