@@ -73,10 +73,15 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     .map_err(fatal("starting the Marketo simulator"))?;
     let seeded = dv.seed(args.opportunities, args.seed, Mix::Realistic);
     let state_path = args.state.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("oppsync-demo-{}-{}.db", std::process::id(), started.elapsed().as_nanos()))
+        std::env::temp_dir().join(format!(
+            "oppsync-demo-{}-{}.db",
+            std::process::id(),
+            started.elapsed().as_nanos()
+        ))
     });
     let store = SqliteStore::open(&state_path).map_err(|e| CliError::Fatal(e.to_string()))?;
-    let config = Config::from_toml(DEMO_CONFIG, "the demo's configuration").map_err(|e| CliError::Usage(e.to_string()))?;
+    let config =
+        Config::from_toml(DEMO_CONFIG, "the demo's configuration").map_err(|e| CliError::Usage(e.to_string()))?;
     let pipeline = Pipeline {
         store,
         dataverse: dataverse_client(&dv)?,
@@ -147,7 +152,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
 
     let failed = initial.failed + incremental.failed;
     if !diff.is_empty() {
-        println!("\nFAIL: Marketo differs from the rules in {} places; the first ones:", diff.len());
+        println!(
+            "\nFAIL: Marketo differs from the rules in {} places; the first ones:",
+            diff.len()
+        );
         for d in diff.iter().take(20) {
             println!("  {d}");
         }
@@ -177,7 +185,10 @@ async fn round(
     let started = Instant::now();
     let calls_before = endpoint_calls(mk);
     let dv_before = dv.requests();
-    let poll = pipeline.poll(None).await.map_err(|e| CliError::Fatal(format!("poll: {e}")))?;
+    let poll = pipeline
+        .poll(None)
+        .await
+        .map_err(|e| CliError::Fatal(format!("poll: {e}")))?;
     let mut transform = Progress::new("transform", expected_records);
     let mut write = Progress::new("write", expected_records);
     let report = pipeline
@@ -207,7 +218,11 @@ async fn round(
     let total: u64 = calls.values().sum();
     println!(
         "  Marketo calls: {total} ({}); a one-call-per-record integration would make at least {}",
-        calls.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "),
+        calls
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         report.written + report.transformed.saturating_sub(report.written)
     );
     println!("  Dataverse requests: {}", dv.requests() - dv_before);
@@ -317,7 +332,9 @@ fn change_dynamics(dv: &DataverseSim, seeded: &Seeded) -> Script {
         json!({SYNC_FILTER: false, "name": "Renamed after it was excluded"}),
         &[],
     );
-    lines.push(format!("{excluded}: {SYNC_FILTER} set to No, then renamed (Marketo keeps the old name)"));
+    lines.push(format!(
+        "{excluded}: {SYNC_FILTER} set to No, then renamed (Marketo keeps the old name)"
+    ));
 
     Script {
         lines,

@@ -28,7 +28,9 @@ impl Progress {
         if self.draw && self.last.elapsed() >= Duration::from_millis(100) {
             self.last = Instant::now();
             let width = 30;
-            let filled = (self.done.min(self.total) * width).checked_div(self.total).unwrap_or(width);
+            let filled = (self.done.min(self.total) * width)
+                .checked_div(self.total)
+                .unwrap_or(width);
             let mut err = std::io::stderr().lock();
             let _ = write!(
                 err,
