@@ -77,6 +77,16 @@ impl EntitySet {
             EntitySet::ConnectionRoles => "connectionroles",
         }
     }
+    /// The table's logical name (EntityDefinitions' `LogicalName`).
+    pub fn logical(self) -> &'static str {
+        match self {
+            EntitySet::Opportunities => "opportunity",
+            EntitySet::Accounts => "account",
+            EntitySet::Contacts => "contact",
+            EntitySet::Connections => "connection",
+            EntitySet::ConnectionRoles => "connectionrole",
+        }
+    }
     pub fn key(self) -> &'static str {
         match self {
             EntitySet::Opportunities => "opportunityid",
@@ -621,6 +631,30 @@ impl DataverseClient {
             }
         };
         Ok((rows, next))
+    }
+
+    /// Reads one row of a table: proves the credentials work and the application user may read
+    /// it (`oppsync validate`).
+    pub async fn probe(&self, set: EntitySet) -> Result<(), DataverseError> {
+        let url = self.entity_url(set, &[("$select", set.key().to_owned()), ("$top", "1".to_owned())])?;
+        self.get(url, &[]).await.map(|_| ())
+    }
+
+    /// Whether change tracking is on for a table, from its metadata
+    /// (`EntityDefinitions(LogicalName='…')?$select=ChangeTrackingEnabled`).
+    pub async fn change_tracking_enabled(&self, set: EntitySet) -> Result<bool, DataverseError> {
+        let mut url = self
+            .api
+            .join(&format!("EntityDefinitions(LogicalName='{}')", set.logical()))
+            .map_err(|e| DataverseError::Settings(e.to_string()))?;
+        url.query_pairs_mut().append_pair("$select", "ChangeTrackingEnabled");
+        let body = self.get(url, &[]).await?;
+        body["ChangeTrackingEnabled"].as_bool().ok_or_else(|| {
+            DataverseError::Decode(format!(
+                "EntityDefinitions for {} has no ChangeTrackingEnabled",
+                set.logical()
+            ))
+        })
     }
 
     /// Every id in a table (a watermark strategy's periodic scan for deletions).
