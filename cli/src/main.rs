@@ -9,8 +9,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod context;
 mod demo;
+mod plan;
 mod progress;
+mod resync;
+mod status;
+mod sync;
+mod validate;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,6 +36,26 @@ enum Command {
     /// opportunities, a scripted round of changes in Dynamics, an incremental sync, then checks
     /// Marketo's end state against the rules, record by record.
     Demo(demo::DemoArgs),
+    /// Syncs Dynamics into Marketo: reads the changes since the last run, writes them, and
+    /// exits (or repeats with --every). Endpoints and credentials come from the environment:
+    /// DYNAMICS_URL, DYNAMICS_TENANT_ID, DYNAMICS_CLIENT_ID, DYNAMICS_CLIENT_SECRET, optional
+    /// DYNAMICS_TOKEN_URL, MARKETO_URL, MARKETO_CLIENT_ID, MARKETO_CLIENT_SECRET.
+    Sync(sync::SyncArgs),
+    /// Shows what a sync would write to Marketo now, as a diff against what was last written.
+    /// Writes nothing and moves no cursor.
+    Plan(plan::PlanArgs),
+    /// Writes the named opportunities (or --all) to Marketo now, whatever was written before,
+    /// and reports Marketo's answer for each.
+    Resync(resync::ResyncArgs),
+    /// The Sync Status view: records by status, oldest pending, last-hour throughput, cursor
+    /// ages, Marketo calls used today.
+    Status(status::StatusArgs),
+    /// The Sync Errors view: failed records with the operation, code and message; searchable,
+    /// exportable as CSV or JSON.
+    Errors(status::ErrorsArgs),
+    /// Checks the configuration, the environment, both sets of credentials, Dataverse change
+    /// tracking and Marketo's preflight, each with pass or fail and the fix.
+    Validate(validate::ValidateArgs),
 }
 
 /// Why a command stopped.
@@ -56,6 +82,7 @@ fn main() -> ExitCode {
     // warnings are noise there, and `RUST_LOG=warn` brings them back.
     init_logging(match cli.command {
         Command::Demo(_) => "error",
+        _ => "warn",
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -67,6 +94,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Sync(args) => sync::run(args).await,
+            Command::Plan(args) => plan::run(args).await,
+            Command::Resync(args) => resync::run(args).await,
+            Command::Status(args) => status::status(args).await,
+            Command::Errors(args) => status::errors(args).await,
+            Command::Validate(args) => validate::run(args).await,
         }
     });
     match result {

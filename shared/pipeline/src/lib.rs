@@ -219,6 +219,9 @@ pub struct WriteReport {
     pub records: Vec<WriteRecord>,
     /// Why writing stopped early (quota, budget, credentials), if it did.
     pub stopped: Option<String>,
+    /// The stop will not pass by itself (credentials refused, an instance that runs Marketo's
+    /// native CRM sync): someone must fix something. False for the quota and the budget.
+    pub stopped_for_good: bool,
     pub marketo_calls: u64,
     #[serde(skip)]
     pub metrics: Metrics,
@@ -349,6 +352,8 @@ pub struct DrainReport {
     pub failed: u64,
     pub retried: u64,
     pub stopped: Option<String>,
+    /// See [`WriteReport::stopped_for_good`].
+    pub stopped_for_good: bool,
     #[serde(skip)]
     pub metrics: Metrics,
 }
@@ -749,6 +754,79 @@ impl<S: StateStore> Pipeline<S> {
         self.mark(&gone, report, marked_now).await
     }
 
+    /// The opportunities a poll would record now: read from the stored cursors, which do not
+    /// move, and nothing is recorded (`oppsync plan`). Deletions a watermark cannot see are
+    /// left to the poll's periodic scan.
+    pub async fn peek(&self) -> Result<BTreeSet<OpportunityId>, PipelineError> {
+        let mut ids = BTreeSet::new();
+        let opportunity_columns = ["opportunityid"];
+        for (source, set) in [
+            (Source::Opportunities, EntitySet::Opportunities),
+            (Source::Connections, EntitySet::Connections),
+        ] {
+            let columns: &[&str] = if source == Source::Opportunities {
+                &opportunity_columns
+            } else {
+                CONNECTION_SELECT
+            };
+            let stored = self.store.cursor(source).await?.map(|c| c.value);
+            let (rows, deleted) = match self.config.dataverse.change_detection {
+                ChangeDetection::ChangeTracking => {
+                    let (mut rows, mut deleted) = (Vec::new(), Vec::new());
+                    let mut cursor = stored;
+                    loop {
+                        let page = self.dataverse.changes(set, columns, cursor.as_deref()).await?;
+                        rows.extend(page.rows);
+                        deleted.extend(page.deleted);
+                        cursor = Some(page.cursor);
+                        if page.caught_up {
+                            break;
+                        }
+                    }
+                    (rows, deleted)
+                }
+                _ => {
+                    let watermark = match stored {
+                        Some(text) => {
+                            serde_json::from_str::<WatermarkCursor>(&text)
+                                .map_err(|e| StateError::Corrupt {
+                                    key: format!("cursor {}", source.as_str()),
+                                    reason: e.to_string(),
+                                })?
+                                .watermark
+                        }
+                        None if self.config.dataverse.change_detection == ChangeDetection::VersionWatermark => {
+                            Watermark::Version(0)
+                        }
+                        None => Watermark::ModifiedOn {
+                            at: "1900-01-01T00:00:00Z".into(),
+                            seen: Vec::new(),
+                        },
+                    };
+                    (
+                        self.dataverse.watermark_changes(set, columns, &watermark).await?.0,
+                        Vec::new(),
+                    )
+                }
+            };
+            match source {
+                Source::Opportunities => {
+                    ids.extend(
+                        rows.iter()
+                            .filter_map(|r| r["opportunityid"].as_str())
+                            .chain(deleted.iter().map(String::as_str))
+                            .filter_map(|t| OpportunityId::parse(t).ok()),
+                    );
+                }
+                Source::Connections => {
+                    ids.extend(oppsync_dynamics::opportunities_touched(&rows));
+                    ids.extend(self.store.linked_opportunities(&deleted).await?);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// Requeues open records nobody has touched for `stuck_after_minutes`: a worker died, a
     /// stream delivery went to the dead-letter queue, or a retry was never redelivered.
     pub async fn sweep_stuck(&self) -> Result<u64, PipelineError> {
@@ -1023,6 +1101,7 @@ impl<S: StateStore> Pipeline<S> {
         if let Some(e) = &stopped {
             tracing::warn!(error = %e, "Marketo writes stopped early; unfinished records stay ready");
             report.stopped = Some(e.to_string());
+            report.stopped_for_good = !(e.class().is_retryable() || e.class() == ErrorClass::QuotaExhausted);
         }
 
         let after = self.marketo.calls_by_endpoint();
@@ -1704,6 +1783,7 @@ impl<S: StateStore> Pipeline<S> {
                 progress(Stage::Write, claimed);
                 if let Some(stop) = done.stopped {
                     report.stopped = Some(stop);
+                    report.stopped_for_good = done.stopped_for_good;
                     return Ok(report);
                 }
                 if claimed > 0 {

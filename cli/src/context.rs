@@ -1,0 +1,174 @@
+//! What every command that touches the real systems shares: the configuration file, the
+//! endpoints and credentials from the environment, the state store, and the pipeline over them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use oppsync_dynamics::{DataverseClient, DataverseSettings};
+use oppsync_marketo::{Limiter, MarketoClient, MarketoSettings};
+use oppsync_pipeline::{Config, Pipeline, system_clock};
+use oppsync_state::{DynamoStore, SqliteStore};
+
+use crate::CliError;
+
+/// Where the sync state lives and which configuration to use: the same flags on every command.
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// The SQLite state file [default: oppsync-state.db].
+    #[arg(long, value_name = "FILE", conflicts_with = "table")]
+    pub state: Option<PathBuf>,
+    /// A DynamoDB table instead (the one the SAM stack created; AWS_ENDPOINT_URL for a local
+    /// server; credentials and region from the usual AWS environment).
+    #[arg(long, value_name = "NAME")]
+    pub table: Option<String>,
+    /// The configuration file (TOML: [mapping], [dataverse], [marketo], [sync]) [default: the
+    /// built-in defaults].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+pub const DEFAULT_STATE: &str = "oppsync-state.db";
+
+/// The environment variables `sync`, `plan`, `resync` and `validate` read.
+pub const REQUIRED_ENV: [&str; 7] = [
+    "DYNAMICS_URL",
+    "DYNAMICS_TENANT_ID",
+    "DYNAMICS_CLIENT_ID",
+    "DYNAMICS_CLIENT_SECRET",
+    "MARKETO_URL",
+    "MARKETO_CLIENT_ID",
+    "MARKETO_CLIENT_SECRET",
+];
+
+/// Reads and checks the configuration file; no file means the defaults.
+pub fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
+    let Some(path) = path else {
+        return Ok(Config::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::Usage(format!(
+            "cannot read the configuration file {}: {e}. Fix: give --config an existing TOML file, or leave it out for the defaults",
+            path.display()
+        ))
+    })?;
+    Config::from_toml(&text, &path.display().to_string()).map_err(|e| CliError::Usage(e.to_string()))
+}
+
+/// Both systems' settings from the environment (read through `get`, so tests can pass a map).
+/// Every missing variable is named at once.
+pub fn endpoints(
+    config: &Config,
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<(DataverseSettings, MarketoSettings), CliError> {
+    let value = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+    let missing: Vec<&str> = REQUIRED_ENV.iter().copied().filter(|n| value(n).is_none()).collect();
+    if !missing.is_empty() {
+        return Err(CliError::Usage(format!(
+            "missing environment variables: {}. Fix: set them (README.md, section \"Run it against your systems\"); DYNAMICS_TOKEN_URL is optional",
+            missing.join(", ")
+        )));
+    }
+    let v = |name: &str| value(name).unwrap_or_default();
+    let mut dynamics = DataverseSettings::new(
+        &v("DYNAMICS_URL"),
+        &v("DYNAMICS_TENANT_ID"),
+        &v("DYNAMICS_CLIENT_ID"),
+        oppsync_dynamics::Secret::new(v("DYNAMICS_CLIENT_SECRET")),
+        value("DYNAMICS_TOKEN_URL").as_deref(),
+    )
+    .map_err(|e| CliError::Usage(format!("Dynamics: {e}")))?;
+    dynamics.page_size = config.dataverse.page_size;
+    dynamics.concurrency = config.dataverse.concurrency;
+    let marketo = MarketoSettings::new(
+        &v("MARKETO_URL"),
+        &v("MARKETO_CLIENT_ID"),
+        oppsync_marketo::Secret::new(v("MARKETO_CLIENT_SECRET")),
+    )
+    .map_err(|e| CliError::Usage(format!("Marketo: {e}")))?;
+    Ok((dynamics, marketo))
+}
+
+/// The state store the flags name.
+pub enum Store {
+    Sqlite(SqliteStore),
+    Dynamo(DynamoStore),
+}
+
+/// Whether a command may create a new SQLite file, or needs an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    CreateIfMissing,
+    Existing,
+}
+
+pub async fn open_store(args: &StateArgs, open: Open) -> Result<Store, CliError> {
+    if let Some(table) = &args.table {
+        if table.trim().is_empty() {
+            return Err(CliError::Usage("--table is empty. Fix: name the DynamoDB table".into()));
+        }
+        return Ok(Store::Dynamo(DynamoStore::connect(table, None).await));
+    }
+    let path = args.state.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE));
+    if open == Open::Existing && !path.exists() {
+        return Err(CliError::Usage(format!(
+            "there is no state at {}. Fix: run `oppsync sync` first, or point --state at the file it wrote",
+            path.display()
+        )));
+    }
+    SqliteStore::open(&path).map(Store::Sqlite).map_err(|e| {
+        CliError::Fatal(format!(
+            "cannot open the state file {}: {e}. Fix: give --state a path in a writable directory",
+            path.display()
+        ))
+    })
+}
+
+/// Runs `$body` with `$store` bound to whichever store the flags chose.
+#[macro_export]
+macro_rules! with_store {
+    ($store:expr, |$s:ident| $body:expr) => {
+        match $store {
+            $crate::context::Store::Sqlite($s) => $body,
+            $crate::context::Store::Dynamo($s) => $body,
+        }
+    };
+}
+
+/// The pipeline over real endpoints.
+pub fn pipeline<S>(
+    store: S,
+    config: Config,
+    dynamics: DataverseSettings,
+    marketo: MarketoSettings,
+) -> Result<Pipeline<S>, CliError> {
+    let dataverse = DataverseClient::new(dynamics).map_err(|e| CliError::Usage(format!("Dynamics: {e}")))?;
+    let marketo = MarketoClient::new(
+        marketo,
+        Limiter::new(config.marketo.limiter()),
+        config.marketo.daily_budget,
+    )
+    .map_err(|e| CliError::Usage(format!("Marketo: {e}")))?;
+    Ok(Pipeline {
+        store,
+        dataverse,
+        marketo,
+        config: Arc::new(config),
+        clock: system_clock(),
+        owner: format!("oppsync-cli-{}", std::process::id()),
+    })
+}
+
+/// Names the system in a pipeline error, so "wrong credentials" says whose.
+pub fn describe(e: &oppsync_pipeline::PipelineError) -> String {
+    use oppsync_pipeline::PipelineError as P;
+    match e {
+        P::Dataverse(e) => format!("Dynamics: {e}"),
+        P::Marketo(e) => format!("Marketo: {e}"),
+        P::State(e) => format!("state store: {e}"),
+    }
+}
+
+pub fn fatal(e: oppsync_pipeline::PipelineError) -> CliError {
+    CliError::Fatal(describe(&e))
+}

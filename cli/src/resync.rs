@@ -1,0 +1,89 @@
+//! `oppsync resync`: writes named records (or all) to Marketo now, whatever the cursor and the
+//! hash, and reports per record what was planned, what was there before, and Marketo's answer.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use oppsync_pipeline::{ResyncRequest, Wrote};
+
+use crate::CliError;
+use crate::context::{self, Open, StateArgs, fatal};
+use crate::with_store;
+
+#[derive(Debug, Args)]
+pub struct ResyncArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// The opportunities' ids (GUIDs).
+    #[arg(value_name = "OPPORTUNITY_ID", required_unless_present = "all")]
+    pub ids: Vec<String>,
+    /// Every opportunity in Dynamics (reports only the records that need attention).
+    #[arg(long, conflicts_with = "ids")]
+    pub all: bool,
+    /// Plan and report, write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The full report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: ResyncArgs) -> Result<ExitCode, CliError> {
+    // The ids are checked before anything else: nothing but a GUID reaches a Dataverse query.
+    let request = ResyncRequest {
+        opportunity_ids: args.ids.clone(),
+        all: args.all,
+        dry_run: args.dry_run,
+    };
+    let target = request.target().map_err(CliError::Usage)?;
+    let config = context::load_config(args.state.config.as_deref())?;
+    let (dynamics, marketo) = context::endpoints(&config, |k| std::env::var(k).ok())?;
+    let store = context::open_store(&args.state, Open::CreateIfMissing).await?;
+    with_store!(store, |s| {
+        let pipeline = context::pipeline(s, config, dynamics, marketo)?;
+        let report = pipeline.resync(target, args.dry_run).await.map_err(fatal)?;
+        let failed = report
+            .records
+            .iter()
+            .filter(|r| matches!(r.write, Some(Wrote::Failed { .. }) | Some(Wrote::Retry { .. })))
+            .count();
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        } else {
+            for r in &report.records {
+                let outcome = match (&r.transform, &r.write) {
+                    (_, Some(w)) => serde_json::to_value(w)
+                        .ok()
+                        .and_then(|v| v["outcome"].as_str().map(str::to_owned)),
+                    (Some(t), None) => serde_json::to_value(t)
+                        .ok()
+                        .and_then(|v| v["outcome"].as_str().map(str::to_owned)),
+                    (None, None) if args.dry_run => Some("planned (dry run)".into()),
+                    (None, None) => None,
+                };
+                println!("{} {}", r.id, outcome.unwrap_or_else(|| "-".into()));
+                for a in &r.answers {
+                    let code = a.outcome.code().map(|c| format!(" {c}")).unwrap_or_default();
+                    println!("    {} {}: {:?}{code}", a.operation, a.key, a.outcome.status);
+                }
+            }
+            if let Some(stop) = &report.stopped {
+                println!("stopped early: {stop}");
+            }
+            println!(
+                "{} records{}",
+                report.records.len(),
+                if args.dry_run {
+                    ", nothing written (dry run)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(if failed > 0 || report.stopped.is_some() {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        })
+    })
+}

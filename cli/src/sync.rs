@@ -1,0 +1,121 @@
+//! `oppsync sync`: the real thing on one machine. One cycle polls Dynamics until caught up,
+//! then transforms and writes everything pending; `--every` repeats it. Stopping it at any
+//! moment is safe: the state records every change before a cursor moves past it.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use oppsync_pipeline::{DrainReport, Pipeline};
+use oppsync_state::{StateStore, Status};
+
+use crate::CliError;
+use crate::context::{self, Open, StateArgs, fatal};
+use crate::with_store;
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Run one cycle and exit (the default).
+    #[arg(long, conflicts_with = "every")]
+    pub once: bool,
+    /// Run a cycle, then again every DURATION (like 30s, 5m, 1h), until stopped.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub every: Option<Duration>,
+}
+
+/// `30s`, `5m`, `1h`, or a number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration; write it like 30s, 5m or 1h"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("`{text}`: unknown unit `{unit}`; use s, m or h")),
+    };
+    if seconds == 0 {
+        return Err("the interval must be at least 1s".into());
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+pub async fn run(args: SyncArgs) -> Result<ExitCode, CliError> {
+    let config = context::load_config(args.state.config.as_deref())?;
+    let (dynamics, marketo) = context::endpoints(&config, |k| std::env::var(k).ok())?;
+    let store = context::open_store(&args.state, Open::CreateIfMissing).await?;
+    with_store!(store, |s| {
+        let pipeline = context::pipeline(s, config, dynamics, marketo)?;
+        loop {
+            let code = cycle(&pipeline).await?;
+            match args.every {
+                None => return Ok(code),
+                Some(every) => {
+                    eprintln!("next cycle in {}s", every.as_secs());
+                    tokio::time::sleep(every).await;
+                }
+            }
+        }
+    })
+}
+
+/// One cycle: poll to the end, drain; a summary on stdout. Exit 1 when a record failed
+/// permanently in this cycle or writing stopped early (quota, budget).
+pub async fn cycle<S: StateStore>(pipeline: &Pipeline<S>) -> Result<ExitCode, CliError> {
+    let started = Instant::now();
+    let since = (pipeline.clock)();
+    let mut changes = 0;
+    loop {
+        let poll = pipeline.poll(None).await.map_err(fatal)?;
+        if poll.busy {
+            return Err(CliError::Fatal(
+                "another poller holds the lease on this state (another `oppsync sync`, or the Lambda poller on this table); try again when it is done (a crashed run's lease expires by itself within [sync] lease_ttl_seconds)".into(),
+            ));
+        }
+        changes += poll.marked + poll.requeued;
+        if poll.caught_up {
+            break;
+        }
+    }
+    let report: DrainReport = pipeline.drain(|_, _| {}).await.map_err(fatal)?;
+    println!(
+        "sync: {changes} changes read; {} written, {} unchanged or filtered, {} failed, {} left for retry; {:.1} s",
+        report.written,
+        report.unchanged,
+        report.failed,
+        report.retried,
+        started.elapsed().as_secs_f64()
+    );
+    let mut code = ExitCode::SUCCESS;
+    if let (Some(stop), true) = (&report.stopped, report.stopped_for_good) {
+        return Err(CliError::Fatal(format!(
+            "Marketo: {stop}. The changes read stay queued for the next run"
+        )));
+    }
+    if let Some(stop) = &report.stopped {
+        println!("stopped early: {stop}; the unfinished records stay queued for the next run");
+        code = ExitCode::from(1);
+    }
+    if report.failed > 0 {
+        println!("failed in this cycle (`oppsync errors` lists every failed record):");
+        let listed = pipeline
+            .store
+            .list(Status::Failed, 1000, None)
+            .await
+            .map_err(|e| CliError::Fatal(format!("state store: {e}")))?;
+        for state in listed.items.iter().filter(|s| s.status_since >= since).take(20) {
+            if let Some(e) = &state.last_error {
+                println!("  {} {} {}: {}", state.id, e.operation, e.code, e.message);
+            }
+        }
+        code = ExitCode::from(1);
+    }
+    Ok(code)
+}

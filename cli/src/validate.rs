@@ -1,0 +1,240 @@
+//! `oppsync validate`: every check a first sync depends on, each with pass or fail and the fix:
+//! the configuration, the environment, both sets of credentials, read access to each Dataverse
+//! table, change tracking where the configuration relies on it, Marketo's preflight (can the
+//! instance take opportunity writes, does it have the mapped fields) and the state store.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use oppsync_dynamics::{ChangeDetection, DataverseClient, EntitySet};
+use oppsync_marketo::{Limiter, MarketoClient};
+use oppsync_pipeline::Config;
+use serde_json::{Value, json};
+
+use crate::CliError;
+use crate::context::{self, StateArgs};
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// One JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Checks(Vec<Value>);
+
+impl Checks {
+    fn pass(&mut self, name: &str, detail: impl Into<String>) {
+        self.0.push(json!({"check": name, "ok": true, "detail": detail.into()}));
+    }
+    fn fail(&mut self, name: &str, problem: impl Into<String>, fix: &str) {
+        self.0
+            .push(json!({"check": name, "ok": false, "problem": problem.into(), "fix": fix}));
+    }
+    fn skip(&mut self, name: &str, why: &str) {
+        self.0.push(json!({"check": name, "ok": null, "detail": why}));
+    }
+}
+
+pub async fn run(args: ValidateArgs) -> Result<ExitCode, CliError> {
+    let mut checks = Checks(Vec::new());
+    let config = match context::load_config(args.state.config.as_deref()) {
+        Ok(c) => {
+            checks.pass(
+                "configuration",
+                args.state
+                    .config
+                    .as_ref()
+                    .map_or("the built-in defaults".into(), |p| p.display().to_string()),
+            );
+            c
+        }
+        Err(e) => {
+            checks.fail("configuration", e.to_string(), "correct each key named above");
+            Config::default()
+        }
+    };
+    match context::endpoints(&config, |k| std::env::var(k).ok()) {
+        Err(e) => {
+            checks.fail("environment", e.to_string(), "set the variables named above");
+            for name in ["Dynamics credentials", "Marketo credentials"] {
+                checks.skip(name, "needs the environment");
+            }
+        }
+        Ok((dynamics, marketo)) => {
+            checks.pass("environment", "every variable is set");
+            match DataverseClient::new(dynamics) {
+                Ok(client) => dataverse_checks(&mut checks, &client, &config).await,
+                Err(e) => checks.fail("Dynamics credentials", e.to_string(), "correct DYNAMICS_URL"),
+            }
+            match MarketoClient::new(
+                marketo,
+                Limiter::new(config.marketo.limiter()),
+                config.marketo.daily_budget,
+            ) {
+                Ok(client) => marketo_checks(&mut checks, &client, &config).await,
+                Err(e) => checks.fail("Marketo credentials", e.to_string(), "correct MARKETO_URL"),
+            }
+        }
+    }
+    state_check(&mut checks, &args.state).await;
+
+    let failed = checks.0.iter().filter(|c| c["ok"] == json!(false)).count();
+    if args.json {
+        println!("{}", json!({"checks": checks.0, "failed": failed}));
+    } else {
+        for c in &checks.0 {
+            match c["ok"].as_bool() {
+                Some(true) => println!(
+                    "PASS  {}: {}",
+                    c["check"].as_str().unwrap_or(""),
+                    c["detail"].as_str().unwrap_or("")
+                ),
+                Some(false) => println!(
+                    "FAIL  {}: {}\n      Fix: {}",
+                    c["check"].as_str().unwrap_or(""),
+                    c["problem"].as_str().unwrap_or(""),
+                    c["fix"].as_str().unwrap_or("")
+                ),
+                None => println!(
+                    "SKIP  {}: {}",
+                    c["check"].as_str().unwrap_or(""),
+                    c["detail"].as_str().unwrap_or("")
+                ),
+            }
+        }
+        println!("{} checks, {failed} failed", checks.0.len());
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn dataverse_checks(checks: &mut Checks, client: &DataverseClient, config: &Config) {
+    let tables = [
+        EntitySet::Opportunities,
+        EntitySet::Connections,
+        EntitySet::ConnectionRoles,
+        EntitySet::Accounts,
+        EntitySet::Contacts,
+    ];
+    match client.probe(tables[0]).await {
+        Ok(()) => checks.pass(
+            "Dynamics credentials",
+            "a token was issued and opportunities can be read",
+        ),
+        Err(e) => {
+            checks.fail(
+                "Dynamics credentials",
+                format!("Dynamics: {e}"),
+                "check DYNAMICS_TENANT_ID, DYNAMICS_CLIENT_ID, DYNAMICS_CLIENT_SECRET and DYNAMICS_URL (README, Deploy to AWS, step 1)",
+            );
+            return;
+        }
+    }
+    for set in &tables[1..] {
+        match client.probe(*set).await {
+            Ok(()) => checks.pass(&format!("Dynamics read {}", set.name()), "readable"),
+            Err(e) => checks.fail(
+                &format!("Dynamics read {}", set.name()),
+                format!("Dynamics: {e}"),
+                "give the application user's security role organization-level Read on this table",
+            ),
+        }
+    }
+    if config.dataverse.change_detection != ChangeDetection::ChangeTracking {
+        checks.skip(
+            "Dynamics change tracking",
+            "the configuration uses a watermark, not change tracking",
+        );
+        return;
+    }
+    for set in [EntitySet::Opportunities, EntitySet::Connections] {
+        let name = format!("Dynamics change tracking on {}", set.logical());
+        match client.change_tracking_enabled(set).await {
+            Ok(true) => checks.pass(&name, "enabled"),
+            Ok(false) => checks.fail(
+                &name,
+                "change tracking is off for this table",
+                "turn on Track changes for the table (Power Apps > Tables > Properties > Advanced options), or set [dataverse] change_detection = \"versionnumber\"",
+            ),
+            Err(e) => checks.fail(&name, format!("Dynamics: {e}"), "give the application user read access to table metadata"),
+        }
+    }
+}
+
+async fn marketo_checks(checks: &mut Checks, client: &MarketoClient, config: &Config) {
+    let fields: Vec<&str> = config.mapping.fields.iter().map(|f| &*f.marketo).collect();
+    match client.preflight(&fields).await {
+        Err(e) => checks.fail(
+            "Marketo credentials",
+            format!("Marketo: {e}"),
+            "check MARKETO_URL, MARKETO_CLIENT_ID and MARKETO_CLIENT_SECRET (README, Deploy to AWS, step 2)",
+        ),
+        Ok(preflight) => {
+            checks.pass(
+                "Marketo credentials",
+                "a token was issued and the opportunity objects described",
+            );
+            match &preflight.blocked {
+                None => checks.pass("Marketo opportunity writes", "the instance takes them"),
+                Some(why) => checks.fail(
+                    "Marketo opportunity writes",
+                    why.clone(),
+                    "this instance runs Marketo's native CRM sync, which closes these APIs; oppsync is for instances without it",
+                ),
+            }
+            if preflight.missing_fields.is_empty() {
+                checks.pass("Marketo fields", format!("all {} mapped fields exist", fields.len()));
+            } else {
+                checks.fail(
+                    "Marketo fields",
+                    format!(
+                        "the instance has no opportunity field {}",
+                        preflight.missing_fields.join(", ")
+                    ),
+                    "create the fields in Marketo (Admin > Field Management), or remove them from [mapping]",
+                );
+            }
+        }
+    }
+}
+
+async fn state_check(checks: &mut Checks, args: &StateArgs) {
+    if let Some(table) = &args.table {
+        checks.skip("state", &format!("DynamoDB table {table}: checked on first use"));
+        return;
+    }
+    let path = args.state.clone().unwrap_or_else(|| context::DEFAULT_STATE.into());
+    if !path.exists() {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if dir.is_dir() {
+            checks.pass(
+                "state",
+                format!("{} does not exist yet; `oppsync sync` creates it", path.display()),
+            );
+        } else {
+            checks.fail(
+                "state",
+                format!("{} is not a directory", dir.display()),
+                "give --state a path in an existing, writable directory",
+            );
+        }
+        return;
+    }
+    match oppsync_state::SqliteStore::open(&path) {
+        Ok(_) => checks.pass("state", format!("{} opens", path.display())),
+        Err(e) => checks.fail(
+            "state",
+            e.to_string(),
+            "give --state a readable, writable SQLite file oppsync wrote",
+        ),
+    }
+}

@@ -1,0 +1,237 @@
+//! Bad input of every kind: a clear message naming the problem and the fix, a non-zero exit,
+//! and the state as it was.
+
+use oppsync_simulators::dataverse::Mix;
+use oppsync_tests::harness::sims;
+use serde_json::Value;
+
+use crate::common::*;
+
+/// A state with a finished sync in it, and a way to see that it did not change.
+async fn synced_state(env: &[(String, String)]) -> (std::path::PathBuf, Value) {
+    let state = state_path();
+    let run = oppsync(&["sync", "--state", s(&state)], env).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let view = snapshot(&state).await;
+    (state, view)
+}
+
+/// What a failed command must leave alone: counts and cursors.
+async fn snapshot(state: &std::path::Path) -> Value {
+    let v = oppsync(&["status", "--json", "--state", s(state)], &[]).await.json();
+    serde_json::json!({"counts": v["counts"], "cursors": [v["cursors"]["opportunities"]["updated"], v["cursors"]["connections"]["updated"]]})
+}
+
+fn with(env: &[(String, String)], name: &str, value: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = env.iter().filter(|(k, _)| k != name).cloned().collect();
+    env.push((name.to_owned(), value.to_owned()));
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_environment_variables_are_all_named() {
+    let state = state_path();
+    let run = oppsync(
+        &["sync", "--state", s(&state)],
+        &[("MARKETO_URL".into(), "https://x.mktorest.com".into())],
+    )
+    .await;
+    assert_eq!(run.code, 2, "{run:?}");
+    for name in [
+        "DYNAMICS_URL",
+        "DYNAMICS_TENANT_ID",
+        "DYNAMICS_CLIENT_ID",
+        "DYNAMICS_CLIENT_SECRET",
+        "MARKETO_CLIENT_ID",
+        "MARKETO_CLIENT_SECRET",
+    ] {
+        assert!(run.stderr.contains(name), "{name} is not named: {run:?}");
+    }
+    assert!(
+        !run.stderr.contains("MARKETO_URL,"),
+        "a set variable is not listed as missing: {run:?}"
+    );
+    assert!(!state.exists(), "nothing was created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_files_are_refused_with_the_key_and_the_fix() {
+    let sims = sims().await;
+    sims.dv.seed(5, 41, Mix::Uniform);
+    let env = env_for(&sims);
+    let (state, before) = synced_state(&env).await;
+    let cases = [
+        ("[marketo]\ncalls_per_20s = 500\n", "calls_per_20s"),
+        ("[mapping\n", "TOML"),
+        ("[sync]\nbatch_size = \"lots\"\n", "batch_size"),
+        ("[unknown]\nx = 1\n", "unknown"),
+        (
+            "[[mapping.fields]]\nmarketo = \"x\"\ndataverse = \"y\"\ntype = \"text\"\n",
+            "type",
+        ),
+    ];
+    for (text, names) in cases {
+        let config = config_file(text);
+        let run = oppsync(&["sync", "--state", s(&state), "--config", s(&config)], &env).await;
+        assert_eq!(run.code, 2, "{text}: {run:?}");
+        assert!(
+            run.stderr.contains(names),
+            "{text}: the message should name {names}: {run:?}"
+        );
+    }
+    let missing = oppsync(
+        &["sync", "--state", s(&state), "--config", "/nonexistent/oppsync.toml"],
+        &env,
+    )
+    .await;
+    assert_eq!(missing.code, 2, "{missing:?}");
+    assert!(
+        missing.stderr.contains("/nonexistent/oppsync.toml") && missing.stderr.contains("Fix"),
+        "{missing:?}"
+    );
+    assert_eq!(snapshot(&state).await, before, "the state is untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_to_a_remote_host_is_refused_for_either_system() {
+    let sims = sims().await;
+    let env = env_for(&sims);
+    for (name, system) in [("DYNAMICS_URL", "Dynamics"), ("MARKETO_URL", "Marketo")] {
+        let run = oppsync(
+            &["sync", "--state", s(&state_path())],
+            &with(&env, name, "http://crm.example.com"),
+        )
+        .await;
+        assert_eq!(run.code, 2, "{run:?}");
+        assert!(run.stderr.contains(system) && run.stderr.contains("https"), "{run:?}");
+    }
+    assert_eq!(sims.dv.requests() + sims.mk.rest_calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_ids_must_be_guids_and_an_injection_never_reaches_dataverse() {
+    let sims = sims().await;
+    sims.dv.seed(5, 42, Mix::Uniform);
+    let env = env_for(&sims);
+    let (state, before) = synced_state(&env).await;
+    let requests = sims.dv.requests();
+    for bad in [
+        "not-a-guid",
+        "0b000000-0000-4000-8000-00000000000z",
+        "0b000000-0000-4000-8000-000000000001') or (statecode eq 0",
+        "' or 1 eq 1 or '",
+    ] {
+        let run = oppsync(&["resync", bad, "--state", s(&state)], &env).await;
+        assert_eq!(run.code, 2, "{bad}: {run:?}");
+        assert!(run.stderr.contains("not opportunity ids"), "{bad}: {run:?}");
+    }
+    let neither = oppsync(&["resync", "--state", s(&state)], &env).await;
+    assert_eq!(neither.code, 2, "{neither:?}");
+    assert_eq!(sims.dv.requests(), requests, "no bad id reached Dataverse");
+    assert_eq!(snapshot(&state).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_name_the_system_and_change_nothing() {
+    let sims = sims().await;
+    sims.dv.seed(5, 43, Mix::Uniform);
+    let env = env_for(&sims);
+    let (state, before) = synced_state(&env).await;
+    sims.dv.upsert(
+        oppsync_simulators::dataverse::Table::Opportunities,
+        &oppsync_simulators::dataverse::seed_id(0x0b00_0000, 1),
+        serde_json::json!({"estimatedvalue": 1.5}),
+        &[],
+    );
+    let dynamics = oppsync(
+        &["sync", "--state", s(&state)],
+        &with(&env, "DYNAMICS_CLIENT_SECRET", "wrong"),
+    )
+    .await;
+    assert_eq!(dynamics.code, 3, "{dynamics:?}");
+    assert!(
+        dynamics.stderr.contains("Dynamics") && dynamics.stderr.contains("DYNAMICS_CLIENT_SECRET"),
+        "{dynamics:?}"
+    );
+    assert!(
+        !dynamics.stderr.contains("wrong"),
+        "the secret is not echoed: {dynamics:?}"
+    );
+    assert_eq!(snapshot(&state).await, before);
+
+    // Dynamics is read (the change recorded), then Marketo refuses: the change stays queued.
+    let marketo = oppsync(
+        &["sync", "--state", s(&state)],
+        &with(&env, "MARKETO_CLIENT_SECRET", "wrong"),
+    )
+    .await;
+    assert_eq!(marketo.code, 3, "{marketo:?}");
+    assert!(marketo.stderr.contains("Marketo"), "{marketo:?}");
+    let after = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
+    assert_eq!(after["counts"]["failed"], 0, "a refused login fails no record: {after}");
+    let queued = after["counts"]["pending"].as_u64().unwrap() + after["counts"]["ready"].as_u64().unwrap();
+    assert_eq!(queued, 1, "the change is kept for the next run: {after}");
+    let fixed = oppsync(&["sync", "--state", s(&state)], &env).await;
+    assert!(fixed.stdout.contains("1 written"), "{fixed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_a_clear_fatal_error() {
+    let sims = sims().await;
+    let env = env_for(&sims);
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let state = state_path();
+    let run = oppsync(
+        &["sync", "--state", s(&state)],
+        &with(
+            &with(&env, "DYNAMICS_URL", &closed),
+            "DYNAMICS_TOKEN_URL",
+            &format!("{closed}/tenant/oauth2/v2.0/token"),
+        ),
+    )
+    .await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr.contains("Dynamics") && run.stderr.contains("reach"),
+        "{run:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_state_file_is_refused_before_anything_is_read() {
+    let sims = sims().await;
+    let env = env_for(&sims);
+    let file = config_file("not a directory");
+    let inside = file.join("state.db");
+    let run = oppsync(&["sync", "--state", s(&inside)], &env).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr.contains("cannot open the state file") && run.stderr.contains("Fix"),
+        "{run:?}"
+    );
+    assert_eq!(sims.dv.requests(), 0);
+    for command in ["status", "errors"] {
+        let missing = oppsync(&[command, "--state", "/nonexistent/state.db"], &[]).await;
+        assert_eq!(missing.code, 2, "{command}: {missing:?}");
+        assert!(missing.stderr.contains("no state at"), "{missing:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_arguments_are_refused_by_the_parser() {
+    for args in [
+        vec!["demo", "--opportunities", "5"],
+        vec!["demo", "--opportunities", "many"],
+        vec!["sync", "--every", "soon"],
+        vec!["sync", "--once", "--every", "5m"],
+        vec!["sync", "--state", "a.db", "--table", "t"],
+        vec!["errors", "--export", "xml"],
+    ] {
+        let run = oppsync(&args, &[]).await;
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert!(!run.stderr.is_empty(), "{args:?}");
+    }
+}

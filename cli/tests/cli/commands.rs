@@ -1,0 +1,260 @@
+//! Every command doing its job.
+
+use oppsync_simulators::MarketoEndpoint as E;
+use oppsync_simulators::MarketoFault;
+use oppsync_simulators::dataverse::{Mix, Table};
+use oppsync_tests::harness::{assert_marketo_matches_dynamics, dynamo, moto_endpoint, sims};
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_has_help_and_the_exit_codes_are_documented() {
+    let top = oppsync(&["--help"], &[]).await;
+    assert_eq!(top.code, 0, "{top:?}");
+    assert!(top.stdout.contains("Exit codes"), "{top:?}");
+    for command in ["demo", "sync", "plan", "resync", "status", "errors", "validate"] {
+        let run = oppsync(&[command, "--help"], &[]).await;
+        assert_eq!(run.code, 0, "{command}: {run:?}");
+        assert!(run.stdout.contains("Usage: oppsync"), "{command}: {run:?}");
+        assert!(top.stdout.contains(command), "`oppsync --help` lists {command}");
+    }
+    let unknown = oppsync(&["synk"], &[]).await;
+    assert_eq!(unknown.code, 2, "{unknown:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_to_a_passing_end_state() {
+    let state = state_path();
+    let run = oppsync(&["demo", "--opportunities", "400", "--state", s(&state)], &[]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    for expected in [
+        "initial sync:",
+        "incremental sync:",
+        "Marketo calls:",
+        "Records by status:",
+        "PASS",
+    ] {
+        assert!(run.stdout.contains(expected), "the demo prints {expected}: {run:?}");
+    }
+    assert!(run.stdout.contains("deleted"), "{run:?}");
+    assert!(run.stdout.contains("filtered"), "{run:?}");
+    // The state it used is a real SQLite file the other commands read.
+    let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await;
+    assert_eq!(status.code, 0, "{status:?}");
+    assert_eq!(status.json()["counts"]["deleted"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_once_writes_everything_then_nothing_and_status_shows_it() {
+    let sims = sims().await;
+    sims.dv.seed(120, 31, Mix::Realistic);
+    let env = env_for(&sims);
+    let state = state_path();
+    let first = oppsync(&["sync", "--once", "--state", s(&state)], &env).await;
+    assert_eq!(first.code, 0, "{first:?}");
+    assert!(first.stdout.contains("120 written"), "{first:?}");
+    assert_marketo_matches_dynamics(&sims);
+
+    let calls = sims.mk.rest_calls();
+    let second = oppsync(&["sync", "--state", s(&state)], &env).await;
+    assert_eq!(second.code, 0, "{second:?}");
+    assert!(second.stdout.contains("0 written"), "{second:?}");
+    assert_eq!(sims.mk.rest_calls(), calls, "nothing changed, nothing written");
+
+    let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await;
+    let view = status.json();
+    assert_eq!(view["counts"]["synced"], 120, "{view}");
+    assert_eq!(view["oldest_pending"], json!(null));
+    assert!(view["last_hour_completed"].as_u64().unwrap() >= 120, "{view}");
+    assert!(view["cursors"]["opportunities"]["age_seconds"].as_i64().unwrap() < 60);
+    assert!(view["marketo"]["calls_today"].as_u64().unwrap() >= calls, "{view}");
+    assert_eq!(view["marketo"]["daily_budget"], 40_000);
+    let human = oppsync(&["status", "--state", s(&state)], &[]).await;
+    assert!(
+        human.stdout.contains("synced") && human.stdout.contains("Marketo calls today"),
+        "{human:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_exits_1_and_is_in_the_searchable_exportable_error_ledger() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(20, 32, Mix::Uniform);
+    let bad = seeded.opportunities[3].clone();
+    sims.mk.skip_record(&bad, "1003", 100);
+    let env = env_for(&sims);
+    let state = state_path();
+    let run = oppsync(&["sync", "--state", s(&state)], &env).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains(&bad) && run.stdout.contains("1003"), "{run:?}");
+
+    let errors = oppsync(&["errors", "--state", s(&state)], &[]).await;
+    assert_eq!(errors.code, 0, "{errors:?}");
+    assert!(
+        errors.stdout.contains(&bad) && errors.stdout.contains("1 failed records"),
+        "{errors:?}"
+    );
+    let csv = oppsync(&["errors", "--export", "csv", "--state", s(&state)], &[]).await;
+    let lines: Vec<&str> = csv.stdout.lines().collect();
+    assert_eq!(lines[0], "id,operation,code,message,attempts,last_try");
+    assert_eq!(lines.len(), 2, "{csv:?}");
+    assert!(lines[1].starts_with(&format!("{bad},opportunities,1003,")), "{csv:?}");
+    let json = oppsync(
+        &["errors", "--export", "json", "--search", "1003", "--state", s(&state)],
+        &[],
+    )
+    .await;
+    assert_eq!(json.json().as_array().unwrap().len(), 1);
+    let none = oppsync(
+        &[
+            "errors",
+            "--export",
+            "json",
+            "--search",
+            "no-such-code",
+            "--state",
+            s(&state),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(none.json(), json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_shows_the_diff_and_writes_nothing_and_moves_no_cursor() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(30, 33, Mix::Uniform);
+    let env = env_for(&sims);
+    let state = state_path();
+    assert_eq!(oppsync(&["sync", "--state", s(&state)], &env).await.code, 0);
+    let changed = seeded.opportunities[5].clone();
+    sims.dv
+        .upsert(Table::Opportunities, &changed, json!({"estimatedvalue": 777.25}), &[]);
+    let before = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
+    let calls = sims.mk.rest_calls();
+
+    let plan = oppsync(&["plan", "--state", s(&state)], &env).await;
+    assert_eq!(plan.code, 0, "{plan:?}");
+    assert!(plan.stdout.contains(&format!("~ {changed} (update)")), "{plan:?}");
+    assert!(
+        plan.stdout.contains("amount:") && plan.stdout.contains("→ 777.25"),
+        "{plan:?}"
+    );
+    assert!(plan.stdout.contains("1 of 1 opportunities would change"), "{plan:?}");
+    let json = oppsync(&["plan", "--json", "--state", s(&state)], &env).await.json();
+    assert_eq!(json["changes"][0]["id"], json!(changed));
+    assert_eq!(json["changes"][0]["fields"]["amount"]["to"], json!(777.25));
+
+    assert_eq!(sims.mk.rest_calls(), calls, "plan makes no Marketo write");
+    let after = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
+    assert_eq!(before["counts"], after["counts"]);
+    assert_eq!(
+        before["cursors"]["opportunities"]["updated"],
+        after["cursors"]["opportunities"]["updated"]
+    );
+    // And the change is still there for the sync.
+    let sync = oppsync(&["sync", "--state", s(&state)], &env).await;
+    assert!(sync.stdout.contains("1 written"), "{sync:?}");
+    let all = oppsync(&["plan", "--all", "--json", "--state", s(&state)], &env)
+        .await
+        .json();
+    assert_eq!(
+        (all["examined"].as_u64(), all["unchanged"].as_u64()),
+        (Some(30), Some(30))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_writes_named_records_again_and_a_dry_run_writes_nothing() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(10, 34, Mix::Uniform);
+    let env = env_for(&sims);
+    let state = state_path();
+    assert_eq!(oppsync(&["sync", "--state", s(&state)], &env).await.code, 0);
+    let id = seeded.opportunities[2].clone();
+    let calls = sims.mk.calls(E::OpportunitySync);
+    let dry = oppsync(&["resync", &id, "--dry-run", "--state", s(&state)], &env).await;
+    assert_eq!(dry.code, 0, "{dry:?}");
+    assert!(dry.stdout.contains("nothing written (dry run)"), "{dry:?}");
+    assert_eq!(sims.mk.calls(E::OpportunitySync), calls);
+    let run = oppsync(&["resync", &id, "--json", "--state", s(&state)], &env).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let report = run.json();
+    assert_eq!(report["records"][0]["write"]["outcome"], "synced", "{report}");
+    assert_eq!(
+        sims.mk.calls(E::OpportunitySync),
+        calls + 1,
+        "written again though unchanged"
+    );
+    // A retryable Marketo failure that outlasts the retries exits 1.
+    for n in 1..=10 {
+        sims.mk
+            .inject(E::OpportunitySync, calls + 1 + n, MarketoFault::Http(503));
+    }
+    let failing = oppsync(&["resync", &id, "--state", s(&state)], &env).await;
+    assert_eq!(failing.code, 1, "{failing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_passes_against_good_systems_and_names_each_problem_with_its_fix() {
+    let sims = sims().await;
+    sims.dv.seed(5, 35, Mix::Uniform);
+    let env = env_for(&sims);
+    let ok = oppsync(&["validate", "--state", s(&state_path())], &env).await;
+    assert_eq!(ok.code, 0, "{ok:?}");
+    assert!(
+        ok.stdout.contains("PASS  Dynamics change tracking on connection"),
+        "{ok:?}"
+    );
+    assert!(ok.stdout.contains("PASS  Marketo opportunity writes"), "{ok:?}");
+
+    sims.dv.configure(|c| c.untracked = vec![Table::Connections]);
+    let config =
+        config_file("[[mapping.fields]]\nmarketo = \"region\"\ndataverse = \"new_region\"\ntype = \"string\"\n");
+    let run = oppsync(&["validate", "--json", "--config", s(&config)], &env).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let checks = run.json();
+    let failed: Vec<&str> = checks["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == json!(false))
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        failed,
+        vec!["Dynamics change tracking on connection", "Marketo fields"],
+        "{checks}"
+    );
+    let text = checks.to_string();
+    assert!(text.contains("region") && text.contains("Track changes"), "{text}");
+
+    sims.mk.configure(|c| c.crm_enabled = true);
+    let blocked = oppsync(&["validate"], &env).await;
+    assert!(
+        blocked.stdout.contains("FAIL  Marketo opportunity writes"),
+        "{blocked:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_on_a_dynamodb_table() {
+    let sims = sims().await;
+    sims.dv.seed(25, 36, Mix::Realistic);
+    let store = dynamo().await;
+    let mut env = env_for(&sims);
+    env.extend([
+        ("AWS_ENDPOINT_URL".to_string(), moto_endpoint()),
+        ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+        ("AWS_REGION".into(), "us-east-1".into()),
+    ]);
+    let run = oppsync(&["sync", "--table", store.table()], &env).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("25 written"), "{run:?}");
+    assert_marketo_matches_dynamics(&sims);
+    let status = oppsync(&["status", "--json", "--table", store.table()], &env).await;
+    assert_eq!(status.json()["counts"]["synced"], 25, "{status:?}");
+}
