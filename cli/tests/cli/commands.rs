@@ -258,3 +258,25 @@ async fn sync_on_a_dynamodb_table() {
     let status = oppsync(&["status", "--json", "--table", store.table()], &env).await;
     assert_eq!(status.json()["counts"]["synced"], 25, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_documents_every_command_and_exit_code() {
+    let readme = std::fs::read_to_string(oppsync_tests::repo_root().join("README.md")).unwrap();
+    let top = oppsync(&["--help"], &[]).await;
+    let commands: Vec<&str> = top
+        .stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() >= 7, "{commands:?}");
+    for c in commands {
+        assert!(readme.contains(&format!("| `oppsync {c}")), "README's command table lacks {c}");
+    }
+    for code in ["**0**", "**1**", "**2**", "**3**"] {
+        assert!(readme.contains(code), "README does not explain exit code {code}");
+    }
+}
