@@ -183,7 +183,7 @@ async fn round(
     expected_records: usize,
 ) -> Result<DrainReport, CliError> {
     let started = Instant::now();
-    let calls_before = endpoint_calls(mk);
+    let before = endpoint_counts(mk);
     let dv_before = dv.requests();
     let poll = pipeline
         .poll(None)
@@ -210,26 +210,41 @@ async fn round(
         report.failed,
         elapsed.as_secs_f64()
     );
-    let calls: BTreeMap<&str, u64> = endpoint_calls(mk)
-        .into_iter()
-        .map(|(k, v)| (k, v - calls_before.get(k).copied().unwrap_or(0)))
-        .filter(|(_, v)| *v > 0)
-        .collect();
-    let total: u64 = calls.values().sum();
+    let after = endpoint_counts(mk);
+    let mut calls = 0;
+    let mut minimum = 0;
+    let mut by_endpoint = Vec::new();
+    for (name, (c, r)) in &after {
+        let (c0, r0) = before.get(name).copied().unwrap_or((0, 0));
+        let (c, r) = (c - c0, r - r0);
+        if c == 0 {
+            continue;
+        }
+        calls += c;
+        // Describes (the preflight) carry no records; they count as their own minimum.
+        let least = if r == 0 { c } else { r.div_ceil(300) };
+        minimum += least;
+        by_endpoint.push(format!("{name} {c} (min {least})"));
+    }
     println!(
-        "  Marketo calls: {total} ({}); a one-call-per-record integration would make at least {}",
-        calls
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        report.written + report.transformed.saturating_sub(report.written)
+        "  Marketo calls: {calls}, against a minimum of {minimum} (⌈records/300⌉ per endpoint): {:.2}× the minimum",
+        if minimum == 0 {
+            1.0
+        } else {
+            calls as f64 / minimum as f64
+        }
+    );
+    println!("    {}", by_endpoint.join(", "));
+    println!(
+        "    a one-call-per-record integration would make at least {}",
+        report.written
     );
     println!("  Dataverse requests: {}", dv.requests() - dv_before);
     Ok(report)
 }
 
-fn endpoint_calls(mk: &MarketoSim) -> BTreeMap<&'static str, u64> {
+/// Calls and records carried, by endpoint.
+fn endpoint_counts(mk: &MarketoSim) -> BTreeMap<&'static str, (u64, u64)> {
     [
         ("companies", E::CompanySync),
         ("lead lookups", E::LeadQuery),
@@ -242,7 +257,7 @@ fn endpoint_calls(mk: &MarketoSim) -> BTreeMap<&'static str, u64> {
         ("role describe", E::RoleDescribe),
     ]
     .into_iter()
-    .map(|(name, endpoint)| (name, mk.calls(endpoint)))
+    .map(|(name, endpoint)| (name, (mk.calls(endpoint), mk.records(endpoint))))
     .collect()
 }
 

@@ -274,7 +274,10 @@ async fn the_readme_documents_every_command_and_exit_code() {
         .collect();
     assert!(commands.len() >= 7, "{commands:?}");
     for c in commands {
-        assert!(readme.contains(&format!("| `oppsync {c}")), "README's command table lacks {c}");
+        assert!(
+            readme.contains(&format!("| `oppsync {c}")),
+            "README's command table lacks {c}"
+        );
     }
     for code in ["**0**", "**1**", "**2**", "**3**"] {
         assert!(readme.contains(code), "README does not explain exit code {code}");

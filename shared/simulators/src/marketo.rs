@@ -183,6 +183,8 @@ pub struct Snapshot {
 #[derive(Default)]
 struct Counters {
     calls: BTreeMap<Endpoint, u64>,
+    /// Records carried by answered calls, per endpoint (lead lookups: the values looked up).
+    records: BTreeMap<Endpoint, u64>,
     /// Calls refused by a limit, by code (606, 615, 607, 601, 602, 413, 414).
     refused: BTreeMap<String, u64>,
     in_flight: usize,
@@ -275,6 +277,12 @@ impl MarketoSim {
 
     pub fn client_secret(&self) -> String {
         lock(&self.inner).config.client_secret.clone()
+    }
+
+    /// Records carried by the calls of an endpoint that were answered with success (for a lead
+    /// lookup, the values looked up): what the fewest possible calls are counted from.
+    pub fn records(&self, endpoint: Endpoint) -> u64 {
+        lock(&self.inner).counters.records.get(&endpoint).copied().unwrap_or(0)
     }
 
     /// Calls answered per endpoint (refused calls included).
@@ -585,7 +593,22 @@ async fn handle(
     }
     match response {
         Err(r) | Ok(Err(r)) => failure(&r.code, &r.message),
-        Ok(Ok(results)) => success(results),
+        Ok(Ok(results)) => {
+            let carried = match endpoint {
+                Endpoint::LeadQuery => {
+                    let mut params = query.clone();
+                    if method == Method::POST {
+                        params.extend(parse_query(&String::from_utf8_lossy(&body)));
+                    }
+                    params
+                        .get("filterValues")
+                        .map_or(0, |v| v.split(',').filter(|x| !x.is_empty()).count() as u64)
+                }
+                _ => results.len() as u64,
+            };
+            *g.counters.records.entry(endpoint).or_default() += carried;
+            success(results)
+        }
     }
 }
 
