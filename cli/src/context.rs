@@ -2,12 +2,11 @@
 //! endpoints and credentials from the environment, the state store, and the pipeline over them.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use clap::Args;
 use oppsync_dynamics::{DataverseClient, DataverseSettings};
 use oppsync_marketo::{Limiter, MarketoClient, MarketoSettings};
-use oppsync_pipeline::{Config, Pipeline, system_clock};
+use oppsync_pipeline::{Config, Pipeline};
 use oppsync_state::{DynamoStore, SqliteStore};
 
 use crate::CliError;
@@ -149,14 +148,13 @@ pub fn pipeline<S>(
         config.marketo.daily_budget,
     )
     .map_err(|e| CliError::Usage(format!("Marketo: {e}")))?;
-    Ok(Pipeline {
+    Ok(Pipeline::new(
         store,
         dataverse,
         marketo,
-        config: Arc::new(config),
-        clock: system_clock(),
-        owner: format!("oppsync-cli-{}", std::process::id()),
-    })
+        config,
+        format!("oppsync-cli-{}", std::process::id()),
+    ))
 }
 
 /// Names the system in a pipeline error, so "wrong credentials" says whose.

@@ -16,13 +16,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use oppsync_dynamics::{DataverseClient, DataverseSettings};
 use oppsync_marketo::{Limiter, LimiterSettings, MarketoClient, MarketoSettings};
-use oppsync_pipeline::{Config, DrainReport, Pipeline, Stage, system_clock};
+use oppsync_pipeline::{Config, DrainReport, Pipeline, Stage};
 use oppsync_simulators::dataverse::{DataverseConfig, Mix, Seeded, Table, seed_id};
 use oppsync_simulators::oracle::{self, Rules};
 use oppsync_simulators::{DataverseSim, MarketoConfig, MarketoEndpoint as E, MarketoSim};
@@ -82,14 +81,13 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let store = SqliteStore::open(&state_path).map_err(|e| CliError::Fatal(e.to_string()))?;
     let config =
         Config::from_toml(DEMO_CONFIG, "the demo's configuration").map_err(|e| CliError::Usage(e.to_string()))?;
-    let pipeline = Pipeline {
+    let pipeline = Pipeline::new(
         store,
-        dataverse: dataverse_client(&dv)?,
-        marketo: marketo_client(&mk)?,
-        config: Arc::new(config),
-        clock: system_clock(),
-        owner: format!("oppsync-demo-{}", std::process::id()),
-    };
+        dataverse_client(&dv)?,
+        marketo_client(&mk)?,
+        config,
+        format!("oppsync-demo-{}", std::process::id()),
+    );
 
     println!(
         "oppsync demo: {} opportunities in the Dataverse simulator ({} accounts, {} contacts), state in {}",

@@ -9,11 +9,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod context;
 mod demo;
 mod plan;
 mod progress;
 mod resync;
+mod simulate;
 mod status;
 mod sync;
 mod validate;
@@ -56,6 +58,13 @@ enum Command {
     /// Checks the configuration, the environment, both sets of credentials, Dataverse change
     /// tracking and Marketo's preflight, each with pass or fail and the fix.
     Validate(validate::ValidateArgs),
+    /// Measures the product against the API ceilings on the simulators: wall time, Marketo calls
+    /// against the minimum possible, Dataverse requests, peak memory; then a 1% incremental
+    /// round. `--limits` enforces Marketo's real limits at the default budget.
+    Bench(bench::BenchArgs),
+    /// The simulators in a process of their own (used by `bench`).
+    #[command(hide = true)]
+    Simulate(simulate::SimulateArgs),
 }
 
 /// Why a command stopped.
@@ -81,7 +90,7 @@ fn main() -> ExitCode {
     // The demo's seeded data holds bad rows on purpose (contacts without email, …): their
     // warnings are noise there, and `RUST_LOG=warn` brings them back.
     init_logging(match cli.command {
-        Command::Demo(_) => "error",
+        Command::Demo(_) | Command::Bench(_) | Command::Simulate(_) => "error",
         _ => "warn",
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -100,6 +109,8 @@ fn main() -> ExitCode {
             Command::Status(args) => status::status(args).await,
             Command::Errors(args) => status::errors(args).await,
             Command::Validate(args) => validate::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+            Command::Simulate(args) => simulate::run(args).await,
         }
     });
     match result {

@@ -1,13 +1,12 @@
 //! Simulators, clients and stores wired into a pipeline, for tests.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use oppsync_dynamics::{DataverseClient, DataverseSettings};
 use oppsync_marketo::{Limiter, LimiterSettings, MarketoClient, MarketoSettings, Secret};
-use oppsync_pipeline::{Config, Pipeline, system_clock};
+use oppsync_pipeline::{Config, Pipeline};
 use oppsync_simulators::dataverse::DataverseConfig;
 use oppsync_simulators::oracle::{self, Rules};
 use oppsync_simulators::{DataverseSim, MarketoConfig, MarketoSim};
@@ -102,14 +101,7 @@ pub fn marketo(sims: &Sims) -> MarketoClient {
 }
 
 pub fn pipeline<S: StateStore>(sims: &Sims, store: S, config: Config) -> Pipeline<S> {
-    Pipeline {
-        store,
-        dataverse: dataverse(sims),
-        marketo: marketo(sims),
-        config: Arc::new(config),
-        clock: system_clock(),
-        owner: unique("test-poller"),
-    }
+    Pipeline::new(store, dataverse(sims), marketo(sims), config, unique("test-poller"))
 }
 
 /// Poll until caught up, then drain; panics on errors.

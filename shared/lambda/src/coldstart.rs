@@ -3,11 +3,10 @@
 //! with a message that names it, not the thousandth record.
 
 use std::fmt;
-use std::sync::Arc;
 
 use oppsync_dynamics::{DataverseClient, DataverseSettings};
 use oppsync_marketo::{Limiter, LimiterSettings, MarketoClient, MarketoSettings};
-use oppsync_pipeline::{Config, Pipeline, system_clock};
+use oppsync_pipeline::{Config, Pipeline};
 use oppsync_state::DynamoStore;
 use serde::Deserialize;
 
@@ -253,14 +252,15 @@ pub async fn build(env: &Env, aws: &aws_config::SdkConfig) -> Result<Pipeline<Dy
     let secrets = aws_sdk_secretsmanager::Client::new(aws);
     let dynamics = DynamicsSecret::parse(&read_secret(&secrets, &env.dynamics_secret_arn, "Dynamics").await?)?;
     let marketo = MarketoSecret::parse(&read_secret(&secrets, &env.marketo_secret_arn, "Marketo").await?)?;
-    Ok(Pipeline {
-        store: DynamoStore::new(aws_sdk_dynamodb::Client::new(aws), env.table.clone()),
-        dataverse: dynamics.client(&config)?,
-        marketo: marketo.client(&config, env.marketo_share)?,
-        config: Arc::new(config),
-        clock: system_clock(),
-        owner: std::env::var("AWS_LAMBDA_LOG_STREAM_NAME").unwrap_or_else(|_| format!("pid-{}", std::process::id())),
-    })
+    let dataverse = dynamics.client(&config)?;
+    let marketo = marketo.client(&config, env.marketo_share)?;
+    Ok(Pipeline::new(
+        DynamoStore::new(aws_sdk_dynamodb::Client::new(aws), env.table.clone()),
+        dataverse,
+        marketo,
+        config,
+        std::env::var("AWS_LAMBDA_LOG_STREAM_NAME").unwrap_or_else(|_| format!("pid-{}", std::process::id())),
+    ))
 }
 
 /// The whole cold start from the process environment.

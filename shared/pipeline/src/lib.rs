@@ -12,12 +12,13 @@
 //! The Lambda functions and the `oppsync` command call these unchanged.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use oppsync_dynamics::{ChangeDetection, DataverseClient, DataverseError, EntitySet, Watermark};
 use oppsync_mapping::{
-    Action, Change, ContactId, LeadMatch, Opportunity, OpportunityId, Plan, PlanHash, Related, WrittenRole, plan_change,
+    AccountId, Action, Change, ContactId, Desired, LeadMatch, Opportunity, OpportunityId, Plan, PlanHash, Related,
+    WrittenRole, plan_change,
 };
 use oppsync_marketo::{ErrorClass, MarketoClient, MarketoError, RecordOutcome, RoleKey, RoleRecord};
 use oppsync_state::{
@@ -90,6 +91,53 @@ pub struct Pipeline<S> {
     pub clock: Clock,
     /// Names this process in the lease.
     pub owner: String,
+    /// Companies this process has upserted.
+    pub companies: CompanyCache,
+}
+
+impl<S> Pipeline<S> {
+    /// A pipeline on the wall clock.
+    pub fn new(
+        store: S,
+        dataverse: DataverseClient,
+        marketo: MarketoClient,
+        config: Config,
+        owner: impl Into<String>,
+    ) -> Pipeline<S> {
+        Pipeline {
+            store,
+            dataverse,
+            marketo,
+            config: Arc::new(config),
+            clock: system_clock(),
+            owner: owner.into(),
+            companies: CompanyCache::default(),
+        }
+    }
+}
+
+/// The companies this process has upserted, with the name written. A company is the account of
+/// many opportunities; without this it would be upserted again in every batch that mentions it.
+/// A company whose name changed is written again. Resync bypasses it.
+#[derive(Clone, Default)]
+pub struct CompanyCache(Arc<Mutex<HashMap<AccountId, Option<String>>>>);
+
+/// Past this many companies the cache starts over (a bound on memory, not a correctness limit).
+const COMPANY_CACHE_MAX: usize = 200_000;
+
+impl CompanyCache {
+    fn holds(&self, id: AccountId, name: &Option<String>) -> bool {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&id) == Some(name)
+    }
+
+    fn remember(&self, id: AccountId, name: Option<String>) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= COMPANY_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(id, name);
+    }
 }
 
 impl<S: Clone> Clone for Pipeline<S> {
@@ -101,6 +149,7 @@ impl<S: Clone> Clone for Pipeline<S> {
             config: self.config.clone(),
             clock: self.clock.clone(),
             owner: self.owner.clone(),
+            companies: self.companies.clone(),
         }
     }
 }
@@ -1032,6 +1081,11 @@ impl<S: StateStore> Pipeline<S> {
     /// 300-record limit allows; then records each outcome.
     #[tracing::instrument(skip_all, name = "write", fields(records = ids.len()))]
     pub async fn write(&self, ids: &[OpportunityId]) -> Result<WriteReport, PipelineError> {
+        self.write_batch(ids, false).await
+    }
+
+    /// [`Pipeline::write`]; `fresh` writes every company again, even one this process wrote.
+    async fn write_batch(&self, ids: &[OpportunityId], fresh: bool) -> Result<WriteReport, PipelineError> {
         let ttl = i64::from(self.config.sync.claim_ttl_seconds) * 1000;
         let mut report = WriteReport::default();
         let mut works = Vec::new();
@@ -1097,7 +1151,7 @@ impl<S: StateStore> Pipeline<S> {
         self.marketo.set_calls_today(used);
         let before = self.marketo.calls_by_endpoint();
 
-        let stopped = self.write_steps(&mut works).await;
+        let stopped = self.write_steps(&mut works, fresh).await;
         if let Some(e) = &stopped {
             tracing::warn!(error = %e, "Marketo writes stopped early; unfinished records stay ready");
             report.stopped = Some(e.to_string());
@@ -1261,8 +1315,8 @@ impl<S: StateStore> Pipeline<S> {
 
     /// The Marketo calls for a batch, in dependency order. Returns the error that stopped the
     /// batch early, if one did.
-    async fn write_steps(&self, works: &mut [Work]) -> Option<MarketoError> {
-        let stop = match self.write_companies(works).await {
+    async fn write_steps(&self, works: &mut [Work], fresh: bool) -> Option<MarketoError> {
+        let stop = match self.write_companies(works, fresh).await {
             Some(stop) => Some(stop),
             None => match self.write_opportunities_and_roles(works).await {
                 Some(stop) => Some(stop),
@@ -1278,10 +1332,19 @@ impl<S: StateStore> Pipeline<S> {
         stop
     }
 
-    async fn write_companies(&self, works: &mut [Work]) -> Option<MarketoError> {
+    async fn write_companies(&self, works: &mut [Work], fresh: bool) -> Option<MarketoError> {
         let mut records: Vec<Value> = Vec::new();
         let mut seen = BTreeSet::new();
-        for work in works.iter().filter(|w| w.ok()) {
+        for work in works.iter_mut().filter(|w| w.ok()) {
+            if let Action::Upsert(desired) = &work.plan.action
+                && let Some(company) = &desired.company
+                && !fresh
+                && self.companies.holds(company.external_company_id, &company.name)
+            {
+                // Written by this process already, with this name.
+                work.company_done = true;
+                continue;
+            }
             if let Action::Upsert(desired) = &work.plan.action
                 && let Some(company) = &desired.company
                 && seen.insert(company.external_company_id)
@@ -1303,7 +1366,9 @@ impl<S: StateStore> Pipeline<S> {
         let outcomes = match self.marketo.sync_companies(&records).await {
             Ok(o) => o,
             Err(e) => {
-                let affected = works.iter_mut().filter(|w| w.ok() && company_of(w).is_some());
+                let affected = works
+                    .iter_mut()
+                    .filter(|w| w.ok() && !w.company_done && company_of(w).is_some());
                 return Self::call_failed(e, "companies", affected);
             }
         };
@@ -1312,7 +1377,7 @@ impl<S: StateStore> Pipeline<S> {
             .zip(outcomes)
             .map(|(r, o)| (r["externalCompanyId"].as_str().unwrap_or_default().to_owned(), o))
             .collect();
-        for work in works.iter_mut().filter(|w| w.ok()) {
+        for work in works.iter_mut().filter(|w| w.ok() && !w.company_done) {
             let Some(company) = company_of(work) else { continue };
             let Some(outcome) = by_id.get(&company) else { continue };
             work.answers.push(Answer {
@@ -1326,6 +1391,9 @@ impl<S: StateStore> Pipeline<S> {
             } else {
                 work.company_done = true;
                 work.touched = true;
+                if let Action::Upsert(Desired { company: Some(c), .. }) = &work.plan.action {
+                    self.companies.remember(c.external_company_id, c.name.clone());
+                }
             }
         }
         None
@@ -1854,7 +1922,7 @@ impl<S: StateStore> Pipeline<S> {
             let written = if ready.is_empty() {
                 WriteReport::default()
             } else {
-                self.write(&ready).await?
+                self.write_batch(&ready, true).await?
             };
             let mut writes: HashMap<OpportunityId, WriteRecord> =
                 written.records.into_iter().map(|r| (r.id, r)).collect();

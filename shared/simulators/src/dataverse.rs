@@ -575,6 +575,8 @@ enum Condition {
     },
     In {
         attribute: String,
+        /// `_{attribute}_value`: where a lookup's id is, computed once.
+        lookup: String,
         values: std::collections::HashSet<String>,
     },
 }
@@ -610,6 +612,7 @@ fn parse_filter(text: &str) -> Result<Vec<Condition>, String> {
                 .collect();
             conditions.push(Condition::In {
                 attribute: name.to_owned(),
+                lookup: format!("_{name}_value"),
                 values,
             });
             continue;
@@ -711,9 +714,16 @@ fn table_of_logical(name: &str) -> Option<Table> {
 
 fn matches(g: &Inner, row: &Row, conditions: &[Condition]) -> bool {
     conditions.iter().all(|c| match c {
-        Condition::In { attribute, values } => {
-            let v = value_at(g, row, std::slice::from_ref(attribute));
-            v.as_str().is_some_and(|s| values.contains(&s.to_ascii_lowercase()))
+        Condition::In {
+            attribute,
+            lookup,
+            values,
+        } => {
+            match row.attributes.get(attribute).or_else(|| row.attributes.get(lookup)) {
+                // GUIDs are stored lowercase: the first test nearly always decides.
+                Some(Value::String(s)) => values.contains(s) || values.contains(&s.to_ascii_lowercase()),
+                _ => false,
+            }
         }
         Condition::Compare { path, op, value } => {
             let actual = value_at(g, row, path);
@@ -901,8 +911,21 @@ fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) ->
     let empty = BTreeMap::new();
     let view: &Inner = g;
     let rows = view.tables.get(&table).unwrap_or(&empty);
-    let mut hits: Vec<&Row> = rows
-        .values()
+    // An In() on the primary key reads those rows by id, as Dataverse's index would; anything
+    // else scans.
+    let by_key = conditions.iter().find_map(|c| match c {
+        Condition::In { attribute, values, .. } if attribute == table.key() => Some(values),
+        _ => None,
+    });
+    let candidates: Box<dyn Iterator<Item = &Row>> = match by_key {
+        Some(ids) => {
+            let mut ids: Vec<&String> = ids.iter().collect();
+            ids.sort();
+            Box::new(ids.into_iter().filter_map(|id| rows.get(id)))
+        }
+        None => Box::new(rows.values()),
+    };
+    let mut hits: Vec<&Row> = candidates
         .filter(|r| !track || (r.version > after && r.version <= upto))
         .filter(|r| matches(view, r, &conditions))
         .collect();

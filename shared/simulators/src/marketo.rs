@@ -9,7 +9,7 @@
 //! exist. Where the documentation does not say which record code Marketo uses, the choice is
 //! marked "unconfirmed".
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -200,8 +200,48 @@ struct Data {
     opportunities: BTreeMap<String, Map<String, Value>>,
     roles: BTreeMap<(String, i64, String), SimRole>,
     companies: BTreeMap<String, Map<String, Value>>,
-    leads: Vec<SimLead>,
+    /// By id; `lead_index` finds them by a lookup field's value (Marketo's lookups are
+    /// indexed; a linear scan made 100,000-opportunity runs quadratic).
+    leads: BTreeMap<i64, SimLead>,
+    lead_index: HashMap<(String, String), BTreeSet<i64>>,
     next_id: i64,
+}
+
+impl Data {
+    /// The index key of a lead field's value: emails compare case-insensitively in Marketo.
+    fn index_key(field: &str, value: &str) -> (String, String) {
+        if field == "email" {
+            (field.to_owned(), value.to_ascii_lowercase())
+        } else {
+            (field.to_owned(), value.to_owned())
+        }
+    }
+
+    fn unindex(&mut self, id: i64) {
+        if let Some(lead) = self.leads.get(&id) {
+            for (field, value) in &lead.fields {
+                if let Some(v) = value.as_str()
+                    && let Some(ids) = self.lead_index.get_mut(&Self::index_key(field, v))
+                {
+                    ids.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Inserts or replaces a lead, keeping the index in step.
+    fn put_lead(&mut self, lead: SimLead) {
+        self.unindex(lead.id);
+        for (field, value) in &lead.fields {
+            if let Some(v) = value.as_str() {
+                self.lead_index
+                    .entry(Self::index_key(field, v))
+                    .or_default()
+                    .insert(lead.id);
+            }
+        }
+        self.leads.insert(lead.id, lead);
+    }
 }
 
 struct Inner {
@@ -328,7 +368,7 @@ impl MarketoSim {
             opportunities: inner.data.opportunities.clone(),
             roles: inner.data.roles.values().cloned().collect(),
             companies: inner.data.companies.clone(),
-            leads: inner.data.leads.clone(),
+            leads: inner.data.leads.values().cloned().collect(),
         }
     }
 
@@ -338,7 +378,7 @@ impl MarketoSim {
         inner.data.next_id += 1;
         let id = inner.data.next_id;
         let fields = fields.as_object().cloned().unwrap_or_default();
-        inner.data.leads.push(SimLead { id, fields });
+        inner.data.put_lead(SimLead { id, fields });
         id
     }
 
@@ -801,7 +841,7 @@ fn role_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
             results.push(skipped(seq, "1013", "Opportunity not found"));
             continue;
         }
-        if !g.data.leads.iter().any(|l| l.id == key.1) {
+        if !g.data.leads.contains_key(&key.1) {
             results.push(skipped(seq, "1004", "Lead not found"));
             continue;
         }
@@ -917,14 +957,11 @@ fn company_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
 
 fn lead_matches<'a>(g: &'a Inner, field: &str, value: &str) -> Vec<&'a SimLead> {
     g.data
-        .leads
-        .iter()
-        .filter(|l| match l.fields.get(field).and_then(Value::as_str) {
-            // Marketo matches email case-insensitively.
-            Some(v) if field == "email" => v.eq_ignore_ascii_case(value),
-            Some(v) => v == value,
-            None => false,
-        })
+        .lead_index
+        .get(&Data::index_key(field, value))
+        .into_iter()
+        .flatten()
+        .filter_map(|id| g.data.leads.get(id))
         .collect()
 }
 
@@ -949,7 +986,13 @@ fn lead_query(g: &Inner, params: &HashMap<String, String>) -> Result<Vec<Value>,
     let mut out = Vec::new();
     for value in values {
         if field == "id" {
-            out.extend(g.data.leads.iter().filter(|l| l.id.to_string() == value).map(lead_json));
+            out.extend(
+                value
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(|id| g.data.leads.get(&id))
+                    .map(lead_json),
+            );
         } else {
             out.extend(lead_matches(g, &field, value).into_iter().map(lead_json));
         }
@@ -994,15 +1037,16 @@ fn lead_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
             ("updateOnly", []) => results.push(skipped(seq, "1004", "Lead not found")),
             (_, [id]) => {
                 let id = *id;
-                if let Some(lead) = g.data.leads.iter_mut().find(|l| l.id == id) {
+                if let Some(mut lead) = g.data.leads.get(&id).cloned() {
                     lead.fields.extend(record.clone());
+                    g.data.put_lead(lead);
                 }
                 results.push(json!({"seq": seq, "status": "updated", "id": id}));
             }
             (_, []) => {
                 g.data.next_id += 1;
                 let id = g.data.next_id;
-                g.data.leads.push(SimLead {
+                g.data.put_lead(SimLead {
                     id,
                     fields: record.clone(),
                 });

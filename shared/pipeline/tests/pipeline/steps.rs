@@ -122,3 +122,37 @@ async fn a_write_stopped_by_the_daily_quota_leaves_its_records_ready() {
     assert_eq!(next.written, 30, "{next:?}");
     assert_marketo_matches_dynamics(&sims);
 }
+
+/// GIVEN two opportunities of one account written in separate batches WHEN the second is
+/// written THEN its company is not upserted again; a resync writes it again all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_company_written_once_is_not_upserted_again_by_later_batches_but_resync_rewrites_it() {
+    let sims = sims().await;
+    // Uniform: opportunity o's account is (3·o) mod (n/2); with n = 4, o = 0 and o = 2 share it.
+    let seeded = sims.dv.seed(4, 5, Mix::Uniform);
+    let p = pipeline(&sims, sqlite(), Config::default());
+    p.poll(None).await.unwrap();
+    let id = |n: usize| oppsync_mapping::OpportunityId::parse(&seeded.opportunities[n]).unwrap();
+    p.transform(&[id(0), id(1), id(2), id(3)], false).await.unwrap();
+    p.write(&[id(0)]).await.unwrap();
+    let companies = sims.mk.calls(E::CompanySync);
+    assert_eq!(companies, 1);
+    let report = p.write(&[id(2)]).await.unwrap();
+    assert_eq!(sims.mk.calls(E::CompanySync), companies, "{report:?}");
+    assert!(matches!(report.records[0].result, oppsync_pipeline::Wrote::Synced));
+    let state = p.store.get(id(2)).await.unwrap().unwrap();
+    assert!(
+        state.written.unwrap().company.is_some(),
+        "the company is recorded as written"
+    );
+    p.resync(oppsync_pipeline::ResyncTarget::Ids(vec![id(2)]), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        sims.mk.calls(E::CompanySync),
+        companies + 1,
+        "resync writes the company again"
+    );
+    p.drain(|_, _| {}).await.unwrap();
+    assert_marketo_matches_dynamics(&sims);
+}
