@@ -648,6 +648,9 @@ fn parse_filter(text: &str) -> Result<Vec<Condition>, String> {
             value,
         });
     }
+    // A conjunction: the cheap set lookups first, so most rows are dropped before a lookup path
+    // is followed.
+    conditions.sort_by_key(|c| !matches!(c, Condition::In { .. }));
     Ok(conditions)
 }
 
