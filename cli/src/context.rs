@@ -115,12 +115,58 @@ pub async fn open_store(args: &StateArgs, open: Open) -> Result<Store, CliError>
             path.display()
         )));
     }
-    SqliteStore::open(&path).map(Store::Sqlite).map_err(|e| {
+    let store = SqliteStore::open(&path).map_err(|e| {
         CliError::Fatal(format!(
             "cannot open the state file {}: {e}. Fix: give --state a path in a writable directory",
             path.display()
         ))
-    })
+    })?;
+    if open == Open::CreateIfMissing {
+        lock_exclusively(&path)?;
+        // This process is now the only one on the file: what an earlier run that died held
+        // (claims, the poller's lease) is free at once, not when it expires.
+        let freed = store
+            .release_abandoned()
+            .await
+            .map_err(|e| CliError::Fatal(format!("state store: {e}")))?;
+        if freed > 0 {
+            tracing::warn!(
+                records = freed,
+                "freed the claims an earlier run left behind when it stopped"
+            );
+        }
+    }
+    Ok(Store::Sqlite(store))
+}
+
+/// The OS lock on `<state>.lock`, held until the process exits.
+static STATE_LOCK: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Takes an exclusive OS lock beside the state file, so two `oppsync` runs never share one
+/// SQLite state (the lock dies with the process, however it ends).
+fn lock_exclusively(path: &Path) -> Result<(), CliError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| CliError::Fatal(format!("cannot create {}: {e}", lock_path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = STATE_LOCK.set(file);
+            Ok(())
+        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(CliError::Fatal(format!(
+            "another oppsync is using the state {}; wait for it to finish (or use another --state)",
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(CliError::Fatal(format!("cannot lock {}: {e}", lock_path.display())))
+        }
+    }
 }
 
 /// Runs `$body` with `$store` bound to whichever store the flags chose.

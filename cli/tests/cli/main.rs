@@ -6,3 +6,4 @@
 mod bad_input;
 mod commands;
 mod common;
+mod crash;

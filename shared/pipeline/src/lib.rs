@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub mod config;
+pub mod crash;
 pub mod metrics;
 pub mod time;
 
@@ -575,10 +576,12 @@ impl<S: StateStore> Pipeline<S> {
                             .await?;
                     }
                 }
+                crash::point("poll.recorded");
                 self.renew(lease).await?;
                 self.store
                     .advance_cursor(lease, source, &page.cursor, self.now())
                     .await?;
+                crash::point("poll.cursor");
                 if page.full_resync && source == Source::Opportunities {
                     // Deletions during the expired window are gone from change tracking; the
                     // full read is followed by a scan that finds them.
@@ -1045,6 +1048,7 @@ impl<S: StateStore> Pipeline<S> {
                     }
                 }
             };
+            crash::point("transform.planned");
             let completion = self.store.complete_transform(&claim, result, self.now()).await?;
             let outcome = match completion {
                 Completion::Completed => outcome,
@@ -1152,6 +1156,7 @@ impl<S: StateStore> Pipeline<S> {
         let before = self.marketo.calls_by_endpoint();
 
         let stopped = self.write_steps(&mut works, fresh).await;
+        crash::point("write.sent");
         if let Some(e) = &stopped {
             tracing::warn!(error = %e, "Marketo writes stopped early; unfinished records stay ready");
             report.stopped = Some(e.to_string());
@@ -1175,6 +1180,7 @@ impl<S: StateStore> Pipeline<S> {
         for work in works {
             let (result, wrote) = self.finish(&work);
             let completion = self.store.complete_write(&work.claim, result, self.now()).await?;
+            crash::point("write.recorded");
             let wrote = match completion {
                 Completion::Completed => wrote,
                 Completion::Superseded => Wrote::Superseded,

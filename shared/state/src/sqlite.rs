@@ -75,6 +75,24 @@ impl SqliteStore {
         })
     }
 
+    /// Frees the claims and the leases that a process which died left behind, so that work
+    /// resumes at once instead of when they expire. Only for a caller that knows no other
+    /// process uses this file: the `oppsync` command holds an OS lock on it first. Lease tokens
+    /// keep counting, so fencing still holds. Returns how many claims were freed.
+    pub async fn release_abandoned(&self) -> Result<u64, StateError> {
+        self.run(|c| {
+            let freed = c
+                .execute(
+                    "UPDATE opportunities SET claim_until = NULL WHERE claim_until IS NOT NULL",
+                    [],
+                )
+                .map_err(sql)?;
+            c.execute("UPDATE leases SET expires_at = 0", []).map_err(sql)?;
+            Ok(freed as u64)
+        })
+        .await
+    }
+
     /// Runs `f` on the connection on the blocking pool.
     async fn run<T: Send + 'static>(
         &self,
