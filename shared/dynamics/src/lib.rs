@@ -811,13 +811,12 @@ pub fn opportunities_touched(connection_rows: &[Value]) -> BTreeSet<OpportunityI
         for side in ["1", "2"] {
             let code = row[format!("record{side}objecttypecode")].as_i64();
             let logical = row[format!("_record{side}id_value@Microsoft.Dynamics.CRM.lookuplogicalname")].as_str();
-            if code == Some(3) || logical == Some("opportunity") {
-                if let Some(id) = row[format!("_record{side}id_value")]
+            if (code == Some(3) || logical == Some("opportunity"))
+                && let Some(id) = row[format!("_record{side}id_value")]
                     .as_str()
                     .and_then(|t| OpportunityId::parse(t).ok())
-                {
-                    out.insert(id);
-                }
+            {
+                out.insert(id);
             }
         }
     }
