@@ -347,7 +347,13 @@ impl MarketoClient {
                     reauthenticated = true;
                 }
                 ErrorClass::Throttled | ErrorClass::Transient if attempt < MAX_ATTEMPTS => {
-                    let wait = backoff(self.backoff_base, attempt);
+                    let mut wait = backoff(self.backoff_base, attempt);
+                    // 606: the instance's 20-second window is full (other integrations share
+                    // it). Short retries would all land in the same window; a quarter window
+                    // each spreads the remaining attempts past it.
+                    if error.code() == "606" {
+                        wait = wait.max(self.limiter.settings().window / 4);
+                    }
                     tracing::warn!(endpoint = request.endpoint, code = %error.code(), attempt, wait_ms = wait.as_millis() as u64, "marketo call failed; retrying");
                     tokio::time::sleep(wait).await;
                 }

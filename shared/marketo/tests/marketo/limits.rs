@@ -80,7 +80,10 @@ async fn a_client_allowed_more_than_marketo_is_refused_but_retries_and_loses_not
             concurrency: 64,
         },
         50_000,
-    );
+    )
+    // 20 tasks × 64 in flight against Marketo's 10 is a retry storm: give the backoff room to
+    // spread it (the jittered waits then span well past one window).
+    .with_backoff_base(Duration::from_millis(100));
     load(&client, 20).await;
     assert!(
         sim.refused("606") + sim.refused("615") > 0,
@@ -131,4 +134,29 @@ async fn calls_are_counted_by_endpoint() {
     assert_eq!(calls.get("opportunities.sync"), Some(&2));
     assert_eq!(calls.get("leads.query"), Some(&1));
     assert_eq!(client.calls_today(), 3);
+}
+
+#[tokio::test]
+async fn a_full_window_606_waits_long_enough_for_the_window_to_turn() {
+    // Another integration fills the instance's window: Marketo allows 2 calls a window here,
+    // while our own limiter would allow 100.
+    let sim = sim(MarketoConfig {
+        rate_limit: Some(2),
+        ..fast_config()
+    })
+    .await;
+    let client = client_with(
+        &sim,
+        LimiterSettings {
+            calls_per_window: 100,
+            window: Duration::from_secs(1),
+            concurrency: 5,
+        },
+        50_000,
+    )
+    .with_backoff_base(Duration::from_millis(1));
+    for n in 0..5 {
+        client.sync_opportunities(&opportunities(n + 1)).await.unwrap();
+    }
+    assert!(sim.refused("606") > 0, "the window did fill");
 }
