@@ -76,6 +76,8 @@ struct Deployment {
     emitted: BTreeSet<String>,
     /// Deliveries answered with batchItemFailures, and the records they named.
     redelivered: Vec<String>,
+    /// Every stream record read so far, in order.
+    history: Vec<Value>,
 }
 
 impl Deployment {
@@ -98,6 +100,7 @@ impl Deployment {
             ready: template::stream_source(&t, "WriterFunction", "Ready"),
             emitted: BTreeSet::new(),
             redelivered: Vec::new(),
+            history: Vec::new(),
         }
     }
 
@@ -116,6 +119,7 @@ impl Deployment {
             if records.is_empty() {
                 return;
             }
+            self.history.extend(records.iter().cloned());
             for event in stream::events(&records, &self.pending.0, self.pending.1) {
                 self.deliver(true, event).await;
             }
@@ -424,4 +428,44 @@ async fn cold_start_names_what_is_wrong_with_the_environment_secrets_or_configur
     let (_, _, dynamics_client_secret) = sims.dv.credentials();
     assert!(!format!("{parsed:?}").contains(&dynamics_client_secret));
     assert_eq!(p.store.table(), "t");
+}
+
+/// GIVEN an opportunity changed twice and synced each time WHEN Lambda delivers old stream
+/// records again — twice, newest first, the oldest last — THEN nothing regresses: no Marketo
+/// call is made, Marketo keeps the newest values and the state the newest version.
+#[tokio::test]
+async fn duplicate_and_out_of_order_stream_deliveries_never_regress_a_record() {
+    let sims = sims().await;
+    sims.dv.seed(40, 22, Mix::Uniform);
+    let mut d = Deployment::cold_start(&sims).await;
+    d.poll().await;
+    d.pump().await;
+    let id = seed_id(0x0b00_0000, 1);
+    let mut versions = Vec::new();
+    for amount in [100.0, 200.0] {
+        sims.dv
+            .upsert(Table::Opportunities, &id, json!({"estimatedvalue": amount}), &[]);
+        d.poll().await;
+        d.pump().await;
+        versions.push(d.state(&id).await.version);
+    }
+    assert!(versions[1] > versions[0]);
+    let calls = sims.mk.rest_calls();
+    let mut old = d.history.clone();
+    old.reverse();
+    for _ in 0..2 {
+        for event in stream::events(&old, &d.pending.0, 7) {
+            d.deliver(true, event).await;
+        }
+        for event in stream::events(&old, &d.ready.0, 7) {
+            d.deliver(false, event).await;
+        }
+    }
+    d.pump().await;
+    assert_eq!(sims.mk.rest_calls(), calls, "old deliveries made Marketo calls");
+    let state = d.state(&id).await;
+    assert_eq!((state.status, state.version), (Status::Synced, versions[1]));
+    let amount = sims.mk.snapshot().opportunities[&id]["amount"].clone();
+    assert_eq!(amount, json!(200.0));
+    assert_marketo_matches_dynamics(&sims);
 }

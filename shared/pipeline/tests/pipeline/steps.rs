@@ -156,3 +156,56 @@ async fn a_company_written_once_is_not_upserted_again_by_later_batches_but_resyn
     p.drain(|_, _| {}).await.unwrap();
     assert_marketo_matches_dynamics(&sims);
 }
+
+/// GIVEN a daily Marketo budget smaller than an initial sync needs WHEN the budget runs out
+/// mid-run THEN writing stops with every unfinished record still ready, no day spends more than
+/// the budget, and the following days' runs finish the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_budget_stops_a_run_and_the_next_days_finish_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    let sims = sims().await;
+    sims.dv.seed(900, 6, Mix::Uniform);
+    let budget = 10;
+    let settings = oppsync_marketo::MarketoSettings::new(
+        &sims.mk.url(),
+        &sims.mk.client_id(),
+        oppsync_marketo::Secret::new(sims.mk.client_secret()),
+    )
+    .unwrap();
+    let limits = oppsync_marketo::LimiterSettings {
+        window: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let client = oppsync_marketo::MarketoClient::new(settings, oppsync_marketo::Limiter::new(limits), budget).unwrap();
+    let mut p = pipeline(&sims, sqlite(), Config::default());
+    p.marketo = client;
+    // Noon UTC on 2026-12-01, then one day later each round.
+    let now = Arc::new(AtomicI64::new(1_764_590_400_000));
+    let clock = now.clone();
+    p.clock = Arc::new(move || clock.load(Ordering::Relaxed));
+    p.poll(None).await.unwrap();
+
+    let mut days = 0;
+    loop {
+        days += 1;
+        assert!(days <= 6, "not finished after {days} days");
+        let before = sims.mk.rest_calls();
+        let drained = p.drain(|_, _| {}).await.unwrap();
+        let spent = sims.mk.rest_calls() - before;
+        assert!(spent <= budget, "day {days} spent {spent} calls of a {budget} budget");
+        let counts = p.store.counts().await.unwrap();
+        assert_eq!(counts.get(Status::Failed), 0, "a budget stop fails no record: {counts:?}");
+        if drained.stopped.is_none() {
+            assert_eq!(counts.get(Status::Synced), 900, "{counts:?}");
+            break;
+        }
+        assert!(drained.stopped.as_deref().unwrap().contains("budget"), "{drained:?}");
+        assert!(!drained.stopped_for_good, "the budget passes with the day");
+        assert!(counts.get(Status::Ready) > 0, "unfinished records stay ready: {counts:?}");
+        now.fetch_add(86_400_000, Ordering::Relaxed);
+    }
+    assert!(days >= 3, "the budget did stop the run ({days} days)");
+    assert_marketo_matches_dynamics(&sims);
+}
