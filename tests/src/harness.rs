@@ -30,9 +30,20 @@ pub struct Sims {
 /// Both simulators; Marketo's 20-second window compressed to one second on both sides (the
 /// same call counts, without the waiting).
 pub async fn sims() -> Sims {
-    let dv = DataverseSim::start(DataverseConfig::default()).await.unwrap();
+    sims_with(None).await
+}
+
+/// [`sims`], both failing at random with `chaos`.
+pub async fn sims_with(chaos: Option<oppsync_simulators::Chaos>) -> Sims {
+    let dv = DataverseSim::start(DataverseConfig {
+        chaos,
+        ..DataverseConfig::default()
+    })
+    .await
+    .unwrap();
     let mk = MarketoSim::start(MarketoConfig {
         rate_window: Duration::from_secs(1),
+        chaos,
         ..MarketoConfig::default()
     })
     .await

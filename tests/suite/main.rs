@@ -1,6 +1,7 @@
 //! The whole-product suite: one binary.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod chaos;
 mod lambda_events;
 mod lambda_flow;
 mod repo;

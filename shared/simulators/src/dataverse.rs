@@ -43,6 +43,9 @@ pub struct DataverseConfig {
     /// Tables whose change tracking is off: their metadata says so, and a change-tracking read
     /// of them is refused.
     pub untracked: Vec<Table>,
+    /// Random faults: a request is throttled (429, `Retry-After: 1`), fails with 500 or 503, or
+    /// answers with a body that is not JSON.
+    pub chaos: Option<crate::Chaos>,
     /// How long a delta token stays valid (Dataverse default: 7 days).
     pub change_retention: Duration,
     /// Requests allowed per `throttle_window`; past it, 429 with `Retry-After`.
@@ -62,6 +65,7 @@ impl Default for DataverseConfig {
             token_ttl: Duration::from_secs(3599),
             max_page_size: 5000,
             untracked: Vec::new(),
+            chaos: None,
             change_retention: Duration::from_secs(7 * 24 * 3600),
             throttle: None,
             max_url_bytes: 32 * 1024,
@@ -144,6 +148,8 @@ pub struct Row {
 #[derive(Default)]
 struct Counters {
     requests: u64,
+    /// Requests failed by `chaos`.
+    chaos: u64,
     by_table: BTreeMap<Table, u64>,
     not_get: u64,
     throttled: u64,
@@ -159,6 +165,7 @@ struct Inner {
     clock: i64,
     tokens: HashMap<String, Instant>,
     faults: Vec<(u64, DataverseFault)>,
+    dice: crate::chaos::Dice,
     counters: Counters,
     /// Delta tokens issued, by token: when.
     issued: HashMap<String, Instant>,
@@ -206,6 +213,7 @@ fn timestamp(seconds: i64) -> String {
 
 impl DataverseSim {
     pub async fn start(config: DataverseConfig) -> std::io::Result<DataverseSim> {
+        let dice = crate::chaos::Dice::new(config.chaos.map_or(1, |c| c.seed));
         let inner = Arc::new(Mutex::new(Inner {
             config,
             tables: BTreeMap::new(),
@@ -214,6 +222,7 @@ impl DataverseSim {
             clock: 0,
             tokens: HashMap::new(),
             faults: Vec::new(),
+            dice,
             counters: Counters::default(),
             issued: HashMap::new(),
             addr: String::new(),
@@ -260,6 +269,11 @@ impl DataverseSim {
     /// Requests that were not GET (the client must never send one).
     pub fn non_get_requests(&self) -> u64 {
         lock(&self.inner).counters.not_get
+    }
+
+    /// Requests that `chaos` failed.
+    pub fn chaos_faults(&self) -> u64 {
+        lock(&self.inner).counters.chaos
     }
 
     pub fn throttled(&self) -> u64 {
@@ -463,6 +477,18 @@ async fn handle(
             .iter()
             .position(|(n, _)| *n == nth)
             .map(|i| g.faults.remove(i).1);
+        let fault = fault.or_else(|| {
+            let chaos = g.config.chaos?;
+            g.dice.hit(chaos.rate).then(|| {
+                g.counters.chaos += 1;
+                g.dice.pick(&[
+                    DataverseFault::Throttle(1),
+                    DataverseFault::Status(500),
+                    DataverseFault::Status(503),
+                    DataverseFault::Malformed,
+                ])
+            })
+        });
         if let Some((limit, window)) = g.config.throttle {
             let now = Instant::now();
             g.counters.window.retain(|t| now.duration_since(*t) < window);

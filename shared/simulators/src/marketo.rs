@@ -51,6 +51,9 @@ pub struct MarketoConfig {
     pub custom_opportunity_fields: Vec<String>,
     /// Custom lead fields (for example one holding the Dynamics contact id).
     pub custom_lead_fields: Vec<String>,
+    /// Random faults: a call fails with 601, 602, 604, 606, 611, 615 or HTTP 502, and a record
+    /// in a write is skipped with a transient reason (611) that a retry gets past.
+    pub chaos: Option<crate::Chaos>,
 }
 
 impl Default for MarketoConfig {
@@ -70,6 +73,7 @@ impl Default for MarketoConfig {
             crm_enabled: false,
             custom_opportunity_fields: Vec::new(),
             custom_lead_fields: vec!["dynamicsContactId".into()],
+            chaos: None,
         }
     }
 }
@@ -193,6 +197,9 @@ struct Counters {
     window: VecDeque<Instant>,
     token_in_query: u64,
     method_overrides: u64,
+    /// Calls and records failed by `chaos`.
+    chaos_calls: u64,
+    chaos_records: u64,
 }
 
 #[derive(Default)]
@@ -252,6 +259,7 @@ struct Inner {
     data: Data,
     faults: Vec<(Endpoint, u64, Fault)>,
     record_faults: Vec<(String, &'static str, u32)>,
+    dice: crate::chaos::Dice,
 }
 
 /// A running simulator. Dropping it stops the server.
@@ -278,6 +286,7 @@ impl MarketoSim {
     }
 
     pub async fn start_on(addr: SocketAddr, config: MarketoConfig) -> std::io::Result<MarketoSim> {
+        let dice = crate::chaos::Dice::new(config.chaos.map_or(1, |c| c.seed));
         let inner = Arc::new(Mutex::new(Inner {
             config,
             tokens: HashMap::new(),
@@ -289,6 +298,7 @@ impl MarketoSim {
             },
             faults: Vec::new(),
             record_faults: Vec::new(),
+            dice,
         }));
         let app = Router::new()
             .fallback(handle)
@@ -323,6 +333,12 @@ impl MarketoSim {
     /// lookup, the values looked up): what the fewest possible calls are counted from.
     pub fn records(&self, endpoint: Endpoint) -> u64 {
         lock(&self.inner).counters.records.get(&endpoint).copied().unwrap_or(0)
+    }
+
+    /// Calls and records that `chaos` failed.
+    pub fn chaos_faults(&self) -> (u64, u64) {
+        let g = lock(&self.inner);
+        (g.counters.chaos_calls, g.counters.chaos_records)
     }
 
     /// Calls answered per endpoint (refused calls included).
@@ -586,6 +602,21 @@ async fn handle(
         .iter()
         .position(|(e, n, _)| *e == endpoint && *n == nth)
         .map(|i| g.faults.remove(i).2);
+    let fault = fault.or_else(|| {
+        let chaos = g.config.chaos?;
+        g.dice.hit(chaos.rate).then(|| {
+            g.counters.chaos_calls += 1;
+            g.dice.pick(&[
+                Fault::Code("601"),
+                Fault::Code("602"),
+                Fault::Code("604"),
+                Fault::Code("606"),
+                Fault::Code("611"),
+                Fault::Code("615"),
+                Fault::Http(502),
+            ])
+        })
+    });
     match fault {
         Some(Fault::Code(code)) => return failure(code, "Injected fault"),
         Some(Fault::Http(status)) => {
@@ -705,6 +736,12 @@ fn inputs<'a>(g: &Inner, body: &'a Value) -> Result<&'a Vec<Value>, Refusal> {
 
 /// A record fault for this key, consumed.
 fn record_fault(g: &mut Inner, key: &str) -> Option<&'static str> {
+    if let Some(chaos) = g.config.chaos
+        && g.dice.hit(chaos.rate)
+    {
+        g.counters.chaos_records += 1;
+        return Some("611");
+    }
     let i = g.record_faults.iter().position(|(k, _, n)| k == key && *n > 0)?;
     g.record_faults[i].2 -= 1;
     Some(g.record_faults[i].1)

@@ -196,14 +196,21 @@ async fn the_daily_budget_stops_a_run_and_the_next_days_finish_it() {
         let spent = sims.mk.rest_calls() - before;
         assert!(spent <= budget, "day {days} spent {spent} calls of a {budget} budget");
         let counts = p.store.counts().await.unwrap();
-        assert_eq!(counts.get(Status::Failed), 0, "a budget stop fails no record: {counts:?}");
+        assert_eq!(
+            counts.get(Status::Failed),
+            0,
+            "a budget stop fails no record: {counts:?}"
+        );
         if drained.stopped.is_none() {
             assert_eq!(counts.get(Status::Synced), 900, "{counts:?}");
             break;
         }
         assert!(drained.stopped.as_deref().unwrap().contains("budget"), "{drained:?}");
         assert!(!drained.stopped_for_good, "the budget passes with the day");
-        assert!(counts.get(Status::Ready) > 0, "unfinished records stay ready: {counts:?}");
+        assert!(
+            counts.get(Status::Ready) > 0,
+            "unfinished records stay ready: {counts:?}"
+        );
         now.fetch_add(86_400_000, Ordering::Relaxed);
     }
     assert!(days >= 3, "the budget did stop the run ({days} days)");
