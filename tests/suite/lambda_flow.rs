@@ -67,8 +67,8 @@ fn env(table: &str, dynamics_arn: &str, marketo_arn: &str, config: &str) -> Env 
 }
 
 /// What Lambda does with the two stream consumers.
-struct Deployment {
-    pipeline: Pipeline<DynamoStore>,
+pub(crate) struct Deployment {
+    pub(crate) pipeline: Pipeline<DynamoStore>,
     reader: StreamReader,
     pending: (Value, usize),
     ready: (Value, usize),
@@ -82,6 +82,11 @@ struct Deployment {
 
 impl Deployment {
     async fn cold_start(sims: &Sims) -> Deployment {
+        Self::cold_start_with(sims, "").await
+    }
+
+    /// The functions cold-started with `config` as their OPPSYNC_CONFIG.
+    pub(crate) async fn cold_start_with(sims: &Sims, config: &str) -> Deployment {
         let store = dynamo().await;
         let table = store.table().to_owned();
         let reader = StreamReader::open(&oppsync_tests::harness::dynamo_client(), &moto_endpoint(), &table).await;
@@ -89,7 +94,7 @@ impl Deployment {
             &table,
             &secret(&dynamics_secret(sims)).await,
             &secret(&marketo_secret(sims)).await,
-            "",
+            config,
         );
         let pipeline = coldstart::build(&env, &aws()).await.unwrap();
         let t = template::load();
@@ -104,7 +109,7 @@ impl Deployment {
         }
     }
 
-    async fn poll(&mut self) {
+    pub(crate) async fn poll(&mut self) {
         let handled = oppsync_lambda::poll(&self.pipeline, json!({}), Instant::now() + Duration::from_secs(900))
             .await
             .unwrap();
@@ -113,7 +118,7 @@ impl Deployment {
     }
 
     /// Reads the stream until it is quiet, delivering each batch to its function.
-    async fn pump(&mut self) {
+    pub(crate) async fn pump(&mut self) {
         for _ in 0..50 {
             let records = self.reader.read().await;
             if records.is_empty() {
@@ -132,7 +137,7 @@ impl Deployment {
 
     /// One batch, retried from the first failed record on, as Lambda does with
     /// ReportBatchItemFailures (at most the template's MaximumRetryAttempts).
-    async fn deliver(&mut self, transformer: bool, mut event: Value) {
+    pub(crate) async fn deliver(&mut self, transformer: bool, mut event: Value) {
         for _ in 0..=5 {
             let handled: Handled<BatchResponse> = if transformer {
                 oppsync_lambda::transform(&self.pipeline, event.clone()).await.unwrap()
@@ -174,7 +179,7 @@ impl Deployment {
         panic!("a batch still failed after the retries: {event}");
     }
 
-    async fn state(&self, id: &str) -> oppsync_state::OpportunityState {
+    pub(crate) async fn state(&self, id: &str) -> oppsync_state::OpportunityState {
         self.pipeline
             .store
             .get(OpportunityId::parse(id).unwrap())

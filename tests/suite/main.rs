@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod chaos;
+mod e2e;
 mod lambda_events;
 mod lambda_flow;
 mod repo;
