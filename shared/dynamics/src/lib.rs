@@ -899,7 +899,7 @@ impl DataverseOptions {
         struct Doc {
             dataverse: Option<Section>,
         }
-        let doc: Doc = toml::from_str(document).map_err(|e| vec![format!("dataverse: {}", e.message())])?;
+        let doc: Doc = toml::from_str(document).map_err(|e| vec![format!("dataverse: {}", one_line(&e))])?;
         let Some(section) = doc.dataverse else {
             return Ok(DataverseOptions::default());
         };
@@ -996,4 +996,9 @@ mod tests {
         }
         assert!(DataverseOptions::from_toml("[dataverse]\npagesize = 1\n").unwrap_err()[0].contains("pagesize"));
     }
+}
+
+/// A TOML error on one line, with the line it points at (which names the key).
+fn one_line(e: &toml::de::Error) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }

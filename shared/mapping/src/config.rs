@@ -309,10 +309,8 @@ impl MappingConfig {
         let doc: Doc = toml::from_str(document).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 key: "mapping".to_owned(),
-                problem: e.message().to_owned()
-                    + &e.span()
-                        .map(|s| format!(" (at byte {} of the file)", s.start))
-                        .unwrap_or_default(),
+                // The Display form quotes the offending line, which names the key.
+                problem: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
                 fix: "correct the TOML; see README.md, section Configuration, for every key".to_owned(),
             }])
         })?;

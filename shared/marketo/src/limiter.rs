@@ -130,7 +130,7 @@ impl LimitsConfig {
             #[serde(default)]
             marketo: Option<LimitsConfig>,
         }
-        let doc: Doc = toml::from_str(document).map_err(|e| vec![format!("marketo: {}", e.message())])?;
+        let doc: Doc = toml::from_str(document).map_err(|e| vec![format!("marketo: {}", one_line(&e))])?;
         let config = doc.marketo.unwrap_or_default();
         let mut errors = Vec::new();
         if !(1..=100).contains(&config.calls_per_20s) {
@@ -187,4 +187,9 @@ mod tests {
         let typo = LimitsConfig::from_toml("[marketo]\ncalls_per_20_s = 10\n").unwrap_err();
         assert!(typo[0].contains("calls_per_20_s"), "{typo:?}");
     }
+}
+
+/// A TOML error on one line, with the line it points at (which names the key).
+fn one_line(e: &toml::de::Error) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }

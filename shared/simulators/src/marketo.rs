@@ -403,6 +403,13 @@ impl MarketoSim {
         lock(&self.inner).faults.push((endpoint, nth, fault));
     }
 
+    /// Drops every fault still scheduled (calls and records).
+    pub fn clear_faults(&self) {
+        let mut g = lock(&self.inner);
+        g.faults.clear();
+        g.record_faults.clear();
+    }
+
     /// Makes the next `times` writes of the record with this key (externalOpportunityId,
     /// externalCompanyId, email, or "externalOpportunityId|leadId|role") skipped with `code`.
     pub fn skip_record(&self, key: &str, code: &'static str, times: u32) {
