@@ -961,6 +961,11 @@ impl DataverseOptions {
     }
 }
 
+/// A TOML error on one line, with the line it points at (which names the key).
+fn one_line(e: &toml::de::Error) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -996,9 +1001,4 @@ mod tests {
         }
         assert!(DataverseOptions::from_toml("[dataverse]\npagesize = 1\n").unwrap_err()[0].contains("pagesize"));
     }
-}
-
-/// A TOML error on one line, with the line it points at (which names the key).
-fn one_line(e: &toml::de::Error) -> String {
-    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }

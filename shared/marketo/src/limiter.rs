@@ -164,6 +164,11 @@ impl LimitsConfig {
     }
 }
 
+/// A TOML error on one line, with the line it points at (which names the key).
+fn one_line(e: &toml::de::Error) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,9 +192,4 @@ mod tests {
         let typo = LimitsConfig::from_toml("[marketo]\ncalls_per_20_s = 10\n").unwrap_err();
         assert!(typo[0].contains("calls_per_20_s"), "{typo:?}");
     }
-}
-
-/// A TOML error on one line, with the line it points at (which names the key).
-fn one_line(e: &toml::de::Error) -> String {
-    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }
