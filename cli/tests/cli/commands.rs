@@ -283,3 +283,29 @@ async fn the_readme_documents_every_command_and_exit_code() {
         assert!(readme.contains(code), "README does not explain exit code {code}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_calls_against_the_minimum_memory_and_the_incremental_round() {
+    let run = oppsync(&["bench", "--opportunities", "900", "--json"], &[]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    // The line scripts read, on stderr with --json (stdout is the document).
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("Marketo calls: ") && l.ends_with("× the minimum"))
+        .unwrap_or_else(|| panic!("{run:?}"));
+    let ratio: f64 = line["Marketo calls: ".len()..line.len() - "× the minimum".len()]
+        .parse()
+        .unwrap();
+    assert!(ratio <= 1.05, "{line}");
+    let report = run.json();
+    assert_eq!(report["initial"]["differences"], 0, "{report}");
+    assert_eq!(report["incremental"]["differences"], 0, "{report}");
+    assert_eq!(report["incremental"]["changed"], 9);
+    assert!(
+        report["initial"]["marketo_calls"].as_u64().unwrap() >= report["initial"]["marketo_minimum"].as_u64().unwrap()
+    );
+    assert!(report["peak_memory_bytes"].as_u64().unwrap() > 1_000_000);
+    let bad = oppsync(&["bench", "--opportunities", "10"], &[]).await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+}
