@@ -24,7 +24,7 @@ use oppsync_marketo::{Limiter, LimiterSettings, MarketoClient, MarketoSettings};
 use oppsync_pipeline::{Config, DrainReport, Pipeline, Stage};
 use oppsync_simulators::dataverse::{DataverseConfig, Mix, Seeded, Table, seed_id};
 use oppsync_simulators::oracle::{self, Rules};
-use oppsync_simulators::{DataverseSim, MarketoConfig, MarketoEndpoint as E, MarketoSim};
+use oppsync_simulators::{DataverseSim, MarketoConfig, MarketoSim};
 use oppsync_state::{SqliteStore, StateStore, Status};
 use serde_json::json;
 
@@ -243,20 +243,10 @@ async fn round(
 
 /// Calls and records carried, by endpoint.
 fn endpoint_counts(mk: &MarketoSim) -> BTreeMap<&'static str, (u64, u64)> {
-    [
-        ("companies", E::CompanySync),
-        ("lead lookups", E::LeadQuery),
-        ("lead creates", E::LeadSync),
-        ("opportunities", E::OpportunitySync),
-        ("roles", E::RoleSync),
-        ("role deletions", E::RoleDelete),
-        ("opportunity deletions", E::OpportunityDelete),
-        ("describe", E::OpportunityDescribe),
-        ("role describe", E::RoleDescribe),
-    ]
-    .into_iter()
-    .map(|(name, endpoint)| (name, (mk.calls(endpoint), mk.records(endpoint))))
-    .collect()
+    crate::simulate::ENDPOINTS
+        .into_iter()
+        .map(|(name, endpoint)| (name, (mk.calls(endpoint), mk.records(endpoint))))
+        .collect()
 }
 
 fn dataverse_client(dv: &DataverseSim) -> Result<DataverseClient, CliError> {

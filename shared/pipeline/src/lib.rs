@@ -468,6 +468,18 @@ impl<S: StateStore> Pipeline<S> {
         (self.clock)()
     }
 
+    /// Where a watermark strategy starts: before every row.
+    fn first_watermark(&self) -> Watermark {
+        if self.config.dataverse.change_detection == ChangeDetection::VersionWatermark {
+            Watermark::Version(0)
+        } else {
+            Watermark::ModifiedOn {
+                at: "1900-01-01T00:00:00Z".into(),
+                seen: Vec::new(),
+            }
+        }
+    }
+
     fn opportunity_select(&self) -> Vec<String> {
         self.config.mapping.opportunity_attributes()
     }
@@ -604,7 +616,6 @@ impl<S: StateStore> Pipeline<S> {
         report: &mut PollReport,
         marked_now: &mut BTreeSet<OpportunityId>,
     ) -> Result<bool, PipelineError> {
-        let version_mode = self.config.dataverse.change_detection == ChangeDetection::VersionWatermark;
         let mut scan = false;
         for (source, set) in [
             (Source::Opportunities, EntitySet::Opportunities),
@@ -619,14 +630,7 @@ impl<S: StateStore> Pipeline<S> {
                     ),
                 })?,
                 None => WatermarkCursor {
-                    watermark: if version_mode {
-                        Watermark::Version(0)
-                    } else {
-                        Watermark::ModifiedOn {
-                            at: "1900-01-01T00:00:00Z".into(),
-                            seen: Vec::new(),
-                        }
-                    },
+                    watermark: self.first_watermark(),
                     polls: 0,
                 },
             };
@@ -847,13 +851,7 @@ impl<S: StateStore> Pipeline<S> {
                                 })?
                                 .watermark
                         }
-                        None if self.config.dataverse.change_detection == ChangeDetection::VersionWatermark => {
-                            Watermark::Version(0)
-                        }
-                        None => Watermark::ModifiedOn {
-                            at: "1900-01-01T00:00:00Z".into(),
-                            seen: Vec::new(),
-                        },
+                        None => self.first_watermark(),
                     };
                     (
                         self.dataverse.watermark_changes(set, columns, &watermark).await?.0,

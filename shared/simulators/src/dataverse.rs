@@ -531,15 +531,7 @@ async fn handle(
 
 /// `EntityDefinitions(LogicalName='…')`: the one metadata property oppsync reads.
 fn entity_definition(g: &Inner, logical: &str) -> Response {
-    let Some(table) = [
-        Table::Opportunities,
-        Table::Accounts,
-        Table::Contacts,
-        Table::Connections,
-        Table::ConnectionRoles,
-    ]
-    .into_iter()
-    .find(|t| t.logical() == logical) else {
+    let Some(table) = table_of_logical(logical) else {
         return odata_error(
             StatusCode::NOT_FOUND,
             "0x80040217",
