@@ -309,3 +309,23 @@ async fn bench_reports_calls_against_the_minimum_memory_and_the_incremental_roun
     let bad = oppsync(&["bench", "--opportunities", "10"], &[]).await;
     assert_eq!(bad.code, 2, "{bad:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_and_sync_with_a_version_watermark_instead_of_change_tracking() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(15, 37, Mix::Uniform);
+    let env = env_for(&sims);
+    let state = state_path();
+    let config = config_file("[dataverse]\nchange_detection = \"versionnumber\"\n");
+    let args = |cmd: &'static str| vec![cmd, "--state", s(&state), "--config", s(&config)];
+    assert_eq!(oppsync(&args("sync"), &env).await.code, 0);
+    let changed = seeded.opportunities[7].clone();
+    sims.dv
+        .upsert(Table::Opportunities, &changed, json!({"estimatedvalue": 4321.0}), &[]);
+    let plan = oppsync(&[args("plan"), vec!["--json"]].concat(), &env).await.json();
+    assert_eq!(plan["changes"].as_array().unwrap().len(), 1, "{plan}");
+    assert_eq!(plan["changes"][0]["id"], json!(changed));
+    let sync = oppsync(&args("sync"), &env).await;
+    assert!(sync.stdout.contains("1 written"), "{sync:?}");
+    assert_marketo_matches_dynamics(&sims);
+}
