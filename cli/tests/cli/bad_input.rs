@@ -235,3 +235,20 @@ async fn bad_arguments_are_refused_by_the_parser() {
         assert!(!run.stderr.is_empty(), "{args:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dynamodb_table_that_does_not_exist_is_named_with_the_fix() {
+    let env = vec![
+        ("AWS_ENDPOINT_URL".to_string(), oppsync_tests::harness::moto_endpoint()),
+        ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+        ("AWS_REGION".into(), "us-east-1".into()),
+    ];
+    let run = oppsync(&["status", "--table", "no-such-oppsync-table"], &env).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr.contains("does not exist") && run.stderr.contains("SyncStateTableName"),
+        "{run:?}"
+    );
+    assert!(run.stderr.lines().count() <= 2, "no raw response dump: {run:?}");
+}

@@ -77,9 +77,20 @@ where
             | "ServiceUnavailable"
             | "TransactionConflictException"
     );
+    // A service error says its code and message; the raw response adds nothing a user needs.
+    let message = match (e.code(), e.message()) {
+        (Some("ResourceNotFoundException"), _) => {
+            "ResourceNotFoundException: the table does not exist here. Fix: check the table's name \
+             (the stack's SyncStateTableName output) and the AWS region"
+                .to_owned()
+        }
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => DisplayErrorContext(&e).to_string(),
+    };
     StateError::Dynamo {
         operation,
-        message: DisplayErrorContext(&e).to_string(),
+        message,
         retryable,
     }
 }
