@@ -11,6 +11,7 @@ use oppsync_simulators::dataverse::DataverseConfig;
 use oppsync_simulators::oracle::{self, Rules};
 use oppsync_simulators::{DataverseSim, MarketoConfig, MarketoSim};
 use oppsync_state::{DynamoStore, SqliteStore, StateStore};
+use serde_json::json;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -134,4 +135,40 @@ pub fn assert_marketo_matches_dynamics(sims: &Sims) {
         diff.len(),
         diff.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
     );
+}
+
+/// An AWS configuration for moto's server (DynamoDB and Secrets Manager).
+pub fn aws() -> aws_config::SdkConfig {
+    aws_config::SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+            aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "tests"),
+        ))
+        .endpoint_url(moto_endpoint())
+        .build()
+}
+
+/// Stores a secret in moto's Secrets Manager; returns its ARN.
+pub async fn secret(value: &str) -> String {
+    let client = aws_sdk_secretsmanager::Client::new(&aws());
+    let out = client
+        .create_secret()
+        .name(unique("oppsync/credentials"))
+        .secret_string(value)
+        .send()
+        .await
+        .unwrap();
+    out.arn().unwrap().to_owned()
+}
+
+pub fn dynamics_secret(sims: &Sims) -> String {
+    let (tenant, client, secret) = sims.dv.credentials();
+    json!({"url": sims.dv.url(), "tenantId": tenant, "clientId": client, "clientSecret": secret,
+           "tokenUrl": sims.dv.token_url()})
+    .to_string()
+}
+
+pub fn marketo_secret(sims: &Sims) -> String {
+    json!({"url": sims.mk.url(), "clientId": sims.mk.client_id(), "clientSecret": sims.mk.client_secret()}).to_string()
 }

@@ -8,7 +8,6 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_config::BehaviorVersion;
 use oppsync_lambda::coldstart::{self, ColdStartError, Env};
 use oppsync_lambda::{BatchResponse, Handled};
 use oppsync_mapping::OpportunityId;
@@ -16,45 +15,12 @@ use oppsync_pipeline::Pipeline;
 use oppsync_simulators::MarketoEndpoint as E;
 use oppsync_simulators::dataverse::{Mix, Table, seed_id};
 use oppsync_state::{DynamoStore, StateStore, Status};
-use oppsync_tests::harness::{Sims, assert_marketo_matches_dynamics, dynamo, moto_endpoint, sims, unique};
+use oppsync_tests::harness::{
+    Sims, assert_marketo_matches_dynamics, aws, dynamics_secret, dynamo, marketo_secret, moto_endpoint, secret, sims,
+};
 use oppsync_tests::stream::{self, StreamReader};
 use oppsync_tests::template;
 use serde_json::{Value, json};
-
-fn aws() -> aws_config::SdkConfig {
-    aws_config::SdkConfig::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
-            aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "tests"),
-        ))
-        .endpoint_url(moto_endpoint())
-        .build()
-}
-
-/// Stores a secret in moto's Secrets Manager; returns its ARN.
-async fn secret(value: &str) -> String {
-    let client = aws_sdk_secretsmanager::Client::new(&aws());
-    let out = client
-        .create_secret()
-        .name(unique("oppsync/credentials"))
-        .secret_string(value)
-        .send()
-        .await
-        .unwrap();
-    out.arn().unwrap().to_owned()
-}
-
-fn dynamics_secret(sims: &Sims) -> String {
-    let (tenant, client, secret) = sims.dv.credentials();
-    json!({"url": sims.dv.url(), "tenantId": tenant, "clientId": client, "clientSecret": secret,
-           "tokenUrl": sims.dv.token_url()})
-    .to_string()
-}
-
-fn marketo_secret(sims: &Sims) -> String {
-    json!({"url": sims.mk.url(), "clientId": sims.mk.client_id(), "clientSecret": sims.mk.client_secret()}).to_string()
-}
 
 fn env(table: &str, dynamics_arn: &str, marketo_arn: &str, config: &str) -> Env {
     let vars = [

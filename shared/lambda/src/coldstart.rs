@@ -223,16 +223,19 @@ async fn read_secret(
     arn: &str,
     system: &'static str,
 ) -> Result<String, ColdStartError> {
-    let out = client
-        .get_secret_value()
-        .secret_id(arn)
-        .send()
-        .await
-        .map_err(|e| ColdStartError::SecretRead {
+    let out = client.get_secret_value().secret_id(arn).send().await.map_err(|e| {
+        use aws_sdk_secretsmanager::error::ProvideErrorMetadata;
+        // The code and message say what is wrong; the raw response adds nothing.
+        let message = match (e.code(), e.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            _ => aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string(),
+        };
+        ColdStartError::SecretRead {
             system,
             arn: arn.to_owned(),
-            message: aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string(),
-        })?;
+            message,
+        }
+    })?;
     out.secret_string.ok_or_else(|| ColdStartError::SecretRead {
         system,
         arn: arn.to_owned(),

@@ -294,6 +294,24 @@ pub async fn resync<S: StateStore>(
     })
 }
 
+/// Tells the Lambda Runtime API why initialization failed, so the invocation's error names it
+/// (instead of a bare "Runtime.ExitError"). Best effort: the process exits either way.
+async fn report_init_error(e: &coldstart::ColdStartError) {
+    let Ok(api) = std::env::var("AWS_LAMBDA_RUNTIME_API") else {
+        return;
+    };
+    let body = serde_json::json!({"errorType": "NonRetryable", "errorMessage": e.to_string()});
+    let sent = reqwest::Client::new()
+        .post(format!("http://{api}/2018-06-01/runtime/init/error"))
+        .header("Lambda-Runtime-Function-Error-Type", "Runtime.InitError")
+        .json(&body)
+        .send()
+        .await;
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "could not report the init error to the runtime API");
+    }
+}
+
 /// Runs a function: builds the pipeline once (cold start), then hands every event to
 /// `handler` and publishes its metrics. What each `main` calls.
 pub async fn serve<T, F, Fut>(function: &'static str, handler: F) -> Result<(), lambda_runtime::Error>
@@ -306,8 +324,8 @@ where
     let pipeline = match coldstart::from_process_env().await {
         Ok(p) => Arc::new(p),
         Err(e) => {
-            // Logged as well as returned: the runtime reports it as an init error.
             tracing::error!(error = %e, "cold start failed");
+            report_init_error(&e).await;
             return Err(e.into());
         }
     };
