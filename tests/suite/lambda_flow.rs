@@ -4,8 +4,6 @@
 //! patterns and cut to its batch sizes, with failed records redelivered as Lambda does.
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use oppsync_lambda::coldstart::{self, ColdStartError, Env};
@@ -155,47 +153,15 @@ impl Deployment {
     }
 }
 
-/// Log lines captured in the functions' own format.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn lines(&self) -> Vec<Value> {
-        let bytes = self.0.lock().unwrap().clone();
-        String::from_utf8(bytes)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {l}")))
-            .collect()
-    }
-}
-
 /// GIVEN opportunities of every customer and stakeholder case in Dynamics, and the functions
 /// cold-started from their secrets
 /// WHEN the poller's handler runs and the stream drives the transformer and the writer
 /// THEN Marketo matches Dynamics record by record, in ⌈n/300⌉ opportunity calls; and an
 /// incremental round writes only what changed, skips an unchanged save, deletes a deleted
 /// opportunity, redelivers a transient per-record failure until it succeeds, and puts a
-/// permanent one in the error ledger; every record-level log line names its opportunity and
-/// no secret is logged.
+/// permanent one in the error ledger.
 #[tokio::test]
 async fn the_functions_sync_dynamics_into_marketo_over_the_real_stream() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let _guard = tracing::subscriber::set_default(oppsync_lambda::log_subscriber(
-        tracing_subscriber::EnvFilter::new("info"),
-        move || writer.clone(),
-    ));
     let sims = sims().await;
     let seeded = sims.dv.seed(450, 21, Mix::Realistic);
     let mut d = Deployment::cold_start(&sims).await;
@@ -273,36 +239,10 @@ async fn the_functions_sync_dynamics_into_marketo_over_the_real_stream() {
         d.emitted
     );
 
-    // Logs: JSON lines; a line about one record names it in `opportunity`; no secret appears.
-    let lines = logs.lines();
-    let ids: Vec<String> = seeded.opportunities.clone();
-    let mut record_lines = 0;
-    for line in &lines {
-        let text = line.to_string();
-        let about: Vec<&String> = ids.iter().filter(|id| text.contains(id.as_str())).collect();
-        if about.is_empty() {
-            continue;
-        }
-        record_lines += 1;
-        let named = line["fields"]["opportunity"]
-            .as_str()
-            .or_else(|| line["span"]["opportunity"].as_str());
-        assert!(named.is_some(), "a record-level line without `opportunity`: {text}");
-    }
-    assert!(
-        record_lines > 0,
-        "the failures above were logged with their opportunity"
-    );
-    let (_, _, dynamics_secret) = sims.dv.credentials();
-    let everything: String = lines.iter().map(Value::to_string).collect();
-    assert!(
-        !everything.contains(&dynamics_secret),
-        "the Dynamics client secret was logged"
-    );
-    assert!(
-        !everything.contains(&sims.mk.client_secret()),
-        "the Marketo client secret was logged"
-    );
+    // The log lines themselves are checked on the real binary's stdout
+    // (functions/resync/tests/runtime.rs): a thread-scoped subscriber here would share tracing's
+    // callsite cache with the tests running beside it, and miss lines.
+    assert_eq!(seeded.opportunities.len(), 450);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,10 +123,14 @@ async fn the_function_serves_invocations_over_the_runtime_api() {
     let store = dynamo().await;
     let rt: Shared = Arc::default();
     let id = seeded.opportunities[1].clone();
+    // One Marketo refuses for good: its failure is a record-level log line.
+    let refused = seeded.opportunities[2].clone();
+    sims.mk.skip_record(&refused, "1003", 10);
     rt.lock().unwrap().queue.extend([
         ("req-1".to_owned(), json!({"opportunityIds": [id], "dryRun": true})),
         ("req-2".to_owned(), json!({"opportunityIds": ["x') or true or ('"]})),
         ("req-3".to_owned(), json!({"opportunityIds": [id]})),
+        ("req-4".to_owned(), json!({"opportunityIds": [refused]})),
     ]);
     let runtime = start_runtime(rt.clone()).await;
     let env = [
@@ -135,7 +139,7 @@ async fn the_function_serves_invocations_over_the_runtime_api() {
         ("MARKETO_SECRET_ARN", secret(&marketo_secret(&sims)).await),
     ];
     let mut child = function(&runtime, &env);
-    wait_for(&rt, |r| r.responses.len() + r.errors.len() == 3).await;
+    wait_for(&rt, |r| r.responses.len() + r.errors.len() == 4).await;
     child.kill().unwrap();
     let output = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -163,7 +167,33 @@ async fn the_function_serves_invocations_over_the_runtime_api() {
     assert!(!emf.is_empty(), "no EMF line in: {stdout}");
     assert_eq!(emf[0]["_aws"]["CloudWatchMetrics"][0]["Namespace"], "oppsync");
     assert_eq!(emf[0]["function"], "resync");
-    assert!(!stdout.contains(&sims.mk.client_secret()), "a secret in the logs");
+    let failed = &g.responses.iter().find(|(r, _)| r == "req-4").unwrap().1;
+    assert_eq!(failed["records"][0]["write"]["outcome"], "failed", "{failed}");
+    // Every log line is JSON; every line about one record names it in `opportunity`.
+    let mut about_refused = 0;
+    for line in stdout.lines() {
+        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for opportunity in [&id, &refused] {
+            if value.get("_aws").is_none() && line.contains(opportunity.as_str()) {
+                let named = value["fields"]["opportunity"]
+                    .as_str()
+                    .or(value["span"]["opportunity"].as_str());
+                assert_eq!(
+                    named,
+                    Some(opportunity.as_str()),
+                    "a record-level line without `opportunity`: {line}"
+                );
+                about_refused += usize::from(opportunity == &refused);
+            }
+        }
+    }
+    assert!(about_refused > 0, "the refused record was logged: {stdout}");
+    let (_, _, dynamics_secret) = sims.dv.credentials();
+    assert!(!stdout.contains(&dynamics_secret), "the Dynamics secret in the logs");
+    assert!(
+        !stdout.contains(&sims.mk.client_secret()),
+        "the Marketo secret in the logs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -332,7 +332,7 @@ impl ResyncRequest {
                     Ok(ResyncTarget::Ids(ids))
                 } else {
                     Err(format!(
-                        "not opportunity ids (GUIDs like 0b000000-0000-4000-8000-000000000001): {}",
+                        "not opportunity ids (GUIDs like 6f1c3b2a-5d4e-4f60-8a7b-9c0d1e2f3a4b): {}",
                         bad.iter().map(|b| format!("`{b}`")).collect::<Vec<_>>().join(", ")
                     ))
                 }
