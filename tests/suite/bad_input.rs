@@ -11,11 +11,12 @@ use oppsync_tests::harness::{pipeline, sims, sqlite, sync};
 use serde_json::{Value, json};
 
 /// Configuration documents, and what the error must name.
-const CONFIGS: [(&str, &str); 12] = [
+const CONFIGS: [(&str, &str); 13] = [
     ("[mapping\n", "TOML"),
     ("[marketo]\ncalls_per_20s = 0\n", "calls_per_20s"),
     ("[marketo]\nconcurrent_calls = 11\n", "concurrent_calls"),
     ("[marketo]\ndaily_budget = -5\n", "daily_budget"),
+    ("[marketo]\ndaily_budget = 50\n", "daily_budget"),
     ("[dataverse]\npage_size = 6000\n", "page_size"),
     ("[dataverse]\nchange_detection = \"webhooks\"\n", "change_detection"),
     ("[sync]\nbatch_size = 301\n", "batch_size"),

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::common::*;
 
 /// Small pages and batches, so each step boundary is reached many times in one run.
-const CONFIG: &str = "[dataverse]\npage_size = 50\n[sync]\nbatch_size = 40\n";
+const CONFIG: &str = "[dataverse]\npage_size = 50\n[sync]\nbatch_size = 10\n";
 
 async fn world(seed: u64) -> (Sims, Vec<(String, String)>) {
     let sims = sims().await;

@@ -121,6 +121,9 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The smallest daily budget the configuration accepts.
+pub const MIN_DAILY_BUDGET: u64 = 100;
+
 impl LimitsConfig {
     /// Reads the `[marketo]` table of a configuration file (absent: the defaults) and checks it.
     /// Each error names the key and the fix.
@@ -145,11 +148,13 @@ impl LimitsConfig {
                 config.concurrent_calls
             ));
         }
-        if config.daily_budget == 0 {
-            errors.push(
-                "marketo.daily_budget: 0 would stop every write. Fix: set it below the instance's daily quota, like 40000"
-                    .to_owned(),
-            );
+        // A write of 1,500 opportunities takes about 55 calls; a budget that cannot cover one
+        // would stop the same write every day and never finish it.
+        if config.daily_budget < MIN_DAILY_BUDGET {
+            errors.push(format!(
+                "marketo.daily_budget: {} is under {MIN_DAILY_BUDGET}, too few for one write of 1,500 opportunities. Fix: set it below the instance's daily quota, like 40000",
+                config.daily_budget
+            ));
         }
         if errors.is_empty() { Ok(config) } else { Err(errors) }
     }

@@ -1774,6 +1774,12 @@ pub enum Stage {
 /// next run (each attempt already retries transient errors with backoff inside the client).
 const DRAIN_WRITE_ATTEMPTS: u32 = 3;
 
+/// A drain writes this many batches' ready records in one write: the client cuts each object
+/// type into calls of 300, so a larger group leaves fewer part-filled calls when a batch's
+/// companies, leads and roles are not multiples of 300 (the demo's mixed data: 1.31× the minimum calls
+/// with one batch a write, 1.07× with five).
+const DRAIN_WRITE_GROUP: usize = 5;
+
 impl<S: StateStore> Pipeline<S> {
     /// Transforms every pending record and writes every ready one, batch by batch, until none
     /// is left that this run can make progress on. `progress` hears of each finished batch.
@@ -1821,7 +1827,10 @@ impl<S: StateStore> Pipeline<S> {
             // Write: the same, skipping records this drain has already tried enough.
             let mut page: Option<String> = None;
             loop {
-                let listed = self.store.list(Status::Ready, batch, page.as_deref()).await?;
+                let listed = self
+                    .store
+                    .list(Status::Ready, batch * DRAIN_WRITE_GROUP, page.as_deref())
+                    .await?;
                 if listed.items.is_empty() {
                     break;
                 }

@@ -166,8 +166,9 @@ async fn the_daily_budget_stops_a_run_and_the_next_days_finish_it() {
     use std::sync::atomic::{AtomicI64, Ordering};
 
     let sims = sims().await;
-    sims.dv.seed(900, 6, Mix::Uniform);
-    let budget = 10;
+    // Two write groups of 1,500 opportunities, each about 55 calls; a day allows 60.
+    sims.dv.seed(3_000, 6, Mix::Uniform);
+    let budget = 60;
     let settings = oppsync_marketo::MarketoSettings::new(
         &sims.mk.url(),
         &sims.mk.client_id(),
@@ -202,7 +203,7 @@ async fn the_daily_budget_stops_a_run_and_the_next_days_finish_it() {
             "a budget stop fails no record: {counts:?}"
         );
         if drained.stopped.is_none() {
-            assert_eq!(counts.get(Status::Synced), 900, "{counts:?}");
+            assert_eq!(counts.get(Status::Synced), 3_000, "{counts:?}");
             break;
         }
         assert!(drained.stopped.as_deref().unwrap().contains("budget"), "{drained:?}");
@@ -213,6 +214,6 @@ async fn the_daily_budget_stops_a_run_and_the_next_days_finish_it() {
         );
         now.fetch_add(86_400_000, Ordering::Relaxed);
     }
-    assert!(days >= 3, "the budget did stop the run ({days} days)");
+    assert!(days >= 2, "the budget did stop the run ({days} days)");
     assert_marketo_matches_dynamics(&sims);
 }
