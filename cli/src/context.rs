@@ -180,6 +180,23 @@ macro_rules! with_store {
     };
 }
 
+/// Runs `$body` with `$p` bound to the pipeline the flags and the environment describe: the
+/// configuration, both systems' endpoints and the state store (locked), checked in that order,
+/// so a mistake is found before anything is opened or read.
+#[macro_export]
+macro_rules! with_pipeline {
+    ($state:expr, |$p:ident| $body:expr) => {{
+        let state: &$crate::context::StateArgs = $state;
+        let config = $crate::context::load_config(state.config.as_deref())?;
+        let (dynamics, marketo) = $crate::context::endpoints(&config, |k| std::env::var(k).ok())?;
+        let store = $crate::context::open_store(state, $crate::context::Open::CreateIfMissing).await?;
+        $crate::with_store!(store, |s| {
+            let $p = $crate::context::pipeline(s, config, dynamics, marketo)?;
+            $body
+        })
+    }};
+}
+
 /// The pipeline over real endpoints.
 pub fn pipeline<S>(
     store: S,

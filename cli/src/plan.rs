@@ -13,8 +13,8 @@ use oppsync_state::{OpportunityState, StateStore, Status};
 use serde_json::{Value, json};
 
 use crate::CliError;
-use crate::context::{self, Open, StateArgs, fatal};
-use crate::with_store;
+use crate::context::{StateArgs, fatal};
+use crate::with_pipeline;
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -29,13 +29,7 @@ pub struct PlanArgs {
 }
 
 pub async fn run(args: PlanArgs) -> Result<ExitCode, CliError> {
-    let config = context::load_config(args.state.config.as_deref())?;
-    let (dynamics, marketo) = context::endpoints(&config, |k| std::env::var(k).ok())?;
-    let store = context::open_store(&args.state, Open::CreateIfMissing).await?;
-    with_store!(store, |s| {
-        let pipeline = context::pipeline(s, config, dynamics, marketo)?;
-        plan(&pipeline, args.all, args.json).await
-    })
+    with_pipeline!(&args.state, |pipeline| plan(&pipeline, args.all, args.json).await)
 }
 
 async fn plan<S: StateStore>(pipeline: &Pipeline<S>, all: bool, json_out: bool) -> Result<ExitCode, CliError> {

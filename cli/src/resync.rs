@@ -7,8 +7,8 @@ use clap::Args;
 use oppsync_pipeline::{ResyncRequest, Wrote};
 
 use crate::CliError;
-use crate::context::{self, Open, StateArgs, fatal};
-use crate::with_store;
+use crate::context::{StateArgs, fatal};
+use crate::with_pipeline;
 
 #[derive(Debug, Args)]
 pub struct ResyncArgs {
@@ -36,11 +36,7 @@ pub async fn run(args: ResyncArgs) -> Result<ExitCode, CliError> {
         dry_run: args.dry_run,
     };
     let target = request.target().map_err(CliError::Usage)?;
-    let config = context::load_config(args.state.config.as_deref())?;
-    let (dynamics, marketo) = context::endpoints(&config, |k| std::env::var(k).ok())?;
-    let store = context::open_store(&args.state, Open::CreateIfMissing).await?;
-    with_store!(store, |s| {
-        let pipeline = context::pipeline(s, config, dynamics, marketo)?;
+    with_pipeline!(&args.state, |pipeline| {
         let report = pipeline.resync(target, args.dry_run).await.map_err(fatal)?;
         let failed = report
             .records

@@ -10,8 +10,8 @@ use oppsync_pipeline::{DrainReport, Pipeline};
 use oppsync_state::{StateStore, Status};
 
 use crate::CliError;
-use crate::context::{self, Open, StateArgs, fatal};
-use crate::with_store;
+use crate::context::{StateArgs, fatal};
+use crate::with_pipeline;
 
 #[derive(Debug, Args)]
 pub struct SyncArgs {
@@ -48,11 +48,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 pub async fn run(args: SyncArgs) -> Result<ExitCode, CliError> {
-    let config = context::load_config(args.state.config.as_deref())?;
-    let (dynamics, marketo) = context::endpoints(&config, |k| std::env::var(k).ok())?;
-    let store = context::open_store(&args.state, Open::CreateIfMissing).await?;
-    with_store!(store, |s| {
-        let pipeline = context::pipeline(s, config, dynamics, marketo)?;
+    with_pipeline!(&args.state, |pipeline| {
         loop {
             let code = cycle(&pipeline).await?;
             match args.every {
