@@ -196,7 +196,7 @@ async fn the_functions_sync_dynamics_into_marketo_over_the_real_stream() {
     sims.dv.delete(Table::Opportunities, &o(3));
     sims.dv
         .upsert(Table::Opportunities, &o(4), json!({"estimatedvalue": 44.0}), &[]);
-    sims.mk.skip_record(&o(4), "611", 1);
+    sims.mk.skip_record(&o(4), "1014", 1);
     sims.dv
         .upsert(Table::Opportunities, &o(5), json!({"estimatedvalue": 55.0}), &[]);
     sims.mk.skip_record(&o(5), "1003", 100);

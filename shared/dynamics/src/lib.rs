@@ -34,8 +34,9 @@ use tokio::time::Instant;
 pub const EXPIRED_VERSION_STAMP: &str = "0x80044352";
 const ANNOTATIONS: &str =
     "odata.include-annotations=\"OData.Community.Display.V1.FormattedValue,Microsoft.Dynamics.CRM.lookuplogicalname\"";
-/// GUIDs per `In()` filter: about 43 URL bytes each, keeping a request well under 32 KB.
-pub const IN_CHUNK: usize = 700;
+/// Dataverse's URL limit for a GET (32 KB, dataverse.md), less 4 KB for the `$skiptoken` a
+/// next link adds to the same query.
+pub const MAX_GET_URL: usize = 32 * 1024 - 4 * 1024;
 const MAX_ATTEMPTS: u32 = 6;
 
 /// A secret that never prints.
@@ -125,6 +126,10 @@ pub enum DataverseError {
     ChangeTokenExpired,
     #[error("refusing to follow a link to another host: {0}")]
     ForeignLink(String),
+    #[error(
+        "Dataverse answered HTTP {status}, a redirect to {to}; oppsync follows no redirects. Set DYNAMICS_URL to the environment's own URL (Power Platform admin center > Environments > Environment URL)"
+    )]
+    Redirected { status: u16, to: String },
     #[error("Dataverse answered something that is not OData JSON: {0}")]
     Decode(String),
     #[error("cannot reach Dataverse: {message}")]
@@ -268,6 +273,14 @@ impl std::fmt::Debug for DataverseClient {
     }
 }
 
+/// The host a redirect points at (its path and query may carry anything; only the host is told).
+fn redirect_host(location: &str) -> String {
+    Url::parse(location)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| "an unnamed location".into())
+}
+
 /// A parsed OData error body.
 fn odata_error(body: &str) -> (String, String) {
     let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
@@ -285,6 +298,9 @@ impl DataverseClient {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(120))
+            // Never follow a redirect: the bearer token would go with it, and the host check on
+            // paging links would be bypassed. A 3xx is answered as an error.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| DataverseError::Transport {
                 message: e.to_string(),
@@ -422,7 +438,24 @@ impl DataverseClient {
                 .get("Retry-After")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok());
+            let location = response
+                .headers()
+                .get("Location")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
             let text = response.text().await.unwrap_or_default();
+            if !status.is_success() {
+                // The expired version stamp, recognised by its code or its message whatever the
+                // status (the Web API's status for it is not documented).
+                let (code, message) = odata_error(&text);
+                if code.eq_ignore_ascii_case(EXPIRED_VERSION_STAMP)
+                    || code == "-2147204270"
+                    || message.contains("Version stamp associated with the client has expired")
+                {
+                    return Err(DataverseError::ChangeTokenExpired);
+                }
+            }
             match status {
                 s if s.is_success() => match serde_json::from_str(&text) {
                     Ok(v) => return Ok(v),
@@ -465,12 +498,15 @@ impl DataverseClient {
                         message,
                     });
                 }
+                s if s.is_redirection() => {
+                    return Err(DataverseError::Redirected {
+                        status: s.as_u16(),
+                        to: redirect_host(&location),
+                    });
+                }
                 s => {
                     let (code, message) = odata_error(&text);
                     return Err(match s {
-                        _ if code.eq_ignore_ascii_case(EXPIRED_VERSION_STAMP) || message.contains("Version stamp") => {
-                            DataverseError::ChangeTokenExpired
-                        }
                         StatusCode::FORBIDDEN => DataverseError::Forbidden { code, message },
                         StatusCode::NOT_FOUND => DataverseError::NotFound { code, message },
                         _ => DataverseError::BadQuery { code, message },
@@ -521,7 +557,12 @@ impl DataverseClient {
         cursor: Option<&str>,
     ) -> Result<ChangePage, DataverseError> {
         let page_pref = self.page_pref();
-        let prefer = ["odata.track-changes", page_pref.as_str(), ANNOTATIONS];
+        // No annotations on change-tracking reads: with them, Dataverse has been seen to drop
+        // `@odata.deltaLink` from the last page (powerapps-docs issue 439). The poll needs ids and
+        // versions only; the transform reads the rows again, annotated.
+        let prefer = ["odata.track-changes", page_pref.as_str()];
+        let full_read = self.entity_url(set, &[("$select", select.join(","))])?;
+        let delta_read = cursor.is_some_and(is_delta_link);
         let (body, full_resync) = match cursor {
             Some(link) => {
                 let url = Url::parse(link)
@@ -533,20 +574,28 @@ impl DataverseClient {
                             table = set.name(),
                             "change-tracking token expired; reading the whole table again"
                         );
-                        let url = self.entity_url(set, &[("$select", select.join(","))])?;
-                        (self.get(url, &prefer).await?, true)
+                        (self.get(full_read.clone(), &prefer).await?, true)
                     }
                     Err(e) => return Err(e),
                 }
             }
-            None => {
-                let url = self.entity_url(set, &[("$select", select.join(","))])?;
-                (self.get(url, &prefer).await?, false)
-            }
+            None => (self.get(full_read.clone(), &prefer).await?, false),
         };
         let mut rows = Vec::new();
         let mut deleted = Vec::new();
-        for item in body["value"].as_array().cloned().unwrap_or_default() {
+        let no_links = body.get("@odata.nextLink").is_none() && body.get("@odata.deltaLink").is_none();
+        let values = match body.get("value") {
+            Some(Value::Array(values)) => values.clone(),
+            // The documented empty answer to a delta read with no changes.
+            None if delta_read && no_links => Vec::new(),
+            _ => {
+                return Err(DataverseError::Decode(format!(
+                    "a change-tracking page of {} without its `value` array",
+                    set.name()
+                )));
+            }
+        };
+        for item in values {
             let is_deletion = item
                 .get("@odata.context")
                 .and_then(Value::as_str)
@@ -562,10 +611,25 @@ impl DataverseClient {
         let (cursor, caught_up) = match (body["@odata.nextLink"].as_str(), body["@odata.deltaLink"].as_str()) {
             (Some(next), _) => (next.to_owned(), false),
             (None, Some(delta)) => (delta.to_owned(), true),
+            // "An empty JSON response is returned if no table changes have occurred" (change
+            // tracking page): a delta read with no link keeps the delta link it was read with.
+            (None, None) if delta_read && !full_resync => {
+                if !rows.is_empty() || !deleted.is_empty() {
+                    tracing::warn!(
+                        table = set.name(),
+                        "a change-tracking page with changes but no @odata.deltaLink; the same delta link is read again next poll (repeats are harmless)"
+                    );
+                }
+                (cursor.unwrap_or_default().to_owned(), true)
+            }
+            // A full read whose last page has no delta link cannot be continued: the next poll
+            // reads the table again rather than stalling on a cursor that leads nowhere.
             (None, None) => {
-                return Err(DataverseError::Decode(
-                    "a change-tracking page with neither @odata.nextLink nor @odata.deltaLink".into(),
-                ));
+                tracing::warn!(
+                    table = set.name(),
+                    "Dataverse ended a change-tracking read without @odata.deltaLink; the next poll reads the whole table again"
+                );
+                (full_read.to_string(), true)
             }
         };
         Ok(ChangePage {
@@ -683,7 +747,24 @@ impl DataverseClient {
         let mut rows = Vec::new();
         let page_pref = self.page_pref();
         let prefer = [page_pref.as_str(), ANNOTATIONS];
-        for chunk in ids.chunks(IN_CHUNK) {
+        for url in self.in_urls(set, property, ids, select, filter, expand)? {
+            rows.extend(self.all_pages(url, &prefer).await?);
+        }
+        Ok(rows)
+    }
+
+    /// The `In()` requests for `ids`: as few as fit, each URL measured as sent against
+    /// Dataverse's 32 KB limit with room left for the `$skiptoken` a next link adds.
+    pub fn in_urls(
+        &self,
+        set: EntitySet,
+        property: &str,
+        ids: &[String],
+        select: &[&str],
+        filter: Option<&str>,
+        expand: Option<&str>,
+    ) -> Result<Vec<Url>, DataverseError> {
+        let url_for = |chunk: &[String]| {
             let values: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
             let mut f = format!(
                 "Microsoft.Dynamics.CRM.In(PropertyName='{property}',PropertyValues=[{}])",
@@ -697,10 +778,39 @@ impl DataverseClient {
             if let Some(e) = expand {
                 params.push(("$expand", e.to_owned()));
             }
-            let url = self.entity_url(set, &params)?;
-            rows.extend(self.all_pages(url, &prefer).await?);
+            self.entity_url(set, &params)
+        };
+        let fixed = url_for(&[])?.as_str().len();
+        let mut urls = Vec::new();
+        let mut start = 0;
+        while start < ids.len() {
+            // Each id adds `'id',` percent-encoded; count it exactly, then check the real URL.
+            let mut end = start;
+            let mut len = fixed;
+            while end < ids.len() {
+                let cost = form_encoded_len(&ids[end]) + 9; // two %27 and one %2C
+                if end > start && len + cost > MAX_GET_URL {
+                    break;
+                }
+                len += cost;
+                end += 1;
+            }
+            let mut url = url_for(&ids[start..end])?;
+            while url.as_str().len() > MAX_GET_URL && end - start > 1 {
+                end = start + (end - start) / 2;
+                url = url_for(&ids[start..end])?;
+            }
+            if url.as_str().len() > MAX_GET_URL {
+                return Err(DataverseError::Settings(format!(
+                    "a query of {} is {} bytes even for one record, over Dataverse's 32 KB URL limit; map fewer fields",
+                    set.name(),
+                    url.as_str().len()
+                )));
+            }
+            urls.push(url);
+            start = end;
         }
-        Ok(rows)
+        Ok(urls)
     }
 
     /// Everything the mapping needs for a batch of opportunities, in a handful of requests:
@@ -802,6 +912,18 @@ impl DataverseClient {
         self.read_in(EntitySet::Opportunities, "opportunityid", &ids, select, None, None)
             .await
     }
+}
+
+/// The length of `text` as `application/x-www-form-urlencoded` (how `Url` writes query pairs).
+fn form_encoded_len(text: &str) -> usize {
+    text.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"*-._ ".contains(&b) { 1 } else { 3 })
+        .sum()
+}
+
+/// Whether a stored cursor is a delta link (a caught-up read), not a next link or a full read.
+fn is_delta_link(link: &str) -> bool {
+    Url::parse(link).is_ok_and(|u| u.query_pairs().any(|(k, _)| k == "$deltatoken"))
 }
 
 /// The opportunities a page of connection rows touches: either side may be the opportunity.

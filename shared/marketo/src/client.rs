@@ -185,6 +185,9 @@ impl MarketoClient {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
+            // A redirect is answered as the error it is: following one could send the bearer
+            // token or the identity query to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| MarketoError::Transport {
                 endpoint: "client",
@@ -244,12 +247,13 @@ impl MarketoClient {
                 message: e.to_string(),
                 timeout: false,
             })?;
-        // Credentials go in a form body, not the query string, so no URL that might be logged
-        // (by us, a proxy or reqwest's errors) carries the secret.
+        // The documented shape (authentication page, "Creating an Access Token"): the three
+        // parameters in the query string. The URL therefore holds the secret: it goes only to
+        // Marketo over TLS, and every error drops the URL (`transport`), so no log sees it.
         let response = self
             .http
-            .post(url)
-            .form(&[
+            .get(url)
+            .query(&[
                 ("grant_type", "client_credentials"),
                 ("client_id", self.settings.client_id.as_str()),
                 ("client_secret", self.settings.client_secret.expose()),
@@ -283,7 +287,9 @@ impl MarketoClient {
         let value = Secret::new(issued.access_token);
         let mut cache = token_cache().lock().unwrap_or_else(|p| p.into_inner());
         let same_as_before = cache.get(&key).is_some_and(|t| t.value == value);
-        let lifetime = Duration::from_secs(issued.expires_in);
+        // Marketo says 3600 s at most (authentication page); a larger or absurd value is
+        // capped, so a server's number can never overflow the clock.
+        let lifetime = Duration::from_secs(issued.expires_in.min(3600));
         // Refresh a minute early; but before expiry Marketo hands back the same token, so once
         // it has, use it to its end (a 602 in flight then re-authenticates).
         let margin = if same_as_before {
@@ -295,7 +301,9 @@ impl MarketoClient {
             key,
             Token {
                 value: value.clone(),
-                refresh_at: Instant::now() + lifetime - margin,
+                refresh_at: Instant::now()
+                    .checked_add(lifetime.saturating_sub(margin))
+                    .unwrap_or_else(Instant::now),
             },
         );
         tracing::debug!(expires_in = issued.expires_in, "marketo identity token obtained");
@@ -455,33 +463,25 @@ impl MarketoClient {
                     body: Body::Json(&body),
                 })
                 .await?;
-            let sent = range.len();
-            if envelope.result.len() != sent {
-                return Err(MarketoError::ResultMismatch {
-                    endpoint,
-                    sent,
-                    got: envelope.result.len(),
-                });
+            let matched = match_results(endpoint, range.len(), envelope.result)?;
+            // 1018 on a record: the instance runs native CRM sync, so every record of every
+            // call would be refused the same way; one error stops the run instead.
+            if matched.iter().any(|o| o.code() == Some("1018")) {
+                return Err(MarketoError::CrmEnabled);
             }
-            for result in envelope.result {
-                let outcome = parse_outcome(&result);
-                let seq = result.get("seq").and_then(Value::as_u64).map(|s| s as usize);
-                match (seq, outcome) {
-                    (Some(seq), Some(outcome)) if seq < sent && outcomes[range.start + seq].is_none() => {
-                        outcomes[range.start + seq] = Some(outcome);
-                    }
-                    _ => {
-                        return Err(MarketoError::ResultMismatch {
-                            endpoint,
-                            sent,
-                            got: sent.saturating_sub(1),
-                        });
-                    }
-                }
+            for (i, outcome) in matched.into_iter().enumerate() {
+                outcomes[range.start + i] = Some(outcome);
             }
         }
-        let outcomes: Vec<RecordOutcome> = outcomes.into_iter().flatten().collect();
-        Ok(slot.into_iter().map(|i| outcomes[i].clone()).collect())
+        slot.into_iter()
+            .map(|i| outcomes[i].clone())
+            .collect::<Option<Vec<_>>>()
+            .ok_or(MarketoError::ResultMismatch {
+                endpoint,
+                sent: records.len(),
+                got: 0,
+                detail: " (a record without a result)",
+            })
     }
 
     /// Creates or updates opportunities (by externalOpportunityId).
@@ -611,26 +611,7 @@ impl MarketoClient {
                 if let Some(token) = &page {
                     params.push(("nextPageToken", token.clone()));
                 }
-                let url_len = self.settings.base.as_str().len()
-                    + "rest/v1/leads.json?".len()
-                    + params.iter().map(|(k, v)| k.len() + 2 + encoded_len(v)).sum::<usize>();
-                let request = if url_len > MAX_URL {
-                    Request {
-                        endpoint: "leads.query",
-                        method: Method::POST,
-                        path: "rest/v1/leads.json",
-                        query: vec![("_method", "GET".into())],
-                        body: Body::Form(params),
-                    }
-                } else {
-                    Request {
-                        endpoint: "leads.query",
-                        method: Method::GET,
-                        path: "rest/v1/leads.json",
-                        query: params,
-                        body: Body::None,
-                    }
-                };
+                let request = self.read_request("leads.query", "rest/v1/leads.json", params);
                 let envelope = self.call(&request).await?;
                 for lead in envelope.result {
                     let Value::Object(mut fields) = lead else { continue };
@@ -684,6 +665,7 @@ impl MarketoClient {
             endpoint,
             sent: 1,
             got: 0,
+            detail: "",
         })?;
         serde_json::from_value(first).map_err(|e| MarketoError::Decode {
             endpoint,
@@ -694,24 +676,19 @@ impl MarketoClient {
     /// Before any write: can this instance take opportunity writes, and does it have the
     /// configured fields?
     pub async fn preflight(&self, opportunity_fields: &[&str]) -> Result<Preflight, MarketoError> {
+        let blocked = |blocked: String| Preflight {
+            blocked: Some(blocked),
+            missing_fields: Vec::new(),
+        };
+        // Native CRM sync makes the opportunity API read-only (opportunities page) or disabled
+        // (lead-database page) and the role API unavailable (opportunity-roles page); how a
+        // disabled API answers is not documented, so 1018, 603 and 610 all count.
         let description = match self.describe(true).await {
             Ok(d) => d,
-            Err(MarketoError::CrmEnabled) => {
-                return Ok(Preflight {
-                    blocked: Some(MarketoError::CrmEnabled.to_string()),
-                    missing_fields: Vec::new(),
-                });
-            }
-            Err(e) => return Err(e),
+            Err(e) => return unavailable(&e).map(blocked).ok_or(e),
         };
         if let Err(e) = self.describe(false).await {
-            return match e {
-                MarketoError::CrmEnabled => Ok(Preflight {
-                    blocked: Some(e.to_string()),
-                    missing_fields: Vec::new(),
-                }),
-                other => Err(other),
-            };
+            return unavailable(&e).map(blocked).ok_or(e);
         }
         let missing_fields = opportunity_fields
             .iter()
@@ -743,6 +720,32 @@ impl MarketoClient {
             .unwrap_or(0))
     }
 
+    /// A read: `GET` with the parameters in the query string, or, where that URL would pass
+    /// Marketo's 8 KB, `POST ?_method=GET` with them as a form body (error-codes page, 414).
+    fn read_request<'a>(&self, endpoint: &'static str, path: &'a str, params: Vec<(&'a str, String)>) -> Request<'a> {
+        let url_len = self.settings.base.as_str().len()
+            + path.len()
+            + 1
+            + params.iter().map(|(k, v)| k.len() + 2 + encoded_len(v)).sum::<usize>();
+        if url_len > MAX_URL {
+            Request {
+                endpoint,
+                method: Method::POST,
+                path,
+                query: vec![("_method", "GET".into())],
+                body: Body::Form(params),
+            }
+        } else {
+            Request {
+                endpoint,
+                method: Method::GET,
+                path,
+                query: params,
+                body: Body::None,
+            }
+        }
+    }
+
     async fn query_by(
         &self,
         endpoint: &'static str,
@@ -752,15 +755,8 @@ impl MarketoClient {
     ) -> Result<Vec<Map<String, Value>>, MarketoError> {
         let mut found = Vec::new();
         for chunk in values.chunks(MAX_BATCH) {
-            let envelope = self
-                .call(&Request {
-                    endpoint,
-                    method: Method::GET,
-                    path,
-                    query: vec![("filterType", filter.to_owned()), ("filterValues", chunk.join(","))],
-                    body: Body::None,
-                })
-                .await?;
+            let params = vec![("filterType", filter.to_owned()), ("filterValues", chunk.join(","))];
+            let envelope = self.call(&self.read_request(endpoint, path, params)).await?;
             found.extend(envelope.result.into_iter().filter_map(|v| match v {
                 Value::Object(m) => Some(m),
                 _ => None,
@@ -810,15 +806,79 @@ fn parse_outcome(result: &Value) -> Option<RecordOutcome> {
             Value::Number(n) => Some(n.to_string()),
             _ => None,
         });
-    let reasons = result
-        .get("reasons")
-        .and_then(|r| serde_json::from_value(r.clone()).ok())
-        .unwrap_or_default();
+    // The pages show `reasons: [{code, message}]`; the OpenAPI lead result has
+    // `reason: {code, message}`. Either, as one object or a list, is read.
+    let reasons = ["reasons", "reason"]
+        .iter()
+        .filter_map(|key| result.get(*key))
+        .flat_map(|r| match r {
+            Value::Array(items) => items.clone(),
+            other => vec![other.clone()],
+        })
+        .filter_map(|r| serde_json::from_value::<Reason>(r).ok())
+        .collect();
     Some(RecordOutcome {
         status,
         marketo_id,
         reasons,
     })
+}
+
+/// Why an opportunity or role API refused to answer, when the refusal means oppsync cannot
+/// work with this instance (rather than a fault to retry).
+fn unavailable(error: &MarketoError) -> Option<String> {
+    match error {
+        MarketoError::CrmEnabled => Some(error.to_string()),
+        MarketoError::Api {
+            endpoint,
+            code,
+            message,
+        } if code == "603" || code == "610" => Some(format!(
+            "Marketo {endpoint} is unavailable ({code}: {message}). Marketo disables the opportunity and role APIs on \
+             instances that run its native Dynamics or Salesforce sync, and oppsync is for instances without it; \
+             if this instance has no native CRM sync, give the API user's role the Read-Write Lead permission"
+        )),
+        _ => None,
+    }
+}
+
+/// Matches a write's results to the `sent` records of its call: by `seq` where every result
+/// carries one (opportunities, roles, companies), else by position (Sync Leads results have no
+/// `seq`; the error-codes page: results are "ordered in the same way as the input array").
+fn match_results(endpoint: &'static str, sent: usize, results: Vec<Value>) -> Result<Vec<RecordOutcome>, MarketoError> {
+    let got = results.len();
+    let mismatch = |detail| MarketoError::ResultMismatch {
+        endpoint,
+        sent,
+        got,
+        detail,
+    };
+    if got != sent {
+        return Err(mismatch(""));
+    }
+    let by_seq = results.iter().all(|r| r.get("seq").is_some());
+    let mut matched: Vec<Option<RecordOutcome>> = vec![None; sent];
+    for (position, result) in results.iter().enumerate() {
+        let outcome = parse_outcome(result).ok_or_else(|| mismatch(" (a result without a known status)"))?;
+        let index = if by_seq {
+            match &result["seq"] {
+                Value::Number(n) => n.as_u64().map(|n| n as usize),
+                Value::String(s) => s.parse().ok(),
+                _ => None,
+            }
+            .ok_or_else(|| mismatch(" (a seq that is not a number)"))?
+        } else {
+            position
+        };
+        match matched.get_mut(index) {
+            Some(slot @ None) => *slot = Some(outcome),
+            _ => return Err(mismatch(" (a seq out of range or repeated)")),
+        }
+    }
+    matched
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| mismatch(" (a record without a result)"))
 }
 
 /// Splits records into runs of at most 300 records and about 1 MB of JSON.
@@ -867,11 +927,28 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
 }
 
 fn transport(endpoint: &'static str, e: &reqwest::Error) -> MarketoError {
-    // reqwest's message names the URL; ours never hold credentials (see `token`).
+    // reqwest's message names the URL, which can hold the identity secret or lead emails
+    // (filterValues): the message is kept, the URL is not.
+    let timeout = e.is_timeout();
+    let mut message = String::new();
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = source {
+        let text = err.to_string();
+        if !text.contains("://") && !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+        source = err.source();
+    }
+    if message.is_empty() {
+        message = if timeout { "timed out".into() } else { "request failed".into() };
+    }
     MarketoError::Transport {
         endpoint,
-        message: e.to_string(),
-        timeout: e.is_timeout(),
+        message,
+        timeout,
     }
 }
 

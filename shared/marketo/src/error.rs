@@ -7,7 +7,7 @@ pub enum ErrorClass {
     ReAuth,
     /// 606, 615, HTTP 502: back off and retry.
     Throttled,
-    /// 604, 608, 611, 713, 5xx, timeouts, garbled answers: retry with backoff.
+    /// 604, 608, 611, 713, record-level 1014, 5xx, timeouts, garbled answers: retry with backoff.
     Transient,
     /// 607: the daily quota is spent; nothing more until Marketo's daily reset.
     QuotaExhausted,
@@ -29,6 +29,9 @@ pub fn classify(code: &str) -> ErrorClass {
         "601" | "602" => ErrorClass::ReAuth,
         "502" | "606" | "615" => ErrorClass::Throttled,
         "604" | "608" | "611" | "713" => ErrorClass::Transient,
+        // Record level: "Failed to create Object", retried by Marketo's own Python client;
+        // no record code is documented as transient, so this is the one oppsync retries.
+        "1014" => ErrorClass::Transient,
         "607" => ErrorClass::QuotaExhausted,
         "1018" => ErrorClass::CrmEnabled,
         _ => ErrorClass::Permanent,
@@ -70,11 +73,14 @@ pub enum MarketoError {
         "oppsync's daily Marketo budget is spent ({used} of {budget} calls today); writes resume after Marketo's daily reset, and every record stays queued. Raise [marketo] daily_budget to allow more"
     )]
     BudgetExhausted { used: u64, budget: u64 },
-    #[error("Marketo {endpoint} answered {got} results for {sent} records; nothing from this call was trusted")]
+    #[error("Marketo {endpoint} answered {got} results for {sent} records{detail}; nothing from this call was trusted")]
     ResultMismatch {
         endpoint: &'static str,
         sent: usize,
         got: usize,
+        /// Why the results could not be matched when the counts agree (a bad or repeated
+        /// `seq`, an unreadable status); empty when the counts differ.
+        detail: &'static str,
     },
     #[error("Marketo {endpoint}: {message}")]
     Transport {

@@ -1300,7 +1300,10 @@ impl<S: StateStore> Pipeline<S> {
     ) -> Option<MarketoError> {
         let class = error.class();
         let auth = matches!(error, MarketoError::Auth { .. });
-        let retryable = class.is_retryable() || class == ErrorClass::QuotaExhausted || auth;
+        // A stop that someone must fix (credentials, native CRM sync) keeps the records queued:
+        // the run ends with one message, not one failure per record.
+        let retryable =
+            class.is_retryable() || matches!(class, ErrorClass::QuotaExhausted | ErrorClass::CrmEnabled) || auth;
         let recorded = sync_error(operation, error.code(), error.to_string());
         for work in affected {
             work.fail(recorded.clone(), retryable);
@@ -1310,10 +1313,9 @@ impl<S: StateStore> Pipeline<S> {
 
     /// After a batch-stopping error, every record not yet failed is failed the same way.
     fn stop_all(works: &mut [Work], error: &MarketoError) {
-        let retryable = error.class() != ErrorClass::CrmEnabled;
         let recorded = sync_error("write", error.code(), error.to_string());
         for work in works.iter_mut() {
-            work.fail(recorded.clone(), retryable);
+            work.fail(recorded.clone(), true);
         }
     }
 

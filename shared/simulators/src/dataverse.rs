@@ -54,6 +54,20 @@ pub struct DataverseConfig {
     /// Write `@odata.nextLink`/`@odata.deltaLink` with this host instead of the server's own
     /// (to test that the client refuses links to another host).
     pub link_host: Option<String>,
+    /// The status of the expired-version-stamp error (0x80044352). Unconfirmed for the Web API
+    /// (dataverse.md: "likely 400"); the client must recognise it by code or message at any.
+    pub expired_stamp_status: u16,
+    /// The reported defect (powerapps-docs issue 439): a change-tracking read that asks for
+    /// annotations gets its last page without `@odata.deltaLink`.
+    pub annotations_drop_delta_link: bool,
+    /// Every change-tracking read ends without `@odata.deltaLink`, annotations or not (the
+    /// defect's worst case).
+    pub never_delta_link: bool,
+    /// A delta read with no changes answers `{}` (change-tracking page: "An empty JSON response
+    /// is returned if no table changes have occurred"), not an empty `value` with a new link.
+    pub empty_delta_body: bool,
+    /// Answer every Web API request with `302 Found` to this URL (the client must not follow).
+    pub redirect_to: Option<String>,
 }
 
 impl Default for DataverseConfig {
@@ -70,6 +84,11 @@ impl Default for DataverseConfig {
             throttle: None,
             max_url_bytes: 32 * 1024,
             link_host: None,
+            expired_stamp_status: 400,
+            annotations_drop_delta_link: false,
+            never_delta_link: false,
+            empty_delta_body: false,
+            redirect_to: None,
         }
     }
 }
@@ -462,11 +481,15 @@ async fn handle(
             .and_then(|t| g.tokens.get(t))
             .is_none_or(|e| *e <= Instant::now())
         {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [("WWW-Authenticate", "Bearer error=\"invalid_token\"")],
-            )
-                .into_response();
+            // A bearer challenge naming the tenant's authority (Entra ID's error-response shape).
+            let challenge = format!(
+                "Bearer authorization_uri=https://login.microsoftonline.com/{}/oauth2/authorize, error=\"invalid_token\", error_description=\"The access token is missing or expired.\"",
+                g.config.tenant_id
+            );
+            return (StatusCode::UNAUTHORIZED, [("WWW-Authenticate", challenge)]).into_response();
+        }
+        if let Some(to) = &g.config.redirect_to {
+            return (StatusCode::FOUND, [("Location", to.clone())]).into_response();
         }
         if uri.to_string().len() > g.config.max_url_bytes {
             return odata_error(StatusCode::URI_TOO_LONG, "0x8006088a", "The URL is too long");
@@ -901,10 +924,16 @@ fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) ->
         Err(message) => return odata_error(StatusCode::BAD_REQUEST, "0x80060888", &message),
     };
     // Delta reads: changes after the token's version, up to the version the read started at.
-    let (after, upto) = match (param("$deltatoken"), param("$skiptoken")) {
+    // `delta`: a read from a delta token (its pages carry deletions); a full read's pages do
+    // not ("Deleted objects are not returned", change-tracking page).
+    let (after, upto, delta) = match (param("$deltatoken"), param("$skiptoken")) {
         (_, Some(skip)) => {
             let mut parts = skip.split(':').map(|p| p.parse::<i64>().unwrap_or(0));
-            (parts.next().unwrap_or(0), parts.next().unwrap_or(g.version))
+            (
+                parts.next().unwrap_or(0),
+                parts.next().unwrap_or(g.version),
+                parts.next() == Some(1),
+            )
         }
         (Some(token), None) => {
             let issued = g.issued.get(&token).copied();
@@ -912,17 +941,18 @@ fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) ->
                 Some(at) if at.elapsed() <= g.config.change_retention => (
                     token.split('!').next().and_then(|v| v.parse().ok()).unwrap_or(0),
                     g.version,
+                    true,
                 ),
                 _ => {
                     return odata_error(
-                        StatusCode::BAD_REQUEST,
+                        StatusCode::from_u16(g.config.expired_stamp_status).unwrap_or(StatusCode::BAD_REQUEST),
                         EXPIRED_VERSION_STAMP,
                         "Version stamp associated with the client has expired. Please perform a full sync.",
                     );
                 }
             }
         }
-        (None, None) => (i64::MIN, g.version),
+        (None, None) => (i64::MIN, g.version, false),
     };
     let start_offset: usize = if track {
         0
@@ -970,7 +1000,7 @@ fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) ->
         hits.truncate(top);
     }
     let mut value: Vec<Value> = Vec::new();
-    let mut tombstones: Vec<(String, i64)> = if track && after != i64::MIN {
+    let mut tombstones: Vec<(String, i64)> = if track && delta {
         view.tombstones
             .get(&table)
             .map(|t| t.iter().filter(|(_, v)| *v > after && *v <= upto).cloned().collect())
@@ -997,11 +1027,22 @@ fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) ->
     for (_, item) in &merged {
         value.push(match item {
             Ok(row) => render(view, table, row, &select, &expand, annotate),
-            Err(id) => json!({"@odata.context": format!("$metadata#{}/$deletedEntity", table.set()), "id": id, "reason": "deleted"}),
+            // Change-tracking page: {"@odata.context":"[Organization URI]/api/data/v9.0/$metadata#accounts/$deletedEntity","id":…,"reason":"deleted"}
+            Err(id) => json!({"@odata.context": format!("http://{host}{API}$metadata#{}/$deletedEntity", table.set()), "id": id, "reason": "deleted"}),
         });
     }
+    let delta_read = track && delta;
+    if delta_read && value.is_empty() && !more && view.config.empty_delta_body {
+        return (StatusCode::OK, [("content-type", "application/json; odata.metadata=minimal")], "{}").into_response();
+    }
     let mut page = Map::new();
-    page.insert("@odata.context".into(), json!(format!("$metadata#{}", table.set())));
+    // A delta page's context ends in `/$delta` (change-tracking page).
+    let context = if delta_read {
+        format!("http://{host}{API}$metadata#{}/$delta", table.set())
+    } else {
+        format!("http://{host}{API}$metadata#{}", table.set())
+    };
+    page.insert("@odata.context".into(), json!(context));
     page.insert("value".into(), Value::Array(value));
     let carried: String = query
         .iter()
@@ -1010,7 +1051,7 @@ fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) ->
         .collect();
     if more {
         let skip = if track {
-            format!("{}:{upto}", last_version.unwrap_or(after))
+            format!("{}:{upto}:{}", last_version.unwrap_or(after), u8::from(delta))
         } else {
             (start_offset + page_size).to_string()
         };
@@ -1018,7 +1059,7 @@ fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) ->
             "@odata.nextLink".into(),
             json!(format!("{base}?{carried}$skiptoken={}", encode(&skip))),
         );
-    } else if track {
+    } else if track && !g.config.never_delta_link && !(annotate && g.config.annotations_drop_delta_link) {
         let token = format!("{upto}!{}", g.issued.len());
         g.issued.insert(token.clone(), Instant::now());
         page.insert(

@@ -1,13 +1,25 @@
-//! A Marketo REST API simulator: what oppsync's client depends on, faithful to Adobe's
-//! documentation (../shared/docs/marketo.md), with limits and faults switchable per test.
+//! A Marketo REST API simulator that answers what Adobe's documentation shows, and nothing more
+//! (../shared/docs/marketo.md; the pages named below are Adobe's marketo-developer REST pages).
 //!
-//! Faithful in the ways that matter to a client: HTTP 200 with `success: false` for request-level
-//! errors (6xx/7xx), per-record `skipped` with `reasons`, results in input order with `seq`,
-//! expiring bearer tokens (601/602), 100 calls per 20 s (606), 10 concurrent calls (615), a daily
-//! quota (607), 300 records per call, 1 MB bodies (HTTP 413), 8 KB URLs (HTTP 414), and the
-//! opportunity-role key (externalOpportunityId, leadId, role) whose opportunity and lead must
-//! exist. Where the documentation does not say which record code Marketo uses, the choice is
-//! marked "unconfirmed".
+//! - Writes answer HTTP 200 with `result` in input order (error-codes page, "Record-Level").
+//!   Opportunities, roles and companies carry `seq` (their pages' examples); **Sync Leads results
+//!   do not** (leads page, "Create and Update": `{"id":50,"status":"created"}`). A skip is
+//!   `{"status":"skipped","reasons":[{code,message}]}` with a 1xxx code (error-codes page).
+//! - Request-level errors are HTTP 200 with `success: false` and `errors` (6xx/7xx, error-codes
+//!   page); bodies over 1 MB get HTTP 413 and URLs over 8 KB HTTP 414 (same page).
+//! - Identity takes its three parameters from the query string, by GET or POST (authentication
+//!   page, "Creating an Access Token"); tokens expire (602) or are unknown (601).
+//! - Limits: 100 calls per 20 s (606), 10 at once (615), a daily quota (607), 300 records a
+//!   call (error-codes page and marketo.md).
+//! - Native CRM sync (`crm_enabled`): opportunity and company writes are skipped with 1018 (the
+//!   opportunities and companies pages: "read-only"), the role API is refused (the
+//!   opportunity-roles page: "only exposed for subscriptions which do not have a native CRM sync";
+//!   the code is not documented, so `crm_refusal` picks it), and with `crm_reads_disabled` the
+//!   opportunity and company reads are refused too (the lead-database page: "disabled").
+//!
+//! Where the docs are silent the simulator takes the strictest reading, and [`ResultShape`]
+//! switches to the other plausible shapes the client must also survive. Each such choice is
+//! marked "unconfirmed" and listed in docs/API-FIDELITY.md.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -51,9 +63,34 @@ pub struct MarketoConfig {
     pub custom_opportunity_fields: Vec<String>,
     /// Custom lead fields (for example one holding the Dynamics contact id).
     pub custom_lead_fields: Vec<String>,
+    /// The code the role API answers with when native CRM sync disables it (unconfirmed:
+    /// 1018 "CRM Enabled", 603 "Access denied" and 610 "Requested resource not found" are the
+    /// plausible ones).
+    pub crm_refusal: &'static str,
+    /// With `crm_enabled`: the opportunity and company reads (describe, query) are refused as
+    /// well, the lead-database page's reading ("disabled") rather than the object pages'
+    /// ("read-only").
+    pub crm_reads_disabled: bool,
+    /// The shape of write results: as documented, or a variant the client must also survive.
+    pub result_shape: ResultShape,
     /// Random faults: a call fails with 601, 602, 604, 606, 611, 615 or HTTP 502, and a record
-    /// in a write is skipped with a transient reason (611) that a retry gets past.
+    /// in a write is skipped with 1014 "Failed to create Object", which a retry gets past.
     pub chaos: Option<crate::Chaos>,
+}
+
+/// How write results are shaped. `Documented` is what Adobe's pages show; the others are
+/// readings the docs leave open, for testing the client against each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResultShape {
+    #[default]
+    Documented,
+    /// Results carrying `seq` come back in another order than the input (seq still right).
+    Shuffled,
+    /// No result carries `seq`: every write is matched by position, as Sync Leads is.
+    NoSeq,
+    /// A skip carries `reason: {code, message}` (the OpenAPI lead result) instead of
+    /// `reasons: [...]`.
+    SingularReason,
 }
 
 impl Default for MarketoConfig {
@@ -73,6 +110,9 @@ impl Default for MarketoConfig {
             crm_enabled: false,
             custom_opportunity_fields: Vec::new(),
             custom_lead_fields: vec!["dynamicsContactId".into()],
+            crm_refusal: "1018",
+            crm_reads_disabled: false,
+            result_shape: ResultShape::Documented,
             chaos: None,
         }
     }
@@ -494,6 +534,11 @@ fn success(result: Vec<Value>) -> Response {
     axum::Json(json!({"requestId": request_id(), "success": true, "result": result})).into_response()
 }
 
+/// A Sync Leads skip: no `seq`, no `id` (error-codes page, "Record-Level").
+fn lead_skipped(code: &str, message: &str) -> Value {
+    json!({"status": "skipped", "reasons": [{"code": code, "message": message}]})
+}
+
 fn skipped(seq: usize, code: &str, message: &str) -> Value {
     json!({"seq": seq, "status": "skipped", "reasons": [{"code": code, "message": message}]})
 }
@@ -519,7 +564,7 @@ async fn handle(
         return (StatusCode::NOT_FOUND, "no such endpoint").into_response();
     };
     if endpoint == Endpoint::Identity {
-        return identity(&inner, &query, &body);
+        return identity(&inner, &query);
     }
 
     // Admission, in the order Marketo documents its checks.
@@ -635,6 +680,33 @@ async fn handle(
         Some(Fault::DropResult) | None => {}
     }
 
+    if g.config.crm_enabled {
+        let refused = match endpoint {
+            Endpoint::RoleSync | Endpoint::RoleDelete | Endpoint::RoleQuery | Endpoint::RoleDescribe => true,
+            Endpoint::OpportunityDescribe | Endpoint::OpportunityQuery | Endpoint::CompanyQuery => {
+                g.config.crm_reads_disabled
+            }
+            _ => false,
+        };
+        if refused {
+            let code = g.config.crm_refusal;
+            let message = match code {
+                "603" => "Access denied",
+                "610" => "Requested resource not found",
+                _ => "CRM Enabled",
+            };
+            return failure(code, message);
+        }
+    }
+    // A read sent as `POST ?_method=GET` carries its parameters as a form body (error-codes
+    // page, 414).
+    let read_params = || {
+        let mut params = query.clone();
+        if method == Method::POST {
+            params.extend(parse_query(&String::from_utf8_lossy(&body)));
+        }
+        params
+    };
     let input = || -> Result<Value, Refusal> {
         if body.is_empty() {
             return Ok(Value::Null);
@@ -648,20 +720,16 @@ async fn handle(
         Endpoint::RoleDelete => input().map(|b| delete(g, &b, Kind::Role)),
         Endpoint::CompanySync => input().map(|b| company_sync(g, &b)),
         Endpoint::LeadSync => input().map(|b| lead_sync(g, &b)),
-        Endpoint::OpportunityQuery => Ok(query_by(g, &query, Kind::Opportunity)),
-        Endpoint::CompanyQuery => Ok(query_by(g, &query, Kind::Company)),
-        Endpoint::LeadQuery => {
-            // POST ?_method=GET carries the parameters as a form body.
-            let mut params = query.clone();
-            if method == Method::POST {
-                params.extend(parse_query(&String::from_utf8_lossy(&body)));
-            }
-            Ok(lead_query(g, &params))
-        }
+        Endpoint::OpportunityQuery => Ok(query_by(g, &read_params(), Kind::Opportunity)),
+        Endpoint::CompanyQuery => Ok(query_by(g, &read_params(), Kind::Company)),
+        Endpoint::LeadQuery => Ok(lead_query(g, &read_params())),
         Endpoint::RoleQuery => input().map(|b| role_query(g, &b)),
         Endpoint::OpportunityDescribe => Ok(describe(g, Kind::Opportunity)),
         Endpoint::RoleDescribe => Ok(describe(g, Kind::Role)),
-        Endpoint::Usage => Ok(Ok(vec![json!({"date": "today", "total": g.counters.daily})])),
+        // Usage page, "Daily Usage": one result with the date, the total and a per-user count.
+        Endpoint::Usage => Ok(Ok(vec![
+            json!({"date": "2026-12-01", "total": g.counters.daily, "users": [{"userId": "api@sim", "count": g.counters.daily}]}),
+        ])),
         Endpoint::Identity => Ok(Ok(Vec::new())),
     };
     if let Ok(Ok(results)) = &mut response
@@ -669,16 +737,15 @@ async fn handle(
     {
         results.pop();
     }
+    if let Ok(Ok(results)) = &mut response {
+        reshape(endpoint, g.config.result_shape, results);
+    }
     match response {
         Err(r) | Ok(Err(r)) => failure(&r.code, &r.message),
         Ok(Ok(results)) => {
             let carried = match endpoint {
                 Endpoint::LeadQuery => {
-                    let mut params = query.clone();
-                    if method == Method::POST {
-                        params.extend(parse_query(&String::from_utf8_lossy(&body)));
-                    }
-                    params
+                    read_params()
                         .get("filterValues")
                         .map_or(0, |v| v.split(',').filter(|x| !x.is_empty()).count() as u64)
                 }
@@ -690,9 +757,54 @@ async fn handle(
     }
 }
 
-fn identity(inner: &Mutex<Inner>, query: &HashMap<String, String>, body: &[u8]) -> Response {
-    let mut params = query.clone();
-    params.extend(parse_query(&String::from_utf8_lossy(body)));
+/// The identity endpoint: GET or POST with `grant_type`, `client_id` and `client_secret` in the
+/// query string (authentication page); a form body is not documented, so it is not read. Bad
+/// credentials: HTTP 401 (error-codes page: "The Identity endpoint can return a 401").
+/// Applies a [`ResultShape`] variant to a write's results.
+fn reshape(endpoint: Endpoint, shape: ResultShape, results: &mut [Value]) {
+    let write = matches!(
+        endpoint,
+        Endpoint::OpportunitySync
+            | Endpoint::OpportunityDelete
+            | Endpoint::RoleSync
+            | Endpoint::RoleDelete
+            | Endpoint::CompanySync
+            | Endpoint::LeadSync
+    );
+    if !write {
+        return;
+    }
+    match shape {
+        ResultShape::Documented => {}
+        ResultShape::Shuffled => {
+            // Deterministic: reversed, then the halves swapped, so no result keeps its place
+            // in a call of three or more.
+            results.reverse();
+            let half = results.len() / 2;
+            results.rotate_left(half);
+        }
+        ResultShape::NoSeq => {
+            for r in results.iter_mut() {
+                if let Some(o) = r.as_object_mut() {
+                    o.remove("seq");
+                }
+            }
+        }
+        ResultShape::SingularReason => {
+            for r in results.iter_mut() {
+                if let Some(o) = r.as_object_mut()
+                    && let Some(Value::Array(mut reasons)) = o.remove("reasons")
+                    && !reasons.is_empty()
+                {
+                    o.insert("reason".into(), reasons.swap_remove(0));
+                }
+            }
+        }
+    }
+}
+
+fn identity(inner: &Mutex<Inner>, query: &HashMap<String, String>) -> Response {
+    let params = query;
     let mut g = lock(inner);
     *g.counters.calls.entry(Endpoint::Identity).or_default() += 1;
     let ok = params.get("grant_type").map(String::as_str) == Some("client_credentials")
@@ -747,7 +859,9 @@ fn record_fault(g: &mut Inner, key: &str) -> Option<&'static str> {
         && g.dice.hit(chaos.rate)
     {
         g.counters.chaos_records += 1;
-        return Some("611");
+        // Unconfirmed: no record-level code is documented as transient; 1014 "Failed to create
+        // Object" is the one Marketo clients retry (marketorestpython).
+        return Some("1014");
     }
     let i = g.record_faults.iter().position(|(k, _, n)| k == key && *n > 0)?;
     g.record_faults[i].2 -= 1;
@@ -852,10 +966,6 @@ fn role_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
             results.push(skipped(seq, "1003", "Invalid record"));
             continue;
         };
-        if g.config.crm_enabled {
-            results.push(skipped(seq, "1018", "CRM Enabled"));
-            continue;
-        }
         let Some(key) = role_key(record) else {
             results.push(skipped(
                 seq,
@@ -1009,12 +1119,6 @@ fn lead_matches<'a>(g: &'a Inner, field: &str, value: &str) -> Vec<&'a SimLead> 
         .collect()
 }
 
-fn lead_json(lead: &SimLead) -> Value {
-    let mut out = lead.fields.clone();
-    out.insert("id".into(), json!(lead.id));
-    Value::Object(out)
-}
-
 fn lead_query(g: &Inner, params: &HashMap<String, String>) -> Result<Vec<Value>, Refusal> {
     let field = params.get("filterType").cloned().unwrap_or_default();
     if field != "email" && field != "id" && !g.config.custom_lead_fields.contains(&field) {
@@ -1027,21 +1131,41 @@ fn lead_query(g: &Inner, params: &HashMap<String, String>) -> Result<Vec<Value>,
     if values.len() > g.config.max_batch {
         return Err(refusal("1003", "Too many filterValues"));
     }
-    let mut out = Vec::new();
+    let mut found: Vec<&SimLead> = Vec::new();
     for value in values {
         if field == "id" {
-            out.extend(
-                value
-                    .parse::<i64>()
-                    .ok()
-                    .and_then(|id| g.data.leads.get(&id))
-                    .map(lead_json),
-            );
+            found.extend(value.parse::<i64>().ok().and_then(|id| g.data.leads.get(&id)));
         } else {
-            out.extend(lead_matches(g, &field, value).into_iter().map(lead_json));
+            found.extend(lead_matches(g, &field, value));
         }
     }
-    Ok(out)
+    // Leads page: "If the number of leads matching the lead filter is greater than 1,000 an
+    // error is returned: 1003, Too many results match the filter".
+    if found.len() > 1000 {
+        return Err(refusal("1003", "Too many results match the filter"));
+    }
+    // Leads page: without `fields`, id, email, updatedAt, createdAt, firstName and lastName;
+    // with it, those fields, a field with no value left out ("implied to be null").
+    let default_fields = "email,updatedAt,createdAt,firstName,lastName";
+    let wanted: Vec<&str> = params
+        .get("fields")
+        .map_or(default_fields, String::as_str)
+        .split(',')
+        .map(str::trim)
+        .collect();
+    Ok(found
+        .into_iter()
+        .map(|lead| {
+            let mut out = Map::new();
+            out.insert("id".into(), json!(lead.id));
+            for f in &wanted {
+                if let Some(v) = lead.fields.get(*f).filter(|v| !v.is_null()) {
+                    out.insert((*f).to_owned(), v.clone());
+                }
+            }
+            Value::Object(out)
+        })
+        .collect())
 }
 
 fn lead_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
@@ -1053,39 +1177,44 @@ fn lead_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
         .unwrap_or("email")
         .to_owned();
     let mut results = Vec::with_capacity(input.len());
-    for (seq, record) in input.iter().enumerate() {
+    // Results in input order, without `seq` (leads page, "Create and Update"; error-codes page).
+    for record in &input {
         let Some(record) = record.as_object() else {
-            results.push(skipped(seq, "1003", "Invalid record"));
+            results.push(lead_skipped("1003", "Invalid record"));
             continue;
         };
         if let Some(field) = unknown_field(record, LEAD_FIELDS, &g.config.custom_lead_fields) {
-            results.push(skipped(seq, "1006", &format!("Field '{field}' not found")));
+            results.push(lead_skipped("1006", &format!("Field '{field}' not found")));
+            continue;
+        }
+        if record.contains_key("id") && action != "updateOnly" {
+            // Leads page: "The id field can only be included ... when using the updateOnly action".
+            results.push(lead_skipped("1003", "Invalid data"));
             continue;
         }
         let Some(key) = record.get(&lookup).and_then(Value::as_str).map(str::to_owned) else {
-            results.push(skipped(
-                seq,
+            results.push(lead_skipped(
                 "1003",
                 &format!("Value for lookup field '{lookup}' not specified"),
             ));
             continue;
         };
         if let Some(code) = record_fault(g, &key) {
-            results.push(skipped(seq, code, "Injected record fault"));
+            results.push(lead_skipped(code, "Injected record fault"));
             continue;
         }
         let matches: Vec<i64> = lead_matches(g, &lookup, &key).iter().map(|l| l.id).collect();
         match (action, matches.as_slice()) {
-            (_, [_, _, ..]) => results.push(skipped(seq, "1007", "Multiple lead match lookup criteria")),
-            ("createOnly", [_]) => results.push(skipped(seq, "1005", "Lead already exists")),
-            ("updateOnly", []) => results.push(skipped(seq, "1004", "Lead not found")),
+            (_, [_, _, ..]) => results.push(lead_skipped("1007", "Multiple lead match lookup criteria")),
+            ("createOnly", [_]) => results.push(lead_skipped("1005", "Lead already exists")),
+            ("updateOnly", []) => results.push(lead_skipped("1004", "Lead not found")),
             (_, [id]) => {
                 let id = *id;
                 if let Some(mut lead) = g.data.leads.get(&id).cloned() {
                     lead.fields.extend(record.clone());
                     g.data.put_lead(lead);
                 }
-                results.push(json!({"seq": seq, "status": "updated", "id": id}));
+                results.push(json!({"id": id, "status": "updated"}));
             }
             (_, []) => {
                 g.data.next_id += 1;
@@ -1094,7 +1223,7 @@ fn lead_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
                     id,
                     fields: record.clone(),
                 });
-                results.push(json!({"seq": seq, "status": "created", "id": id}));
+                results.push(json!({"id": id, "status": "created"}));
             }
         }
     }
@@ -1113,9 +1242,15 @@ fn query_by(g: &Inner, params: &HashMap<String, String>, kind: Kind) -> Result<V
         Kind::Opportunity => &g.data.opportunities,
         _ => &g.data.companies,
     };
+    // The opportunities and companies pages show query results with `seq`.
     Ok(values
         .into_iter()
-        .filter_map(|v| table.get(v).cloned().map(Value::Object))
+        .filter_map(|v| table.get(v).cloned())
+        .enumerate()
+        .map(|(seq, mut record)| {
+            record.insert("seq".into(), json!(seq));
+            Value::Object(record)
+        })
         .collect())
 }
 
@@ -1136,10 +1271,6 @@ fn role_query(g: &Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
 }
 
 fn describe(g: &Inner, kind: Kind) -> Result<Vec<Value>, Refusal> {
-    if g.config.crm_enabled {
-        // The opportunity APIs are read-only or disabled with native CRM sync (docs disagree).
-        return Err(refusal("1018", "CRM Enabled"));
-    }
     let (name, dedupe, fields): (&str, Vec<&str>, Vec<String>) = match kind {
         Kind::Opportunity => (
             "opportunity",

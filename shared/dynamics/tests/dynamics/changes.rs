@@ -9,8 +9,11 @@ use serde_json::json;
 use crate::common::*;
 
 #[tokio::test]
-async fn an_initial_load_pages_through_every_row_with_annotations() {
+async fn an_initial_load_pages_through_every_row_without_asking_for_annotations() {
     let sim = sim().await;
+    // The reported defect (powerapps-docs issue 439): asking for annotations on a
+    // change-tracking read loses the delta link. The client does not ask, so it keeps it.
+    sim.configure(|c| c.annotations_drop_delta_link = true);
     let seeded = sim.seed(120, 7, Mix::Realistic);
     let client = client(&sim, 50);
     let (rows, deleted, pages, cursor, resync) =
@@ -28,8 +31,8 @@ async fn an_initial_load_pages_through_every_row_with_annotations() {
     expected.sort_unstable();
     assert_eq!(ids, expected, "every row exactly once");
     let with_customer = rows.iter().find(|r| !r["_customerid_value"].is_null()).unwrap();
-    assert!(with_customer["_customerid_value@Microsoft.Dynamics.CRM.lookuplogicalname"].is_string());
-    assert!(rows[0]["statecode@OData.Community.Display.V1.FormattedValue"].is_string());
+    assert!(with_customer["_customerid_value@Microsoft.Dynamics.CRM.lookuplogicalname"].is_null());
+    assert!(rows[0]["statecode@OData.Community.Display.V1.FormattedValue"].is_null());
     // Only what was selected comes back.
     assert!(rows[0].get("description").is_none());
 }

@@ -4,4 +4,5 @@
 mod changes;
 mod common;
 mod faults;
+mod fidelity;
 mod related;

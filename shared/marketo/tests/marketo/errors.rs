@@ -85,21 +85,31 @@ async fn a_body_over_a_megabyte_is_refused_by_marketo_with_413() {
 
 #[tokio::test]
 async fn a_native_crm_sync_instance_gets_a_clear_message_from_the_preflight_and_the_writes() {
-    let sim = sim(MarketoConfig {
-        crm_enabled: true,
-        ..fast_config()
-    })
-    .await;
-    let client = client(&sim);
-    let preflight = client.preflight(&["name", "amount"]).await.unwrap();
-    assert!(!preflight.ok());
-    let blocked = preflight.blocked.unwrap();
-    assert!(
-        blocked.contains("native CRM sync") && blocked.contains("1018"),
-        "{blocked}"
-    );
-    let outcomes = client.sync_opportunities(&opportunities(2)).await.unwrap();
-    assert!(outcomes.iter().all(|o| o.class() == Some(ErrorClass::CrmEnabled)));
+    // How a disabled API answers is not documented: each plausible code, and both readings of
+    // "read-only" (opportunities page) and "disabled" (lead-database page).
+    for (refusal, reads_disabled) in [("1018", false), ("603", false), ("610", false), ("1018", true), ("610", true)] {
+        let sim = sim(MarketoConfig {
+            crm_enabled: true,
+            crm_refusal: refusal,
+            crm_reads_disabled: reads_disabled,
+            ..fast_config()
+        })
+        .await;
+        let client = client(&sim);
+        let preflight = client.preflight(&["name", "amount"]).await.unwrap();
+        assert!(!preflight.ok(), "{refusal}");
+        let blocked = preflight.blocked.unwrap();
+        assert!(
+            blocked.contains("native") && blocked.contains(refusal),
+            "{refusal}: {blocked}"
+        );
+        // A write refused record by record (1018) is one error for the whole call, not one
+        // failure per record.
+        let err = client.sync_opportunities(&opportunities(2)).await.unwrap_err();
+        assert!(matches!(err, MarketoError::CrmEnabled), "{refusal}: {err}");
+        assert_eq!(err.class(), ErrorClass::CrmEnabled);
+        assert!(sim.snapshot().opportunities.is_empty());
+    }
 }
 
 #[tokio::test]

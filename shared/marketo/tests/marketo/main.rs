@@ -5,6 +5,7 @@ mod auth;
 mod batching;
 mod common;
 mod errors;
+mod fidelity;
 mod limits;
 mod secrets;
 mod simulator;
