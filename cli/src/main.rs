@@ -1,9 +1,10 @@
 //! `oppsync`: the sync on your machine. `demo` runs the whole pipeline against the built-in
 //! Dataverse and Marketo simulators on an embedded SQLite store.
 //!
-//! Exit codes: 0 done; 1 the run finished but something is wrong (a record failed, or the demo's
-//! Marketo end state differs from the rules); 2 bad arguments or configuration; 3 a fatal error
-//! (an endpoint, the state store).
+//! Exit codes: 0 done; 1 the run finished but something is wrong (a record failed, writing
+//! stopped at the quota or budget, or the demo's Marketo end state differs from the rules); 2 bad
+//! arguments or configuration; 3 a fatal error (an endpoint, credentials, the state store); 4 the
+//! run finished with records left for retry (still queued; the output says why).
 
 use std::process::ExitCode;
 
@@ -25,7 +26,7 @@ mod validate;
     name = "oppsync",
     version,
     about = "Keeps Marketo's opportunities in step with Dynamics 365",
-    after_help = "Exit codes: 0 done; 1 finished with failed records or a wrong end state; 2 bad arguments or configuration; 3 fatal error.\nLogs go to stderr (RUST_LOG=debug for more); results go to stdout."
+    after_help = "Exit codes: 0 done; 1 finished with failed records, stopped at the quota or budget, or a wrong end state; 2 bad arguments or configuration; 3 fatal error; 4 finished with records left for retry (still queued).\nLogs go to stderr (RUST_LOG=debug for more); results go to stdout."
 )]
 struct Cli {
     #[command(subcommand)]

@@ -63,7 +63,8 @@ pub async fn run(args: SyncArgs) -> Result<ExitCode, CliError> {
 }
 
 /// One cycle: poll to the end, drain; a summary on stdout. Exit 1 when a record failed
-/// permanently in this cycle or writing stopped early (quota, budget).
+/// permanently in this cycle or writing stopped early (quota, budget); exit 4 when records are
+/// left for retry after failures that may pass (they stay queued, and the output says why).
 pub async fn cycle<S: StateStore>(pipeline: &Pipeline<S>) -> Result<ExitCode, CliError> {
     let started = Instant::now();
     let since = (pipeline.clock)();
@@ -86,7 +87,7 @@ pub async fn cycle<S: StateStore>(pipeline: &Pipeline<S>) -> Result<ExitCode, Cl
         report.written,
         report.unchanged,
         report.failed,
-        report.retried,
+        report.left_for_retry,
         started.elapsed().as_secs_f64()
     );
     let mut code = ExitCode::SUCCESS;
@@ -113,5 +114,20 @@ pub async fn cycle<S: StateStore>(pipeline: &Pipeline<S>) -> Result<ExitCode, Cl
         }
         code = ExitCode::from(1);
     }
+    if report.left_for_retry > 0 {
+        println!(
+            "left for retry: {} records, still queued; the next run retries them. Why:",
+            report.left_for_retry
+        );
+        for (reason, count) in report.retry_reasons.iter().take(10) {
+            println!("  {count} × {reason}");
+        }
+        if code == ExitCode::SUCCESS {
+            code = ExitCode::from(LEFT_FOR_RETRY);
+        }
+    }
     Ok(code)
 }
+
+/// The exit code of a run that finished with records left for retry.
+pub const LEFT_FOR_RETRY: u8 = 4;

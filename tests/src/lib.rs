@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+pub mod canned;
 pub mod harness;
 pub mod stream;
 pub mod template;

@@ -1,6 +1,7 @@
 //! The whole-product suite: one binary.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod api_docs;
 mod bad_input;
 mod chaos;
 mod e2e;

@@ -78,6 +78,34 @@ async fn sync_once_writes_everything_then_nothing_and_status_shows_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_left_for_retry_exit_4_saying_how_many_and_why_and_the_next_run_writes_them() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(20, 33, Mix::Uniform);
+    let flaky = seeded.opportunities[5].clone();
+    // 1014 "Failed to create Object": a record-level failure that a retry may get past.
+    sims.mk.skip_record(&flaky, "1014", 1000);
+    let env = env_for(&sims);
+    let state = state_path();
+    let run = oppsync(&["sync", "--state", s(&state)], &env).await;
+    assert_eq!(run.code, 4, "{run:?}");
+    assert!(
+        run.stdout.contains("19 written") && run.stdout.contains("1 left for retry"),
+        "{run:?}"
+    );
+    assert!(run.stdout.contains("1 × opportunities 1014"), "{run:?}");
+    let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await;
+    assert_eq!(status.json()["counts"]["ready"], 1, "{status:?}");
+    sims.mk.clear_faults();
+    let again = oppsync(&["sync", "--state", s(&state)], &env).await;
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(
+        again.stdout.contains("1 written") && again.stdout.contains("0 left for retry"),
+        "{again:?}"
+    );
+    assert_marketo_matches_dynamics(&sims);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_exits_1_and_is_in_the_searchable_exportable_error_ledger() {
     let sims = sims().await;
     let seeded = sims.dv.seed(20, 32, Mix::Uniform);

@@ -917,7 +917,13 @@ impl DataverseClient {
 /// The length of `text` as `application/x-www-form-urlencoded` (how `Url` writes query pairs).
 fn form_encoded_len(text: &str) -> usize {
     text.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"*-._ ".contains(&b) { 1 } else { 3 })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"*-._ ".contains(&b) {
+                1
+            } else {
+                3
+            }
+        })
         .sum()
 }
 

@@ -87,8 +87,13 @@ pub struct RoleKey {
 pub struct RoleRecord {
     #[serde(flatten)]
     pub key: RoleKey,
-    #[serde(rename = "isPrimary")]
+    /// A role read back without it (or with null) is not primary.
+    #[serde(rename = "isPrimary", default, deserialize_with = "null_is_false")]
     pub is_primary: bool,
+}
+
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 /// A lead as queried: its id and the fields asked for.
@@ -943,7 +948,11 @@ fn transport(endpoint: &'static str, e: &reqwest::Error) -> MarketoError {
         source = err.source();
     }
     if message.is_empty() {
-        message = if timeout { "timed out".into() } else { "request failed".into() };
+        message = if timeout {
+            "timed out".into()
+        } else {
+            "request failed".into()
+        };
     }
     MarketoError::Transport {
         endpoint,

@@ -400,7 +400,12 @@ pub struct DrainReport {
     pub unchanged: u64,
     pub written: u64,
     pub failed: u64,
+    /// Write attempts that ended in a retryable failure (a record may count more than once).
     pub retried: u64,
+    /// Records whose last write this drain failed retryably: still queued for the next run.
+    pub left_for_retry: u64,
+    /// Why they were left, as `operation code: message` with how many records each.
+    pub retry_reasons: Vec<(String, u64)>,
     pub stopped: Option<String>,
     /// See [`WriteReport::stopped_for_good`].
     pub stopped_for_good: bool,
@@ -1789,6 +1794,21 @@ impl<S: StateStore> Pipeline<S> {
         let batch = self.config.sync.batch_size;
         let mut report = DrainReport::default();
         let mut write_attempts: HashMap<OpportunityId, u32> = HashMap::new();
+        // The last retryable error of each record not (yet) written.
+        let mut left: HashMap<OpportunityId, SyncError> = HashMap::new();
+        let finish = |mut report: DrainReport, left: HashMap<OpportunityId, SyncError>| {
+            let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+            for error in left.values() {
+                let message: String = error.message.chars().take(160).collect();
+                *reasons
+                    .entry(format!("{} {}: {message}", error.operation, error.code))
+                    .or_default() += 1;
+            }
+            report.left_for_retry = left.len() as u64;
+            report.retry_reasons = reasons.into_iter().collect();
+            report.retry_reasons.sort_by(|a, b| b.1.cmp(&a.1));
+            report
+        };
         loop {
             let mut moved = false;
             // Transform: always from the oldest pending; past pages only when the first holds
@@ -1850,11 +1870,18 @@ impl<S: StateStore> Pipeline<S> {
                 let mut claimed = 0;
                 for r in &done.records {
                     match &r.result {
-                        Wrote::Synced | Wrote::Deleted => report.written += 1,
-                        Wrote::Failed { .. } => report.failed += 1,
-                        Wrote::Retry { .. } => {
+                        Wrote::Synced | Wrote::Deleted => {
+                            report.written += 1;
+                            left.remove(&r.id);
+                        }
+                        Wrote::Failed { .. } => {
+                            report.failed += 1;
+                            left.remove(&r.id);
+                        }
+                        Wrote::Retry { error } => {
                             report.retried += 1;
                             *write_attempts.entry(r.id).or_default() += 1;
+                            left.insert(r.id, error.clone());
                         }
                         _ => {}
                     }
@@ -1867,7 +1894,7 @@ impl<S: StateStore> Pipeline<S> {
                 if let Some(stop) = done.stopped {
                     report.stopped = Some(stop);
                     report.stopped_for_good = done.stopped_for_good;
-                    return Ok(report);
+                    return Ok(finish(report, left));
                 }
                 if claimed > 0 {
                     moved = true;
@@ -1880,7 +1907,7 @@ impl<S: StateStore> Pipeline<S> {
                 }
             }
             if !moved {
-                return Ok(report);
+                return Ok(finish(report, left));
             }
         }
     }

@@ -1033,7 +1033,12 @@ fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) ->
     }
     let delta_read = track && delta;
     if delta_read && value.is_empty() && !more && view.config.empty_delta_body {
-        return (StatusCode::OK, [("content-type", "application/json; odata.metadata=minimal")], "{}").into_response();
+        return (
+            StatusCode::OK,
+            [("content-type", "application/json; odata.metadata=minimal")],
+            "{}",
+        )
+            .into_response();
     }
     let mut page = Map::new();
     // A delta page's context ends in `/$delta` (change-tracking page).

@@ -744,11 +744,9 @@ async fn handle(
         Err(r) | Ok(Err(r)) => failure(&r.code, &r.message),
         Ok(Ok(results)) => {
             let carried = match endpoint {
-                Endpoint::LeadQuery => {
-                    read_params()
-                        .get("filterValues")
-                        .map_or(0, |v| v.split(',').filter(|x| !x.is_empty()).count() as u64)
-                }
+                Endpoint::LeadQuery => read_params()
+                    .get("filterValues")
+                    .map_or(0, |v| v.split(',').filter(|x| !x.is_empty()).count() as u64),
                 _ => results.len() as u64,
             };
             *g.counters.records.entry(endpoint).or_default() += carried;

@@ -18,7 +18,8 @@ async fn the_expired_version_stamp_is_recognised_whatever_the_status() {
         let client = client(&sim, 5);
         let (_, _, _, cursor, _) = read_all(&client, EntitySet::Opportunities, OPPORTUNITY_SELECT, None).await;
         sim.expire_delta_tokens();
-        let (rows, _, _, _, resync) = read_all(&client, EntitySet::Opportunities, OPPORTUNITY_SELECT, Some(cursor)).await;
+        let (rows, _, _, _, resync) =
+            read_all(&client, EntitySet::Opportunities, OPPORTUNITY_SELECT, Some(cursor)).await;
         assert!(resync, "HTTP {status}: a full read, flagged");
         assert_eq!(rows.len(), 12, "HTTP {status}");
     }
@@ -39,7 +40,12 @@ async fn an_empty_answer_to_a_delta_read_keeps_the_delta_link() {
         .unwrap();
     assert!(page.caught_up && page.rows.is_empty() && page.deleted.is_empty());
     assert_eq!(page.cursor, cursor);
-    sim.upsert(Table::Opportunities, &seeded.opportunities[3], json!({"estimatedvalue": 7}), &[]);
+    sim.upsert(
+        Table::Opportunities,
+        &seeded.opportunities[3],
+        json!({"estimatedvalue": 7}),
+        &[],
+    );
     let (rows, _, _, _, _) = read_all(&client, EntitySet::Opportunities, OPPORTUNITY_SELECT, Some(cursor)).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["opportunityid"], json!(seeded.opportunities[3]));
@@ -53,7 +59,10 @@ async fn a_full_read_that_ends_without_a_delta_link_starts_again_rather_than_sta
     let client = client(&sim, 5);
     let (rows, _, pages, cursor, _) = read_all(&client, EntitySet::Opportunities, OPPORTUNITY_SELECT, None).await;
     assert_eq!((rows.len(), pages), (12, 3), "the read still ends, caught up");
-    assert!(!cursor.contains("deltatoken") && !cursor.contains("skiptoken"), "{cursor}");
+    assert!(
+        !cursor.contains("deltatoken") && !cursor.contains("skiptoken"),
+        "{cursor}"
+    );
     // Once Dataverse hands out delta links again, the restarted read gets one.
     sim.configure(|c| c.never_delta_link = false);
     let (rows, _, _, cursor, _) = read_all(&client, EntitySet::Opportunities, OPPORTUNITY_SELECT, Some(cursor)).await;
@@ -73,7 +82,10 @@ async fn a_redirect_is_an_error_and_is_never_followed() {
         .await
         .unwrap_err();
     assert!(matches!(err, DataverseError::Redirected { status: 302, .. }), "{err}");
-    assert!(err.to_string().contains("127.0.0.1") && err.to_string().contains("DYNAMICS_URL"), "{err}");
+    assert!(
+        err.to_string().contains("127.0.0.1") && err.to_string().contains("DYNAMICS_URL"),
+        "{err}"
+    );
     assert_eq!(elsewhere.requests(), 0, "the redirect was followed");
     assert_eq!(elsewhere.token_requests(), 0);
 }
@@ -83,7 +95,13 @@ async fn in_requests_are_sized_from_the_encoded_url_with_room_for_a_skiptoken() 
     let sim = sim().await;
     let client = client(&sim, 5000);
     let ids: Vec<String> = (0..5000).map(|n| format!("0b000000-0000-4000-8000-{n:012}")).collect();
-    let select = ["connectionid", "_record1id_value", "_record2id_value", "record2objecttypecode", "statecode"];
+    let select = [
+        "connectionid",
+        "_record1id_value",
+        "_record2id_value",
+        "record2objecttypecode",
+        "statecode",
+    ];
     let urls = client
         .in_urls(
             EntitySet::Connections,

@@ -87,7 +87,13 @@ async fn a_body_over_a_megabyte_is_refused_by_marketo_with_413() {
 async fn a_native_crm_sync_instance_gets_a_clear_message_from_the_preflight_and_the_writes() {
     // How a disabled API answers is not documented: each plausible code, and both readings of
     // "read-only" (opportunities page) and "disabled" (lead-database page).
-    for (refusal, reads_disabled) in [("1018", false), ("603", false), ("610", false), ("1018", true), ("610", true)] {
+    for (refusal, reads_disabled) in [
+        ("1018", false),
+        ("603", false),
+        ("610", false),
+        ("1018", true),
+        ("610", true),
+    ] {
         let sim = sim(MarketoConfig {
             crm_enabled: true,
             crm_refusal: refusal,

@@ -76,7 +76,11 @@ async fn sync_leads_results_carry_no_seq_and_are_matched_by_position() {
         let email = format!("person{i}@example.com");
         let lead = stored.iter().find(|l| l.fields["email"] == json!(email)).unwrap();
         assert_eq!(outcome.status, RecordStatus::Created);
-        assert_eq!(outcome.marketo_id.as_deref(), Some(lead.id.to_string().as_str()), "{email}");
+        assert_eq!(
+            outcome.marketo_id.as_deref(),
+            Some(lead.id.to_string().as_str()),
+            "{email}"
+        );
     }
     // The same again: every existing lead is updated, in place, with its id.
     let again = client.upsert_leads("email", &leads).await.unwrap();
@@ -111,7 +115,10 @@ async fn a_count_mismatch_says_the_real_counts() {
     }
     let leads: Vec<Value> = (0..3).map(|i| json!({"email": format!("m{i}@example.com")})).collect();
     let err = client.upsert_leads("email", &leads).await.unwrap_err();
-    assert!(matches!(err, MarketoError::ResultMismatch { sent: 3, got: 2, .. }), "{err}");
+    assert!(
+        matches!(err, MarketoError::ResultMismatch { sent: 3, got: 2, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("answered 2 results for 3 records"), "{err}");
 }
 
