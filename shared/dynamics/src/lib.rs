@@ -34,9 +34,9 @@ use tokio::time::Instant;
 pub const EXPIRED_VERSION_STAMP: &str = "0x80044352";
 const ANNOTATIONS: &str =
     "odata.include-annotations=\"OData.Community.Display.V1.FormattedValue,Microsoft.Dynamics.CRM.lookuplogicalname\"";
-/// Dataverse's URL limit for a GET (32 KB, dataverse.md), less 4 KB for the `$skiptoken` a
-/// next link adds to the same query.
-pub const MAX_GET_URL: usize = 32 * 1024 - 4 * 1024;
+/// Dataverse's URL limit for a GET (32 KB, dataverse.md), less 2 KB for the `$skiptoken` a
+/// next link adds to the same query (the page-results page's example cookie is about 420 bytes).
+pub const MAX_GET_URL: usize = 32 * 1024 - 2 * 1024;
 const MAX_ATTEMPTS: u32 = 6;
 
 /// A secret that never prints.
