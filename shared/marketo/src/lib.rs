@@ -7,7 +7,10 @@
 //! - A daily budget stops calls before they would pass it, leaving the rest of the 50,000 daily
 //!   quota to the instance's other integrations.
 //! - Writes are split into batches of at most 300 records and 1 MB, duplicates removed first;
-//!   results are matched back to inputs by `seq`.
+//!   results are matched back to inputs by `seq` where Marketo sends it and by position where it
+//!   does not (Sync Leads), and a record-level 1018 (native CRM sync) ends the call as one error.
+//! - The identity request has the shape Adobe documents; no redirect is followed; no error
+//!   carries a URL. docs/API-FIDELITY.md lists each behaviour with its source.
 //! - Errors are typed at three levels (HTTP, response, record) and classified
 //!   ([`ErrorClass`]) so callers know what to retry.
 

@@ -1806,7 +1806,7 @@ impl<S: StateStore> Pipeline<S> {
             }
             report.left_for_retry = left.len() as u64;
             report.retry_reasons = reasons.into_iter().collect();
-            report.retry_reasons.sort_by(|a, b| b.1.cmp(&a.1));
+            report.retry_reasons.sort_by_key(|r| std::cmp::Reverse(r.1));
             report
         };
         loop {

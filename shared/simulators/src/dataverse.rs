@@ -1,5 +1,13 @@
 //! A Dataverse Web API simulator: what oppsync's read-only client depends on
-//! (../shared/docs/dataverse.md).
+//! (../shared/docs/dataverse.md), answering in the shapes Microsoft's pages show: the token as
+//! Entra ID's client-credentials page; errors as `{"error": {"code", "message"}}`
+//! (compose-http-requests page); paging with `Prefer: odata.maxpagesize` and a `$skiptoken` next
+//! link (page-results page); change tracking with a delta link on the last page, `/$delta`
+//! contexts and `$deletedEntity` rows on delta reads only, and no `$filter`/`$orderby`/`$expand`/
+//! `$top` (change-tracking page); 429 with `Retry-After` and 0x80072322 (api-limits page); 401
+//! with a bearer challenge. What the pages leave open is switchable in [`DataverseConfig`] (the
+//! expired stamp's status, the empty delta answer, a read without a delta link, the annotations
+//! defect) and listed in docs/API-FIDELITY.md.
 //!
 //! It serves the Entra ID token endpoint and `/api/data/v9.2/` for opportunities, accounts,
 //! contacts, connections (stored as reciprocal pairs) and connectionroles. The OData subset is

@@ -878,6 +878,9 @@ fn new_guid(g: &mut Inner, prefix: &str) -> String {
     format!("{prefix}-{:08x}-sim", g.data.next_id)
 }
 
+/// Sync Opportunities (opportunities page, "Create and Update"): `action` createOrUpdate by
+/// default, `externalOpportunityId` required, `name` not null on create; results with `seq` and
+/// `marketoGUID`. Read-only with native CRM sync: each record skipped with 1018.
 fn opportunity_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
     let input = inputs(g, body)?.clone();
     let action = body.get("action").and_then(Value::as_str).unwrap_or("createOrUpdate");
@@ -955,6 +958,9 @@ fn role_key(record: &Map<String, Value>) -> Option<(String, i64, String)> {
     ))
 }
 
+/// Sync Opportunity Roles (opportunity-roles page, "Create and Update"): keyed by
+/// (externalOpportunityId, leadId, role); the opportunity and the lead must exist (the codes for
+/// a missing one are unconfirmed: 1013, 1004); results with `seq` and `marketoGUID`.
 fn role_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
     let input = inputs(g, body)?.clone();
     let mut seen = std::collections::HashSet::new();
@@ -1023,6 +1029,9 @@ fn role_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
     Ok(results)
 }
 
+/// Delete Opportunities / Opportunity Roles (their pages, "Delete"): `deleteBy` dedupeFields;
+/// results with `seq`, `marketoGUID` and `status: deleted`; a record not found is skipped with
+/// 1013 (companies page, "Delete").
 fn delete(g: &mut Inner, body: &Value, kind: Kind) -> Result<Vec<Value>, Refusal> {
     let input = inputs(g, body)?.clone();
     let mut results = Vec::with_capacity(input.len());
@@ -1051,6 +1060,8 @@ fn delete(g: &mut Inner, body: &Value, kind: Kind) -> Result<Vec<Value>, Refusal
     Ok(results)
 }
 
+/// Sync Companies (companies page, "Create and Update"): keyed by externalCompanyId; results
+/// with `seq` and the integer `id`; 1036 for a key repeated in one input (error-codes page).
 fn company_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
     let input = inputs(g, body)?.clone();
     let mut seen = std::collections::HashSet::new();
@@ -1117,6 +1128,8 @@ fn lead_matches<'a>(g: &'a Inner, field: &str, value: &str) -> Vec<&'a SimLead> 
         .collect()
 }
 
+/// Get Leads by Filter Type (leads page, "Query"): up to 300 `filterValues`; no match is
+/// `success: true` with an empty result; no `seq`.
 fn lead_query(g: &Inner, params: &HashMap<String, String>) -> Result<Vec<Value>, Refusal> {
     let field = params.get("filterType").cloned().unwrap_or_default();
     if field != "email" && field != "id" && !g.config.custom_lead_fields.contains(&field) {
@@ -1166,6 +1179,9 @@ fn lead_query(g: &Inner, params: &HashMap<String, String>) -> Result<Vec<Value>,
         .collect())
 }
 
+/// Sync Leads (leads page, "Create and Update"): `action` createOrUpdate by default,
+/// `lookupField` email by default; 1007 when the key matches several leads, 1005/1004 for
+/// createOnly/updateOnly (error-codes page).
 fn lead_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
     let input = inputs(g, body)?.clone();
     let action = body.get("action").and_then(Value::as_str).unwrap_or("createOrUpdate");
@@ -1252,6 +1268,8 @@ fn query_by(g: &Inner, params: &HashMap<String, String>, kind: Kind) -> Result<V
         .collect())
 }
 
+/// Query roles by compound key, `POST roles.json?_method=GET` with a JSON body
+/// (opportunity-roles page, "Query"): "the same type of response as a standard GET query".
 fn role_query(g: &Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
     let keys = body.get("input").and_then(Value::as_array).cloned().unwrap_or_default();
     if keys.len() > g.config.max_batch {
@@ -1268,6 +1286,8 @@ fn role_query(g: &Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
         .collect())
 }
 
+/// Describe Opportunity / Opportunity Role (their pages, "Describe"): name, idField,
+/// dedupeFields and the fields.
 fn describe(g: &Inner, kind: Kind) -> Result<Vec<Value>, Refusal> {
     let (name, dedupe, fields): (&str, Vec<&str>, Vec<String>) = match kind {
         Kind::Opportunity => (

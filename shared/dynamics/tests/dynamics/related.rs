@@ -95,7 +95,12 @@ async fn an_initial_load_of_10000_opportunities_takes_at_most_100_requests() {
     assert_eq!(roles, 30_000, "a customer role and 2 stakeholder roles each");
     let requests = sim.requests();
     println!("Dataverse requests for a 10,000-opportunity initial load: {requests}");
-    for table in [Table::Opportunities, Table::Connections, Table::Contacts, Table::Accounts] {
+    for table in [
+        Table::Opportunities,
+        Table::Connections,
+        Table::Contacts,
+        Table::Accounts,
+    ] {
         println!("  {table:?}: {}", sim.requests_to(table));
     }
     assert!(requests <= 100, "{requests} requests (at most 1% of 10,000 allowed)");
