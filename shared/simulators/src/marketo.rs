@@ -923,6 +923,12 @@ fn opportunity_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> 
             results.push(skipped(seq, "1003", "externalOpportunityId longer than 50"));
             continue;
         }
+        // Opportunities page: "The 'name' field must not be null" (on an update too: the page
+        // does not limit it to creates, so the strict reading).
+        if record.get("name").is_some_and(Value::is_null) {
+            results.push(skipped(seq, "1003", "Value for required field 'name' not specified"));
+            continue;
+        }
         let exists = g.data.opportunities.contains_key(&key);
         match (action, exists) {
             ("createOnly", true) => results.push(skipped(seq, "1005", "Opportunity already exists")),
