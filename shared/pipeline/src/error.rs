@@ -1,0 +1,46 @@
+//! What stops a step ([`PipelineError`]) and what a record's failure is called in the error
+//! ledger ([`SyncError`] through `sync_error` and `skip_error`).
+
+use super::*;
+
+/// What stopped a step.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Dataverse(#[from] DataverseError),
+    #[error(transparent)]
+    Marketo(#[from] MarketoError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl PipelineError {
+    /// Whether running the step again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PipelineError::Dataverse(e) => e.is_retryable(),
+            PipelineError::Marketo(e) => e.class().is_retryable() || e.class() == ErrorClass::QuotaExhausted,
+            PipelineError::State(e) => e.is_retryable(),
+        }
+    }
+}
+
+pub(crate) fn sync_error(operation: &str, code: impl Into<String>, message: impl Into<String>) -> SyncError {
+    SyncError {
+        operation: operation.to_owned(),
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+/// Whether a skipped record is worth retrying.
+pub(crate) fn skip_error(operation: &str, outcome: &RecordOutcome) -> (SyncError, bool) {
+    let code = outcome.code().unwrap_or("skipped").to_owned();
+    let message = outcome
+        .reasons
+        .first()
+        .map(|r| r.message.clone())
+        .unwrap_or_else(|| "skipped without a reason".into());
+    let retryable = outcome.class().is_some_and(ErrorClass::is_retryable);
+    (sync_error(operation, code, message), retryable)
+}

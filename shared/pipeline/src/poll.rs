@@ -1,0 +1,460 @@
+//! The poll: what changed in Dynamics becomes pending records, then the cursors move
+//! (change tracking or a watermark), with the deletion scan after a full re-read, `peek` (what a
+//! poll would record, cursors untouched) and the sweep of records stuck in a claim.
+
+use super::*;
+
+/// What a poll did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PollReport {
+    /// Another poller holds the lease; nothing was read.
+    pub busy: bool,
+    /// Changed or deleted opportunities read.
+    pub opportunity_changes: u64,
+    /// Stakeholder connection changes read.
+    pub connection_changes: u64,
+    /// Records newly marked pending.
+    pub marked: u64,
+    /// Changes the store already had at that version or newer.
+    pub stale: u64,
+    /// Records put back to pending because their stakeholders changed, or they were stuck.
+    pub requeued: u64,
+    /// Both sources are read up to now; false when the time budget ran out first (the next
+    /// poll continues from the stored cursors).
+    pub caught_up: bool,
+    /// A change-tracking token had expired and a source was read again in full.
+    pub full_resync: bool,
+    /// A full id scan for deletions ran.
+    pub deletion_scan: bool,
+    pub dataverse_requests: u64,
+}
+
+/// The cursor of a watermark strategy, stored as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct WatermarkCursor {
+    pub(crate) watermark: Watermark,
+    /// Polls since the last full scan for deletions.
+    pub(crate) polls: u32,
+}
+
+impl<S: StateStore> Pipeline<S> {
+    /// Reads what changed in Dynamics since the cursors and records each changed opportunity as
+    /// pending; a cursor moves only after the changes it covers are recorded. Stops at `deadline`
+    /// with `caught_up: false`; the next poll continues from there.
+    #[tracing::instrument(skip_all, name = "poll")]
+    pub async fn poll(&self, deadline: Option<Instant>) -> Result<PollReport, PipelineError> {
+        let requests_before = self.dataverse.requests();
+        let ttl = i64::from(self.config.sync.lease_ttl_seconds) * 1000;
+        let Some(lease) = self
+            .store
+            .acquire_lease(POLL_LEASE, &self.owner, ttl, self.now())
+            .await?
+        else {
+            tracing::info!("another poller holds the lease; nothing to do");
+            return Ok(PollReport {
+                busy: true,
+                ..PollReport::default()
+            });
+        };
+        let mut report = PollReport::default();
+        let result = self.poll_under(lease.clone(), deadline, &mut report).await;
+        // Give the lease up even after an error: the cursors hold everything recorded so far.
+        if let Err(e) = self.store.release_lease(&lease).await {
+            tracing::warn!(error = %e, "could not release the poller lease; it expires by itself");
+        }
+        report.dataverse_requests = self.dataverse.requests() - requests_before;
+        result?;
+        Ok(report)
+    }
+
+    pub(crate) async fn poll_under(
+        &self,
+        mut lease: Lease,
+        deadline: Option<Instant>,
+        report: &mut PollReport,
+    ) -> Result<(), PipelineError> {
+        let mut marked_now: BTreeSet<OpportunityId> = BTreeSet::new();
+        let done = match self.config.dataverse.change_detection {
+            ChangeDetection::ChangeTracking => self.poll_tracked(&mut lease, deadline, report, &mut marked_now).await?,
+            _ => self.poll_watermark(&mut lease, report, &mut marked_now).await?,
+        };
+        report.caught_up = done;
+        if done {
+            report.requeued += self.sweep_stuck().await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn out_of_time(deadline: Option<Instant>) -> bool {
+        deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    pub(crate) async fn renew(&self, lease: &mut Lease) -> Result<(), PipelineError> {
+        let ttl = i64::from(self.config.sync.lease_ttl_seconds) * 1000;
+        match self.store.renew_lease(lease, ttl, self.now()).await? {
+            Some(renewed) => {
+                *lease = renewed;
+                Ok(())
+            }
+            None => Err(StateError::LeaseLost(lease.name.clone()).into()),
+        }
+    }
+
+    pub(crate) async fn poll_tracked(
+        &self,
+        lease: &mut Lease,
+        deadline: Option<Instant>,
+        report: &mut PollReport,
+        marked_now: &mut BTreeSet<OpportunityId>,
+    ) -> Result<bool, PipelineError> {
+        let select: Vec<String> = vec!["opportunityid".into(), "versionnumber".into(), "modifiedon".into()];
+        let select: Vec<&str> = select.iter().map(String::as_str).collect();
+        for (source, set) in [
+            (Source::Opportunities, EntitySet::Opportunities),
+            (Source::Connections, EntitySet::Connections),
+        ] {
+            loop {
+                if Self::out_of_time(deadline) {
+                    return Ok(false);
+                }
+                let cursor = self.store.cursor(source).await?;
+                let columns = if source == Source::Opportunities {
+                    &select[..]
+                } else {
+                    CONNECTION_SELECT
+                };
+                let page = self
+                    .dataverse
+                    .changes(set, columns, cursor.as_ref().map(|c| c.value.as_str()))
+                    .await?;
+                report.full_resync |= page.full_resync;
+                match source {
+                    Source::Opportunities => {
+                        report.opportunity_changes += (page.rows.len() + page.deleted.len()) as u64;
+                        self.record_opportunity_changes(&page.rows, &page.deleted, report, marked_now)
+                            .await?;
+                    }
+                    Source::Connections => {
+                        report.connection_changes += (page.rows.len() + page.deleted.len()) as u64;
+                        self.record_connection_changes(&page.rows, &page.deleted, report, marked_now)
+                            .await?;
+                    }
+                }
+                crash::point("poll.recorded");
+                self.renew(lease).await?;
+                self.store
+                    .advance_cursor(lease, source, &page.cursor, self.now())
+                    .await?;
+                crash::point("poll.cursor");
+                if page.full_resync && source == Source::Opportunities {
+                    // Deletions during the expired window are gone from change tracking; the
+                    // full read is followed by a scan that finds them.
+                    report.deletion_scan = true;
+                }
+                if page.caught_up {
+                    break;
+                }
+            }
+        }
+        if report.deletion_scan {
+            self.scan_deletions(report, marked_now).await?;
+        }
+        Ok(true)
+    }
+
+    pub(crate) async fn poll_watermark(
+        &self,
+        lease: &mut Lease,
+        report: &mut PollReport,
+        marked_now: &mut BTreeSet<OpportunityId>,
+    ) -> Result<bool, PipelineError> {
+        let mut scan = false;
+        for (source, set) in [
+            (Source::Opportunities, EntitySet::Opportunities),
+            (Source::Connections, EntitySet::Connections),
+        ] {
+            let stored = self.store.cursor(source).await?;
+            let cursor = match stored {
+                Some(c) => serde_json::from_str::<WatermarkCursor>(&c.value).map_err(|e| StateError::Corrupt {
+                    key: format!("cursor {}", source.as_str()),
+                    reason: format!(
+                        "{e}; a cursor from another change-detection strategy? Reset it with a full resync"
+                    ),
+                })?,
+                None => WatermarkCursor {
+                    watermark: self.first_watermark(),
+                    polls: 0,
+                },
+            };
+            let columns: Vec<&str> = if source == Source::Opportunities {
+                vec!["opportunityid"]
+            } else {
+                CONNECTION_SELECT.to_vec()
+            };
+            let (rows, next) = self
+                .dataverse
+                .watermark_changes(set, &columns, &cursor.watermark)
+                .await?;
+            match source {
+                Source::Opportunities => {
+                    report.opportunity_changes += rows.len() as u64;
+                    self.record_opportunity_changes(&rows, &[], report, marked_now).await?;
+                }
+                Source::Connections => {
+                    report.connection_changes += rows.len() as u64;
+                    self.record_connection_changes(&rows, &[], report, marked_now).await?;
+                }
+            }
+            let polls = cursor.polls + 1;
+            let due = source == Source::Opportunities && polls >= self.config.dataverse.full_scan_every;
+            scan |= due;
+            let value = serde_json::to_string(&WatermarkCursor {
+                watermark: next,
+                polls: if due { 0 } else { polls },
+            })
+            .map_err(|e| StateError::Corrupt {
+                key: "cursor".into(),
+                reason: e.to_string(),
+            })?;
+            self.renew(lease).await?;
+            self.store.advance_cursor(lease, source, &value, self.now()).await?;
+        }
+        if scan {
+            report.deletion_scan = true;
+            self.scan_deletions(report, marked_now).await?;
+        }
+        Ok(true)
+    }
+
+    pub(crate) async fn record_opportunity_changes(
+        &self,
+        rows: &[Value],
+        deleted: &[String],
+        report: &mut PollReport,
+        marked_now: &mut BTreeSet<OpportunityId>,
+    ) -> Result<(), PipelineError> {
+        let mut changes = Vec::with_capacity(rows.len() + deleted.len());
+        for row in rows {
+            let Some(id) = row["opportunityid"].as_str().and_then(|t| OpportunityId::parse(t).ok()) else {
+                tracing::warn!(row = %row, "a changed opportunity without a valid opportunityid; skipped");
+                continue;
+            };
+            let version = match &row["versionnumber"] {
+                Value::Number(n) => n.as_i64(),
+                Value::String(s) => s.parse().ok(),
+                _ => None,
+            }
+            .unwrap_or(0);
+            changes.push(PendingChange::upserted(
+                id,
+                version,
+                row["modifiedon"].as_str().map(str::to_owned),
+            ));
+        }
+        for text in deleted {
+            match OpportunityId::parse(text) {
+                Ok(id) => changes.push(PendingChange::deleted(id)),
+                Err(_) => tracing::warn!(id = %text, "a deleted opportunity id that is not a GUID; skipped"),
+            }
+        }
+        self.mark(&changes, report, marked_now).await
+    }
+
+    pub(crate) async fn mark(
+        &self,
+        changes: &[PendingChange],
+        report: &mut PollReport,
+        marked_now: &mut BTreeSet<OpportunityId>,
+    ) -> Result<(), PipelineError> {
+        for chunk in changes.chunks(1000) {
+            let outcomes = self.store.mark_pending(chunk, self.now()).await?;
+            for (change, outcome) in chunk.iter().zip(outcomes) {
+                match outcome {
+                    MarkOutcome::Recorded => {
+                        report.marked += 1;
+                        marked_now.insert(change.id);
+                    }
+                    MarkOutcome::Stale => report.stale += 1,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn record_connection_changes(
+        &self,
+        rows: &[Value],
+        deleted: &[String],
+        report: &mut PollReport,
+        marked_now: &mut BTreeSet<OpportunityId>,
+    ) -> Result<(), PipelineError> {
+        let mut links = Vec::new();
+        for row in rows {
+            let touched = oppsync_dynamics::opportunities_touched(std::slice::from_ref(row));
+            if let (Some(connection), Some(opportunity)) = (row["connectionid"].as_str(), touched.first()) {
+                links.push((connection.to_owned(), *opportunity));
+            }
+        }
+        self.store.remember_links(&links).await?;
+        let mut touched: BTreeSet<OpportunityId> = links.iter().map(|(_, o)| *o).collect();
+        touched.extend(self.store.linked_opportunities(deleted).await?);
+        touched.retain(|id| !marked_now.contains(id));
+        self.touch(touched, report, marked_now).await
+    }
+
+    /// Opportunities whose related records changed but whose own version did not: new ones are
+    /// recorded at version 0 (the transform reads the current record), known ones requeued.
+    pub(crate) async fn touch(
+        &self,
+        ids: BTreeSet<OpportunityId>,
+        report: &mut PollReport,
+        marked_now: &mut BTreeSet<OpportunityId>,
+    ) -> Result<(), PipelineError> {
+        let changes: Vec<PendingChange> = ids.iter().map(|id| PendingChange::upserted(*id, 0, None)).collect();
+        for chunk in changes.chunks(1000) {
+            let outcomes = self.store.mark_pending(chunk, self.now()).await?;
+            for (change, outcome) in chunk.iter().zip(outcomes) {
+                match outcome {
+                    MarkOutcome::Recorded => report.marked += 1,
+                    MarkOutcome::Stale => {
+                        if self.store.requeue(change.id, self.now()).await? {
+                            report.requeued += 1;
+                        }
+                    }
+                }
+                marked_now.insert(change.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds opportunities deleted while no change tracking saw it: every id the store knows
+    /// (listed first, so a record created meanwhile is not mistaken for a deletion) that
+    /// Dataverse no longer has.
+    pub(crate) async fn scan_deletions(
+        &self,
+        report: &mut PollReport,
+        marked_now: &mut BTreeSet<OpportunityId>,
+    ) -> Result<(), PipelineError> {
+        let mut known = Vec::new();
+        for status in Status::ALL {
+            if status == Status::Deleted {
+                continue;
+            }
+            let mut page: Option<String> = None;
+            loop {
+                let listed = self.store.list(status, 1000, page.as_deref()).await?;
+                known.extend(listed.items.into_iter().filter(|s| !s.deleted).map(|s| s.id));
+                match listed.next {
+                    Some(next) => page = Some(next),
+                    None => break,
+                }
+            }
+        }
+        let present = self.dataverse.all_ids(EntitySet::Opportunities).await?;
+        let gone: Vec<PendingChange> = known
+            .into_iter()
+            .filter(|id| !present.contains(&id.to_string()))
+            .map(PendingChange::deleted)
+            .collect();
+        tracing::info!(deletions = gone.len(), "deletion scan");
+        report.opportunity_changes += gone.len() as u64;
+        self.mark(&gone, report, marked_now).await
+    }
+
+    /// The opportunities a poll would record now: read from the stored cursors, which do not
+    /// move, and nothing is recorded (`oppsync plan`). Deletions a watermark cannot see are
+    /// left to the poll's periodic scan.
+    pub async fn peek(&self) -> Result<BTreeSet<OpportunityId>, PipelineError> {
+        let mut ids = BTreeSet::new();
+        let opportunity_columns = ["opportunityid"];
+        for (source, set) in [
+            (Source::Opportunities, EntitySet::Opportunities),
+            (Source::Connections, EntitySet::Connections),
+        ] {
+            let columns: &[&str] = if source == Source::Opportunities {
+                &opportunity_columns
+            } else {
+                CONNECTION_SELECT
+            };
+            let stored = self.store.cursor(source).await?.map(|c| c.value);
+            let (rows, deleted) = match self.config.dataverse.change_detection {
+                ChangeDetection::ChangeTracking => {
+                    let (mut rows, mut deleted) = (Vec::new(), Vec::new());
+                    let mut cursor = stored;
+                    loop {
+                        let page = self.dataverse.changes(set, columns, cursor.as_deref()).await?;
+                        rows.extend(page.rows);
+                        deleted.extend(page.deleted);
+                        cursor = Some(page.cursor);
+                        if page.caught_up {
+                            break;
+                        }
+                    }
+                    (rows, deleted)
+                }
+                _ => {
+                    let watermark = match stored {
+                        Some(text) => {
+                            serde_json::from_str::<WatermarkCursor>(&text)
+                                .map_err(|e| StateError::Corrupt {
+                                    key: format!("cursor {}", source.as_str()),
+                                    reason: e.to_string(),
+                                })?
+                                .watermark
+                        }
+                        None => self.first_watermark(),
+                    };
+                    (
+                        self.dataverse.watermark_changes(set, columns, &watermark).await?.0,
+                        Vec::new(),
+                    )
+                }
+            };
+            match source {
+                Source::Opportunities => {
+                    ids.extend(
+                        rows.iter()
+                            .filter_map(|r| r["opportunityid"].as_str())
+                            .chain(deleted.iter().map(String::as_str))
+                            .filter_map(|t| OpportunityId::parse(t).ok()),
+                    );
+                }
+                Source::Connections => {
+                    ids.extend(oppsync_dynamics::opportunities_touched(&rows));
+                    ids.extend(self.store.linked_opportunities(&deleted).await?);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Requeues open records nobody has touched for `stuck_after_minutes`: a worker died, a
+    /// stream delivery went to the dead-letter queue, or a retry was never redelivered.
+    pub async fn sweep_stuck(&self) -> Result<u64, PipelineError> {
+        let now = self.now();
+        let cutoff = now - i64::from(self.config.sync.stuck_after_minutes) * 60_000;
+        let mut requeued = 0;
+        for status in [Status::Pending, Status::Ready] {
+            let mut page: Option<String> = None;
+            'pages: loop {
+                let listed = self.store.list(status, 500, page.as_deref()).await?;
+                for item in &listed.items {
+                    // Oldest first: once one is recent, the rest are too.
+                    if item.updated_at > cutoff {
+                        break 'pages;
+                    }
+                    if item.claim_until.is_none_or(|until| until <= now) && self.store.requeue(item.id, now).await? {
+                        tracing::warn!(opportunity = %item.id, status = %status, "requeued a stuck record");
+                        requeued += 1;
+                    }
+                }
+                match listed.next {
+                    Some(next) => page = Some(next),
+                    None => break,
+                }
+            }
+        }
+        Ok(requeued)
+    }
+}

@@ -1,0 +1,229 @@
+//! The transform: pending records become plans (or are marked synced when the plan is what
+//! Marketo already holds); `preview` plans without touching the state.
+
+use super::*;
+
+/// One record's transform.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Transformed {
+    /// Planned: ready to write.
+    Ready { plan: Box<Plan> },
+    /// The plan equals what Marketo holds: synced without a call.
+    Unchanged,
+    /// Excluded by the sync filter.
+    Filtered,
+    /// Deleted in Dynamics; the delete policy (or an earlier write) leaves nothing to do.
+    Kept,
+    /// Could not be planned.
+    Failed { error: SyncError },
+    /// Not pending, or another worker holds it.
+    NotClaimed,
+    /// A newer version arrived while planning; the newer one will be planned.
+    Superseded,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TransformRecord {
+    pub id: OpportunityId,
+    #[serde(flatten)]
+    pub result: Transformed,
+}
+
+/// What a transform batch did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TransformReport {
+    pub records: Vec<TransformRecord>,
+    #[serde(skip)]
+    pub metrics: Metrics,
+}
+
+impl TransformReport {
+    pub fn ready(&self) -> Vec<OpportunityId> {
+        self.records
+            .iter()
+            .filter(|r| matches!(r.result, Transformed::Ready { .. }))
+            .map(|r| r.id)
+            .collect()
+    }
+}
+
+/// A plan made without touching the state (dry runs, `oppsync plan`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Preview {
+    pub id: OpportunityId,
+    pub plan: Result<Plan, SyncError>,
+    pub written: Option<WrittenSummary>,
+    /// The plan equals what was last written: a sync would make no Marketo call.
+    pub unchanged: bool,
+}
+
+impl<S: StateStore> Pipeline<S> {
+    /// Plans records without touching the state: for dry runs and `oppsync plan`.
+    pub async fn preview(&self, ids: &[OpportunityId]) -> Result<Vec<Preview>, PipelineError> {
+        let mut states = Vec::with_capacity(ids.len());
+        for id in ids {
+            states.push((*id, self.store.get(*id).await?));
+        }
+        let plans = self.plan_batch(&states).await?;
+        Ok(states
+            .into_iter()
+            .zip(plans)
+            .map(|((id, state), plan)| {
+                let written = state.as_ref().and_then(|s| s.written.as_ref());
+                let unchanged = match (&plan, written) {
+                    (Ok(p), Some(w)) => p.hash == w.hash && p.role_deletions.is_empty(),
+                    _ => false,
+                };
+                Preview {
+                    id,
+                    plan,
+                    written: written.map(WrittenSummary::from),
+                    unchanged,
+                }
+            })
+            .collect())
+    }
+
+    /// Reads what the rules need for a batch and plans each record.
+    pub(crate) async fn plan_batch(
+        &self,
+        states: &[(OpportunityId, Option<OpportunityState>)],
+    ) -> Result<Vec<Result<Plan, SyncError>>, PipelineError> {
+        let live: Vec<OpportunityId> = states
+            .iter()
+            .filter(|(_, s)| !s.as_ref().is_some_and(|s| s.deleted))
+            .map(|(id, _)| *id)
+            .collect();
+        let select = self.opportunity_select();
+        let select: Vec<&str> = select.iter().map(String::as_str).collect();
+        let rows = if live.is_empty() {
+            Vec::new()
+        } else {
+            self.dataverse.opportunities(&live, &select).await?
+        };
+        let mut parsed: HashMap<OpportunityId, Result<Opportunity, SyncError>> = HashMap::new();
+        for row in rows {
+            let id = row["opportunityid"].as_str().and_then(|t| OpportunityId::parse(t).ok());
+            let result = Opportunity::from_json(row);
+            match (id, result) {
+                (_, Ok(o)) => {
+                    parsed.insert(o.id, Ok(o));
+                }
+                (Some(id), Err(e)) => {
+                    parsed.insert(id, Err(sync_error("read", "bad-record", e.to_string())));
+                }
+                (None, Err(e)) => tracing::warn!(error = %e, "an opportunity row without a usable id"),
+            }
+        }
+        let opportunities: Vec<Opportunity> = parsed.values().filter_map(|r| r.as_ref().ok().cloned()).collect();
+        let related = if opportunities.is_empty() {
+            Related::default()
+        } else {
+            let (related, problems) = self.dataverse.related(&opportunities).await?;
+            for problem in problems {
+                tracing::warn!(problem = %problem, "a related record could not be read; plans carry a warning");
+            }
+            related
+        };
+        Ok(states
+            .iter()
+            .map(|(id, state)| {
+                let written_roles: &[WrittenRole] = state
+                    .as_ref()
+                    .and_then(|s| s.written.as_ref())
+                    .map_or(&[], |w| &w.roles[..]);
+                let change = if state.as_ref().is_some_and(|s| s.deleted) {
+                    Change::Deleted(*id)
+                } else {
+                    match parsed.remove(id) {
+                        Some(Ok(o)) => Change::Upserted(o),
+                        Some(Err(e)) => return Err(e),
+                        // Not in Dataverse any more: deleted after the poll read it. The poll's
+                        // deletion record follows; planning the delete now is the same outcome.
+                        None => Change::Deleted(*id),
+                    }
+                };
+                let plan = plan_change(&self.config.mapping, &change, &related, written_roles);
+                for w in &plan.warnings {
+                    tracing::warn!(opportunity = %id, field = %w.field, "{}", w.message);
+                }
+                Ok(plan)
+            })
+            .collect())
+    }
+
+    /// Plans a batch of pending records. With `force`, a plan equal to what was last written is
+    /// still made ready (resync).
+    #[tracing::instrument(skip_all, name = "transform", fields(records = ids.len()))]
+    pub async fn transform(&self, ids: &[OpportunityId], force: bool) -> Result<TransformReport, PipelineError> {
+        let ttl = i64::from(self.config.sync.claim_ttl_seconds) * 1000;
+        let mut report = TransformReport::default();
+        let mut claimed = Vec::new();
+        let mut unique: Vec<OpportunityId> = ids.to_vec();
+        unique.sort();
+        unique.dedup();
+        for id in unique {
+            match self.store.claim(id, Status::Pending, ttl, self.now()).await? {
+                Some((claim, state)) => claimed.push((claim, state)),
+                None => report.records.push(TransformRecord {
+                    id,
+                    result: Transformed::NotClaimed,
+                }),
+            }
+        }
+        if claimed.is_empty() {
+            return Ok(report);
+        }
+        let states: Vec<(OpportunityId, Option<OpportunityState>)> =
+            claimed.iter().map(|(c, s)| (c.id, Some(s.clone()))).collect();
+        let plans = self.plan_batch(&states).await?;
+        for ((claim, state), plan) in claimed.into_iter().zip(plans) {
+            let (result, outcome) = match plan {
+                Err(error) => (TransformResult::Failed(error.clone()), Transformed::Failed { error }),
+                Ok(plan) => {
+                    let written = state.written.as_ref();
+                    let unchanged = written.is_some_and(|w| w.hash == plan.hash) && plan.role_deletions.is_empty();
+                    match &plan.action {
+                        Action::Excluded => (TransformResult::Filtered(plan), Transformed::Filtered),
+                        Action::Keep => (TransformResult::Kept(plan), Transformed::Kept),
+                        // A deletion already written stays deleted.
+                        Action::Delete if unchanged && !force => (TransformResult::Kept(plan), Transformed::Kept),
+                        _ if unchanged && !force => (TransformResult::Unchanged, Transformed::Unchanged),
+                        _ => (
+                            TransformResult::Ready(plan.clone()),
+                            Transformed::Ready { plan: Box::new(plan) },
+                        ),
+                    }
+                }
+            };
+            crash::point("transform.planned");
+            let completion = self.store.complete_transform(&claim, result, self.now()).await?;
+            let outcome = match completion {
+                Completion::Completed => outcome,
+                Completion::Superseded => Transformed::Superseded,
+            };
+            let name = match &outcome {
+                Transformed::Ready { .. } => "OpportunitiesPlanned",
+                Transformed::Unchanged => "OpportunitiesSkippedUnchanged",
+                Transformed::Filtered => "OpportunitiesFiltered",
+                Transformed::Kept => "OpportunitiesKept",
+                Transformed::Failed { .. } => "OpportunitiesFailed",
+                Transformed::NotClaimed | Transformed::Superseded => "OpportunitiesSuperseded",
+            };
+            report.metrics.count(name, 1);
+            if matches!(outcome, Transformed::Unchanged)
+                && let Some(at) = state.modified_on.as_deref().and_then(time::parse_utc)
+            {
+                report.metrics.observe_ms("SyncLag", (self.now() - at).max(0) as f64);
+            }
+            tracing::debug!(opportunity = %claim.id, outcome = name, "transformed");
+            report.records.push(TransformRecord {
+                id: claim.id,
+                result: outcome,
+            });
+        }
+        report.metrics.count("DataverseCalls", 0);
+        Ok(report)
+    }
+}

@@ -1,0 +1,72 @@
+//! Companies: each opportunity's account, upserted before the opportunity that names it.
+
+use super::*;
+
+impl<S: StateStore> Pipeline<S> {
+    pub(crate) async fn write_companies(&self, works: &mut [Work], fresh: bool) -> Option<MarketoError> {
+        let mut records: Vec<Value> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for work in works.iter_mut().filter(|w| w.ok()) {
+            if let Action::Upsert(desired) = &work.plan.action
+                && let Some(company) = &desired.company
+                && !fresh
+                && self.companies.holds(company.external_company_id, &company.name)
+            {
+                // Written by this process already, with this name.
+                work.company_done = true;
+                continue;
+            }
+            if let Action::Upsert(desired) = &work.plan.action
+                && let Some(company) = &desired.company
+                && seen.insert(company.external_company_id)
+            {
+                let mut record = serde_json::Map::new();
+                record.insert(
+                    "externalCompanyId".into(),
+                    Value::String(company.external_company_id.to_string()),
+                );
+                if let Some(name) = &company.name {
+                    record.insert("company".into(), Value::String(name.clone()));
+                }
+                records.push(Value::Object(record));
+            }
+        }
+        if records.is_empty() {
+            return None;
+        }
+        let outcomes = match self.marketo.sync_companies(&records).await {
+            Ok(o) => o,
+            Err(e) => {
+                let affected = works
+                    .iter_mut()
+                    .filter(|w| w.ok() && !w.company_done && company_of(w).is_some());
+                return Self::call_failed(e, "companies", affected);
+            }
+        };
+        let by_id: HashMap<String, RecordOutcome> = records
+            .iter()
+            .zip(outcomes)
+            .map(|(r, o)| (r["externalCompanyId"].as_str().unwrap_or_default().to_owned(), o))
+            .collect();
+        for work in works.iter_mut().filter(|w| w.ok() && !w.company_done) {
+            let Some(company) = company_of(work) else { continue };
+            let Some(outcome) = by_id.get(&company) else { continue };
+            work.answers.push(Answer {
+                operation: "companies",
+                key: company.clone(),
+                outcome: outcome.clone(),
+            });
+            if outcome.is_skipped() {
+                let (error, retryable) = skip_error("companies", outcome);
+                work.fail(error, retryable);
+            } else {
+                work.company_done = true;
+                work.touched = true;
+                if let Action::Upsert(Desired { company: Some(c), .. }) = &work.plan.action {
+                    self.companies.remember(c.external_company_id, c.name.clone());
+                }
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,162 @@
+//! Opportunities and their roles: the opportunity first, then the roles that name it and its
+//! leads.
+
+use super::*;
+
+impl<S: StateStore> Pipeline<S> {
+    pub(crate) async fn write_opportunities_and_roles(&self, works: &mut [Work]) -> Option<MarketoError> {
+        // Leads first: a role needs its lead's id.
+        let leads = match self.resolve_leads(works).await {
+            Ok(l) => l,
+            Err(e) => {
+                let affected = works
+                    .iter_mut()
+                    .filter(|w| w.ok() && matches!(&w.plan.action, Action::Upsert(d) if !d.roles.is_empty()));
+                if let Some(stop) = Self::call_failed(e, "leads", affected) {
+                    return Some(stop);
+                }
+                HashMap::new()
+            }
+        };
+
+        let records: Vec<Value> = works
+            .iter()
+            .filter(|w| w.ok())
+            .filter_map(|w| match &w.plan.action {
+                Action::Upsert(d) => Some(Value::Object(d.opportunity.clone().into_iter().collect())),
+                _ => None,
+            })
+            .collect();
+        if !records.is_empty() {
+            match self.marketo.sync_opportunities(&records).await {
+                Ok(outcomes) => {
+                    let mut outcomes = outcomes.into_iter();
+                    for work in works
+                        .iter_mut()
+                        .filter(|w| w.ok() && matches!(w.plan.action, Action::Upsert(_)))
+                    {
+                        let Some(outcome) = outcomes.next() else { break };
+                        work.answers.push(Answer {
+                            operation: "opportunities",
+                            key: work.plan.opportunity_id.to_string(),
+                            outcome: outcome.clone(),
+                        });
+                        if outcome.is_skipped() {
+                            let (error, retryable) = skip_error("opportunities", &outcome);
+                            work.fail(error, retryable);
+                        } else {
+                            work.touched = true;
+                            if outcome.marketo_id.is_some() {
+                                work.guid = outcome.marketo_id.clone();
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let affected = works
+                        .iter_mut()
+                        .filter(|w| w.ok() && matches!(w.plan.action, Action::Upsert(_)));
+                    if let Some(stop) = Self::call_failed(e, "opportunities", affected) {
+                        return Some(stop);
+                    }
+                }
+            }
+        }
+
+        // Roles of the opportunities just written.
+        let mut roles: Vec<RoleRecord> = Vec::new();
+        let mut owners: Vec<(usize, ContactId, String)> = Vec::new();
+        for (index, work) in works.iter_mut().enumerate() {
+            if !work.ok() {
+                continue;
+            }
+            let Action::Upsert(desired) = &work.plan.action else {
+                continue;
+            };
+            let mut soft: Option<SyncError> = None;
+            let mut hard: Option<(SyncError, bool)> = None;
+            for role in &desired.roles {
+                match leads.get(&role.contact) {
+                    Some(LeadId::Found(lead_id)) => {
+                        roles.push(RoleRecord {
+                            key: RoleKey {
+                                external_opportunity_id: work.plan.opportunity_id.to_string(),
+                                lead_id: *lead_id,
+                                role: role.role.clone(),
+                            },
+                            is_primary: role.is_primary,
+                        });
+                        owners.push((index, role.contact, role.role.clone()));
+                    }
+                    Some(LeadId::Duplicate(ids)) => {
+                        soft.get_or_insert_with(|| {
+                            sync_error(
+                                "leads",
+                                "duplicate-lead",
+                                format!(
+                                    "contact {} matches {} Marketo leads (ids {}); merge them in Marketo, then resync this opportunity",
+                                    role.contact,
+                                    ids.len(),
+                                    ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                                ),
+                            )
+                        });
+                    }
+                    Some(LeadId::Failed(error, retryable)) => {
+                        hard.get_or_insert_with(|| (error.clone(), *retryable));
+                    }
+                    Some(LeadId::Missing) | None => {
+                        tracing::info!(
+                            opportunity = %work.plan.opportunity_id, contact = %role.contact,
+                            "no Marketo lead for this contact and leads are not created; role left out"
+                        );
+                    }
+                }
+            }
+            if let Some(error) = soft {
+                work.soft_error.get_or_insert(error);
+            }
+            if let Some((error, retryable)) = hard {
+                work.fail(error, retryable);
+                owners.retain(|(i, _, _)| *i != index);
+                let key = work.plan.opportunity_id.to_string();
+                roles.retain(|r| r.key.external_opportunity_id != key);
+            }
+        }
+        if roles.is_empty() {
+            return None;
+        }
+        match self.marketo.sync_roles(&roles).await {
+            Ok(outcomes) => {
+                for ((index, contact, role), (record, outcome)) in owners.into_iter().zip(roles.iter().zip(outcomes)) {
+                    let work = &mut works[index];
+                    work.answers.push(Answer {
+                        operation: "roles",
+                        key: format!(
+                            "{}/{}/{}",
+                            record.key.external_opportunity_id, record.key.lead_id, record.key.role
+                        ),
+                        outcome: outcome.clone(),
+                    });
+                    if outcome.is_skipped() {
+                        let (error, retryable) = skip_error("roles", &outcome);
+                        work.fail(error, retryable);
+                    } else {
+                        work.touched = true;
+                        work.roles.insert((contact, role), Some(record.key.lead_id));
+                    }
+                }
+                None
+            }
+            Err(e) => {
+                let involved: BTreeSet<usize> = owners.iter().map(|(i, _, _)| *i).collect();
+                let affected = works
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| involved.contains(i))
+                    .map(|(_, w)| w);
+                Self::call_failed(e, "roles", affected)
+            }
+        }
+    }
+}
