@@ -20,7 +20,8 @@ mod limiter;
 mod settings;
 
 pub use client::{
-    LeadRecord, MarketoClient, ObjectDescription, Preflight, RecordOutcome, RecordStatus, RoleKey, RoleRecord,
+    FieldDescription, LeadRecord, MarketoClient, ObjectDescription, Preflight, RecordOutcome, RecordStatus, RoleKey,
+    RoleRecord,
 };
 pub use error::{ErrorClass, MarketoError, Reason, classify};
 pub use limiter::{Limiter, LimiterSettings, LimitsConfig};
