@@ -535,3 +535,25 @@ async fn an_initial_sync_of_1000_opportunities_creates_every_lead_opportunity_an
     assert!(sims.mk.calls(E::LeadSync) > 0, "leads were created through Sync Leads");
     assert_marketo_matches_dynamics(&sims);
 }
+
+#[tokio::test]
+async fn dataverse_an_absurd_token_lifetime_does_not_panic() {
+    let server = Canned::start().await;
+    server.reply(
+        TOKEN,
+        Reply::json(json!({"token_type": "Bearer", "expires_in": u64::MAX, "access_token": "t"})),
+    );
+    let settings = DataverseSettings::new(
+        &server.url(),
+        "tenant",
+        "client-id",
+        oppsync_dynamics::Secret::new("client-secret"),
+        Some(&format!("{}{TOKEN}", server.url())),
+    )
+    .unwrap();
+    let client = DataverseClient::new(settings).unwrap();
+    server.reply("/api/data/v9.2/opportunities", Reply::json(json!({"value": []})));
+    client.probe(EntitySet::Opportunities).await.unwrap();
+    client.probe(EntitySet::Opportunities).await.unwrap();
+    assert_eq!(server.seen_at(TOKEN).len(), 1, "the token is reused");
+}

@@ -1,0 +1,76 @@
+//! What went wrong talking to Dataverse, with the code and message of its OData error body,
+//! and whether trying again may help.
+
+use super::*;
+
+/// What went wrong talking to Dataverse.
+#[derive(Debug, thiserror::Error)]
+pub enum DataverseError {
+    #[error(
+        "Entra ID refused the Dataverse credentials (HTTP {status}: {detail}); check DYNAMICS_TENANT_ID, DYNAMICS_CLIENT_ID and DYNAMICS_CLIENT_SECRET, and that the app registration has a Dataverse application user"
+    )]
+    Auth { status: u16, detail: String },
+    #[error(
+        "Dataverse refused access ({code}: {message}); give the application user a security role with organization-level Read on opportunity, connection, account, contact and connectionrole"
+    )]
+    Forbidden { code: String, message: String },
+    #[error("Dataverse: not found ({code}: {message})")]
+    NotFound { code: String, message: String },
+    #[error("Dataverse rejected the query ({code}: {message})")]
+    BadQuery { code: String, message: String },
+    #[error("Dataverse kept throttling (429) after {attempts} attempts")]
+    Throttled { attempts: u32 },
+    #[error("Dataverse failed with HTTP {status} after {attempts} attempts ({message})")]
+    Transient {
+        status: u16,
+        attempts: u32,
+        message: String,
+    },
+    #[error("the change-tracking token has expired (Dataverse {EXPIRED_VERSION_STAMP}); a full read is needed")]
+    ChangeTokenExpired,
+    #[error("refusing to follow a link to another host: {0}")]
+    ForeignLink(String),
+    #[error(
+        "Dataverse answered HTTP {status}, a redirect to {to}; oppsync follows no redirects. Set DYNAMICS_URL to the environment's own URL (Power Platform admin center > Environments > Environment URL)"
+    )]
+    Redirected { status: u16, to: String },
+    #[error("Dataverse answered something that is not OData JSON: {0}")]
+    Decode(String),
+    #[error("cannot reach Dataverse: {message}")]
+    Transport { message: String, timeout: bool },
+    #[error("{0}")]
+    Settings(String),
+}
+
+impl DataverseError {
+    /// Whether trying again later may help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            DataverseError::Throttled { .. }
+                | DataverseError::Transient { .. }
+                | DataverseError::Transport { .. }
+                | DataverseError::Decode(_)
+        )
+    }
+}
+
+/// The host a redirect points at (its path and query may carry anything; only the host is told).
+pub(crate) fn redirect_host(location: &str) -> String {
+    Url::parse(location)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| "an unnamed location".into())
+}
+
+/// A parsed OData error body.
+pub(crate) fn odata_error(body: &str) -> (String, String) {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    (
+        v["error"]["code"].as_str().unwrap_or("").to_owned(),
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| body.get(..200).unwrap_or(body))
+            .to_owned(),
+    )
+}
