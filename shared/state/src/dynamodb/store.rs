@@ -1,0 +1,541 @@
+//! [`StateStore`] on DynamoDB: every guard a conditional write (cursors behind the lease,
+//! claims with their token and expiry, completions that check the claim), the views on the
+//! sparse `open` index, and the daily Marketo call count as an atomic ADD.
+
+use super::*;
+
+impl StateStore for DynamoStore {
+    async fn cursor(&self, source: Source) -> Result<Option<Cursor>, StateError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .key("pk", s(format!("cursor#{}", source.as_str())))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| dynamo_err("GetItem (cursor)", e))?;
+        Ok(out.item.and_then(|item| {
+            Some(Cursor {
+                value: get_s(&item, "value")?.to_owned(),
+                updated_at: get_n(&item, "updated").unwrap_or(0),
+            })
+        }))
+    }
+
+    async fn advance_cursor(&self, lease: &Lease, source: Source, value: &str, now: Millis) -> Result<(), StateError> {
+        let build = |e: aws_sdk_dynamodb::error::BuildError| StateError::Dynamo {
+            operation: "TransactWriteItems (cursor)",
+            message: e.to_string(),
+            retryable: false,
+        };
+        let check = ConditionCheck::builder()
+            .table_name(&*self.table)
+            .key("pk", s(format!("lease#{}", lease.name)))
+            .condition_expression("#t = :t AND expires > :now")
+            .expression_attribute_names("#t", "token")
+            .expression_attribute_values(":t", n(lease.token))
+            .expression_attribute_values(":now", n(now))
+            .build()
+            .map_err(build)?;
+        let put = Put::builder()
+            .table_name(&*self.table)
+            .item("pk", s(format!("cursor#{}", source.as_str())))
+            .item("value", s(value))
+            .item("updated", n(now))
+            .build()
+            .map_err(build)?;
+        let result = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().condition_check(check).build())
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("TransactionCanceledException") => {
+                let reasons = e
+                    .as_service_error()
+                    .and_then(|se| match se {
+                        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(tc) => Some(tc),
+                        _ => None,
+                    })
+                    .map(|tc| tc.cancellation_reasons().iter().filter_map(|r| r.code()).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                if reasons.contains(&"ConditionalCheckFailed") || reasons.is_empty() {
+                    Err(StateError::LeaseLost(lease.name.clone()))
+                } else {
+                    Err(dynamo_err("TransactWriteItems (cursor)", e))
+                }
+            }
+            Err(e) => Err(dynamo_err("TransactWriteItems (cursor)", e)),
+        }
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> Result<Option<Lease>, StateError> {
+        let mut u = Update::default();
+        u.set("#o = :o, expires = :e, #t = if_not_exists(#t, :zero) + :one")
+            .value(":o", s(owner))
+            .value(":e", n(now + ttl_ms))
+            .value(":zero", n(0))
+            .value(":one", n(1))
+            .value(":now", n(now));
+        let request = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .key("pk", s(format!("lease#{name}")))
+            .update_expression(u.expression())
+            .condition_expression("attribute_not_exists(pk) OR expires <= :now")
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_names("#t", "token")
+            .set_expression_attribute_values(Some(u.values))
+            .return_values(ReturnValue::AllNew);
+        match request.send().await {
+            Ok(out) => {
+                let item = out.attributes.unwrap_or_default();
+                Ok(Some(Lease {
+                    name: name.to_owned(),
+                    owner: owner.to_owned(),
+                    token: get_n(&item, "token").unwrap_or(0),
+                    expires_at: now + ttl_ms,
+                }))
+            }
+            Err(e) if is_condition_failed(&e) => Ok(None),
+            Err(e) => Err(dynamo_err("UpdateItem (acquire lease)", e)),
+        }
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl_ms: i64, now: Millis) -> Result<Option<Lease>, StateError> {
+        let request = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .key("pk", s(format!("lease#{}", lease.name)))
+            .update_expression("SET expires = :e")
+            .condition_expression("#t = :t AND expires > :now")
+            .expression_attribute_names("#t", "token")
+            .expression_attribute_values(":e", n(now + ttl_ms))
+            .expression_attribute_values(":t", n(lease.token))
+            .expression_attribute_values(":now", n(now));
+        match request.send().await {
+            Ok(_) => Ok(Some(Lease {
+                expires_at: now + ttl_ms,
+                ..lease.clone()
+            })),
+            Err(e) if is_condition_failed(&e) => Ok(None),
+            Err(e) => Err(dynamo_err("UpdateItem (renew lease)", e)),
+        }
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StateError> {
+        let request = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .key("pk", s(format!("lease#{}", lease.name)))
+            .update_expression("SET expires = :zero")
+            .condition_expression("#t = :t")
+            .expression_attribute_names("#t", "token")
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":t", n(lease.token));
+        match request.send().await {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failed(&e) => Ok(()),
+            Err(e) => Err(dynamo_err("UpdateItem (release lease)", e)),
+        }
+    }
+
+    async fn mark_pending(&self, changes: &[PendingChange], now: Millis) -> Result<Vec<MarkOutcome>, StateError> {
+        // Concurrent across opportunities, in order within one: two changes to the same record in
+        // one batch must resolve as if applied one after the other.
+        let mut by_id: HashMap<OpportunityId, Vec<(usize, PendingChange)>> = HashMap::new();
+        for (i, change) in changes.iter().enumerate() {
+            by_id.entry(change.id).or_default().push((i, change.clone()));
+        }
+        let permits = Arc::new(Semaphore::new(MARK_CONCURRENCY));
+        let mut tasks = JoinSet::new();
+        for group in by_id.into_values() {
+            let (store, permits) = (self.clone(), Arc::clone(&permits));
+            tasks.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let mut results = Vec::with_capacity(group.len());
+                for (i, change) in group {
+                    results.push((i, store.mark_one(&change, now).await));
+                }
+                results
+            });
+        }
+        let mut outcomes = vec![MarkOutcome::Stale; changes.len()];
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(results) => {
+                    for (i, result) in results {
+                        match result {
+                            Ok(outcome) => outcomes[i] = outcome,
+                            Err(e) => {
+                                first_error.get_or_insert(e);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(StateError::Dynamo {
+                        operation: "UpdateItem (mark pending)",
+                        message: format!("the task stopped: {e}"),
+                        retryable: true,
+                    });
+                }
+            }
+        }
+        // Each recorded change is durable on its own; on error the caller retries the whole
+        // batch, and the version guard makes the repeats no-ops.
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(outcomes),
+        }
+    }
+
+    async fn requeue(&self, id: OpportunityId, now: Millis) -> Result<bool, StateError> {
+        let mut u = Update::default();
+        u.status(Status::Pending)
+            .set("attempts = :zero, updated = :now, since = :now, psince = :now")
+            .value(":zero", n(0))
+            .value(":now", n(now))
+            .remove("claim")
+            .remove("claim_until");
+        let done = self
+            .update(
+                "UpdateItem (requeue)",
+                opp_key(id),
+                &u,
+                Some("attribute_exists(pk)"),
+                ReturnValue::None,
+            )
+            .await?;
+        Ok(done.is_some())
+    }
+
+    async fn claim(
+        &self,
+        id: OpportunityId,
+        from: Status,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> Result<Option<(Claim, OpportunityState)>, StateError> {
+        let token = new_token();
+        let mut u = Update::default();
+        u.set("claim = :t, claim_until = :until, updated = :now")
+            .value(":t", n(token))
+            .value(":until", n(now + ttl_ms))
+            .value(":now", n(now))
+            .value(":from", s(from.as_str()));
+        let item = self
+            .update(
+                "UpdateItem (claim)",
+                opp_key(id),
+                &u,
+                Some("#s = :from AND (attribute_not_exists(claim_until) OR claim_until <= :now)"),
+                ReturnValue::AllNew,
+            )
+            .await?;
+        match item {
+            None => Ok(None),
+            Some(item) => {
+                let state = read_state(&item)?;
+                Ok(Some((
+                    Claim {
+                        id,
+                        version: state.version,
+                        token,
+                        until: now + ttl_ms,
+                    },
+                    state,
+                )))
+            }
+        }
+    }
+
+    async fn complete_transform(
+        &self,
+        claim: &Claim,
+        result: TransformResult,
+        now: Millis,
+    ) -> Result<Completion, StateError> {
+        let (status, plan, error) = result.parts();
+        let mut u = Update::default();
+        u.status(status)
+            .set("updated = :now, since = :now, attempts = attempts + :inc")
+            .value(":now", n(now))
+            .value(":inc", n(i64::from(error.is_some())))
+            .value(":t", n(claim.token))
+            .value(":v", n(claim.version))
+            .error(error)
+            .remove("claim")
+            .remove("claim_until")
+            .remove("psince");
+        if let Some(plan) = plan {
+            u.blob(encode_blob("plan", json(plan)?, "the plan")?, "plan_json", "plan_z");
+        }
+        let done = self
+            .update(
+                "UpdateItem (complete transform)",
+                opp_key(claim.id),
+                &u,
+                Some("claim = :t AND ver = :v"),
+                ReturnValue::None,
+            )
+            .await?;
+        if done.is_none() {
+            return Ok(Completion::Superseded);
+        }
+        if !status.is_open() {
+            self.count_completion(now).await?;
+        }
+        Ok(Completion::Completed)
+    }
+
+    async fn complete_write(&self, claim: &Claim, result: WriteResult, now: Millis) -> Result<Completion, StateError> {
+        let (status, written, error) = result.parts();
+        let mut u = Update::default();
+        u.status(status)
+            .set("updated = :now")
+            .value(":now", n(now))
+            .value(":t", n(claim.token))
+            .value(":v", n(claim.version))
+            .error(error)
+            .remove("claim")
+            .remove("claim_until");
+        if status != Status::Ready {
+            u.set("since = :now");
+        }
+        if error.is_some() {
+            u.set("attempts = attempts + :one").value(":one", n(1));
+        } else {
+            u.set("attempts = :zero").value(":zero", n(0));
+        }
+        let mut condition = "claim = :t AND ver = :v".to_owned();
+        if let Some(w) = written {
+            u.blob(
+                encode_blob("written", json(w)?, "the written role set")?,
+                "written_json",
+                "written_z",
+            )
+            .set("wver = :wv")
+            .value(":wv", n(w.version));
+            condition.push_str(" AND (attribute_not_exists(wver) OR wver <= :wv)");
+        }
+        let done = self
+            .update(
+                "UpdateItem (complete write)",
+                opp_key(claim.id),
+                &u,
+                Some(&condition),
+                ReturnValue::None,
+            )
+            .await?;
+        if done.is_none() {
+            if let Some(w) = written {
+                self.record_written(claim.id, w).await?;
+            }
+            return Ok(Completion::Superseded);
+        }
+        if matches!(status, Status::Synced | Status::Deleted) {
+            self.count_completion(now).await?;
+        }
+        Ok(Completion::Completed)
+    }
+
+    async fn get(&self, id: OpportunityId) -> Result<Option<OpportunityState>, StateError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .key("pk", opp_key(id))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| dynamo_err("GetItem", e))?;
+        out.item.as_ref().map(read_state).transpose()
+    }
+
+    async fn list(
+        &self,
+        status: Status,
+        limit: usize,
+        page: Option<&str>,
+    ) -> Result<Page<OpportunityState>, StateError> {
+        let limit = limit.clamp(1, 10_000);
+        let mut start = page.map(decode_page).transpose()?;
+        let mut items = Vec::new();
+        loop {
+            let want = (limit - items.len()) as i32;
+            let (batch, last) = if status.is_open() {
+                let (batch, _, last) = self.query_open(status, want, start.take(), false).await?;
+                (batch, last)
+            } else {
+                // Closed statuses are not indexed (that would put every synced item in one index
+                // partition); listing them scans, which only the operator views do.
+                let out = self
+                    .client
+                    .scan()
+                    .table_name(&*self.table)
+                    .filter_expression("#s = :s AND begins_with(pk, :p)")
+                    .expression_attribute_names("#s", "status")
+                    .expression_attribute_values(":s", s(status.as_str()))
+                    .expression_attribute_values(":p", s("opp#"))
+                    .limit(want.max(25))
+                    .set_exclusive_start_key(start.take())
+                    .send()
+                    .await
+                    .map_err(|e| dynamo_err("Scan", e))?;
+                (out.items.unwrap_or_default(), out.last_evaluated_key)
+            };
+            for item in &batch {
+                items.push(read_state(item)?);
+            }
+            match last {
+                Some(key) if items.len() < limit => start = Some(key),
+                Some(key) => {
+                    return Ok(Page {
+                        items: items.into_iter().take(limit).collect(),
+                        next: Some(encode_page(&key)),
+                    });
+                }
+                None => return Ok(Page { items, next: None }),
+            }
+        }
+    }
+
+    async fn counts(&self) -> Result<Counts, StateError> {
+        let mut counts = Counts::default();
+        // Open statuses: count queries on the sparse index.
+        for status in Status::ALL.into_iter().filter(|s| s.is_open()) {
+            let mut start = None;
+            let mut total = 0;
+            loop {
+                let (_, count, last) = self.query_open(status, 0, start, true).await?;
+                total += count;
+                match last {
+                    Some(k) => start = Some(k),
+                    None => break,
+                }
+            }
+            if total > 0 {
+                counts.0.insert(status, total as u64);
+            }
+        }
+        // Closed statuses: a scan, projecting only the status.
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&*self.table)
+                .filter_expression("begins_with(pk, :p) AND attribute_not_exists(q)")
+                .projection_expression("#s")
+                .expression_attribute_names("#s", "status")
+                .expression_attribute_values(":p", s("opp#"))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| dynamo_err("Scan (counts)", e))?;
+            for item in out.items() {
+                if let Some(status) = get_s(item, "status").and_then(Status::parse) {
+                    *counts.0.entry(status).or_default() += 1;
+                }
+            }
+            match out.last_evaluated_key {
+                Some(k) => start = Some(k),
+                None => break,
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn oldest_pending(&self) -> Result<Option<(OpportunityId, Millis)>, StateError> {
+        let (items, _, _) = self.query_open(Status::Pending, 1, None, false).await?;
+        items
+            .first()
+            .map(|item| read_state(item).map(|st| (st.id, st.status_since)))
+            .transpose()
+    }
+
+    async fn completions(&self, since: Millis, until: Millis) -> Result<u64, StateError> {
+        let minutes: Vec<i64> = (minute_of(since)..=minute_of(until)).collect();
+        let mut total = 0u64;
+        for chunk in minutes.chunks(100) {
+            let mut keys = KeysAndAttributes::builder();
+            for m in chunk {
+                keys = keys.keys(HashMap::from([("pk".to_owned(), s(format!("done#{m}")))]));
+            }
+            let mut request: HashMap<String, KeysAndAttributes> = HashMap::from([(
+                self.table.to_string(),
+                keys.build().map_err(|e| StateError::Dynamo {
+                    operation: "BatchGetItem (completions)",
+                    message: e.to_string(),
+                    retryable: false,
+                })?,
+            )]);
+            // BatchGetItem may return some keys unprocessed; ask again for those.
+            while !request.is_empty() {
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .set_request_items(Some(request))
+                    .send()
+                    .await
+                    .map_err(|e| dynamo_err("BatchGetItem (completions)", e))?;
+                for items in out.responses.unwrap_or_default().into_values() {
+                    total += items.iter().filter_map(|i| get_n(i, "n")).sum::<i64>() as u64;
+                }
+                request = out.unprocessed_keys.unwrap_or_default();
+            }
+        }
+        Ok(total)
+    }
+
+    async fn add_marketo_calls(&self, day: &str, calls: u64) -> Result<u64, StateError> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .key("pk", s(format!("calls#{day}")))
+            .update_expression("ADD n :c")
+            .expression_attribute_values(":c", n(calls))
+            .return_values(ReturnValue::UpdatedNew)
+            .send()
+            .await
+            .map_err(|e| dynamo_err("UpdateItem (Marketo calls)", e))?;
+        Ok(out.attributes.as_ref().and_then(|a| get_n(a, "n")).unwrap_or(0) as u64)
+    }
+
+    async fn marketo_calls(&self, day: &str) -> Result<u64, StateError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .key("pk", s(format!("calls#{day}")))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| dynamo_err("GetItem (Marketo calls)", e))?;
+        Ok(out.item.as_ref().and_then(|i| get_n(i, "n")).unwrap_or(0) as u64)
+    }
+
+    async fn remember_links(&self, links: &[(String, OpportunityId)]) -> Result<(), StateError> {
+        self.put_links(links).await
+    }
+
+    async fn linked_opportunities(&self, connections: &[String]) -> Result<Vec<OpportunityId>, StateError> {
+        self.get_links(connections).await
+    }
+}
