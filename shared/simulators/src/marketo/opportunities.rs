@@ -1,0 +1,164 @@
+//! Opportunities: sync, delete (roles share it), query, describe.
+
+use super::roles::role_key;
+use super::*;
+
+/// Sync Opportunities (opportunities page, "Create and Update"): `action` createOrUpdate by
+/// default, `externalOpportunityId` required, `name` not null on create; results with `seq` and
+/// `marketoGUID`. Read-only with native CRM sync: each record skipped with 1018.
+pub(super) fn opportunity_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
+    let input = inputs(g, body)?.clone();
+    let action = body.get("action").and_then(Value::as_str).unwrap_or("createOrUpdate");
+    let mut seen = std::collections::HashSet::new();
+    let mut results = Vec::with_capacity(input.len());
+    for (seq, record) in input.iter().enumerate() {
+        let Some(record) = record.as_object() else {
+            results.push(skipped(seq, "1003", "Invalid record"));
+            continue;
+        };
+        if g.config.crm_enabled {
+            results.push(skipped(seq, "1018", "CRM Enabled"));
+            continue;
+        }
+        let Some(key) = record
+            .get("externalOpportunityId")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            results.push(skipped(
+                seq,
+                "1003",
+                "Value for required field 'externalOpportunityId' not specified",
+            ));
+            continue;
+        };
+        if !seen.insert(key.clone()) {
+            results.push(skipped(seq, "1036", "Duplicate externalOpportunityId in input"));
+            continue;
+        }
+        if let Some(field) = unknown_field(record, STANDARD_OPPORTUNITY_FIELDS, &g.config.custom_opportunity_fields) {
+            results.push(skipped(seq, "1006", &format!("Field '{field}' not found")));
+            continue;
+        }
+        if let Some(code) = record_fault(g, &key) {
+            results.push(skipped(seq, code, "Injected record fault"));
+            continue;
+        }
+        if key.chars().count() > 50 {
+            results.push(skipped(seq, "1003", "externalOpportunityId longer than 50"));
+            continue;
+        }
+        // Opportunities page: "The 'name' field must not be null" (on an update too: the page
+        // does not limit it to creates, so the strict reading).
+        if record.get("name").is_some_and(Value::is_null) {
+            results.push(skipped(seq, "1003", "Value for required field 'name' not specified"));
+            continue;
+        }
+        let exists = g.data.opportunities.contains_key(&key);
+        match (action, exists) {
+            ("createOnly", true) => results.push(skipped(seq, "1005", "Opportunity already exists")),
+            ("updateOnly", false) => results.push(skipped(seq, "1013", "Opportunity not found")),
+            (_, true) => {
+                let stored = g.data.opportunities.get_mut(&key).map(|o| {
+                    o.extend(record.clone());
+                    o.get("marketoGUID").cloned().unwrap_or(Value::Null)
+                });
+                results.push(json!({"seq": seq, "status": "updated", "marketoGUID": stored}));
+            }
+            (_, false) => {
+                if record.get("name").is_none_or(Value::is_null) {
+                    results.push(skipped(seq, "1003", "Value for required field 'name' not specified"));
+                    continue;
+                }
+                let guid = new_guid(g, "opp");
+                let mut stored = record.clone();
+                stored.insert("marketoGUID".into(), json!(guid));
+                g.data.opportunities.insert(key, stored);
+                results.push(json!({"seq": seq, "status": "created", "marketoGUID": guid}));
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// Delete Opportunities / Opportunity Roles (their pages, "Delete"): `deleteBy` dedupeFields;
+/// results with `seq`, `marketoGUID` and `status: deleted`; a record not found is skipped with
+/// 1013 (companies page, "Delete").
+pub(super) fn delete(g: &mut Inner, body: &Value, kind: Kind) -> Result<Vec<Value>, Refusal> {
+    let input = inputs(g, body)?.clone();
+    let mut results = Vec::with_capacity(input.len());
+    for (seq, record) in input.iter().enumerate() {
+        let record = record.as_object().cloned().unwrap_or_default();
+        if g.config.crm_enabled {
+            results.push(skipped(seq, "1018", "CRM Enabled"));
+            continue;
+        }
+        let found = match kind {
+            Kind::Opportunity => record
+                .get("externalOpportunityId")
+                .and_then(Value::as_str)
+                .and_then(|k| g.data.opportunities.remove(k))
+                .and_then(|o| o.get("marketoGUID").cloned()),
+            Kind::Role => role_key(&record)
+                .and_then(|k| g.data.roles.remove(&k))
+                .map(|r| json!(r.marketo_guid)),
+            Kind::Company => None,
+        };
+        match found {
+            Some(guid) => results.push(json!({"seq": seq, "status": "deleted", "marketoGUID": guid})),
+            None => results.push(skipped(seq, "1013", "Record not found")),
+        }
+    }
+    Ok(results)
+}
+
+pub(super) fn query_by(g: &Inner, params: &HashMap<String, String>, kind: Kind) -> Result<Vec<Value>, Refusal> {
+    let values: Vec<&str> = params
+        .get("filterValues")
+        .map(|v| v.split(',').collect())
+        .unwrap_or_default();
+    if values.len() > g.config.max_batch {
+        return Err(refusal("1003", "Too many filterValues"));
+    }
+    let table = match kind {
+        Kind::Opportunity => &g.data.opportunities,
+        _ => &g.data.companies,
+    };
+    // The opportunities and companies pages show query results with `seq`.
+    Ok(values
+        .into_iter()
+        .filter_map(|v| table.get(v).cloned())
+        .enumerate()
+        .map(|(seq, mut record)| {
+            record.insert("seq".into(), json!(seq));
+            Value::Object(record)
+        })
+        .collect())
+}
+
+/// Describe Opportunity / Opportunity Role (their pages, "Describe"): name, idField,
+/// dedupeFields and the fields.
+pub(super) fn describe(g: &Inner, kind: Kind) -> Result<Vec<Value>, Refusal> {
+    let (name, dedupe, fields): (&str, Vec<&str>, Vec<String>) = match kind {
+        Kind::Opportunity => (
+            "opportunity",
+            vec!["externalOpportunityId"],
+            STANDARD_OPPORTUNITY_FIELDS
+                .iter()
+                .map(|f| (*f).to_owned())
+                .chain(g.config.custom_opportunity_fields.iter().cloned())
+                .collect(),
+        ),
+        _ => (
+            "opportunityRole",
+            vec!["externalOpportunityId", "leadId", "role"],
+            ROLE_FIELDS.iter().map(|f| (*f).to_owned()).collect(),
+        ),
+    };
+    Ok(vec![json!({
+        "name": name,
+        "idField": "marketoGUID",
+        "dedupeFields": dedupe,
+        "fields": fields.iter().map(|f| json!({"name": f, "displayName": f, "dataType": "string", "updateable": true})).collect::<Vec<_>>(),
+    })])
+}

@@ -1,0 +1,120 @@
+//! The embedded store: one SQLite file in WAL mode, for local runs (`oppsync sync`, the demo).
+//!
+//! Each trait method is one SQLite transaction on one connection behind a mutex, so every guard
+//! holds within the process; WAL lets `oppsync status` read while a sync writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use oppsync_mapping::OpportunityId;
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+use crate::{
+    Claim, Completion, Counts, Cursor, Lease, MarkOutcome, Millis, OpportunityState, Page, PendingChange, Source,
+    StateError, StateStore, Status, SyncError, TransformResult, WriteResult, Written, minute_of, new_token,
+};
+
+mod codec;
+mod store;
+
+use codec::*;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS cursors (
+    source TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS opportunities (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    modified_on TEXT,
+    plan TEXT,
+    written TEXT,
+    written_version INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    err_operation TEXT, err_code TEXT, err_message TEXT,
+    claim_token INTEGER, claim_until INTEGER,
+    created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, status_since INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS opportunities_by_status ON opportunities (status, status_since, id);
+CREATE TABLE IF NOT EXISTS completions (minute INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS marketo_calls (day TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS links (connection TEXT PRIMARY KEY, opportunity TEXT NOT NULL);
+";
+
+const COLUMNS: &str = "id, status, version, deleted, modified_on, plan, written, attempts, \
+     err_operation, err_code, err_message, claim_until, created_at, updated_at, status_since";
+
+/// The SQLite store. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the state file at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StateError> {
+        let path = path.as_ref().to_path_buf();
+        let err = |e: rusqlite::Error| StateError::Sqlite {
+            path: path.display().to_string(),
+            message: format!(
+                "{e}; check that the directory exists and is writable, or choose another file with --state"
+            ),
+        };
+        let conn = Connection::open(&path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path),
+        })
+    }
+
+    /// Frees the claims and the leases that a process which died left behind, so that work
+    /// resumes at once instead of when they expire. Only for a caller that knows no other
+    /// process uses this file: the `oppsync` command holds an OS lock on it first. Lease tokens
+    /// keep counting, so fencing still holds. Returns how many claims were freed.
+    pub async fn release_abandoned(&self) -> Result<u64, StateError> {
+        self.run(|c| {
+            let freed = c
+                .execute(
+                    "UPDATE opportunities SET claim_until = NULL WHERE claim_until IS NOT NULL",
+                    [],
+                )
+                .map_err(sql)?;
+            c.execute("UPDATE leases SET expires_at = 0", []).map_err(sql)?;
+            Ok(freed as u64)
+        })
+        .await
+    }
+
+    /// Runs `f` on the connection on the blocking pool.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, StateError> {
+        let conn = Arc::clone(&self.conn);
+        let path = Arc::clone(&self.path);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock poisons it; the connection itself is still sound,
+            // since every step is a transaction that rolled back.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StateError::Sqlite {
+            path: path.display().to_string(),
+            message: format!("the store task stopped: {e}"),
+        })?
+    }
+}
