@@ -128,7 +128,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     }
 
     let counts = pipeline
-        .store
+        .store()
         .counts()
         .await
         .map_err(|e| CliError::Fatal(e.to_string()))?;

@@ -35,7 +35,7 @@ pub async fn run(args: PlanArgs) -> Result<ExitCode, CliError> {
 async fn plan<S: StateStore>(pipeline: &Pipeline<S>, all: bool, json_out: bool) -> Result<ExitCode, CliError> {
     let ids: BTreeSet<OpportunityId> = if all {
         pipeline
-            .dataverse
+            .dataverse()
             .all_ids(EntitySet::Opportunities)
             .await
             .map_err(|e| CliError::Fatal(format!("Dynamics: {e}")))?
@@ -49,7 +49,7 @@ async fn plan<S: StateStore>(pipeline: &Pipeline<S>, all: bool, json_out: bool) 
             let mut page = None;
             loop {
                 let listed = pipeline
-                    .store
+                    .store()
                     .list(status, 1000, page.as_deref())
                     .await
                     .map_err(|e| CliError::Fatal(format!("state store: {e}")))?;
@@ -65,14 +65,14 @@ async fn plan<S: StateStore>(pipeline: &Pipeline<S>, all: bool, json_out: bool) 
     let ids: Vec<OpportunityId> = ids.into_iter().collect();
     let mut entries = Vec::new();
     let mut unchanged = 0;
-    for chunk in ids.chunks(pipeline.config.sync.batch_size.max(1)) {
+    for chunk in ids.chunks(pipeline.config().sync.batch_size.max(1)) {
         for preview in pipeline.preview(chunk).await.map_err(fatal)? {
             if preview.unchanged {
                 unchanged += 1;
                 continue;
             }
             let before = pipeline
-                .store
+                .store()
                 .get(preview.id)
                 .await
                 .map_err(|e| CliError::Fatal(format!("state store: {e}")))?;

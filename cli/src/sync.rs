@@ -67,7 +67,7 @@ pub async fn run(args: SyncArgs) -> Result<ExitCode, CliError> {
 /// left for retry after failures that may pass (they stay queued, and the output says why).
 pub async fn cycle<S: StateStore>(pipeline: &Pipeline<S>) -> Result<ExitCode, CliError> {
     let started = Instant::now();
-    let since = (pipeline.clock)();
+    let since = pipeline.now();
     let mut changes = 0;
     loop {
         let poll = pipeline.poll(None).await.map_err(fatal)?;
@@ -103,7 +103,7 @@ pub async fn cycle<S: StateStore>(pipeline: &Pipeline<S>) -> Result<ExitCode, Cl
     if report.failed > 0 {
         println!("failed in this cycle (`oppsync errors` lists every failed record):");
         let listed = pipeline
-            .store
+            .store()
             .list(Status::Failed, 1000, None)
             .await
             .map_err(|e| CliError::Fatal(format!("state store: {e}")))?;

@@ -159,7 +159,7 @@ async fn dataverse_data() -> usize {
     let state = |id: &str| {
         let p = &p;
         let id = OpportunityId::parse(id).unwrap();
-        async move { p.store.get(id).await.unwrap().unwrap() }
+        async move { p.store().get(id).await.unwrap().unwrap() }
     };
     // A 10 KB name is cut to Marketo's length, with a warning in the plan.
     let name = snapshot.opportunities[&long_name]["name"].as_str().unwrap().len();
@@ -229,7 +229,7 @@ async fn marketo_answers() -> usize {
     let p = pipeline(&s, sqlite(), Config::default());
     p.poll(None).await.unwrap();
     let first = p.drain(|_, _| {}).await.unwrap();
-    let counts = p.store.counts().await.unwrap();
+    let counts = p.store().counts().await.unwrap();
     assert_eq!(
         counts.get(Status::Synced),
         0,
@@ -239,7 +239,7 @@ async fn marketo_answers() -> usize {
     // Marketo answers properly again: resync the failed ones, drain the rest.
     s.mk.clear_faults();
     let mut failed = Vec::new();
-    let listed = p.store.list(Status::Failed, 100, None).await.unwrap();
+    let listed = p.store().list(Status::Failed, 100, None).await.unwrap();
     for st in &listed.items {
         assert!(!st.last_error.as_ref().unwrap().message.is_empty());
         failed.push(st.id);
@@ -252,7 +252,7 @@ async fn marketo_answers() -> usize {
     for _ in 0..5 {
         p.drain(|_, _| {}).await.unwrap();
     }
-    let counts = p.store.counts().await.unwrap();
+    let counts = p.store().counts().await.unwrap();
     assert_eq!(counts.get(Status::Synced), 20, "{counts:?}");
     faults.len()
 }

@@ -97,7 +97,7 @@ async fn sync_through(sims: &Sims, p: &oppsync_pipeline::Pipeline<oppsync_state:
         let polled = p.poll(None).await;
         let caught_up = matches!(&polled, Ok(r) if r.caught_up);
         let drained = p.drain(|_, _| {}).await;
-        let counts = p.store.counts().await.unwrap();
+        let counts = p.store().counts().await.unwrap();
         assert_eq!(
             counts.get(Status::Failed),
             0,

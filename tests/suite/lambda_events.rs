@@ -125,7 +125,7 @@ async fn malformed_stream_events_get_a_clear_non_retryable_error_and_change_noth
     }
     assert_eq!(sims.dv.requests(), 0, "nothing was read for a malformed event");
     assert_eq!(sims.mk.rest_calls(), 0, "nothing was written for a malformed event");
-    assert_eq!(p.store.counts().await.unwrap().total(), 0);
+    assert_eq!(p.store().counts().await.unwrap().total(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,7 +240,11 @@ async fn a_dry_run_resync_reports_the_plan_and_writes_nothing() {
     assert!(report["records"][0]["plan"].is_object(), "{report}");
     assert_eq!(report["records"][0]["write"], Value::Null);
     assert_eq!(sims.mk.rest_calls(), 0);
-    assert_eq!(p.store.counts().await.unwrap().total(), 0, "a dry run records nothing");
+    assert_eq!(
+        p.store().counts().await.unwrap().total(),
+        0,
+        "a dry run records nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

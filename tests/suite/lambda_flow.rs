@@ -145,7 +145,7 @@ impl Deployment {
 
     pub(crate) async fn state(&self, id: &str) -> oppsync_state::OpportunityState {
         self.pipeline
-            .store
+            .store()
             .get(OpportunityId::parse(id).unwrap())
             .await
             .unwrap()
@@ -168,7 +168,7 @@ async fn the_functions_sync_dynamics_into_marketo_over_the_real_stream() {
 
     d.poll().await;
     d.pump().await;
-    let counts = d.pipeline.store.counts().await.unwrap();
+    let counts = d.pipeline.store().counts().await.unwrap();
     assert_eq!(counts.get(Status::Synced), 450, "{counts:?}");
     assert_marketo_matches_dynamics(&sims);
     assert_eq!(sims.mk.calls(E::OpportunitySync), 2, "⌈450/300⌉ opportunity calls");
@@ -338,7 +338,7 @@ async fn cold_start_names_what_is_wrong_with_the_environment_secrets_or_configur
     let parsed = coldstart::DynamicsSecret::parse(&dynamics_secret(&sims)).unwrap();
     let (_, _, dynamics_client_secret) = sims.dv.credentials();
     assert!(!format!("{parsed:?}").contains(&dynamics_client_secret));
-    assert_eq!(p.store.table(), "t");
+    assert_eq!(p.store().table(), "t");
 }
 
 /// GIVEN an opportunity changed twice and synced each time WHEN Lambda delivers old stream

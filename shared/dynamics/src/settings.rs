@@ -23,7 +23,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// The tables oppsync reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EntitySet {
     Opportunities,
     Accounts,

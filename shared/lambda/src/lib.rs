@@ -187,9 +187,9 @@ pub async fn transform<S: StateStore>(
             metrics,
         });
     }
-    let requests_before = pipeline.dataverse.requests();
+    let requests_before = pipeline.dataverse().requests();
     let result = pipeline.transform(&ids, false).await;
-    metrics.count("DataverseCalls", pipeline.dataverse.requests() - requests_before);
+    metrics.count("DataverseCalls", pipeline.dataverse().requests() - requests_before);
     let response = match result {
         Ok(report) => {
             metrics.merge(report.metrics);
@@ -333,7 +333,7 @@ where
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let pipeline = pipeline.clone();
         async move {
-            let now = (pipeline.clock)();
+            let now = pipeline.now();
             let handled = handler(pipeline, event).await?;
             emit(&handled.metrics, function, now);
             Ok::<T, HandlerError>(handled.response)

@@ -40,7 +40,7 @@ pub(crate) const DRAIN_WRITE_ATTEMPTS: u32 = 3;
 /// with one batch a write, 1.07× with five).
 pub(crate) const DRAIN_WRITE_GROUP: usize = 5;
 
-impl<S: StateStore> Pipeline<S> {
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// Transforms every pending record and writes every ready one, batch by batch, until none
     /// is left that this run can make progress on. `progress` hears of each finished batch.
     pub async fn drain(&self, mut progress: impl FnMut(Stage, usize)) -> Result<DrainReport, PipelineError> {

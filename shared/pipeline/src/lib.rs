@@ -32,8 +32,10 @@ pub mod config;
 pub mod crash;
 mod drain;
 mod error;
+pub mod memory;
 pub mod metrics;
 mod poll;
+pub mod ports;
 mod resync;
 pub mod time;
 mod transform;
@@ -45,6 +47,7 @@ pub use error::PipelineError;
 use error::{skip_error, sync_error};
 pub use metrics::Metrics;
 pub use poll::PollReport;
+pub use ports::{DataversePort, MarketoPort};
 pub use resync::{ResyncRecord, ResyncReport, ResyncRequest, ResyncTarget, WrittenSummary};
 pub use transform::{Preview, TransformRecord, TransformReport, Transformed};
 pub use write::{Answer, WriteRecord, WriteReport, Wrote};
@@ -74,28 +77,23 @@ pub fn system_clock() -> Clock {
     })
 }
 
-/// The ports a pipeline runs over, built once per process.
-pub struct Pipeline<S> {
-    pub store: S,
-    pub dataverse: DataverseClient,
-    pub marketo: MarketoClient,
-    pub config: Arc<Config>,
-    pub clock: Clock,
+/// The steps over their ports, built once per process: the state store `S`, Dataverse `D` and
+/// Marketo `M` (the HTTP clients unless a test supplies in-memory ones).
+pub struct Pipeline<S, D = DataverseClient, M = MarketoClient> {
+    store: S,
+    dataverse: D,
+    marketo: M,
+    config: Arc<Config>,
+    clock: Clock,
     /// Names this process in the lease.
-    pub owner: String,
+    owner: String,
     /// Companies this process has upserted.
-    pub companies: CompanyCache,
+    companies: CompanyCache,
 }
 
-impl<S> Pipeline<S> {
+impl<S, D, M> Pipeline<S, D, M> {
     /// A pipeline on the wall clock.
-    pub fn new(
-        store: S,
-        dataverse: DataverseClient,
-        marketo: MarketoClient,
-        config: Config,
-        owner: impl Into<String>,
-    ) -> Pipeline<S> {
+    pub fn new(store: S, dataverse: D, marketo: M, config: Config, owner: impl Into<String>) -> Pipeline<S, D, M> {
         Pipeline {
             store,
             dataverse,
@@ -105,6 +103,49 @@ impl<S> Pipeline<S> {
             owner: owner.into(),
             companies: CompanyCache::default(),
         }
+    }
+
+    /// The same pipeline on another clock (tests, the crash harness).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The same pipeline writing through another Marketo adapter.
+    pub fn with_marketo<M2>(self, marketo: M2) -> Pipeline<S, D, M2> {
+        Pipeline {
+            store: self.store,
+            dataverse: self.dataverse,
+            marketo,
+            config: self.config,
+            clock: self.clock,
+            owner: self.owner,
+            companies: self.companies,
+        }
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The Dataverse adapter.
+    pub fn dataverse(&self) -> &D {
+        &self.dataverse
+    }
+
+    /// The Marketo adapter.
+    pub fn marketo(&self) -> &M {
+        &self.marketo
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Now, on this pipeline's clock.
+    pub fn now(&self) -> Millis {
+        (self.clock)()
     }
 }
 
@@ -132,7 +173,7 @@ impl CompanyCache {
     }
 }
 
-impl<S: Clone> Clone for Pipeline<S> {
+impl<S: Clone, D: Clone, M: Clone> Clone for Pipeline<S, D, M> {
     fn clone(&self) -> Self {
         Pipeline {
             store: self.store.clone(),
@@ -146,11 +187,7 @@ impl<S: Clone> Clone for Pipeline<S> {
     }
 }
 
-impl<S: StateStore> Pipeline<S> {
-    fn now(&self) -> Millis {
-        (self.clock)()
-    }
-
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// Where a watermark strategy starts: before every row.
     fn first_watermark(&self) -> Watermark {
         if self.config.dataverse.change_detection == ChangeDetection::VersionWatermark {

@@ -37,7 +37,7 @@ pub(crate) struct WatermarkCursor {
     pub(crate) polls: u32,
 }
 
-impl<S: StateStore> Pipeline<S> {
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// Reads what changed in Dynamics since the cursors and records each changed opportunity as
     /// pending; a cursor moves only after the changes it covers are recorded. Stops at `deadline`
     /// with `caught_up: false`; the next poll continues from there.

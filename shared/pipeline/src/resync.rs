@@ -98,7 +98,7 @@ pub struct ResyncReport {
     pub stopped: Option<String>,
 }
 
-impl<S: StateStore> Pipeline<S> {
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// Transforms and writes the named records (or every opportunity in Dynamics) now, whatever
     /// their cursor or hash. A dry run plans them and changes nothing.
     #[tracing::instrument(skip_all, name = "resync", fields(dry_run))]

@@ -58,7 +58,7 @@ pub struct Preview {
     pub unchanged: bool,
 }
 
-impl<S: StateStore> Pipeline<S> {
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// Plans records without touching the state: for dry runs and `oppsync plan`.
     pub async fn preview(&self, ids: &[OpportunityId]) -> Result<Vec<Preview>, PipelineError> {
         let mut states = Vec::with_capacity(ids.len());

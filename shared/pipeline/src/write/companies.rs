@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl<S: StateStore> Pipeline<S> {
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     pub(crate) async fn write_companies(&self, works: &mut [Work], fresh: bool) -> Option<MarketoError> {
         let mut records: Vec<Value> = Vec::new();
         let mut seen = BTreeSet::new();

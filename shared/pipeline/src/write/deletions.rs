@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl<S: StateStore> Pipeline<S> {
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     pub(crate) async fn delete_roles(&self, works: &mut [Work]) -> Option<MarketoError> {
         let mut keys = Vec::new();
         let mut owners = Vec::new();

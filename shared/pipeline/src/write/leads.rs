@@ -14,7 +14,7 @@ pub(crate) enum LeadId {
     Failed(SyncError, bool),
 }
 
-impl<S: StateStore> Pipeline<S> {
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// Finds (or creates) the leads the batch's roles need.
     pub(crate) async fn resolve_leads(&self, works: &mut [Work]) -> Result<HashMap<ContactId, LeadId>, MarketoError> {
         let mapping = &self.config.mapping;

@@ -101,7 +101,7 @@ impl Work {
     }
 }
 
-impl<S: StateStore> Pipeline<S> {
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// Writes a batch of ready plans to Marketo: companies, then leads (found or created), then
     /// opportunities, roles, role deletions and opportunity deletions, each as few calls as the
     /// 300-record limit allows; then records each outcome.
@@ -302,7 +302,7 @@ impl<S: StateStore> Pipeline<S> {
 
 pub(crate) const NOT_FOUND: &str = "1013";
 
-impl<S: StateStore> Pipeline<S> {
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// Records a failed call against every record it carried; returns the error when it stops
     /// the whole batch (quota, budget, credentials, a CRM-enabled instance).
     pub(crate) fn call_failed<'w>(

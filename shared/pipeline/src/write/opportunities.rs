@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl<S: StateStore> Pipeline<S> {
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     pub(crate) async fn write_opportunities_and_roles(&self, works: &mut [Work]) -> Option<MarketoError> {
         // Leads first: a role needs its lead's id.
         let leads = match self.resolve_leads(works).await {

@@ -37,7 +37,7 @@ async fn initial_and_incremental<S: StateStore>(store: S) {
             .any(|r| r.external_opportunity_id == o(6) && r.role == "Champion" && Some(r.lead_id) == lead)
     };
     assert!(champion(&sims), "the added stakeholder has a role");
-    let counts = p.store.counts().await.unwrap();
+    let counts = p.store().counts().await.unwrap();
     assert_eq!(counts.get(Status::Synced), 2_000, "{counts:?}");
     // 2,000 opportunities are written in groups of 1,500 and 500: ⌈1500/300⌉ + ⌈500/300⌉ = 7
     // opportunity calls. Each company is written once, 300 a call (one part-filled call per
@@ -86,7 +86,7 @@ async fn initial_and_incremental<S: StateStore>(store: S) {
     assert!(calls <= 8, "the incremental round made {calls} Marketo calls");
     assert!(second.written <= 6, "only changed records are written: {second:?}");
     let gone = p
-        .store
+        .store()
         .get(oppsync_mapping::OpportunityId::parse(&o(5)).unwrap())
         .await
         .unwrap()

@@ -17,9 +17,9 @@ async fn a_poller_that_finds_the_lease_taken_reads_nothing() {
     let sims = sims().await;
     sims.dv.seed(10, 1, Mix::Uniform);
     let p = pipeline(&sims, sqlite(), Config::default());
-    let now = (p.clock)();
+    let now = p.now();
     let held = p
-        .store
+        .store()
         .acquire_lease(POLL_LEASE, "someone-else", 60_000, now)
         .await
         .unwrap();
@@ -27,7 +27,7 @@ async fn a_poller_that_finds_the_lease_taken_reads_nothing() {
     let report = p.poll(None).await.unwrap();
     assert!(report.busy && !report.caught_up, "{report:?}");
     assert_eq!(sims.dv.requests(), 0, "a busy poller reads nothing");
-    assert_eq!(p.store.counts().await.unwrap().total(), 0);
+    assert_eq!(p.store().counts().await.unwrap().total(), 0);
 }
 
 /// GIVEN a backfill larger than one invocation's time WHEN the deadline cuts the poll
@@ -51,7 +51,7 @@ async fn a_backfill_cut_by_the_deadline_continues_from_its_checkpoint() {
         "{first:?}"
     );
     assert_eq!(
-        p.store.counts().await.unwrap().get(Status::Pending),
+        p.store().counts().await.unwrap().get(Status::Pending),
         first.opportunity_changes
     );
     let second = p.poll(None).await.unwrap();
@@ -61,7 +61,7 @@ async fn a_backfill_cut_by_the_deadline_continues_from_its_checkpoint() {
         100,
         "the second poll continued; it did not start over"
     );
-    assert_eq!(p.store.counts().await.unwrap().get(Status::Pending), 100);
+    assert_eq!(p.store().counts().await.unwrap().get(Status::Pending), 100);
 }
 
 /// GIVEN a synced opportunity WHEN it is saved in Dynamics with nothing Marketo cares about
@@ -87,7 +87,7 @@ async fn a_save_that_changes_nothing_for_marketo_makes_no_marketo_call() {
     assert_eq!((drained.unchanged, drained.written), (1, 0), "{drained:?}");
     assert_eq!(sims.mk.rest_calls(), calls, "no Marketo call for an unchanged plan");
     assert_eq!(
-        p.store
+        p.store()
             .get(oppsync_mapping::OpportunityId::parse(&id).unwrap())
             .await
             .unwrap()
@@ -115,7 +115,7 @@ async fn a_write_stopped_by_the_daily_quota_leaves_its_records_ready() {
             .is_some_and(|s| s.contains("607") || s.contains("quota")),
         "{drained:?}"
     );
-    let counts = p.store.counts().await.unwrap();
+    let counts = p.store().counts().await.unwrap();
     assert_eq!(counts.get(Status::Ready), 30, "{counts:?}");
     assert_eq!(counts.get(Status::Failed), 0, "{counts:?}");
     let next = p.drain(|_, _| {}).await.unwrap();
@@ -140,7 +140,7 @@ async fn a_company_written_once_is_not_upserted_again_by_later_batches_but_resyn
     let report = p.write(&[id(2)]).await.unwrap();
     assert_eq!(sims.mk.calls(E::CompanySync), companies, "{report:?}");
     assert!(matches!(report.records[0].result, oppsync_pipeline::Wrote::Synced));
-    let state = p.store.get(id(2)).await.unwrap().unwrap();
+    let state = p.store().get(id(2)).await.unwrap().unwrap();
     assert!(
         state.written.unwrap().company.is_some(),
         "the company is recorded as written"
@@ -180,12 +180,12 @@ async fn the_daily_budget_stops_a_run_and_the_next_days_finish_it() {
         ..Default::default()
     };
     let client = oppsync_marketo::MarketoClient::new(settings, oppsync_marketo::Limiter::new(limits), budget).unwrap();
-    let mut p = pipeline(&sims, sqlite(), Config::default());
-    p.marketo = client;
     // Noon UTC on 2026-12-01, then one day later each round.
     let now = Arc::new(AtomicI64::new(1_764_590_400_000));
     let clock = now.clone();
-    p.clock = Arc::new(move || clock.load(Ordering::Relaxed));
+    let p = pipeline(&sims, sqlite(), Config::default())
+        .with_marketo(client)
+        .with_clock(Arc::new(move || clock.load(Ordering::Relaxed)));
     p.poll(None).await.unwrap();
 
     let mut days = 0;
@@ -196,7 +196,7 @@ async fn the_daily_budget_stops_a_run_and_the_next_days_finish_it() {
         let drained = p.drain(|_, _| {}).await.unwrap();
         let spent = sims.mk.rest_calls() - before;
         assert!(spent <= budget, "day {days} spent {spent} calls of a {budget} budget");
-        let counts = p.store.counts().await.unwrap();
+        let counts = p.store().counts().await.unwrap();
         assert_eq!(
             counts.get(Status::Failed),
             0,

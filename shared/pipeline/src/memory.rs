@@ -1,0 +1,459 @@
+//! In-memory adapters for the ports, for testing a step without a socket: a Dataverse that
+//! serves rows it was given (change feed included) and a Marketo that keeps what it is sent,
+//! answers record by record as the real one does (created, updated, skipped with a 1xxx code),
+//! and records the order of its calls. The simulators stay for end-to-end tests over HTTP.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::{Future, ready};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use oppsync_dynamics::{ChangePage, DataverseError, EntitySet, Watermark};
+use oppsync_mapping::dataverse::Related;
+use oppsync_mapping::{Opportunity, OpportunityId, RecordError};
+use oppsync_marketo::{LeadRecord, MarketoError, Reason, RecordOutcome, RecordStatus, RoleKey, RoleRecord};
+use serde_json::{Map, Value, json};
+
+use crate::ports::{DataversePort, MarketoPort};
+
+fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Rows by table, and what changed since the change feed was last read.
+#[derive(Default)]
+struct Tables {
+    opportunities: BTreeMap<String, Value>,
+    accounts: Vec<Value>,
+    contacts: Vec<Value>,
+    roles: Vec<Value>,
+    connections: BTreeMap<String, Value>,
+    /// Changed (Some(row)) or deleted (None) since the last read, by table.
+    changed: BTreeMap<EntitySet, BTreeMap<String, Option<Value>>>,
+    read_once: BTreeSet<EntitySet>,
+    requests: u64,
+}
+
+/// A Dataverse in memory. Cheap to clone; clones share the rows.
+#[derive(Clone, Default)]
+pub struct MemoryDataverse(Arc<Mutex<Tables>>);
+
+fn key_of(set: EntitySet, row: &Value) -> String {
+    row[set.key()].as_str().unwrap_or_default().to_ascii_lowercase()
+}
+
+impl MemoryDataverse {
+    /// Rows as the Web API returns them (annotated).
+    pub fn new(
+        opportunities: Vec<Value>,
+        accounts: Vec<Value>,
+        contacts: Vec<Value>,
+        roles: Vec<Value>,
+        connections: Vec<Value>,
+    ) -> MemoryDataverse {
+        let t = Tables {
+            opportunities: opportunities
+                .into_iter()
+                .map(|r| (key_of(EntitySet::Opportunities, &r), r))
+                .collect(),
+            accounts,
+            contacts,
+            roles,
+            connections: connections
+                .into_iter()
+                .map(|r| (key_of(EntitySet::Connections, &r), r))
+                .collect(),
+            ..Tables::default()
+        };
+        MemoryDataverse(Arc::new(Mutex::new(t)))
+    }
+
+    /// Creates or replaces an opportunity row; the change feed reports it.
+    pub fn upsert_opportunity(&self, row: Value) {
+        let mut t = guard(&self.0);
+        let id = key_of(EntitySet::Opportunities, &row);
+        t.changed
+            .entry(EntitySet::Opportunities)
+            .or_default()
+            .insert(id.clone(), Some(row.clone()));
+        t.opportunities.insert(id, row);
+    }
+
+    /// Deletes an opportunity; the change feed reports the deletion.
+    pub fn delete_opportunity(&self, id: &str) {
+        let mut t = guard(&self.0);
+        let id = id.to_ascii_lowercase();
+        t.opportunities.remove(&id);
+        t.changed.entry(EntitySet::Opportunities).or_default().insert(id, None);
+    }
+
+    /// Deletes a connection row; the change feed reports the deletion.
+    pub fn delete_connection(&self, id: &str) {
+        let mut t = guard(&self.0);
+        let id = id.to_ascii_lowercase();
+        t.connections.remove(&id);
+        t.changed.entry(EntitySet::Connections).or_default().insert(id, None);
+    }
+
+    fn rows(t: &Tables, set: EntitySet) -> Vec<Value> {
+        match set {
+            EntitySet::Opportunities => t.opportunities.values().cloned().collect(),
+            EntitySet::Connections => t.connections.values().cloned().collect(),
+            EntitySet::Accounts => t.accounts.clone(),
+            EntitySet::Contacts => t.contacts.clone(),
+            EntitySet::ConnectionRoles => t.roles.clone(),
+        }
+    }
+}
+
+impl DataversePort for MemoryDataverse {
+    fn changes(
+        &self,
+        set: EntitySet,
+        _select: &[&str],
+        cursor: Option<&str>,
+    ) -> impl Future<Output = Result<ChangePage, DataverseError>> + Send {
+        let mut t = guard(&self.0);
+        t.requests += 1;
+        // The first read of a table (or a read without a cursor) is a full read; later ones are
+        // what changed since.
+        let full = cursor.is_none() || !t.read_once.contains(&set);
+        t.read_once.insert(set);
+        let changed = t.changed.remove(&set).unwrap_or_default();
+        let (rows, deleted) = if full {
+            (Self::rows(&t, set), Vec::new())
+        } else {
+            let mut rows = Vec::new();
+            let mut deleted = Vec::new();
+            for (id, row) in changed {
+                match row {
+                    Some(row) => rows.push(row),
+                    None => deleted.push(id),
+                }
+            }
+            (rows, deleted)
+        };
+        ready(Ok(ChangePage {
+            rows,
+            deleted,
+            cursor: format!("memory:{}:delta", set.name()),
+            caught_up: true,
+            full_resync: false,
+        }))
+    }
+
+    fn watermark_changes(
+        &self,
+        set: EntitySet,
+        _select: &[&str],
+        _watermark: &Watermark,
+    ) -> impl Future<Output = Result<(Vec<Value>, Watermark), DataverseError>> + Send {
+        let mut t = guard(&self.0);
+        t.requests += 1;
+        ready(Ok((Self::rows(&t, set), Watermark::Version(0))))
+    }
+
+    fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<String>, DataverseError>> + Send {
+        let mut t = guard(&self.0);
+        t.requests += 1;
+        ready(Ok(Self::rows(&t, set).iter().map(|r| key_of(set, r)).collect()))
+    }
+
+    fn opportunities(
+        &self,
+        ids: &[OpportunityId],
+        _select: &[&str],
+    ) -> impl Future<Output = Result<Vec<Value>, DataverseError>> + Send {
+        let mut t = guard(&self.0);
+        t.requests += 1;
+        let rows = ids
+            .iter()
+            .filter_map(|id| t.opportunities.get(&id.to_string()).cloned())
+            .collect();
+        ready(Ok(rows))
+    }
+
+    fn related(
+        &self,
+        _opportunities: &[Opportunity],
+    ) -> impl Future<Output = Result<(Related, Vec<RecordError>), DataverseError>> + Send {
+        let mut t = guard(&self.0);
+        t.requests += 1;
+        ready(Ok(Related::from_json(
+            t.accounts.clone(),
+            t.contacts.clone(),
+            t.roles.clone(),
+            t.connections.values().cloned().collect(),
+        )))
+    }
+
+    fn requests(&self) -> u64 {
+        guard(&self.0).requests
+    }
+}
+
+/// What the in-memory Marketo holds, and the calls it answered, in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MarketoHolds {
+    /// By externalOpportunityId.
+    pub opportunities: BTreeMap<String, Map<String, Value>>,
+    /// Role keys, with isPrimary.
+    pub roles: BTreeMap<RoleKey, bool>,
+    /// By externalCompanyId.
+    pub companies: BTreeMap<String, Map<String, Value>>,
+    /// By lead id.
+    pub leads: BTreeMap<i64, Map<String, Value>>,
+    /// Operation names (`opportunities.sync`, `leads.query`, …), one per call, in order.
+    pub calls: Vec<&'static str>,
+}
+
+#[derive(Default)]
+struct MarketoData {
+    holds: MarketoHolds,
+    next_id: i64,
+    /// Records refused by key (externalOpportunityId, externalCompanyId, email, or
+    /// "opportunity|lead|role"), with the 1xxx code they are skipped with.
+    refuse: HashMap<String, &'static str>,
+}
+
+/// A Marketo in memory. Cheap to clone; clones share what it holds.
+#[derive(Clone, Default)]
+pub struct MemoryMarketo(Arc<Mutex<MarketoData>>);
+
+fn created(status: RecordStatus, id: impl ToString) -> RecordOutcome {
+    RecordOutcome {
+        status,
+        marketo_id: Some(id.to_string()),
+        reasons: Vec::new(),
+    }
+}
+
+fn skipped(code: &str, message: &str) -> RecordOutcome {
+    RecordOutcome {
+        status: RecordStatus::Skipped,
+        marketo_id: None,
+        reasons: vec![Reason {
+            code: code.to_owned(),
+            message: message.to_owned(),
+        }],
+    }
+}
+
+fn text(record: &Value, key: &str) -> String {
+    record.get(key).and_then(Value::as_str).unwrap_or_default().to_owned()
+}
+
+impl MemoryMarketo {
+    pub fn holds(&self) -> MarketoHolds {
+        guard(&self.0).holds.clone()
+    }
+
+    /// A lead that already exists in Marketo; returns its id.
+    pub fn add_lead(&self, fields: Value) -> i64 {
+        let mut d = guard(&self.0);
+        d.next_id += 1;
+        let id = d.next_id;
+        d.holds
+            .leads
+            .insert(id, fields.as_object().cloned().unwrap_or_default());
+        id
+    }
+
+    /// Every write of the record with `key` is skipped with `code`.
+    pub fn refuse(&self, key: &str, code: &'static str) {
+        guard(&self.0).refuse.insert(key.to_owned(), code);
+    }
+
+    fn upsert(
+        &self,
+        operation: &'static str,
+        key_field: &str,
+        records: &[Value],
+        table: impl Fn(&mut MarketoHolds) -> &mut BTreeMap<String, Map<String, Value>>,
+    ) -> Vec<RecordOutcome> {
+        let mut d = guard(&self.0);
+        d.holds.calls.push(operation);
+        let mut outcomes = Vec::with_capacity(records.len());
+        for record in records {
+            let key = text(record, key_field);
+            if let Some(code) = d.refuse.get(&key) {
+                outcomes.push(skipped(code, "Refused"));
+                continue;
+            }
+            d.next_id += 1;
+            let next = d.next_id;
+            let fields = record.as_object().cloned().unwrap_or_default();
+            let stored = table(&mut d.holds);
+            let status = if stored.contains_key(&key) {
+                RecordStatus::Updated
+            } else {
+                RecordStatus::Created
+            };
+            let entry = stored.entry(key).or_default();
+            entry.extend(fields);
+            let id = entry.entry("id").or_insert(json!(next)).clone();
+            outcomes.push(created(status, id.as_i64().unwrap_or(next)));
+        }
+        outcomes
+    }
+}
+
+impl MarketoPort for MemoryMarketo {
+    fn sync_opportunities(
+        &self,
+        records: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        ready(Ok(self.upsert(
+            "opportunities.sync",
+            "externalOpportunityId",
+            records,
+            |h| &mut h.opportunities,
+        )))
+    }
+
+    fn delete_opportunities(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        let mut d = guard(&self.0);
+        d.holds.calls.push("opportunities.delete");
+        let outcomes = ids
+            .iter()
+            .map(|id| match d.holds.opportunities.remove(id) {
+                Some(_) => created(RecordStatus::Deleted, id),
+                None => skipped("1013", "Record not found"),
+            })
+            .collect();
+        ready(Ok(outcomes))
+    }
+
+    fn sync_roles(
+        &self,
+        roles: &[RoleRecord],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        let mut d = guard(&self.0);
+        d.holds.calls.push("roles.sync");
+        let mut outcomes = Vec::with_capacity(roles.len());
+        for role in roles {
+            let k = &role.key;
+            // Opportunity-roles page: the opportunity and the lead must exist.
+            if !d.holds.opportunities.contains_key(&k.external_opportunity_id) {
+                outcomes.push(skipped("1013", "Opportunity not found"));
+            } else if !d.holds.leads.contains_key(&k.lead_id) {
+                outcomes.push(skipped("1004", "Lead not found"));
+            } else {
+                let status = match d.holds.roles.insert(k.clone(), role.is_primary) {
+                    Some(_) => RecordStatus::Updated,
+                    None => RecordStatus::Created,
+                };
+                outcomes.push(created(
+                    status,
+                    format!("{}|{}|{}", k.external_opportunity_id, k.lead_id, k.role),
+                ));
+            }
+        }
+        ready(Ok(outcomes))
+    }
+
+    fn delete_roles(&self, keys: &[RoleKey]) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        let mut d = guard(&self.0);
+        d.holds.calls.push("roles.delete");
+        let outcomes = keys
+            .iter()
+            .map(|k| match d.holds.roles.remove(k) {
+                Some(_) => created(RecordStatus::Deleted, &k.role),
+                None => skipped("1013", "Record not found"),
+            })
+            .collect();
+        ready(Ok(outcomes))
+    }
+
+    fn sync_companies(
+        &self,
+        records: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        ready(Ok(self.upsert("companies.sync", "externalCompanyId", records, |h| {
+            &mut h.companies
+        })))
+    }
+
+    fn query_leads(
+        &self,
+        field: &str,
+        values: &[String],
+        _fields: &[&str],
+    ) -> impl Future<Output = Result<Vec<LeadRecord>, MarketoError>> + Send {
+        let mut d = guard(&self.0);
+        d.holds.calls.push("leads.query");
+        let wanted: BTreeSet<String> = values.iter().map(|v| v.to_ascii_lowercase()).collect();
+        let found = d
+            .holds
+            .leads
+            .iter()
+            .filter(|(_, fields)| {
+                fields
+                    .get(field)
+                    .and_then(Value::as_str)
+                    .is_some_and(|v| wanted.contains(&v.to_ascii_lowercase()))
+            })
+            .map(|(id, fields)| LeadRecord {
+                id: *id,
+                fields: fields.clone(),
+            })
+            .collect();
+        ready(Ok(found))
+    }
+
+    fn upsert_leads(
+        &self,
+        lookup_field: &str,
+        leads: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        let mut d = guard(&self.0);
+        d.holds.calls.push("leads.sync");
+        let mut outcomes = Vec::with_capacity(leads.len());
+        for lead in leads {
+            let key = text(lead, lookup_field).to_ascii_lowercase();
+            if let Some(code) = d.refuse.get(&key) {
+                outcomes.push(skipped(code, "Refused"));
+                continue;
+            }
+            let existing: Vec<i64> = d
+                .holds
+                .leads
+                .iter()
+                .filter(|(_, f)| {
+                    f.get(lookup_field)
+                        .and_then(Value::as_str)
+                        .is_some_and(|v| v.eq_ignore_ascii_case(&key))
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            let fields = lead.as_object().cloned().unwrap_or_default();
+            match existing.as_slice() {
+                [id] => {
+                    let id = *id;
+                    d.holds.leads.entry(id).or_default().extend(fields);
+                    outcomes.push(created(RecordStatus::Updated, id));
+                }
+                [] => {
+                    d.next_id += 1;
+                    let id = d.next_id;
+                    d.holds.leads.insert(id, fields);
+                    outcomes.push(created(RecordStatus::Created, id));
+                }
+                _ => outcomes.push(skipped("1007", "Multiple leads match the lookup criteria")),
+            }
+        }
+        ready(Ok(outcomes))
+    }
+
+    fn set_calls_today(&self, _calls: u64) {}
+
+    fn calls_by_endpoint(&self) -> BTreeMap<&'static str, u64> {
+        let mut counts = BTreeMap::new();
+        for call in &guard(&self.0).holds.calls {
+            *counts.entry(*call).or_default() += 1;
+        }
+        counts
+    }
+}

@@ -1,0 +1,171 @@
+//! The pipeline's edges as narrow traits: what it needs from Dataverse ([`DataversePort`]) and
+//! from Marketo ([`MarketoPort`]), nothing more. The HTTP clients are the production adapters
+//! (implemented below by forwarding); `memory` holds in-memory adapters so a step can be tested
+//! without a socket. The state store's port is `oppsync_state::StateStore`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+
+use oppsync_dynamics::{ChangePage, DataverseClient, DataverseError, EntitySet, Watermark};
+use oppsync_mapping::dataverse::Related;
+use oppsync_mapping::{Opportunity, OpportunityId, RecordError};
+use oppsync_marketo::{LeadRecord, MarketoClient, MarketoError, RecordOutcome, RoleKey, RoleRecord};
+use serde_json::Value;
+
+/// What the pipeline reads from Dynamics (read-only by construction: there is nothing to write
+/// with).
+pub trait DataversePort: Clone + Send + Sync + 'static {
+    /// One page of changes after `cursor` (`None` starts a full read).
+    fn changes(
+        &self,
+        set: EntitySet,
+        select: &[&str],
+        cursor: Option<&str>,
+    ) -> impl Future<Output = Result<ChangePage, DataverseError>> + Send;
+    /// Rows changed after a watermark, and the next watermark.
+    fn watermark_changes(
+        &self,
+        set: EntitySet,
+        select: &[&str],
+        watermark: &Watermark,
+    ) -> impl Future<Output = Result<(Vec<Value>, Watermark), DataverseError>> + Send;
+    /// Every id in a table (the deletion scan).
+    fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<String>, DataverseError>> + Send;
+    /// Opportunities by id, annotated, with the attributes in `select`.
+    fn opportunities(
+        &self,
+        ids: &[OpportunityId],
+        select: &[&str],
+    ) -> impl Future<Output = Result<Vec<Value>, DataverseError>> + Send;
+    /// Everything the mapping needs for a batch: customers, stakeholders, accounts.
+    fn related(
+        &self,
+        opportunities: &[Opportunity],
+    ) -> impl Future<Output = Result<(Related, Vec<RecordError>), DataverseError>> + Send;
+    /// Requests made so far (for metrics).
+    fn requests(&self) -> u64;
+}
+
+/// What the pipeline writes to Marketo, by operation.
+pub trait MarketoPort: Clone + Send + Sync + 'static {
+    fn sync_opportunities(
+        &self,
+        records: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send;
+    fn delete_opportunities(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send;
+    fn sync_roles(&self, roles: &[RoleRecord])
+    -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send;
+    fn delete_roles(&self, keys: &[RoleKey]) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send;
+    fn sync_companies(
+        &self,
+        records: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send;
+    /// Leads whose `field` is one of `values`.
+    fn query_leads(
+        &self,
+        field: &str,
+        values: &[String],
+        fields: &[&str],
+    ) -> impl Future<Output = Result<Vec<LeadRecord>, MarketoError>> + Send;
+    fn upsert_leads(
+        &self,
+        lookup_field: &str,
+        leads: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send;
+    /// Seeds today's count of calls made by other processes (the daily budget).
+    fn set_calls_today(&self, calls: u64);
+    /// Calls made by this adapter, by operation.
+    fn calls_by_endpoint(&self) -> BTreeMap<&'static str, u64>;
+}
+
+impl DataversePort for DataverseClient {
+    fn changes(
+        &self,
+        set: EntitySet,
+        select: &[&str],
+        cursor: Option<&str>,
+    ) -> impl Future<Output = Result<ChangePage, DataverseError>> + Send {
+        DataverseClient::changes(self, set, select, cursor)
+    }
+    fn watermark_changes(
+        &self,
+        set: EntitySet,
+        select: &[&str],
+        watermark: &Watermark,
+    ) -> impl Future<Output = Result<(Vec<Value>, Watermark), DataverseError>> + Send {
+        DataverseClient::watermark_changes(self, set, select, watermark)
+    }
+    fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<String>, DataverseError>> + Send {
+        DataverseClient::all_ids(self, set)
+    }
+    fn opportunities(
+        &self,
+        ids: &[OpportunityId],
+        select: &[&str],
+    ) -> impl Future<Output = Result<Vec<Value>, DataverseError>> + Send {
+        DataverseClient::opportunities(self, ids, select)
+    }
+    fn related(
+        &self,
+        opportunities: &[Opportunity],
+    ) -> impl Future<Output = Result<(Related, Vec<RecordError>), DataverseError>> + Send {
+        DataverseClient::related(self, opportunities)
+    }
+    fn requests(&self) -> u64 {
+        DataverseClient::requests(self)
+    }
+}
+
+impl MarketoPort for MarketoClient {
+    fn sync_opportunities(
+        &self,
+        records: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        MarketoClient::sync_opportunities(self, records)
+    }
+    fn delete_opportunities(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        MarketoClient::delete_opportunities(self, ids)
+    }
+    fn sync_roles(
+        &self,
+        roles: &[RoleRecord],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        MarketoClient::sync_roles(self, roles)
+    }
+    fn delete_roles(&self, keys: &[RoleKey]) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        MarketoClient::delete_roles(self, keys)
+    }
+    fn sync_companies(
+        &self,
+        records: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        MarketoClient::sync_companies(self, records)
+    }
+    fn query_leads(
+        &self,
+        field: &str,
+        values: &[String],
+        fields: &[&str],
+    ) -> impl Future<Output = Result<Vec<LeadRecord>, MarketoError>> + Send {
+        MarketoClient::query_leads(self, field, values, fields)
+    }
+    fn upsert_leads(
+        &self,
+        lookup_field: &str,
+        leads: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        MarketoClient::upsert_leads(self, lookup_field, leads)
+    }
+    fn set_calls_today(&self, calls: u64) {
+        MarketoClient::set_calls_today(self, calls)
+    }
+    fn calls_by_endpoint(&self) -> BTreeMap<&'static str, u64> {
+        MarketoClient::calls_by_endpoint(self)
+    }
+}

@@ -1,0 +1,186 @@
+//! Each write step on the in-memory ports: no socket, no simulator. The Dataverse rows are the
+//! mapping crate's fixtures (every customer and stakeholder case); the store is real SQLite.
+
+use std::path::PathBuf;
+
+use oppsync_mapping::OpportunityId;
+use oppsync_marketo::RoleKey;
+use oppsync_pipeline::memory::{MemoryDataverse, MemoryMarketo};
+use oppsync_pipeline::{Config, DrainReport, Pipeline, ResyncTarget};
+use oppsync_state::{SqliteStore, StateStore, Status};
+use oppsync_tests::harness::sqlite;
+use serde_json::{Value, json};
+
+fn o(n: u64) -> String {
+    format!("0b000000-0000-4000-8000-{n:012}")
+}
+
+/// The `value` rows of one of the mapping crate's fixture files.
+fn rows(name: &str) -> Vec<Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../mapping/tests/fixtures")
+        .join(name);
+    let page: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    page["value"].as_array().unwrap().clone()
+}
+
+/// Dynamics holding the fixture opportunities numbered `numbers` and everything they refer to.
+fn dataverse(numbers: &[u64]) -> MemoryDataverse {
+    let wanted: Vec<String> = numbers.iter().map(|n| o(*n)).collect();
+    let opportunities = rows("opportunities.json")
+        .into_iter()
+        .filter(|r| wanted.iter().any(|w| r["opportunityid"] == w.as_str()))
+        .collect();
+    // Only the connections of these opportunities: one naming another would make the poll
+    // touch an opportunity this Dynamics does not hold.
+    let connections = rows("connections.json")
+        .into_iter()
+        .filter(|c| {
+            wanted
+                .iter()
+                .any(|w| c["_record1id_value"] == w.as_str() || c["_record2id_value"] == w.as_str())
+        })
+        .collect();
+    MemoryDataverse::new(
+        opportunities,
+        rows("accounts.json"),
+        rows("contacts.json"),
+        rows("connectionroles.json"),
+        connections,
+    )
+}
+
+type Memory = Pipeline<SqliteStore, MemoryDataverse, MemoryMarketo>;
+
+fn pipeline(dv: &MemoryDataverse, mk: &MemoryMarketo) -> Memory {
+    Pipeline::new(sqlite(), dv.clone(), mk.clone(), Config::default(), "memory-test")
+}
+
+async fn sync(p: &Memory) -> DrainReport {
+    let poll = p.poll(None).await.unwrap();
+    assert!(poll.caught_up, "{poll:?}");
+    p.drain(|_, _| {}).await.unwrap()
+}
+
+async fn status(p: &Memory, n: u64) -> Status {
+    p.store()
+        .get(OpportunityId::parse(&o(n)).unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .status
+}
+
+#[tokio::test]
+async fn companies_are_written_before_the_opportunity_that_names_them() {
+    let (dv, mk) = (dataverse(&[1]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    let holds = mk.holds();
+    let account = "a0000000-0000-4000-8000-000000000001";
+    assert!(holds.companies[account]["company"].is_string(), "{holds:?}");
+    assert_eq!(holds.opportunities[&o(1)]["externalCompanyId"], json!(account));
+    let company = holds.calls.iter().position(|c| *c == "companies.sync").unwrap();
+    let opportunity = holds.calls.iter().position(|c| *c == "opportunities.sync").unwrap();
+    assert!(company < opportunity, "{:?}", holds.calls);
+}
+
+#[tokio::test]
+async fn leads_found_are_reused_and_only_missing_ones_are_created() {
+    // Opportunity 2: contact customer Ada (already a lead) and stakeholder Barbara (not yet).
+    let (dv, mk) = (dataverse(&[2]), MemoryMarketo::default());
+    let ada = mk.add_lead(json!({"email": "ada@contoso.example"}));
+    let p = pipeline(&dv, &mk);
+    sync(&p).await;
+    let holds = mk.holds();
+    let barbara = holds
+        .leads
+        .iter()
+        .find(|(_, f)| f["email"] == json!("barbara@mit.example"))
+        .map(|(id, _)| *id)
+        .expect("Barbara's lead was created");
+    assert_eq!(holds.leads.len(), 2, "no second lead for Ada: {:?}", holds.leads);
+    assert_eq!(holds.calls.iter().filter(|c| **c == "leads.sync").count(), 1);
+    let leads: Vec<i64> = holds.roles.keys().map(|k| k.lead_id).collect();
+    assert!(leads.contains(&ada) && leads.contains(&barbara), "{:?}", holds.roles);
+}
+
+#[tokio::test]
+async fn opportunities_and_their_roles_are_written_with_the_customer_as_primary() {
+    let (dv, mk) = (dataverse(&[3, 6]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (2, 0), "{report:?}");
+    let holds = mk.holds();
+    assert_eq!(holds.opportunities[&o(6)]["isWon"], json!(true));
+    // Opportunity 3: a contact customer without an account: one primary Potential Customer role.
+    let customer: Vec<(&RoleKey, &bool)> = holds
+        .roles
+        .iter()
+        .filter(|(k, _)| k.external_opportunity_id == o(3))
+        .collect();
+    assert_eq!(customer.len(), 1, "{customer:?}");
+    assert_eq!(
+        (customer[0].0.role.as_str(), *customer[0].1),
+        ("Potential Customer", true)
+    );
+    // Opportunity 6: its active stakeholders with a Stakeholder-category role (not the inactive
+    // connection, not Sales Team).
+    let stakeholders = holds.roles.keys().filter(|k| k.external_opportunity_id == o(6)).count();
+    assert!(stakeholders >= 3, "{:?}", holds.roles);
+    assert!(
+        holds.calls.iter().position(|c| *c == "opportunities.sync")
+            < holds.calls.iter().position(|c| *c == "roles.sync")
+    );
+}
+
+#[tokio::test]
+async fn a_removed_stakeholder_has_its_role_deleted() {
+    let (dv, mk) = (dataverse(&[6]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    sync(&p).await;
+    let before = mk.holds().roles.len();
+    // Edsger (contact 5) stops being a stakeholder: both rows of the connection go.
+    dv.delete_connection("e0000000-0000-4000-8000-000000000010");
+    dv.delete_connection("e0000000-0000-4000-8000-000000000011");
+    let report = p
+        .resync(ResyncTarget::Ids(vec![OpportunityId::parse(&o(6)).unwrap()]), false)
+        .await
+        .unwrap();
+    assert!(report.stopped.is_none(), "{report:?}");
+    let holds = mk.holds();
+    assert_eq!(holds.roles.len(), before - 1, "{:?}", holds.roles);
+    assert!(holds.calls.contains(&"roles.delete"), "{:?}", holds.calls);
+}
+
+#[tokio::test]
+async fn an_opportunity_deleted_in_dynamics_is_deleted_in_marketo() {
+    let (dv, mk) = (dataverse(&[1, 3]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    sync(&p).await;
+    dv.delete_opportunity(&o(1));
+    let report = sync(&p).await;
+    assert_eq!(report.written, 1, "{report:?}");
+    let holds = mk.holds();
+    assert!(!holds.opportunities.contains_key(&o(1)) && holds.opportunities.contains_key(&o(3)));
+    assert!(holds.calls.contains(&"opportunities.delete"), "{:?}", holds.calls);
+    assert_eq!(status(&p, 1).await, Status::Deleted);
+}
+
+#[tokio::test]
+async fn a_record_marketo_refuses_fails_alone_with_its_code() {
+    let (dv, mk) = (dataverse(&[1, 3]), MemoryMarketo::default());
+    mk.refuse(&o(3), "1003");
+    let p = pipeline(&dv, &mk);
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 1), "{report:?}");
+    assert_eq!(status(&p, 3).await, Status::Failed);
+    let state = p
+        .store()
+        .get(OpportunityId::parse(&o(3)).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.last_error.unwrap().code, "1003");
+}
