@@ -146,7 +146,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
             &text("dynamics", "url"),
             &text("dynamics", "tenant"),
             &text("dynamics", "client_id"),
-            oppsync_dynamics::Secret::new(text("dynamics", "secret")),
+            oppsync_dynamics::Secret::from(text("dynamics", "secret")),
             Some(&text("dynamics", "token_url")),
         )
         .map_err(|e| CliError::Fatal(e.to_string()))?,
@@ -167,7 +167,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         MarketoSettings::new(
             &text("marketo", "url"),
             &text("marketo", "client_id"),
-            oppsync_marketo::Secret::new(text("marketo", "secret")),
+            oppsync_marketo::Secret::from(text("marketo", "secret")),
         )
         .map_err(|e| CliError::Fatal(e.to_string()))?,
         Limiter::new(limits),

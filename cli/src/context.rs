@@ -73,7 +73,7 @@ pub fn endpoints(
         &v("DYNAMICS_URL"),
         &v("DYNAMICS_TENANT_ID"),
         &v("DYNAMICS_CLIENT_ID"),
-        oppsync_dynamics::Secret::new(v("DYNAMICS_CLIENT_SECRET")),
+        oppsync_dynamics::Secret::from(v("DYNAMICS_CLIENT_SECRET")),
         value("DYNAMICS_TOKEN_URL").as_deref(),
     )
     .map_err(|e| CliError::Usage(format!("Dynamics: {e}")))?;
@@ -82,7 +82,7 @@ pub fn endpoints(
     let marketo = MarketoSettings::new(
         &v("MARKETO_URL"),
         &v("MARKETO_CLIENT_ID"),
-        oppsync_marketo::Secret::new(v("MARKETO_CLIENT_SECRET")),
+        oppsync_marketo::Secret::from(v("MARKETO_CLIENT_SECRET")),
     )
     .map_err(|e| CliError::Usage(format!("Marketo: {e}")))?;
     Ok((dynamics, marketo))

@@ -255,7 +255,7 @@ fn dataverse_client(dv: &DataverseSim) -> Result<DataverseClient, CliError> {
         &dv.url(),
         &tenant,
         &id,
-        oppsync_dynamics::Secret::new(secret),
+        oppsync_dynamics::Secret::from(secret),
         Some(&dv.token_url()),
     )
     .map_err(|e| CliError::Fatal(e.to_string()))?;
@@ -266,7 +266,7 @@ fn marketo_client(mk: &MarketoSim) -> Result<MarketoClient, CliError> {
     let settings = MarketoSettings::new(
         &mk.url(),
         &mk.client_id(),
-        oppsync_marketo::Secret::new(mk.client_secret()),
+        oppsync_marketo::Secret::from(mk.client_secret()),
     )
     .map_err(|e| CliError::Fatal(e.to_string()))?;
     let limits = LimiterSettings {

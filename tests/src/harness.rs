@@ -91,7 +91,7 @@ pub fn dataverse(sims: &Sims) -> DataverseClient {
         &sims.dv.url(),
         &tenant,
         &id,
-        oppsync_dynamics::Secret::new(secret),
+        oppsync_dynamics::Secret::from(secret),
         Some(&sims.dv.token_url()),
     )
     .unwrap();
@@ -104,7 +104,7 @@ pub fn marketo(sims: &Sims) -> MarketoClient {
     let settings = MarketoSettings::new(
         &sims.mk.url(),
         &sims.mk.client_id(),
-        Secret::new(sims.mk.client_secret()),
+        Secret::from(sims.mk.client_secret()),
     )
     .unwrap();
     let limits = LimiterSettings {

@@ -27,7 +27,7 @@ const TOKEN: &str = "/tenant/oauth2/v2.0/token";
 /// A Marketo client for `server`, its identity answered as the authentication page shows.
 fn marketo(server: &Canned) -> MarketoClient {
     server.reply(IDENTITY, fixture!("marketo/identity-success"));
-    let settings = MarketoSettings::new(&server.url(), "client-id", Secret::new("client-secret")).unwrap();
+    let settings = MarketoSettings::new(&server.url(), "client-id", Secret::from("client-secret")).unwrap();
     let limits = LimiterSettings {
         window: Duration::from_secs(1),
         ..LimiterSettings::default()
@@ -82,7 +82,7 @@ async fn marketo_identity_success_is_used_as_a_bearer_token_asked_for_in_the_doc
 async fn marketo_identity_bad_credentials_is_an_auth_error_without_the_secret() {
     let server = Canned::start().await;
     server.reply(IDENTITY, fixture!("marketo/identity-bad-credentials"));
-    let settings = MarketoSettings::new(&server.url(), "client-id", Secret::new("client-secret")).unwrap();
+    let settings = MarketoSettings::new(&server.url(), "client-id", Secret::from("client-secret")).unwrap();
     let client = MarketoClient::new(settings, Limiter::new(LimiterSettings::default()), 10).unwrap();
     let err = client.sync_opportunities(&[opportunity("o1")]).await.unwrap_err();
     assert!(matches!(err, MarketoError::Auth { status: 401 }), "{err}");
@@ -336,7 +336,7 @@ async fn marketo_redirects_are_not_followed_and_absurd_token_lifetimes_do_not_pa
         IDENTITY,
         Reply::json(json!({"access_token": "t", "token_type": "bearer", "expires_in": u64::MAX, "scope": "x"})),
     );
-    let settings = MarketoSettings::new(&server.url(), "client-id", Secret::new("client-secret")).unwrap();
+    let settings = MarketoSettings::new(&server.url(), "client-id", Secret::from("client-secret")).unwrap();
     let client = MarketoClient::new(settings, Limiter::new(LimiterSettings::default()), 10).unwrap();
     server.reply(
         "/rest/v1/opportunities.json",
@@ -354,7 +354,7 @@ fn dataverse(server: &Canned) -> DataverseClient {
         &server.url(),
         "tenant",
         "client-id",
-        oppsync_dynamics::Secret::new("client-secret"),
+        oppsync_dynamics::Secret::from("client-secret"),
         Some(&format!("{}{TOKEN}", server.url())),
     )
     .unwrap();
@@ -547,7 +547,7 @@ async fn dataverse_an_absurd_token_lifetime_does_not_panic() {
         &server.url(),
         "tenant",
         "client-id",
-        oppsync_dynamics::Secret::new("client-secret"),
+        oppsync_dynamics::Secret::from("client-secret"),
         Some(&format!("{}{TOKEN}", server.url())),
     )
     .unwrap();

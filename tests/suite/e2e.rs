@@ -371,7 +371,7 @@ async fn a_resync_restores_a_record_someone_changed_in_marketo() {
         MarketoSettings::new(
             &sims.mk.url(),
             &sims.mk.client_id(),
-            Secret::new(sims.mk.client_secret()),
+            Secret::from(sims.mk.client_secret()),
         )
         .unwrap(),
         Limiter::new(LimiterSettings::default()),

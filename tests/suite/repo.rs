@@ -170,3 +170,39 @@ fn the_readmes_deploy_section_names_what_the_template_and_functions_need() {
         }
     }
 }
+
+#[test]
+fn no_lambda_build_enables_the_crash_points() {
+    // The crash points abort the process on an environment variable: the `oppsync` command's
+    // tests turn them on; nothing a Lambda function is built from may.
+    for manifest in [
+        "functions/poller/Cargo.toml",
+        "functions/transformer/Cargo.toml",
+        "functions/writer/Cargo.toml",
+        "functions/resync/Cargo.toml",
+        "shared/lambda/Cargo.toml",
+        "shared/pipeline/Cargo.toml",
+    ] {
+        let text: toml::Table = read(manifest).parse().unwrap();
+        let deps = text.get("dependencies").map(ToString::to_string).unwrap_or_default();
+        assert!(
+            !deps.contains("crash-points"),
+            "{manifest} enables crash points in a Lambda build"
+        );
+        let default = text
+            .get("features")
+            .and_then(|f| f.get("default"))
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        assert!(
+            !default.contains("crash-points"),
+            "{manifest} enables crash points by default"
+        );
+    }
+    let cli: toml::Table = read("cli/Cargo.toml").parse().unwrap();
+    assert!(
+        cli["dev-dependencies"].to_string().contains("crash-points"),
+        "the crash tests need them"
+    );
+    assert!(!cli["dependencies"].to_string().contains("crash-points"));
+}

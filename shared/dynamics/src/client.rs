@@ -2,6 +2,7 @@
 //! (401 refresh, 429 `Retry-After`, 5xx backoff), only to the environment's own host; paging.
 
 use super::*;
+use secrecy::ExposeSecret;
 
 /// The client. Cheap to clone; clones share the token, the limit and the counters.
 #[derive(Clone)]
@@ -78,7 +79,7 @@ impl DataverseClient {
             .form(&[
                 ("grant_type", "client_credentials"),
                 ("client_id", self.settings.client_id.as_str()),
-                ("client_secret", self.settings.client_secret.expose()),
+                ("client_secret", self.settings.client_secret.expose_secret()),
                 ("scope", scope.as_str()),
             ])
             .send()
@@ -116,7 +117,7 @@ impl DataverseClient {
         let until = Instant::now()
             .checked_add(lifetime.saturating_sub(Duration::from_secs(300).min(lifetime / 2)))
             .unwrap_or_else(Instant::now);
-        let token = Secret::new(issued.access_token);
+        let token = Secret::from(issued.access_token);
         *cached = Some((token.clone(), until));
         Ok(token)
     }
@@ -142,7 +143,7 @@ impl DataverseClient {
             let mut request = self
                 .http
                 .get(url.clone())
-                .bearer_auth(token.expose())
+                .bearer_auth(token.expose_secret())
                 .header("Accept", "application/json")
                 .header("OData-MaxVersion", "4.0")
                 .header("OData-Version", "4.0")
@@ -306,13 +307,7 @@ impl DataverseClient {
     }
 }
 
-/// Capped exponential backoff with jitter: between half and all of base × 2^(attempt-1), at most 30 s.
+/// The client's backoff: jittered, capped at 30 s.
 pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let ceiling = base
-        .saturating_mul(1 << attempt.saturating_sub(1).min(10))
-        .min(Duration::from_secs(30));
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(attempt);
-    ceiling / 2 + ceiling / 2 * ((h.finish() % 1000) as u32) / 1000
+    oppsync_support::backoff(base, attempt, Duration::from_secs(30))
 }

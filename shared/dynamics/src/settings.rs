@@ -3,24 +3,8 @@
 
 use super::*;
 
-/// A secret that never prints.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(text: impl Into<String>) -> Self {
-        Secret(text.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+/// A secret (the client secret, a token): `secrecy`'s string, which never prints.
+pub use secrecy::{ExposeSecret, SecretString as Secret};
 
 /// The tables oppsync reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -123,7 +107,7 @@ impl DataverseSettings {
                 )?
             }
         };
-        if client_id.trim().is_empty() || client_secret.expose().is_empty() {
+        if client_id.trim().is_empty() || client_secret.expose_secret().is_empty() {
             return Err(DataverseError::Settings(
                 "DYNAMICS_CLIENT_ID and DYNAMICS_CLIENT_SECRET must both be set".into(),
             ));

@@ -2,7 +2,7 @@
 //! checked here, once per execution environment, so that a mistake fails the first invocation
 //! with a message that names it, not the thousandth record.
 
-use std::fmt;
+use secrecy::ExposeSecret;
 
 use oppsync_dynamics::{DataverseClient, DataverseSettings};
 use oppsync_marketo::{Limiter, LimiterSettings, MarketoClient, MarketoSettings};
@@ -102,22 +102,8 @@ impl Env {
     }
 }
 
-/// A secret string that never prints.
-#[derive(Clone, Deserialize)]
-#[serde(transparent)]
-pub struct Hidden(String);
-
-impl fmt::Debug for Hidden {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl Hidden {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
+/// A secret string that never prints (`secrecy`, read straight from the secret's JSON).
+pub type Hidden = secrecy::SecretString;
 
 /// The Dynamics secret: `{"url", "tenantId", "clientId", "clientSecret", "tokenUrl"?}`.
 #[derive(Debug, Clone, Deserialize)]
@@ -171,7 +157,7 @@ impl DynamicsSecret {
             &self.url,
             &self.tenant_id,
             &self.client_id,
-            oppsync_dynamics::Secret::new(self.client_secret.expose()),
+            oppsync_dynamics::Secret::from(self.client_secret.expose_secret()),
             self.token_url.as_deref(),
         )
         .map_err(settings_err)?;
@@ -191,7 +177,7 @@ impl MarketoSecret {
         let settings = MarketoSettings::new(
             &self.url,
             &self.client_id,
-            oppsync_marketo::Secret::new(self.client_secret.expose()),
+            oppsync_marketo::Secret::from(self.client_secret.expose_secret()),
         )
         .map_err(|e| ColdStartError::Settings {
             system: "Marketo",

@@ -23,6 +23,47 @@ impl ErrorClass {
     }
 }
 
+/// What a failure means for the records it carried: the one retry decision, made here and used
+/// by every caller (the pipeline's steps, the Lambda handlers, the CLI's exit codes). The client
+/// has already retried what a retry within the call could fix (601/602, 606/615, transient
+/// faults) before anyone sees an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// It may pass: the records stay queued and a later attempt retries them.
+    Retry,
+    /// Nothing more today (Marketo's 607, oppsync's budget): the records stay queued, the run
+    /// stops, and the next day's runs finish them.
+    Wait,
+    /// Someone must act (credentials refused, an instance with native CRM sync): the records
+    /// stay queued and the run stops with one message.
+    Fix,
+    /// This record will not go in as it is: record the failure with its code and message.
+    Fail,
+}
+
+impl Disposition {
+    /// The records stay queued (everything but [`Disposition::Fail`]).
+    pub fn keeps_records_queued(self) -> bool {
+        self != Disposition::Fail
+    }
+
+    /// No more calls in this run: the rest would fail the same way.
+    pub fn stops_the_run(self) -> bool {
+        matches!(self, Disposition::Wait | Disposition::Fix)
+    }
+}
+
+impl From<ErrorClass> for Disposition {
+    fn from(class: ErrorClass) -> Self {
+        match class {
+            ErrorClass::ReAuth | ErrorClass::Throttled | ErrorClass::Transient => Disposition::Retry,
+            ErrorClass::QuotaExhausted => Disposition::Wait,
+            ErrorClass::CrmEnabled => Disposition::Fix,
+            ErrorClass::Permanent => Disposition::Fail,
+        }
+    }
+}
+
 /// Classifies a Marketo error code (response level 6xx/7xx or record level 1xxx).
 pub fn classify(code: &str) -> ErrorClass {
     match code {
@@ -110,6 +151,15 @@ impl MarketoError {
         }
     }
 
+    /// What this failure means for the records of the call: see [`Disposition`].
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            // Refused credentials do not pass by themselves.
+            MarketoError::Auth { .. } => Disposition::Fix,
+            other => other.class().into(),
+        }
+    }
+
     /// The Marketo code, for the error ledger.
     pub fn code(&self) -> String {
         match self {
@@ -129,6 +179,42 @@ impl MarketoError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_retry_decision_for_every_error() {
+        let api = |code: &str| MarketoError::Api {
+            endpoint: "opportunities.sync",
+            code: code.into(),
+            message: String::new(),
+        };
+        for (error, disposition) in [
+            (api("606"), Disposition::Retry),
+            (api("611"), Disposition::Retry),
+            (api("1014"), Disposition::Retry),
+            (MarketoError::QuotaExhausted, Disposition::Wait),
+            (MarketoError::BudgetExhausted { used: 1, budget: 1 }, Disposition::Wait),
+            (MarketoError::Auth { status: 401 }, Disposition::Fix),
+            (MarketoError::CrmEnabled, Disposition::Fix),
+            (api("603"), Disposition::Fail),
+            (api("1003"), Disposition::Fail),
+            (
+                MarketoError::Transport {
+                    endpoint: "identity",
+                    message: String::new(),
+                    timeout: true,
+                },
+                Disposition::Retry,
+            ),
+        ] {
+            assert_eq!(error.disposition(), disposition, "{error}");
+            assert_eq!(
+                error.disposition().keeps_records_queued(),
+                disposition != Disposition::Fail
+            );
+        }
+        assert!(Disposition::Wait.stops_the_run() && Disposition::Fix.stops_the_run());
+        assert!(!Disposition::Retry.stops_the_run() && !Disposition::Fail.stops_the_run());
+    }
 
     #[test]
     fn codes_are_classified_as_documented() {

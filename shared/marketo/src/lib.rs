@@ -23,6 +23,6 @@ pub use client::{
     FieldDescription, LeadRecord, MarketoClient, ObjectDescription, Preflight, RecordOutcome, RecordStatus, RoleKey,
     RoleRecord,
 };
-pub use error::{ErrorClass, MarketoError, Reason, classify};
+pub use error::{Disposition, ErrorClass, MarketoError, Reason, classify};
 pub use limiter::{Limiter, LimiterSettings, LimitsConfig};
 pub use settings::{MarketoSettings, Secret, SettingsError};

@@ -1,34 +1,10 @@
 //! Where Marketo is and who we are: validated once, secrets never printable.
 
-use std::fmt;
-
 use reqwest::Url;
 
-/// A secret (client secret, access token). Debug and Display print `[redacted]`; only
-/// [`Secret::expose`] gives the text, at the one place it is sent.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(text: impl Into<String>) -> Self {
-        Secret(text.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+/// A secret (client secret, access token): `secrecy`'s string, which never prints and is wiped
+/// when dropped; only `expose_secret` gives the text, at the one place it is sent.
+pub use secrecy::{ExposeSecret, SecretString as Secret};
 
 /// A problem with the Marketo settings.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,7 +50,7 @@ impl MarketoSettings {
         if client_id.trim().is_empty() {
             return Err(SettingsError::Empty("MARKETO_CLIENT_ID"));
         }
-        if client_secret.expose().trim().is_empty() {
+        if client_secret.expose_secret().trim().is_empty() {
             return Err(SettingsError::Empty("MARKETO_CLIENT_SECRET"));
         }
         Ok(MarketoSettings {
@@ -98,35 +74,35 @@ mod tests {
 
     #[test]
     fn https_and_loopback_http_are_accepted_and_the_rest_suffix_is_dropped() {
-        let s = MarketoSettings::new("https://123-ABC-456.mktorest.com/rest", "id", Secret::new("s")).unwrap();
+        let s = MarketoSettings::new("https://123-ABC-456.mktorest.com/rest", "id", Secret::from("s")).unwrap();
         assert_eq!(s.base.as_str(), "https://123-abc-456.mktorest.com/");
         for ok in ["http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:9/"] {
-            assert!(MarketoSettings::new(ok, "id", Secret::new("s")).is_ok(), "{ok}");
+            assert!(MarketoSettings::new(ok, "id", Secret::from("s")).is_ok(), "{ok}");
         }
     }
 
     #[test]
     fn plain_http_to_another_host_is_refused_with_the_fix() {
-        let err = MarketoSettings::new("http://123-ABC-456.mktorest.com", "id", Secret::new("s")).unwrap_err();
+        let err = MarketoSettings::new("http://123-ABC-456.mktorest.com", "id", Secret::from("s")).unwrap_err();
         assert!(err.to_string().contains("use https://"), "{err}");
         assert!(matches!(
-            MarketoSettings::new("http://10.0.0.1", "id", Secret::new("s")),
+            MarketoSettings::new("http://10.0.0.1", "id", Secret::from("s")),
             Err(SettingsError::InsecureUrl(_))
         ));
         assert!(matches!(
-            MarketoSettings::new("not a url", "id", Secret::new("s")),
+            MarketoSettings::new("not a url", "id", Secret::from("s")),
             Err(SettingsError::BadUrl(_))
         ));
         assert!(matches!(
-            MarketoSettings::new("https://x.mktorest.com", " ", Secret::new("s")),
+            MarketoSettings::new("https://x.mktorest.com", " ", Secret::from("s")),
             Err(SettingsError::Empty("MARKETO_CLIENT_ID"))
         ));
     }
 
     #[test]
     fn secrets_never_print() {
-        let s = MarketoSettings::new("https://x.mktorest.com", "id", Secret::new("hunter2")).unwrap();
+        let s = MarketoSettings::new("https://x.mktorest.com", "id", Secret::from("hunter2")).unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
-        assert_eq!(Secret::new("hunter2").to_string(), "[redacted]");
+        assert!(!format!("{:?}", Secret::from("hunter2")).contains("hunter2"));
     }
 }

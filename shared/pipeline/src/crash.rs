@@ -1,6 +1,7 @@
 //! Crash points, for the crash-restart tests: with `OPPSYNC_CRASH_AT=<point>:<n>` in the
 //! environment, the process aborts the n-th time it reaches that point, as a power cut or an
-//! OOM kill would stop it there. Without the variable a point is one relaxed atomic load.
+//! OOM kill would stop it there. Compiled only with the `crash-points` feature (the `oppsync`
+//! command's tests turn it on); without it, as in the Lambda builds, a point is nothing at all.
 //!
 //! The points sit at the step boundaries where a crash is hardest to survive:
 //! - `poll.recorded` — changes recorded as pending, the cursor not yet moved;
@@ -9,7 +10,9 @@
 //! - `write.sent` — Marketo written, nothing recorded yet;
 //! - `write.recorded` — one record's outcome recorded, the rest of the batch not.
 
+#[cfg(feature = "crash-points")]
 use std::sync::OnceLock;
+#[cfg(feature = "crash-points")]
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The points a test can name.
@@ -21,9 +24,12 @@ pub const POINTS: [&str; 5] = [
     "write.recorded",
 ];
 
+#[cfg(feature = "crash-points")]
 static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+#[cfg(feature = "crash-points")]
 static HITS: AtomicU64 = AtomicU64::new(0);
 
+#[cfg(feature = "crash-points")]
 fn target() -> &'static Option<(String, u64)> {
     TARGET.get_or_init(|| {
         let text = std::env::var("OPPSYNC_CRASH_AT").ok()?;
@@ -33,6 +39,12 @@ fn target() -> &'static Option<(String, u64)> {
 }
 
 /// Aborts the process at the configured hit of `name`.
+#[cfg(not(feature = "crash-points"))]
+#[inline(always)]
+pub fn point(_name: &str) {}
+
+/// Aborts the process at the configured hit of `name`.
+#[cfg(feature = "crash-points")]
 pub fn point(name: &str) {
     if let Some((target, n)) = target()
         && target == name

@@ -19,7 +19,7 @@ impl PipelineError {
     pub fn is_retryable(&self) -> bool {
         match self {
             PipelineError::Dataverse(e) => e.is_retryable(),
-            PipelineError::Marketo(e) => e.class().is_retryable() || e.class() == ErrorClass::QuotaExhausted,
+            PipelineError::Marketo(e) => e.disposition().keeps_records_queued(),
             PipelineError::State(e) => e.is_retryable(),
         }
     }
@@ -41,6 +41,6 @@ pub(crate) fn skip_error(operation: &str, outcome: &RecordOutcome) -> (SyncError
         .first()
         .map(|r| r.message.clone())
         .unwrap_or_else(|| "skipped without a reason".into());
-    let retryable = outcome.class().is_some_and(ErrorClass::is_retryable);
+    let retryable = outcome.disposition().is_some_and(Disposition::keeps_records_queued);
     (sync_error(operation, code, message), retryable)
 }

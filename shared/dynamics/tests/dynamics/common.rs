@@ -11,7 +11,7 @@ pub async fn sim() -> DataverseSim {
 pub fn client(sim: &DataverseSim, page_size: u32) -> DataverseClient {
     let (tenant, id, secret) = sim.credentials();
     let mut settings =
-        DataverseSettings::new(&sim.url(), &tenant, &id, Secret::new(secret), Some(&sim.token_url())).unwrap();
+        DataverseSettings::new(&sim.url(), &tenant, &id, Secret::from(secret), Some(&sim.token_url())).unwrap();
     settings.page_size = page_size;
     DataverseClient::new(settings)
         .unwrap()

@@ -104,7 +104,7 @@ async fn wrong_credentials_are_a_clear_error_naming_what_to_check() {
     let sim = sim().await;
     let (tenant, id, _) = sim.credentials();
     let settings =
-        DataverseSettings::new(&sim.url(), &tenant, &id, Secret::new("wrong"), Some(&sim.token_url())).unwrap();
+        DataverseSettings::new(&sim.url(), &tenant, &id, Secret::from("wrong"), Some(&sim.token_url())).unwrap();
     let client = DataverseClient::new(settings).unwrap();
     let err = client
         .changes(EntitySet::Opportunities, OPPORTUNITY_SELECT, None)
@@ -151,13 +151,13 @@ async fn a_query_dataverse_rejects_is_a_typed_error_with_its_code() {
 
 #[tokio::test]
 async fn settings_refuse_plain_http_to_a_real_host() {
-    let err = DataverseSettings::new("http://contoso.crm.dynamics.com", "t", "c", Secret::new("s"), None).unwrap_err();
+    let err = DataverseSettings::new("http://contoso.crm.dynamics.com", "t", "c", Secret::from("s"), None).unwrap_err();
     assert!(err.to_string().contains("https://"), "{err}");
     let ok = DataverseSettings::new(
         "https://contoso.crm4.dynamics.com",
         "tenant",
         "c",
-        Secret::new("s"),
+        Secret::from("s"),
         None,
     )
     .unwrap();

@@ -2,6 +2,7 @@
 //! call with its retries. The endpoints are in `objects`, the record types and how results are
 //! matched to records in `records`.
 
+use secrecy::ExposeSecret;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -175,7 +176,7 @@ impl MarketoClient {
             .query(&[
                 ("grant_type", "client_credentials"),
                 ("client_id", self.settings.client_id.as_str()),
-                ("client_secret", self.settings.client_secret.expose()),
+                ("client_secret", self.settings.client_secret.expose_secret()),
             ])
             .send()
             .await
@@ -203,9 +204,11 @@ impl MarketoClient {
             // Never echo an identity body: it may hold a token.
             preview: "(identity answer withheld)".into(),
         })?;
-        let value = Secret::new(issued.access_token);
+        let value = Secret::from(issued.access_token);
         let mut cache = token_cache().lock().unwrap_or_else(|p| p.into_inner());
-        let same_as_before = cache.get(&key).is_some_and(|t| t.value == value);
+        let same_as_before = cache
+            .get(&key)
+            .is_some_and(|t| t.value.expose_secret() == value.expose_secret());
         // Marketo says 3600 s at most (authentication page); a larger or absurd value is
         // capped, so a server's number can never overflow the clock.
         let lifetime = Duration::from_secs(issued.expires_in.min(3600));
@@ -305,7 +308,7 @@ impl MarketoClient {
         let mut builder = self
             .http
             .request(request.method.clone(), url)
-            .bearer_auth(token.expose())
+            .bearer_auth(token.expose_secret())
             .query(&request.query);
         builder = match &request.body {
             Body::None => builder,
@@ -373,17 +376,9 @@ impl MarketoClient {
     }
 }
 
-/// Exponential backoff with full jitter: up to base × 2^(attempt-1), capped at 20 s.
+/// The client's backoff: jittered, capped at 20 s (a 606 waits longer; see `call`).
 fn backoff(base: Duration, attempt: u32) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let ceiling = base
-        .saturating_mul(1 << attempt.saturating_sub(1).min(10))
-        .min(Duration::from_secs(20));
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(attempt);
-    let fraction = (h.finish() % 1000) as u32;
-    // Half fixed, half random: never a zero wait after throttling.
-    ceiling / 2 + ceiling / 2 * fraction / 1000
+    oppsync_support::backoff(base, attempt, Duration::from_secs(20))
 }
 
 fn transport(endpoint: &'static str, e: &reqwest::Error) -> MarketoError {
@@ -413,18 +408,5 @@ fn transport(endpoint: &'static str, e: &reqwest::Error) -> MarketoError {
         endpoint,
         message,
         timeout,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let base = Duration::from_millis(100);
-        assert!(backoff(base, 1) <= Duration::from_millis(100) && backoff(base, 1) >= Duration::from_millis(50));
-        assert!(backoff(base, 4) >= Duration::from_millis(400));
-        assert!(backoff(base, 30) <= Duration::from_secs(20));
     }
 }

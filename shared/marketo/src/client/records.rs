@@ -31,6 +31,10 @@ impl RecordOutcome {
     pub fn code(&self) -> Option<&str> {
         self.reasons.first().map(|r| r.code.as_str())
     }
+    /// What a skip means for the record: see [`crate::Disposition`] (`None` when not skipped).
+    pub fn disposition(&self) -> Option<crate::Disposition> {
+        self.class().map(Into::into)
+    }
     /// How to treat a skip: retry (a transient record code), or record it.
     pub fn class(&self) -> Option<ErrorClass> {
         self.is_skipped()

@@ -75,7 +75,7 @@ async fn a_token_refused_twice_is_an_error_not_a_loop() {
 #[tokio::test]
 async fn wrong_credentials_are_a_clear_error_naming_what_to_check() {
     let sim = sim(fast_config()).await;
-    let settings = MarketoSettings::new(&sim.url(), &sim.client_id(), Secret::new("wrong")).unwrap();
+    let settings = MarketoSettings::new(&sim.url(), &sim.client_id(), Secret::from("wrong")).unwrap();
     let client = MarketoClient::new(settings, oppsync_marketo::Limiter::new(Default::default()), 100).unwrap();
     let err = client.sync_opportunities(&[opportunity(1)]).await.unwrap_err();
     assert!(matches!(err, MarketoError::Auth { status: 401 }), "{err}");

@@ -29,7 +29,7 @@ pub fn client(sim: &MarketoSim) -> MarketoClient {
 }
 
 pub fn client_with(sim: &MarketoSim, limits: LimiterSettings, budget: u64) -> MarketoClient {
-    let settings = MarketoSettings::new(&sim.url(), &sim.client_id(), Secret::new(sim.client_secret())).unwrap();
+    let settings = MarketoSettings::new(&sim.url(), &sim.client_id(), Secret::from(sim.client_secret())).unwrap();
     MarketoClient::new(settings, Limiter::new(limits), budget)
         .unwrap()
         .with_backoff_base(Duration::from_millis(20))

@@ -135,7 +135,7 @@ async fn the_preflight_names_configured_fields_the_instance_lacks() {
 #[tokio::test]
 async fn an_unreachable_instance_is_a_transport_error() {
     let settings =
-        oppsync_marketo::MarketoSettings::new("http://127.0.0.1:9", "id", oppsync_marketo::Secret::new("s")).unwrap();
+        oppsync_marketo::MarketoSettings::new("http://127.0.0.1:9", "id", oppsync_marketo::Secret::from("s")).unwrap();
     let client = oppsync_marketo::MarketoClient::new(settings, oppsync_marketo::Limiter::new(Default::default()), 10)
         .unwrap()
         .with_backoff_base(std::time::Duration::from_millis(1));

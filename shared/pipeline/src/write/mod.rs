@@ -182,7 +182,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         if let Some(e) = &stopped {
             tracing::warn!(error = %e, "Marketo writes stopped early; unfinished records stay ready");
             report.stopped = Some(e.to_string());
-            report.stopped_for_good = !(e.class().is_retryable() || e.class() == ErrorClass::QuotaExhausted);
+            report.stopped_for_good = e.disposition() == Disposition::Fix;
         }
 
         let after = self.marketo.calls_by_endpoint();
@@ -310,17 +310,12 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         operation: &str,
         affected: impl Iterator<Item = &'w mut Work>,
     ) -> Option<MarketoError> {
-        let class = error.class();
-        let auth = matches!(error, MarketoError::Auth { .. });
-        // A stop that someone must fix (credentials, native CRM sync) keeps the records queued:
-        // the run ends with one message, not one failure per record.
-        let retryable =
-            class.is_retryable() || matches!(class, ErrorClass::QuotaExhausted | ErrorClass::CrmEnabled) || auth;
+        let disposition = error.disposition();
         let recorded = sync_error(operation, error.code(), error.to_string());
         for work in affected {
-            work.fail(recorded.clone(), retryable);
+            work.fail(recorded.clone(), disposition.keeps_records_queued());
         }
-        (auth || matches!(class, ErrorClass::QuotaExhausted | ErrorClass::CrmEnabled)).then_some(error)
+        disposition.stops_the_run().then_some(error)
     }
 
     /// After a batch-stopping error, every record not yet failed is failed the same way.

@@ -172,7 +172,7 @@ async fn the_daily_budget_stops_a_run_and_the_next_days_finish_it() {
     let settings = oppsync_marketo::MarketoSettings::new(
         &sims.mk.url(),
         &sims.mk.client_id(),
-        oppsync_marketo::Secret::new(sims.mk.client_secret()),
+        oppsync_marketo::Secret::from(sims.mk.client_secret()),
     )
     .unwrap();
     let limits = oppsync_marketo::LimiterSettings {

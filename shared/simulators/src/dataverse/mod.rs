@@ -225,24 +225,7 @@ fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 
 /// `modifiedon` for a simulated second: 2026-11-20T00:00:00Z plus `seconds`.
 fn timestamp(seconds: i64) -> String {
-    let total = 1_795_132_800 + seconds; // 2026-11-20T00:00:00Z
-    let (days, rem) = (total.div_euclid(86_400), total.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    oppsync_support::utc_timestamp(1_795_132_800 + seconds)
 }
 
 impl DataverseSim {
