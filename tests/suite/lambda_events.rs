@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use oppsync_lambda::{HandlerError, StreamEvent};
+use oppsync_lambda::{HandlerError, parse_stream_event, stream_items};
 use oppsync_mapping::OpportunityId;
 use oppsync_pipeline::Config;
 use oppsync_simulators::dataverse::seed_id;
@@ -65,15 +65,15 @@ fn a_stream_event_yields_the_opportunities_of_the_functions_status_with_their_se
         record("REMOVE", &format!("opp#{}", opp(4)), None, 6),
         record("MODIFY", &format!("opp#{}", opp(5)), Some("synced"), 7),
     ]});
-    let parsed = StreamEvent::parse(event).unwrap();
-    let pending = parsed.items(Status::Pending);
+    let parsed = parse_stream_event(event).unwrap();
+    let pending = stream_items(&parsed, Status::Pending);
     let ids: Vec<String> = pending.iter().map(|i| i.id.to_string()).collect();
     assert_eq!(ids, vec![opp(1), opp(3)]);
     assert_eq!(
         pending[0].sequence_number,
         format!("{:026}", 13021600000000001596u64 + 1)
     );
-    let ready = parsed.items(Status::Ready);
+    let ready = stream_items(&parsed, Status::Ready);
     assert_eq!(ready.len(), 1);
     assert_eq!(ready[0].id, OpportunityId::parse(&opp(2)).unwrap());
 }
@@ -84,7 +84,7 @@ fn a_record_whose_key_is_not_an_opportunity_id_is_passed_over_not_a_panic() {
         record("MODIFY", "opp#not-a-guid') or true", Some("pending"), 1),
         record("MODIFY", &format!("opp#{}", opp(9)), Some("pending"), 2),
     ]});
-    let items = StreamEvent::parse(event).unwrap().items(Status::Pending);
+    let items = stream_items(&parse_stream_event(event).unwrap(), Status::Pending);
     assert_eq!(items.len(), 1);
     assert_eq!(items[0].id.to_string(), opp(9));
 }
@@ -272,4 +272,16 @@ async fn a_resync_writes_the_named_record_again_and_reports_marketos_answers() {
     assert!(operations.contains(&"opportunities"), "{operations:?}");
     assert!(sims.mk.rest_calls() > calls, "written again though nothing changed");
     assert_eq!(handled.metrics.counts["OpportunitiesResynced"], 1);
+}
+
+#[test]
+fn the_partial_batch_response_has_the_shape_lambda_reads() {
+    // Lambda reads `batchItemFailures[].itemIdentifier` (ReportBatchItemFailures); anything
+    // else is taken as "all succeeded".
+    let mut response = oppsync_lambda::BatchResponse::default();
+    let mut failure = aws_lambda_events::streams::DynamoDbBatchItemFailure::default();
+    failure.item_identifier = Some("13021600000000001597".into());
+    response.batch_item_failures.push(failure);
+    let json = serde_json::to_value(&response).unwrap();
+    assert_eq!(json["batchItemFailures"][0]["itemIdentifier"], "13021600000000001597");
 }

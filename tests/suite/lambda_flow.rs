@@ -114,7 +114,7 @@ impl Deployment {
                 .response
                 .batch_item_failures
                 .iter()
-                .map(|f| f.item_identifier.parse().unwrap())
+                .map(|f| f.item_identifier.as_deref().unwrap().parse().unwrap())
                 .collect();
             let Some(first) = failed.iter().min() else { return };
             self.redelivered.extend(
@@ -122,7 +122,7 @@ impl Deployment {
                     .response
                     .batch_item_failures
                     .iter()
-                    .map(|f| f.item_identifier.clone()),
+                    .filter_map(|f| f.item_identifier.clone()),
             );
             let rest: Vec<Value> = event["Records"]
                 .as_array()

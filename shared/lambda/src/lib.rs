@@ -11,7 +11,7 @@ use lambda_runtime::{LambdaEvent, service_fn};
 use oppsync_mapping::OpportunityId;
 use oppsync_pipeline::{Metrics, Pipeline, PipelineError, PollReport, ResyncReport, ResyncRequest};
 use oppsync_state::{DynamoStore, StateStore, Status};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 pub mod coldstart;
@@ -58,29 +58,10 @@ impl From<HandlerError> for lambda_runtime::Diagnostic {
 
 // ------------------------------------------------------------------ events
 
-/// A DynamoDB stream event as Lambda delivers it (only the parts oppsync reads).
-#[derive(Debug, Clone, Deserialize)]
-pub struct StreamEvent {
-    #[serde(rename = "Records")]
-    pub records: Vec<StreamRecord>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct StreamRecord {
-    #[serde(rename = "eventName", default)]
-    pub event_name: Option<String>,
-    pub dynamodb: StreamData,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct StreamData {
-    #[serde(rename = "Keys", default)]
-    pub keys: serde_json::Map<String, Value>,
-    #[serde(rename = "NewImage", default)]
-    pub new_image: Option<serde_json::Map<String, Value>>,
-    #[serde(rename = "SequenceNumber")]
-    pub sequence_number: String,
-}
+/// A DynamoDB stream event as Lambda delivers it (`aws_lambda_events`' type).
+pub type StreamEvent = aws_lambda_events::event::dynamodb::Event;
+/// Lambda's partial-batch response for stream consumers (`aws_lambda_events`' type).
+pub type BatchResponse = aws_lambda_events::streams::DynamoDbEventResponse;
 
 /// An opportunity a stream record asks to work on, with the record's sequence number (the
 /// identifier Lambda takes back in `batchItemFailures`).
@@ -90,76 +71,76 @@ pub struct StreamItem {
     pub sequence_number: String,
 }
 
-impl StreamEvent {
-    pub fn parse(payload: Value) -> Result<StreamEvent, HandlerError> {
-        serde_json::from_value(payload).map_err(|e| HandlerError::BadEvent {
-            expected: "a DynamoDB stream event ({\"Records\": [{\"dynamodb\": {...}}]})",
-            problem: e.to_string(),
-        })
-    }
-
-    /// The opportunities in `status`. Records of other statuses, other item kinds (cursors,
-    /// counters, links) and removals are passed over: the event-source filter should already
-    /// have dropped them, and they are not work for this function.
-    pub fn items(&self, status: Status) -> Vec<StreamItem> {
-        let mut out = Vec::new();
-        for record in &self.records {
-            if record.event_name.as_deref() == Some("REMOVE") {
-                continue;
-            }
-            let Some(image) = &record.dynamodb.new_image else {
-                continue;
-            };
-            let s = |v: Option<&Value>| v.and_then(|v| v.get("S")).and_then(Value::as_str).map(str::to_owned);
-            if s(image.get("status")).as_deref() != Some(status.as_str()) {
-                continue;
-            }
-            let key = s(record.dynamodb.keys.get("pk")).or_else(|| s(image.get("pk")));
-            match key
-                .as_deref()
-                .and_then(|k| k.strip_prefix("opp#"))
-                .map(OpportunityId::parse)
-            {
-                Some(Ok(id)) => out.push(StreamItem {
-                    id,
-                    sequence_number: record.dynamodb.sequence_number.clone(),
-                }),
-                Some(Err(_)) => {
-                    tracing::error!(key = ?key, "a stream record whose key is not an opportunity id; skipped")
+/// Parses a stream event at the edge, naming what was wrong.
+pub fn parse_stream_event(payload: Value) -> Result<StreamEvent, HandlerError> {
+    let bad = |problem: String| HandlerError::BadEvent {
+        expected: "a DynamoDB stream event ({\"Records\": [{\"dynamodb\": {...}}]})",
+        problem,
+    };
+    // What oppsync cannot work without, named before the typed parse: a record's `dynamodb`
+    // and its SequenceNumber, by which a failed record is handed back to Lambda.
+    if let Some(records) = payload.get("Records").and_then(Value::as_array) {
+        for (i, record) in records.iter().enumerate() {
+            match record.get("dynamodb") {
+                Some(Value::Object(change)) if change.get("SequenceNumber").is_some_and(Value::is_string) => {}
+                Some(Value::Object(_)) => {
+                    return Err(bad(format!("record {i} has no dynamodb.SequenceNumber")));
                 }
-                None => {}
+                _ => return Err(bad(format!("record {i} has no `dynamodb` object"))),
             }
         }
-        out
     }
+    serde_json::from_value(payload).map_err(|e| bad(e.to_string()))
 }
 
-/// Lambda's partial-batch response for stream consumers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct BatchResponse {
-    #[serde(rename = "batchItemFailures")]
-    pub batch_item_failures: Vec<ItemFailure>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ItemFailure {
-    #[serde(rename = "itemIdentifier")]
-    pub item_identifier: String,
-}
-
-impl BatchResponse {
-    /// Fails the records of the given opportunities (all deliveries of each).
-    fn failing(items: &[StreamItem], ids: &[OpportunityId]) -> BatchResponse {
-        BatchResponse {
-            batch_item_failures: items
-                .iter()
-                .filter(|i| ids.contains(&i.id))
-                .map(|i| ItemFailure {
-                    item_identifier: i.sequence_number.clone(),
-                })
-                .collect(),
+/// The opportunities in `status`. Records of other statuses, other item kinds (cursors,
+/// counters, links) and removals are passed over: the event-source filter should already have
+/// dropped them, and they are not work for this function.
+pub fn stream_items(event: &StreamEvent, status: Status) -> Vec<StreamItem> {
+    use serde_dynamo::AttributeValue;
+    let text = |item: &serde_dynamo::Item, key: &str| match item.get(key) {
+        Some(AttributeValue::S(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for record in &event.records {
+        let change = &record.change;
+        if record.event_name == "REMOVE" || change.new_image.is_empty() {
+            continue;
+        }
+        if text(&change.new_image, "status").as_deref() != Some(status.as_str()) {
+            continue;
+        }
+        let key = text(&change.keys, "pk").or_else(|| text(&change.new_image, "pk"));
+        match key
+            .as_deref()
+            .and_then(|k| k.strip_prefix("opp#"))
+            .map(OpportunityId::parse)
+        {
+            Some(Ok(id)) => out.push(StreamItem {
+                id,
+                sequence_number: change.sequence_number.clone().unwrap_or_default(),
+            }),
+            Some(Err(_)) => tracing::error!(key = ?key, "a stream record whose key is not an opportunity id; skipped"),
+            None => {}
         }
     }
+    out
+}
+
+/// Fails the records of the given opportunities (all deliveries of each).
+fn failing(items: &[StreamItem], ids: &[OpportunityId]) -> BatchResponse {
+    let mut response = BatchResponse::default();
+    response.batch_item_failures = items
+        .iter()
+        .filter(|i| ids.contains(&i.id))
+        .map(|i| {
+            let mut failure = aws_lambda_events::streams::DynamoDbBatchItemFailure::default();
+            failure.item_identifier = Some(i.sequence_number.clone());
+            failure
+        })
+        .collect();
+    response
 }
 
 // ------------------------------------------------------------------ handlers
@@ -177,8 +158,8 @@ pub async fn transform<S: StateStore>(
     pipeline: &Pipeline<S>,
     payload: Value,
 ) -> Result<Handled<BatchResponse>, HandlerError> {
-    let event = StreamEvent::parse(payload)?;
-    let items = event.items(Status::Pending);
+    let event = parse_stream_event(payload)?;
+    let items = stream_items(&event, Status::Pending);
     let ids: Vec<OpportunityId> = items.iter().map(|i| i.id).collect();
     let mut metrics = Metrics::default();
     if ids.is_empty() {
@@ -198,7 +179,7 @@ pub async fn transform<S: StateStore>(
         // Dataverse or the store failed for the whole batch: hand every record back.
         Err(e) if e.is_retryable() => {
             tracing::warn!(error = %e, records = ids.len(), "transform failed; the batch is handed back for retry");
-            BatchResponse::failing(&items, &ids)
+            failing(&items, &ids)
         }
         Err(e) => return Err(e.into()),
     };
@@ -210,8 +191,8 @@ pub async fn write<S: StateStore>(
     pipeline: &Pipeline<S>,
     payload: Value,
 ) -> Result<Handled<BatchResponse>, HandlerError> {
-    let event = StreamEvent::parse(payload)?;
-    let items = event.items(Status::Ready);
+    let event = parse_stream_event(payload)?;
+    let items = stream_items(&event, Status::Ready);
     let ids: Vec<OpportunityId> = items.iter().map(|i| i.id).collect();
     if ids.is_empty() {
         return Ok(Handled {
@@ -225,14 +206,14 @@ pub async fn write<S: StateStore>(
                 tracing::warn!(reason = %stop, "Marketo writes stopped; unfinished records stay ready");
             }
             Ok(Handled {
-                response: BatchResponse::failing(&items, &report.retry()),
+                response: failing(&items, &report.retry()),
                 metrics: report.metrics,
             })
         }
         Err(e) if e.is_retryable() => {
             tracing::warn!(error = %e, records = ids.len(), "write failed; the batch is handed back for retry");
             Ok(Handled {
-                response: BatchResponse::failing(&items, &ids),
+                response: failing(&items, &ids),
                 metrics: Metrics::default(),
             })
         }
