@@ -13,9 +13,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
+use oppsync_marketo::Operation as E;
 use oppsync_simulators::dataverse::{DataverseConfig, Mix, Table, seed_id};
 use oppsync_simulators::oracle::{self, Rules};
-use oppsync_simulators::{DataverseSim, MarketoConfig, MarketoEndpoint as E, MarketoSim};
+use oppsync_simulators::{DataverseSim, MarketoConfig, MarketoSim};
 use serde_json::{Value, json};
 
 use crate::CliError;
@@ -40,17 +41,17 @@ pub struct SimulateArgs {
     pub latency_ms: u64,
 }
 
-/// The endpoint names `stats` reports, as the pipeline's client names them.
+/// The Marketo operations `stats` reports, by their one name (`Operation::name`).
 pub const ENDPOINTS: [(&str, E); 9] = [
-    ("companies", E::CompanySync),
-    ("lead lookups", E::LeadQuery),
-    ("lead creates", E::LeadSync),
-    ("opportunities", E::OpportunitySync),
-    ("roles", E::RoleSync),
-    ("role deletions", E::RoleDelete),
-    ("opportunity deletions", E::OpportunityDelete),
-    ("describe", E::OpportunityDescribe),
-    ("role describe", E::RoleDescribe),
+    (E::CompanySync.name(), E::CompanySync),
+    (E::LeadQuery.name(), E::LeadQuery),
+    (E::LeadSync.name(), E::LeadSync),
+    (E::OpportunitySync.name(), E::OpportunitySync),
+    (E::RoleSync.name(), E::RoleSync),
+    (E::RoleDelete.name(), E::RoleDelete),
+    (E::OpportunityDelete.name(), E::OpportunityDelete),
+    (E::OpportunityDescribe.name(), E::OpportunityDescribe),
+    (E::RoleDescribe.name(), E::RoleDescribe),
 ];
 
 pub async fn run(args: SimulateArgs) -> Result<ExitCode, CliError> {

@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use oppsync_dynamics::{DataverseClient, DataverseError, DataverseSettings, EntitySet};
+use oppsync_marketo::Operation as E;
 use oppsync_marketo::{
     Limiter, LimiterSettings, MarketoClient, MarketoError, MarketoSettings, RecordStatus, RoleKey, RoleRecord, Secret,
 };
-use oppsync_simulators::MarketoEndpoint as E;
 use oppsync_simulators::dataverse::Mix;
 use oppsync_tests::canned::{Canned, Reply};
 use oppsync_tests::harness::{assert_marketo_matches_dynamics, pipeline, sims, sqlite, sync};

@@ -3,9 +3,10 @@
 //! none a panic, and nothing already recorded is lost.
 
 use oppsync_mapping::OpportunityId;
+use oppsync_marketo::Operation as E;
 use oppsync_pipeline::Config;
+use oppsync_simulators::MarketoFault;
 use oppsync_simulators::dataverse::{Mix, Table, seed_id};
-use oppsync_simulators::{MarketoEndpoint as E, MarketoFault};
 use oppsync_state::{StateStore, Status};
 use oppsync_tests::harness::{pipeline, sims, sqlite, sync};
 use serde_json::{Value, json};

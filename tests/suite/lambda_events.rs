@@ -269,7 +269,7 @@ async fn a_resync_writes_the_named_record_again_and_reports_marketos_answers() {
         .iter()
         .map(|a| a["operation"].as_str().unwrap())
         .collect();
-    assert!(operations.contains(&"opportunities"), "{operations:?}");
+    assert!(operations.contains(&"opportunities.sync"), "{operations:?}");
     assert!(sims.mk.rest_calls() > calls, "written again though nothing changed");
     assert_eq!(handled.metrics.counts["OpportunitiesResynced"], 1);
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use oppsync_lambda::coldstart::{self, ColdStartError, Env};
 use oppsync_lambda::{BatchResponse, Handled};
 use oppsync_mapping::OpportunityId;
+use oppsync_marketo::Operation as E;
 use oppsync_pipeline::Pipeline;
-use oppsync_simulators::MarketoEndpoint as E;
 use oppsync_simulators::dataverse::{Mix, Table, seed_id};
 use oppsync_state::{DynamoStore, StateStore, Status};
 use oppsync_tests::harness::{

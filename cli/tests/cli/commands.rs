@@ -1,6 +1,6 @@
 //! Every command doing its job.
 
-use oppsync_simulators::MarketoEndpoint as E;
+use oppsync_marketo::Operation as E;
 use oppsync_simulators::MarketoFault;
 use oppsync_simulators::dataverse::{Mix, Table};
 use oppsync_tests::harness::{assert_marketo_matches_dynamics, dynamo, moto_endpoint, sims};
@@ -92,7 +92,7 @@ async fn records_left_for_retry_exit_4_saying_how_many_and_why_and_the_next_run_
         run.stdout.contains("19 written") && run.stdout.contains("1 left for retry"),
         "{run:?}"
     );
-    assert!(run.stdout.contains("1 × opportunities 1014"), "{run:?}");
+    assert!(run.stdout.contains("1 × opportunities.sync 1014"), "{run:?}");
     let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await;
     assert_eq!(status.json()["counts"]["ready"], 1, "{status:?}");
     sims.mk.clear_faults();
@@ -127,7 +127,10 @@ async fn a_permanent_failure_exits_1_and_is_in_the_searchable_exportable_error_l
     let lines: Vec<&str> = csv.stdout.lines().collect();
     assert_eq!(lines[0], "id,operation,code,message,attempts,last_try");
     assert_eq!(lines.len(), 2, "{csv:?}");
-    assert!(lines[1].starts_with(&format!("{bad},opportunities,1003,")), "{csv:?}");
+    assert!(
+        lines[1].starts_with(&format!("{bad},opportunities.sync,1003,")),
+        "{csv:?}"
+    );
     let json = oppsync(
         &["errors", "--export", "json", "--search", "1003", "--state", s(&state)],
         &[],

@@ -160,6 +160,19 @@ impl MarketoError {
         }
     }
 
+    /// The operation the failed call was (its [`crate::Operation`] name), where there was one.
+    pub fn operation(&self) -> Option<&'static str> {
+        match self {
+            MarketoError::Http { endpoint, .. }
+            | MarketoError::Api { endpoint, .. }
+            | MarketoError::ResultMismatch { endpoint, .. }
+            | MarketoError::Transport { endpoint, .. }
+            | MarketoError::Decode { endpoint, .. } => Some(endpoint),
+            MarketoError::Auth { .. } => Some(crate::Operation::Identity.name()),
+            _ => None,
+        }
+    }
+
     /// The Marketo code, for the error ledger.
     pub fn code(&self) -> String {
         match self {

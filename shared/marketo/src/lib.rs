@@ -17,6 +17,7 @@
 mod client;
 mod error;
 mod limiter;
+mod operation;
 mod settings;
 
 pub use client::{
@@ -25,4 +26,5 @@ pub use client::{
 };
 pub use error::{Disposition, ErrorClass, MarketoError, Reason, classify};
 pub use limiter::{Limiter, LimiterSettings, LimitsConfig};
+pub use operation::Operation;
 pub use settings::{MarketoSettings, Secret, SettingsError};

@@ -20,7 +20,7 @@ use oppsync_mapping::{
     AccountId, Action, Change, ContactId, Desired, LeadMatch, Opportunity, OpportunityId, Plan, PlanHash, Related,
     WrittenRole, plan_change,
 };
-use oppsync_marketo::{Disposition, MarketoClient, MarketoError, RecordOutcome, RoleKey, RoleRecord};
+use oppsync_marketo::{Disposition, MarketoClient, MarketoError, Operation, RecordOutcome, RoleKey, RoleRecord};
 use oppsync_state::{
     Claim, Completion, Lease, MarkOutcome, Millis, OpportunityState, PendingChange, Source, StateError, StateStore,
     Status, SyncError, TransformResult, WriteResult, Written,

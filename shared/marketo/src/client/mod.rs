@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::error::{ErrorClass, MarketoError, Reason, classify};
 use crate::limiter::Limiter;
+use crate::operation::Operation;
 use crate::settings::{MarketoSettings, Secret};
 
 mod objects;
@@ -163,7 +164,7 @@ impl MarketoClient {
             .base
             .join("identity/oauth/token")
             .map_err(|e| MarketoError::Transport {
-                endpoint: "identity",
+                endpoint: Operation::Identity.name(),
                 message: e.to_string(),
                 timeout: false,
             })?;
@@ -180,7 +181,7 @@ impl MarketoClient {
             ])
             .send()
             .await
-            .map_err(|e| transport("identity", &e))?;
+            .map_err(|e| transport(Operation::Identity.name(), &e))?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN || status == StatusCode::BAD_REQUEST {
             return Err(MarketoError::Auth {
@@ -189,7 +190,7 @@ impl MarketoClient {
         }
         if !status.is_success() {
             return Err(MarketoError::Http {
-                endpoint: "identity",
+                endpoint: Operation::Identity.name(),
                 status: status.as_u16(),
             });
         }
@@ -198,9 +199,12 @@ impl MarketoClient {
             access_token: String,
             expires_in: u64,
         }
-        let text = response.text().await.map_err(|e| transport("identity", &e))?;
+        let text = response
+            .text()
+            .await
+            .map_err(|e| transport(Operation::Identity.name(), &e))?;
         let issued: Issued = serde_json::from_str(&text).map_err(|_| MarketoError::Decode {
-            endpoint: "identity",
+            endpoint: Operation::Identity.name(),
             // Never echo an identity body: it may hold a token.
             preview: "(identity answer withheld)".into(),
         })?;

@@ -67,7 +67,7 @@ impl MarketoClient {
     pub async fn sync_opportunities(&self, records: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
         let envelope = object([("action", json!("createOrUpdate")), ("dedupeBy", json!("dedupeFields"))]);
         self.write(
-            "opportunities.sync",
+            Operation::OpportunitySync.name(),
             "rest/v1/opportunities.json",
             envelope,
             records,
@@ -81,7 +81,7 @@ impl MarketoClient {
         let records: Vec<Value> = ids.iter().map(|id| json!({"externalOpportunityId": id})).collect();
         let envelope = object([("deleteBy", json!("dedupeFields"))]);
         self.write(
-            "opportunities.delete",
+            Operation::OpportunityDelete.name(),
             "rest/v1/opportunities/delete.json",
             envelope,
             &records,
@@ -93,7 +93,7 @@ impl MarketoClient {
     /// Reads opportunities by externalOpportunityId.
     pub async fn query_opportunities(&self, ids: &[String]) -> Result<Vec<Map<String, Value>>, MarketoError> {
         self.query_by(
-            "opportunities.query",
+            Operation::OpportunityQuery.name(),
             "rest/v1/opportunities.json",
             "externalOpportunityId",
             ids,
@@ -106,7 +106,7 @@ impl MarketoClient {
         let records = to_values(roles)?;
         let envelope = object([("action", json!("createOrUpdate")), ("dedupeBy", json!("dedupeFields"))]);
         self.write(
-            "roles.sync",
+            Operation::RoleSync.name(),
             "rest/v1/opportunities/roles.json",
             envelope,
             &records,
@@ -120,7 +120,7 @@ impl MarketoClient {
         let records = to_values(keys)?;
         let envelope = object([("deleteBy", json!("dedupeFields"))]);
         self.write(
-            "roles.delete",
+            Operation::RoleDelete.name(),
             "rest/v1/opportunities/roles/delete.json",
             envelope,
             &records,
@@ -136,7 +136,7 @@ impl MarketoClient {
             let body = json!({"filterType": "dedupeFields", "fields": ["externalOpportunityId", "leadId", "role", "isPrimary"], "input": chunk});
             let envelope = self
                 .call(&Request {
-                    endpoint: "roles.query",
+                    endpoint: Operation::RoleQuery.name(),
                     method: Method::POST,
                     path: "rest/v1/opportunities/roles.json",
                     query: vec![("_method", "GET".into())],
@@ -145,7 +145,7 @@ impl MarketoClient {
                 .await?;
             for r in envelope.result {
                 found.push(serde_json::from_value(r).map_err(|e| MarketoError::Decode {
-                    endpoint: "roles.query",
+                    endpoint: Operation::RoleQuery.name(),
                     preview: e.to_string(),
                 })?);
             }
@@ -156,15 +156,24 @@ impl MarketoClient {
     /// Creates or updates companies (by externalCompanyId).
     pub async fn sync_companies(&self, records: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
         let envelope = object([("action", json!("createOrUpdate")), ("dedupeBy", json!("dedupeFields"))]);
-        self.write("companies.sync", "rest/v1/companies.json", envelope, records, |r| {
-            r.get("externalCompanyId").map(Value::to_string).unwrap_or_default()
-        })
+        self.write(
+            Operation::CompanySync.name(),
+            "rest/v1/companies.json",
+            envelope,
+            records,
+            |r| r.get("externalCompanyId").map(Value::to_string).unwrap_or_default(),
+        )
         .await
     }
 
     pub async fn query_companies(&self, ids: &[String]) -> Result<Vec<Map<String, Value>>, MarketoError> {
-        self.query_by("companies.query", "rest/v1/companies.json", "externalCompanyId", ids)
-            .await
+        self.query_by(
+            Operation::CompanyQuery.name(),
+            "rest/v1/companies.json",
+            "externalCompanyId",
+            ids,
+        )
+        .await
     }
 
     /// Finds leads whose `field` (email or a custom string field) is one of `values`, 300 a
@@ -190,7 +199,7 @@ impl MarketoClient {
                 if let Some(token) = &page {
                     params.push(("nextPageToken", token.clone()));
                 }
-                let request = self.read_request("leads.query", "rest/v1/leads.json", params);
+                let request = self.read_request(Operation::LeadQuery.name(), "rest/v1/leads.json", params);
                 let envelope = self.call(&request).await?;
                 for lead in envelope.result {
                     let Value::Object(mut fields) = lead else { continue };
@@ -215,21 +224,33 @@ impl MarketoClient {
             ("lookupField", json!(lookup_field)),
         ]);
         let field = lookup_field.to_owned();
-        self.write("leads.sync", "rest/v1/leads.json", envelope, leads, move |r| {
-            r.get(&field)
-                .and_then(Value::as_str)
-                .map(|s| s.to_ascii_lowercase())
-                .unwrap_or_default()
-        })
+        self.write(
+            Operation::LeadSync.name(),
+            "rest/v1/leads.json",
+            envelope,
+            leads,
+            move |r| {
+                r.get(&field)
+                    .and_then(Value::as_str)
+                    .map(|s| s.to_ascii_lowercase())
+                    .unwrap_or_default()
+            },
+        )
         .await
     }
 
     /// Describes the opportunity (`opportunity = true`) or opportunity role object.
     pub async fn describe(&self, opportunity: bool) -> Result<ObjectDescription, MarketoError> {
         let (endpoint, path) = if opportunity {
-            ("opportunities.describe", "rest/v1/opportunities/describe.json")
+            (
+                Operation::OpportunityDescribe.name(),
+                "rest/v1/opportunities/describe.json",
+            )
         } else {
-            ("roles.describe", "rest/v1/opportunities/roles/describe.json")
+            (
+                Operation::RoleDescribe.name(),
+                "rest/v1/opportunities/roles/describe.json",
+            )
         };
         let envelope = self
             .call(&Request {
@@ -284,7 +305,7 @@ impl MarketoClient {
     pub async fn usage_today(&self) -> Result<u64, MarketoError> {
         let envelope = self
             .call(&Request {
-                endpoint: "stats.usage",
+                endpoint: Operation::Usage.name(),
                 method: Method::GET,
                 path: "rest/v1/stats/usage.json",
                 query: Vec::new(),

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use oppsync_marketo::Operation as E;
 use oppsync_marketo::{MarketoClient, MarketoError, MarketoSettings, Secret};
-use oppsync_simulators::{MarketoConfig, MarketoEndpoint as E};
+use oppsync_simulators::MarketoConfig;
 
 use crate::common::*;
 

@@ -1,7 +1,8 @@
 //! Batching, duplicates, result matching, and the endpoints' semantics.
 
+use oppsync_marketo::Operation as E;
 use oppsync_marketo::{MarketoError, RecordStatus, RoleKey, RoleRecord};
-use oppsync_simulators::{MarketoEndpoint as E, MarketoFault};
+use oppsync_simulators::MarketoFault;
 use serde_json::json;
 
 use crate::common::*;

@@ -1,7 +1,8 @@
 //! Every error class, each leading to its documented behaviour.
 
+use oppsync_marketo::Operation as E;
 use oppsync_marketo::{ErrorClass, MarketoError};
-use oppsync_simulators::{MarketoConfig, MarketoEndpoint as E, MarketoFault as F};
+use oppsync_simulators::{MarketoConfig, MarketoFault as F};
 
 use crate::common::*;
 

@@ -2,8 +2,9 @@
 //! `seq`, in and out of order, `reasons` and `reason`; identity by query string; long reads as
 //! `POST ?_method=GET`.
 
+use oppsync_marketo::Operation as E;
 use oppsync_marketo::{MarketoError, RecordStatus};
-use oppsync_simulators::{MarketoConfig, MarketoEndpoint as E, ResultShape};
+use oppsync_simulators::{MarketoConfig, ResultShape};
 use serde_json::{Value, json};
 
 use crate::common::*;

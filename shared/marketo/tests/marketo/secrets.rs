@@ -3,7 +3,8 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use oppsync_simulators::{MarketoEndpoint as E, MarketoFault};
+use oppsync_marketo::Operation as E;
+use oppsync_simulators::MarketoFault;
 
 use crate::common::*;
 

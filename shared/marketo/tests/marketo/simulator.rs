@@ -1,6 +1,6 @@
 //! The simulator's own fidelity, over raw HTTP: what the client is careful never to trigger.
 
-use oppsync_simulators::MarketoEndpoint as E;
+use oppsync_marketo::Operation as E;
 use serde_json::{Value, json};
 
 use crate::common::*;

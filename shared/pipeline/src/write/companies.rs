@@ -40,7 +40,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 let affected = works
                     .iter_mut()
                     .filter(|w| w.ok() && !w.company_done && company_of(w).is_some());
-                return Self::call_failed(e, "companies", affected);
+                return Self::call_failed(e, Operation::CompanySync.name(), affected);
             }
         };
         let by_id: HashMap<String, RecordOutcome> = records
@@ -52,12 +52,12 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             let Some(company) = company_of(work) else { continue };
             let Some(outcome) = by_id.get(&company) else { continue };
             work.answers.push(Answer {
-                operation: "companies",
+                operation: Operation::CompanySync.name(),
                 key: company.clone(),
                 outcome: outcome.clone(),
             });
             if outcome.is_skipped() {
-                let (error, retryable) = skip_error("companies", outcome);
+                let (error, retryable) = skip_error(Operation::CompanySync.name(), outcome);
                 work.fail(error, retryable);
             } else {
                 work.company_done = true;

@@ -42,13 +42,13 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 for ((index, contact, role), (key, outcome)) in owners.into_iter().zip(keys.iter().zip(outcomes)) {
                     let work = &mut works[index];
                     work.answers.push(Answer {
-                        operation: "role_deletions",
+                        operation: Operation::RoleDelete.name(),
                         key: format!("{}/{}/{}", key.external_opportunity_id, key.lead_id, key.role),
                         outcome: outcome.clone(),
                     });
                     // Already gone is as good as deleted.
                     if outcome.is_skipped() && outcome.code() != Some(NOT_FOUND) {
-                        let (error, retryable) = skip_error("role_deletions", &outcome);
+                        let (error, retryable) = skip_error(Operation::RoleDelete.name(), &outcome);
                         work.fail(error, retryable);
                     } else {
                         work.touched = true;
@@ -64,7 +64,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     .enumerate()
                     .filter(|(i, _)| involved.contains(i))
                     .map(|(_, w)| w);
-                Self::call_failed(e, "role_deletions", affected)
+                Self::call_failed(e, Operation::RoleDelete.name(), affected)
             }
         }
     }
@@ -87,12 +87,12 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 {
                     let Some(outcome) = outcomes.next() else { break };
                     work.answers.push(Answer {
-                        operation: "opportunity_deletions",
+                        operation: Operation::OpportunityDelete.name(),
                         key: work.plan.opportunity_id.to_string(),
                         outcome: outcome.clone(),
                     });
                     if outcome.is_skipped() && outcome.code() != Some(NOT_FOUND) {
-                        let (error, retryable) = skip_error("opportunity_deletions", &outcome);
+                        let (error, retryable) = skip_error(Operation::OpportunityDelete.name(), &outcome);
                         work.fail(error, retryable);
                     } else {
                         work.touched = true;
@@ -105,7 +105,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 let affected = works
                     .iter_mut()
                     .filter(|w| w.ok() && matches!(w.plan.action, Action::Delete));
-                Self::call_failed(e, "opportunity_deletions", affected)
+                Self::call_failed(e, Operation::OpportunityDelete.name(), affected)
             }
         }
     }

@@ -79,13 +79,17 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             for (lead, outcome) in missing.iter().zip(outcomes) {
                 let Some(key) = key_of(lead) else { continue };
                 let id = if outcome.is_skipped() {
-                    let (error, retryable) = skip_error("leads", &outcome);
+                    let (error, retryable) = skip_error(Operation::LeadSync.name(), &outcome);
                     LeadId::Failed(error, retryable)
                 } else {
                     match outcome.marketo_id.as_deref().and_then(|t| t.parse::<i64>().ok()) {
                         Some(id) => LeadId::Found(id),
                         None => LeadId::Failed(
-                            sync_error("leads", "no-id", "Marketo created a lead without returning its id"),
+                            sync_error(
+                                Operation::LeadSync.name(),
+                                "no-id",
+                                "Marketo created a lead without returning its id",
+                            ),
                             true,
                         ),
                     }

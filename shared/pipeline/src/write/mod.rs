@@ -311,6 +311,9 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         affected: impl Iterator<Item = &'w mut Work>,
     ) -> Option<MarketoError> {
         let disposition = error.disposition();
+        // The call's own operation where the error names it (a lead lookup or creation inside
+        // the leads step), else the step's.
+        let operation = error.operation().unwrap_or(operation);
         let recorded = sync_error(operation, error.code(), error.to_string());
         for work in affected {
             work.fail(recorded.clone(), disposition.keeps_records_queued());

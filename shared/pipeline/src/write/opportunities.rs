@@ -12,7 +12,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 let affected = works
                     .iter_mut()
                     .filter(|w| w.ok() && matches!(&w.plan.action, Action::Upsert(d) if !d.roles.is_empty()));
-                if let Some(stop) = Self::call_failed(e, "leads", affected) {
+                if let Some(stop) = Self::call_failed(e, Operation::LeadQuery.name(), affected) {
                     return Some(stop);
                 }
                 HashMap::new()
@@ -37,12 +37,12 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     {
                         let Some(outcome) = outcomes.next() else { break };
                         work.answers.push(Answer {
-                            operation: "opportunities",
+                            operation: Operation::OpportunitySync.name(),
                             key: work.plan.opportunity_id.to_string(),
                             outcome: outcome.clone(),
                         });
                         if outcome.is_skipped() {
-                            let (error, retryable) = skip_error("opportunities", &outcome);
+                            let (error, retryable) = skip_error(Operation::OpportunitySync.name(), &outcome);
                             work.fail(error, retryable);
                         } else {
                             work.touched = true;
@@ -56,7 +56,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     let affected = works
                         .iter_mut()
                         .filter(|w| w.ok() && matches!(w.plan.action, Action::Upsert(_)));
-                    if let Some(stop) = Self::call_failed(e, "opportunities", affected) {
+                    if let Some(stop) = Self::call_failed(e, Operation::OpportunitySync.name(), affected) {
                         return Some(stop);
                     }
                 }
@@ -91,7 +91,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     Some(LeadId::Duplicate(ids)) => {
                         soft.get_or_insert_with(|| {
                             sync_error(
-                                "leads",
+                                Operation::LeadQuery.name(),
                                 "duplicate-lead",
                                 format!(
                                     "contact {} matches {} Marketo leads (ids {}); merge them in Marketo, then resync this opportunity",
@@ -131,7 +131,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 for ((index, contact, role), (record, outcome)) in owners.into_iter().zip(roles.iter().zip(outcomes)) {
                     let work = &mut works[index];
                     work.answers.push(Answer {
-                        operation: "roles",
+                        operation: Operation::RoleSync.name(),
                         key: format!(
                             "{}/{}/{}",
                             record.key.external_opportunity_id, record.key.lead_id, record.key.role
@@ -139,7 +139,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         outcome: outcome.clone(),
                     });
                     if outcome.is_skipped() {
-                        let (error, retryable) = skip_error("roles", &outcome);
+                        let (error, retryable) = skip_error(Operation::RoleSync.name(), &outcome);
                         work.fail(error, retryable);
                     } else {
                         work.touched = true;
@@ -155,7 +155,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     .enumerate()
                     .filter(|(i, _)| involved.contains(i))
                     .map(|(_, w)| w);
-                Self::call_failed(e, "roles", affected)
+                Self::call_failed(e, Operation::RoleSync.name(), affected)
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Whole runs: an initial sync and an incremental round, checked record by record.
 
+use oppsync_marketo::Operation as E;
 use oppsync_pipeline::Config;
-use oppsync_simulators::MarketoEndpoint as E;
 use oppsync_simulators::dataverse::{Mix, Table, seed_id};
 use oppsync_state::{StateStore, Status};
 use serde_json::json;

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use oppsync_marketo::Operation as E;
 use oppsync_pipeline::{Config, POLL_LEASE};
-use oppsync_simulators::MarketoEndpoint as E;
 use oppsync_simulators::dataverse::{DataverseFault, Mix, Table, seed_id};
 use oppsync_simulators::marketo::Fault;
 use oppsync_state::{StateStore, Status};

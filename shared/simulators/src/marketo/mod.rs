@@ -126,24 +126,9 @@ impl Default for MarketoConfig {
     }
 }
 
-/// The endpoints, for counters and fault schedules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Endpoint {
-    Identity,
-    OpportunitySync,
-    OpportunityDelete,
-    OpportunityQuery,
-    OpportunityDescribe,
-    RoleSync,
-    RoleDelete,
-    RoleQuery,
-    RoleDescribe,
-    CompanySync,
-    CompanyQuery,
-    LeadQuery,
-    LeadSync,
-    Usage,
-}
+/// The calls the simulator answers, by the same [`Operation`] the client names them with
+/// (for counters and fault schedules).
+pub use oppsync_marketo::Operation;
 
 /// A fault to inject on the Nth call (1-based) of an endpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,9 +219,9 @@ pub struct Snapshot {
 
 #[derive(Default)]
 struct Counters {
-    calls: BTreeMap<Endpoint, u64>,
+    calls: BTreeMap<Operation, u64>,
     /// Records carried by answered calls, per endpoint (lead lookups: the values looked up).
-    records: BTreeMap<Endpoint, u64>,
+    records: BTreeMap<Operation, u64>,
     /// Calls refused by a limit, by code (606, 615, 607, 601, 602, 413, 414).
     refused: BTreeMap<String, u64>,
     in_flight: usize,
@@ -305,7 +290,7 @@ struct Inner {
     token_seq: u64,
     counters: Counters,
     data: Data,
-    faults: Vec<(Endpoint, u64, Fault)>,
+    faults: Vec<(Operation, u64, Fault)>,
     record_faults: Vec<(String, &'static str, u32)>,
     dice: crate::chaos::Dice,
 }
@@ -379,7 +364,7 @@ impl MarketoSim {
 
     /// Records carried by the calls of an endpoint that were answered with success (for a lead
     /// lookup, the values looked up): what the fewest possible calls are counted from.
-    pub fn records(&self, endpoint: Endpoint) -> u64 {
+    pub fn records(&self, endpoint: Operation) -> u64 {
         lock(&self.inner).counters.records.get(&endpoint).copied().unwrap_or(0)
     }
 
@@ -390,7 +375,7 @@ impl MarketoSim {
     }
 
     /// Calls answered per endpoint (refused calls included).
-    pub fn calls(&self, endpoint: Endpoint) -> u64 {
+    pub fn calls(&self, endpoint: Operation) -> u64 {
         lock(&self.inner).counters.calls.get(&endpoint).copied().unwrap_or(0)
     }
 
@@ -401,7 +386,7 @@ impl MarketoSim {
             .counters
             .calls
             .iter()
-            .filter(|(e, _)| **e != Endpoint::Identity)
+            .filter(|(e, _)| **e != Operation::Identity)
             .map(|(_, n)| n)
             .sum()
     }
@@ -447,7 +432,7 @@ impl MarketoSim {
     }
 
     /// Schedules a fault for the `nth` call (1-based, counting from the start) of an endpoint.
-    pub fn inject(&self, endpoint: Endpoint, nth: u64, fault: Fault) {
+    pub fn inject(&self, endpoint: Operation, nth: u64, fault: Fault) {
         lock(&self.inner).faults.push((endpoint, nth, fault));
     }
 

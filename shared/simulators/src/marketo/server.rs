@@ -8,24 +8,24 @@ use leads::{lead_query, lead_sync};
 use opportunities::{delete, describe, opportunity_sync, query_by};
 use roles::{role_query, role_sync};
 
-pub(super) fn endpoint_of(method: &Method, path: &str, query: &HashMap<String, String>) -> Option<Endpoint> {
+pub(super) fn endpoint_of(method: &Method, path: &str, query: &HashMap<String, String>) -> Option<Operation> {
     let get_override = query.get("_method").is_some_and(|m| m.eq_ignore_ascii_case("GET"));
     let is_get = *method == Method::GET || get_override;
     Some(match path {
-        "/identity/oauth/token" => Endpoint::Identity,
-        "/rest/v1/opportunities.json" if is_get => Endpoint::OpportunityQuery,
-        "/rest/v1/opportunities.json" => Endpoint::OpportunitySync,
-        "/rest/v1/opportunities/delete.json" => Endpoint::OpportunityDelete,
-        "/rest/v1/opportunities/describe.json" => Endpoint::OpportunityDescribe,
-        "/rest/v1/opportunities/roles.json" if is_get => Endpoint::RoleQuery,
-        "/rest/v1/opportunities/roles.json" => Endpoint::RoleSync,
-        "/rest/v1/opportunities/roles/delete.json" => Endpoint::RoleDelete,
-        "/rest/v1/opportunities/roles/describe.json" => Endpoint::RoleDescribe,
-        "/rest/v1/companies.json" if is_get => Endpoint::CompanyQuery,
-        "/rest/v1/companies.json" => Endpoint::CompanySync,
-        "/rest/v1/leads.json" if is_get => Endpoint::LeadQuery,
-        "/rest/v1/leads.json" => Endpoint::LeadSync,
-        "/rest/v1/stats/usage.json" => Endpoint::Usage,
+        "/identity/oauth/token" => Operation::Identity,
+        "/rest/v1/opportunities.json" if is_get => Operation::OpportunityQuery,
+        "/rest/v1/opportunities.json" => Operation::OpportunitySync,
+        "/rest/v1/opportunities/delete.json" => Operation::OpportunityDelete,
+        "/rest/v1/opportunities/describe.json" => Operation::OpportunityDescribe,
+        "/rest/v1/opportunities/roles.json" if is_get => Operation::RoleQuery,
+        "/rest/v1/opportunities/roles.json" => Operation::RoleSync,
+        "/rest/v1/opportunities/roles/delete.json" => Operation::RoleDelete,
+        "/rest/v1/opportunities/roles/describe.json" => Operation::RoleDescribe,
+        "/rest/v1/companies.json" if is_get => Operation::CompanyQuery,
+        "/rest/v1/companies.json" => Operation::CompanySync,
+        "/rest/v1/leads.json" if is_get => Operation::LeadQuery,
+        "/rest/v1/leads.json" => Operation::LeadSync,
+        "/rest/v1/stats/usage.json" => Operation::Usage,
         _ => return None,
     })
 }
@@ -91,7 +91,7 @@ pub(super) async fn handle(
     let Some(endpoint) = endpoint_of(&method, uri.path(), &query) else {
         return (StatusCode::NOT_FOUND, "no such endpoint").into_response();
     };
-    if endpoint == Endpoint::Identity {
+    if endpoint == Operation::Identity {
         return identity(&inner, &query);
     }
 
@@ -210,8 +210,8 @@ pub(super) async fn handle(
 
     if g.config.crm_enabled {
         let refused = match endpoint {
-            Endpoint::RoleSync | Endpoint::RoleDelete | Endpoint::RoleQuery | Endpoint::RoleDescribe => true,
-            Endpoint::OpportunityDescribe | Endpoint::OpportunityQuery | Endpoint::CompanyQuery => {
+            Operation::RoleSync | Operation::RoleDelete | Operation::RoleQuery | Operation::RoleDescribe => true,
+            Operation::OpportunityDescribe | Operation::OpportunityQuery | Operation::CompanyQuery => {
                 g.config.crm_reads_disabled
             }
             _ => false,
@@ -242,23 +242,23 @@ pub(super) async fn handle(
         serde_json::from_slice(&body).map_err(|_| refusal("609", "Invalid JSON"))
     };
     let mut response = match endpoint {
-        Endpoint::OpportunitySync => input().map(|b| opportunity_sync(g, &b)),
-        Endpoint::OpportunityDelete => input().map(|b| delete(g, &b, Kind::Opportunity)),
-        Endpoint::RoleSync => input().map(|b| role_sync(g, &b)),
-        Endpoint::RoleDelete => input().map(|b| delete(g, &b, Kind::Role)),
-        Endpoint::CompanySync => input().map(|b| company_sync(g, &b)),
-        Endpoint::LeadSync => input().map(|b| lead_sync(g, &b)),
-        Endpoint::OpportunityQuery => Ok(query_by(g, &read_params(), Kind::Opportunity)),
-        Endpoint::CompanyQuery => Ok(query_by(g, &read_params(), Kind::Company)),
-        Endpoint::LeadQuery => Ok(lead_query(g, &read_params())),
-        Endpoint::RoleQuery => input().map(|b| role_query(g, &b)),
-        Endpoint::OpportunityDescribe => Ok(describe(g, Kind::Opportunity)),
-        Endpoint::RoleDescribe => Ok(describe(g, Kind::Role)),
+        Operation::OpportunitySync => input().map(|b| opportunity_sync(g, &b)),
+        Operation::OpportunityDelete => input().map(|b| delete(g, &b, Kind::Opportunity)),
+        Operation::RoleSync => input().map(|b| role_sync(g, &b)),
+        Operation::RoleDelete => input().map(|b| delete(g, &b, Kind::Role)),
+        Operation::CompanySync => input().map(|b| company_sync(g, &b)),
+        Operation::LeadSync => input().map(|b| lead_sync(g, &b)),
+        Operation::OpportunityQuery => Ok(query_by(g, &read_params(), Kind::Opportunity)),
+        Operation::CompanyQuery => Ok(query_by(g, &read_params(), Kind::Company)),
+        Operation::LeadQuery => Ok(lead_query(g, &read_params())),
+        Operation::RoleQuery => input().map(|b| role_query(g, &b)),
+        Operation::OpportunityDescribe => Ok(describe(g, Kind::Opportunity)),
+        Operation::RoleDescribe => Ok(describe(g, Kind::Role)),
         // Usage page, "Daily Usage": one result with the date, the total and a per-user count.
-        Endpoint::Usage => Ok(Ok(vec![
+        Operation::Usage => Ok(Ok(vec![
             json!({"date": "2026-12-01", "total": g.counters.daily, "users": [{"userId": "api@sim", "count": g.counters.daily}]}),
         ])),
-        Endpoint::Identity => Ok(Ok(Vec::new())),
+        Operation::Identity => Ok(Ok(Vec::new())),
     };
     if let Ok(Ok(results)) = &mut response
         && matches!(fault, Some(Fault::DropResult))
@@ -272,7 +272,7 @@ pub(super) async fn handle(
         Err(r) | Ok(Err(r)) => failure(&r.code, &r.message),
         Ok(Ok(results)) => {
             let carried = match endpoint {
-                Endpoint::LeadQuery => read_params()
+                Operation::LeadQuery => read_params()
                     .get("filterValues")
                     .map_or(0, |v| v.split(',').filter(|x| !x.is_empty()).count() as u64),
                 _ => results.len() as u64,
@@ -284,15 +284,15 @@ pub(super) async fn handle(
 }
 
 /// Applies a [`ResultShape`] variant to a write's results.
-pub(super) fn reshape(endpoint: Endpoint, shape: ResultShape, results: &mut [Value]) {
+pub(super) fn reshape(endpoint: Operation, shape: ResultShape, results: &mut [Value]) {
     let write = matches!(
         endpoint,
-        Endpoint::OpportunitySync
-            | Endpoint::OpportunityDelete
-            | Endpoint::RoleSync
-            | Endpoint::RoleDelete
-            | Endpoint::CompanySync
-            | Endpoint::LeadSync
+        Operation::OpportunitySync
+            | Operation::OpportunityDelete
+            | Operation::RoleSync
+            | Operation::RoleDelete
+            | Operation::CompanySync
+            | Operation::LeadSync
     );
     if !write {
         return;
@@ -332,7 +332,7 @@ pub(super) fn reshape(endpoint: Endpoint, shape: ResultShape, results: &mut [Val
 pub(super) fn identity(inner: &Mutex<Inner>, query: &HashMap<String, String>) -> Response {
     let params = query;
     let mut g = lock(inner);
-    *g.counters.calls.entry(Endpoint::Identity).or_default() += 1;
+    *g.counters.calls.entry(Operation::Identity).or_default() += 1;
     let ok = params.get("grant_type").map(String::as_str) == Some("client_credentials")
         && params.get("client_id") == Some(&g.config.client_id)
         && params.get("client_secret") == Some(&g.config.client_secret);
