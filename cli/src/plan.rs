@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Args;
 use oppsync_dynamics::EntitySet;
 use oppsync_mapping::{Action, OpportunityId, Plan};
-use oppsync_pipeline::{Pipeline, Preview};
+use oppsync_pipeline::{Pipeline, Planned};
 use oppsync_state::{OpportunityState, StateStore, Status};
 use serde_json::{Value, json};
 
@@ -66,7 +66,7 @@ async fn plan<S: StateStore>(pipeline: &Pipeline<S>, all: bool, json_out: bool) 
     let mut entries = Vec::new();
     let mut unchanged = 0;
     for chunk in ids.chunks(pipeline.config().sync.batch_size.max(1)) {
-        for preview in pipeline.preview(chunk).await.map_err(fatal)? {
+        for preview in pipeline.plan(chunk).await.map_err(fatal)? {
             if preview.unchanged {
                 unchanged += 1;
                 continue;
@@ -99,7 +99,7 @@ async fn plan<S: StateStore>(pipeline: &Pipeline<S>, all: bool, json_out: bool) 
 
 /// One record's change, as data: the action, fields old → new, roles added and removed,
 /// the company, warnings, and the plan itself.
-fn diff(preview: &Preview, before: Option<&OpportunityState>) -> Value {
+fn diff(preview: &Planned, before: Option<&OpportunityState>) -> Value {
     let plan = match &preview.plan {
         Ok(plan) => plan,
         Err(e) => {
@@ -119,8 +119,8 @@ fn diff(preview: &Preview, before: Option<&OpportunityState>) -> Value {
         Action::Upsert(_) if preview.written.is_none() => "create",
         Action::Upsert(_) => "update",
         Action::Delete => "delete",
-        Action::Excluded => "excluded",
-        Action::Keep => "keep",
+        Action::Filtered => "filtered",
+        Action::Kept => "kept",
     };
     let mut fields = serde_json::Map::new();
     let mut roles_added = Vec::new();

@@ -103,10 +103,13 @@ pub enum Action {
     Upsert(Desired),
     /// The opportunity was deleted in Dynamics: delete it (and its roles) in Marketo.
     Delete,
-    /// Excluded by the sync filter: no Marketo call, nothing deleted.
-    Excluded,
-    /// Deleted in Dynamics but the delete policy keeps Marketo's copy.
-    Keep,
+    /// Filtered out by the sync filter: no Marketo call, nothing deleted. (Stored as
+    /// `excluded`, its earlier name, so stored plans and their hashes stay valid.)
+    #[serde(rename = "excluded")]
+    Filtered,
+    /// Deleted in Dynamics but the delete policy keeps Marketo's copy. (Stored as `keep`.)
+    #[serde(rename = "keep")]
+    Kept,
 }
 
 /// A 128-bit hash of the desired Marketo state (xxh3 over canonical JSON): stable across runs,
@@ -195,7 +198,7 @@ pub fn plan_delete(mapping: &Mapping, id: OpportunityId, written_roles: &[Writte
         roles.dedup();
         (Action::Delete, roles)
     } else {
-        (Action::Keep, Vec::new())
+        (Action::Kept, Vec::new())
     };
     Plan {
         opportunity_id: id,
@@ -236,7 +239,7 @@ pub fn plan_upsert(
     let mut warnings = Vec::new();
     let id = opportunity.id;
     if excluded_by_sync_filter(mapping, opportunity, &mut warnings) {
-        let action = Action::Excluded;
+        let action = Action::Filtered;
         return Plan {
             opportunity_id: id,
             source_version: opportunity.version,

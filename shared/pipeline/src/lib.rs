@@ -49,7 +49,7 @@ pub use metrics::Metrics;
 pub use poll::PollReport;
 pub use ports::{DataversePort, MarketoPort};
 pub use resync::{ResyncRecord, ResyncReport, ResyncRequest, ResyncTarget, WrittenSummary};
-pub use transform::{Preview, TransformRecord, TransformReport, Transformed};
+pub use transform::{Planned, TransformRecord, TransformReport, Transformed};
 pub use write::{Answer, WriteRecord, WriteReport, Wrote};
 
 /// The lease the poller holds while it reads a window of changes.

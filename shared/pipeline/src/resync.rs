@@ -120,7 +120,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         };
         for chunk in ids.chunks(self.config.sync.batch_size) {
             if dry_run {
-                for preview in self.preview(chunk).await? {
+                for preview in self.plan(chunk).await? {
                     let (plan, transform) = match preview.plan {
                         Ok(plan) => (Some(plan), None),
                         Err(error) => (None, Some(Transformed::Failed { error })),

@@ -1,5 +1,5 @@
 //! The transform: pending records become plans (or are marked synced when the plan is what
-//! Marketo already holds); `preview` plans without touching the state.
+//! Marketo already holds); `plan` makes plans without touching the state (a dry run, `oppsync plan`).
 
 use super::*;
 
@@ -50,7 +50,7 @@ impl TransformReport {
 
 /// A plan made without touching the state (dry runs, `oppsync plan`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Preview {
+pub struct Planned {
     pub id: OpportunityId,
     pub plan: Result<Plan, SyncError>,
     pub written: Option<WrittenSummary>,
@@ -60,7 +60,7 @@ pub struct Preview {
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// Plans records without touching the state: for dry runs and `oppsync plan`.
-    pub async fn preview(&self, ids: &[OpportunityId]) -> Result<Vec<Preview>, PipelineError> {
+    pub async fn plan(&self, ids: &[OpportunityId]) -> Result<Vec<Planned>, PipelineError> {
         let mut states = Vec::with_capacity(ids.len());
         for id in ids {
             states.push((*id, self.store.get(*id).await?));
@@ -75,7 +75,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     (Ok(p), Some(w)) => p.hash == w.hash && p.role_deletions.is_empty(),
                     _ => false,
                 };
-                Preview {
+                Planned {
                     id,
                     plan,
                     written: written.map(WrittenSummary::from),
@@ -185,8 +185,8 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     let written = state.written.as_ref();
                     let unchanged = written.is_some_and(|w| w.hash == plan.hash) && plan.role_deletions.is_empty();
                     match &plan.action {
-                        Action::Excluded => (TransformResult::Filtered(plan), Transformed::Filtered),
-                        Action::Keep => (TransformResult::Kept(plan), Transformed::Kept),
+                        Action::Filtered => (TransformResult::Filtered(plan), Transformed::Filtered),
+                        Action::Kept => (TransformResult::Kept(plan), Transformed::Kept),
                         // A deletion already written stays deleted.
                         Action::Delete if unchanged && !force => (TransformResult::Kept(plan), Transformed::Kept),
                         _ if unchanged && !force => (TransformResult::Unchanged, Transformed::Unchanged),

@@ -161,7 +161,7 @@ fn the_keep_delete_policy_leaves_marketo_alone_when_an_opportunity_is_deleted() 
     let m = mapping("[mapping.deletes]\nopportunities = \"keep\"\n");
     let id = OpportunityId::parse(&o(6)).unwrap();
     let plan = plan_delete(&m, id, &[written(&c(1), "Champion", 11)]);
-    assert_eq!(plan.action, Action::Keep);
+    assert_eq!(plan.action, Action::Kept);
     assert!(plan.role_deletions.is_empty());
     assert!(!plan.writes_anything());
 }
@@ -171,7 +171,7 @@ fn the_sync_filter_excludes_only_an_explicit_false() {
     let m = mapping("[mapping]\nsync_filter = \"new_synctomkto\"\n");
     // Opportunity 7 says No; it had roles before: nothing is deleted (Yes -> No stops updates).
     let plan = plan_fixture(7, &m, &[written(&c(1), "Champion", 11)]);
-    assert_eq!(plan.action, Action::Excluded);
+    assert_eq!(plan.action, Action::Filtered);
     assert!(plan.role_deletions.is_empty());
     assert!(!plan.writes_anything());
     // Yes syncs; so does null.
