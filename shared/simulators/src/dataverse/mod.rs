@@ -38,7 +38,7 @@ mod seed;
 mod server;
 
 pub use seed::{Mix, SEED_ROLES, Seeded, seed_id};
-use server::handle;
+use server::routes;
 
 const API: &str = "/api/data/v9.2/";
 const FORMATTED: &str = "@OData.Community.Display.V1.FormattedValue";
@@ -244,7 +244,7 @@ impl DataverseSim {
             issued: HashMap::new(),
             addr: String::new(),
         }));
-        let app = Router::new().fallback(handle).with_state(Arc::clone(&inner));
+        let app = routes(Arc::clone(&inner));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         lock(&inner).addr = addr.to_string();

@@ -4,20 +4,40 @@
 use super::*;
 use odata::{serve, table_of_logical};
 
+type Shared = Arc<Mutex<Inner>>;
+
+/// The routes: Entra ID's token endpoint for a tenant, and the Web API's resources (an entity
+/// set, one row by key, or `EntityDefinitions(...)`), every method accepted so that anything but
+/// a GET is counted before it is refused. Anything else is a Dataverse 404.
+pub(super) fn routes(inner: Shared) -> Router {
+    use axum::extract::Path;
+    use axum::routing::any;
+    Router::new()
+        .route(
+            "/{tenant}/oauth2/v2.0/token",
+            any(|st: State<Shared>, m: Method, u: Uri, b: Bytes| async move { token(&st.0, &m, u.path(), &b) }),
+        )
+        .route(
+            "/api/data/v9.2/{resource}",
+            any(
+                |Path(resource): Path<String>, st: State<Shared>, m: Method, u: Uri, h: HeaderMap| async move {
+                    handle(resource, st, m, u, h).await
+                },
+            ),
+        )
+        .fallback(|| async { odata_error(StatusCode::NOT_FOUND, "0x80060888", "Resource not found") })
+        .with_state(inner)
+}
+
+/// One Web API request, after routing: the bearer check, faults and throttling, then the query.
 pub(super) async fn handle(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    rest: String,
+    State(inner): State<Shared>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
 ) -> Response {
-    let path = uri.path().to_owned();
-    if path.ends_with("/oauth2/v2.0/token") {
-        return token(&inner, &method, &path, &body);
-    }
-    let Some(rest) = path.strip_prefix(API) else {
-        return odata_error(StatusCode::NOT_FOUND, "0x80060888", "Resource not found");
-    };
+    let rest = rest.as_str();
     let delay = {
         let mut g = lock(&inner);
         g.counters.requests += 1;

@@ -41,7 +41,7 @@ mod opportunities;
 mod roles;
 mod server;
 
-use server::{Kind, Refusal, handle, inputs, lead_skipped, new_guid, record_fault, refusal, skipped, unknown_field};
+use server::{Kind, Refusal, inputs, lead_skipped, new_guid, record_fault, refusal, routes, skipped, unknown_field};
 
 fn parse_query(text: &str) -> HashMap<String, String> {
     decode_pairs(text).into_iter().collect()
@@ -333,10 +333,7 @@ impl MarketoSim {
             record_faults: Vec::new(),
             dice,
         }));
-        let app = Router::new()
-            .fallback(handle)
-            .layer(DefaultBodyLimit::max(16 << 20))
-            .with_state(Arc::clone(&inner));
+        let app = routes(Arc::clone(&inner)).layer(DefaultBodyLimit::max(16 << 20));
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {

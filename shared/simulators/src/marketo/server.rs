@@ -1,6 +1,6 @@
-//! The HTTP side: which endpoint a request is, admission in the order Marketo documents its
-//! checks (token, concurrency, rate, quota, size), faults, dispatch to the object modules, the
-//! response envelope and the identity endpoint.
+//! The HTTP side: the routes (each documented path and method, named by its operation),
+//! admission in the order Marketo documents its checks (token, concurrency, rate, quota, size),
+//! faults, dispatch to the object modules, the response envelope and the identity endpoint.
 
 use super::*;
 use companies::company_sync;
@@ -8,26 +8,62 @@ use leads::{lead_query, lead_sync};
 use opportunities::{delete, describe, opportunity_sync, query_by};
 use roles::{role_query, role_sync};
 
-pub(super) fn endpoint_of(method: &Method, path: &str, query: &HashMap<String, String>) -> Option<Operation> {
-    let get_override = query.get("_method").is_some_and(|m| m.eq_ignore_ascii_case("GET"));
-    let is_get = *method == Method::GET || get_override;
-    Some(match path {
-        "/identity/oauth/token" => Operation::Identity,
-        "/rest/v1/opportunities.json" if is_get => Operation::OpportunityQuery,
-        "/rest/v1/opportunities.json" => Operation::OpportunitySync,
-        "/rest/v1/opportunities/delete.json" => Operation::OpportunityDelete,
-        "/rest/v1/opportunities/describe.json" => Operation::OpportunityDescribe,
-        "/rest/v1/opportunities/roles.json" if is_get => Operation::RoleQuery,
-        "/rest/v1/opportunities/roles.json" => Operation::RoleSync,
-        "/rest/v1/opportunities/roles/delete.json" => Operation::RoleDelete,
-        "/rest/v1/opportunities/roles/describe.json" => Operation::RoleDescribe,
-        "/rest/v1/companies.json" if is_get => Operation::CompanyQuery,
-        "/rest/v1/companies.json" => Operation::CompanySync,
-        "/rest/v1/leads.json" if is_get => Operation::LeadQuery,
-        "/rest/v1/leads.json" => Operation::LeadSync,
-        "/rest/v1/stats/usage.json" => Operation::Usage,
-        _ => return None,
-    })
+type Shared = Arc<Mutex<Inner>>;
+
+/// The routes: each documented path and method, named by its [`Operation`]. A path that serves
+/// both a read and a write (`opportunities.json`, `roles.json`, `companies.json`, `leads.json`)
+/// takes a read as `GET`, or as `POST ?_method=GET` when the query would be too long for a URL
+/// (error-codes page, 414). Anything else is 404 or 405, as axum answers it.
+pub(super) fn routes(inner: Shared) -> Router {
+    use Operation as O;
+    use axum::routing::{get, post};
+    let read =
+        |op: Operation| move |st: State<Shared>, m: Method, u: Uri, h: HeaderMap, b: Bytes| handle(op, st, m, u, h, b);
+    // A POST that is a read when it says `_method=GET`, else the write.
+    let read_or_write = |read: Operation, write: Operation| {
+        move |st: State<Shared>, m: Method, u: Uri, h: HeaderMap, b: Bytes| {
+            let query = parse_query(u.query().unwrap_or(""));
+            let op = if query.get("_method").is_some_and(|v| v.eq_ignore_ascii_case("GET")) {
+                read
+            } else {
+                write
+            };
+            handle(op, st, m, u, h, b)
+        }
+    };
+    Router::new()
+        .route(
+            "/identity/oauth/token",
+            get(|st: State<Shared>, u: Uri| async move { identity(&st.0, &parse_query(u.query().unwrap_or(""))) })
+                .post(
+                    |st: State<Shared>, u: Uri| async move { identity(&st.0, &parse_query(u.query().unwrap_or(""))) },
+                ),
+        )
+        .route(
+            "/rest/v1/opportunities.json",
+            get(read(O::OpportunityQuery)).post(read_or_write(O::OpportunityQuery, O::OpportunitySync)),
+        )
+        .route("/rest/v1/opportunities/delete.json", post(read(O::OpportunityDelete)))
+        .route(
+            "/rest/v1/opportunities/describe.json",
+            get(read(O::OpportunityDescribe)),
+        )
+        .route(
+            "/rest/v1/opportunities/roles.json",
+            get(read(O::RoleQuery)).post(read_or_write(O::RoleQuery, O::RoleSync)),
+        )
+        .route("/rest/v1/opportunities/roles/delete.json", post(read(O::RoleDelete)))
+        .route("/rest/v1/opportunities/roles/describe.json", get(read(O::RoleDescribe)))
+        .route(
+            "/rest/v1/companies.json",
+            get(read(O::CompanyQuery)).post(read_or_write(O::CompanyQuery, O::CompanySync)),
+        )
+        .route(
+            "/rest/v1/leads.json",
+            get(read(O::LeadQuery)).post(read_or_write(O::LeadQuery, O::LeadSync)),
+        )
+        .route("/rest/v1/stats/usage.json", get(read(O::Usage)))
+        .with_state(inner)
 }
 
 pub(super) fn request_id() -> String {
@@ -80,20 +116,16 @@ impl Drop for InFlight {
     }
 }
 
+/// One REST call, after routing: admission, faults, then the object module that answers it.
 pub(super) async fn handle(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    endpoint: Operation,
+    State(inner): State<Shared>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let query = parse_query(uri.query().unwrap_or(""));
-    let Some(endpoint) = endpoint_of(&method, uri.path(), &query) else {
-        return (StatusCode::NOT_FOUND, "no such endpoint").into_response();
-    };
-    if endpoint == Operation::Identity {
-        return identity(&inner, &query);
-    }
 
     // Admission, in the order Marketo documents its checks.
     let latency = {
