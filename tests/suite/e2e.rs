@@ -403,3 +403,32 @@ async fn a_resync_restores_a_record_someone_changed_in_marketo() {
     );
     assert!(diff.is_empty(), "{diff:?}");
 }
+
+#[tokio::test]
+async fn a_deleted_opportunity_restored_in_dynamics_returns_to_marketo() {
+    // Dataverse's recycle bin restores a record with its id (and a new version): the
+    // opportunity and its roles must come back to Marketo.
+    let sims = sims().await;
+    let acme = account(&sims, 1, "Acme");
+    let buyer = contact(&sims, 1, "buyer@acme.example", Some((&acme, "account")));
+    let champ = contact(&sims, 2, "champ@acme.example", Some((&acme, "account")));
+    let deal = opportunity(&sims, 1, Customer::Contact(&buyer), json!({}));
+    sims.dv.add_stakeholder(&deal, &champ, &role_id(&sims, 1));
+    let mut d = Deployment::cold_start_with(&sims, "").await;
+    sync(&mut d).await;
+    assert_eq!(roles_of(&sims, &deal).len(), 2);
+    let row = sims.dv.row(Table::Opportunities, &deal).unwrap();
+
+    sims.dv.delete(Table::Opportunities, &deal);
+    sync(&mut d).await;
+    assert!(field(&sims, &deal, "name").is_none(), "deleted in Marketo");
+    assert_eq!(d.state(&deal).await.status, Status::Deleted);
+
+    let lookups: Vec<(&str, &'static str)> = row.lookups.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    sims.dv.upsert(Table::Opportunities, &deal, Value::Object(row.attributes.clone()), &lookups);
+    sync(&mut d).await;
+    assert_eq!(field(&sims, &deal, "name"), Some(json!("E2E deal 1")), "restored");
+    assert_eq!(roles_of(&sims, &deal).len(), 2, "with its roles");
+    assert_eq!(d.state(&deal).await.status, Status::Synced);
+    assert_marketo_matches_dynamics(&sims);
+}

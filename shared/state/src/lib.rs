@@ -118,16 +118,12 @@ pub struct Lease {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingChange {
     pub id: OpportunityId,
-    /// `versionnumber`; deletions use [`DELETED_VERSION`].
+    /// `versionnumber` (a deletion carries none: it is recorded as a flag).
     pub version: i64,
     pub deleted: bool,
     /// `modifiedon`, for the sync-lag metric.
     pub modified_on: Option<String>,
 }
-
-/// The version a deletion is recorded with: a deletion is final, so it outranks every version.
-/// (Should Dataverse ever restore a deleted record with its old id, `requeue` brings it back.)
-pub const DELETED_VERSION: i64 = i64::MAX;
 
 impl PendingChange {
     pub fn upserted(id: OpportunityId, version: i64, modified_on: Option<String>) -> Self {
@@ -139,10 +135,14 @@ impl PendingChange {
         }
     }
 
+    /// A deletion: a flag, not a version. It applies to a record not already deleted and keeps
+    /// the record's version, so a version Dynamics had before stays stale while the record
+    /// Dataverse returns again (restored from its recycle bin, with its id and a new version)
+    /// is recorded and synced again.
     pub fn deleted(id: OpportunityId) -> Self {
         PendingChange {
             id,
-            version: DELETED_VERSION,
+            version: 0,
             deleted: true,
             modified_on: None,
         }

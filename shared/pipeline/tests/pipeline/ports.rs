@@ -184,3 +184,28 @@ async fn a_record_marketo_refuses_fails_alone_with_its_code() {
         .unwrap();
     assert_eq!(state.last_error.unwrap().code, "1003");
 }
+
+#[tokio::test]
+async fn a_deleted_opportunity_restored_in_dynamics_comes_back_with_its_roles() {
+    // Dataverse's recycle bin restores a record with its id and a new version: it is a change
+    // like any other, and the opportunity (and its roles) must return to Marketo.
+    let (dv, mk) = (dataverse(&[3]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    sync(&p).await;
+    let row = rows("opportunities.json").into_iter().find(|r| r["opportunityid"] == o(3).as_str()).unwrap();
+    let roles_before = mk.holds().roles.len();
+    assert!(roles_before > 0);
+    dv.delete_opportunity(&o(3));
+    sync(&p).await;
+    assert!(!mk.holds().opportunities.contains_key(&o(3)));
+    assert_eq!(status(&p, 3).await, Status::Deleted);
+    let mut restored = row.clone();
+    restored["versionnumber"] = json!(row["versionnumber"].as_i64().unwrap_or(0) + 1_000);
+    dv.upsert_opportunity(restored);
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    let holds = mk.holds();
+    assert!(holds.opportunities.contains_key(&o(3)), "{holds:?}");
+    assert_eq!(holds.roles.len(), roles_before, "its roles came back too: {:?}", holds.roles);
+    assert_eq!(status(&p, 3).await, Status::Synced);
+}

@@ -177,18 +177,33 @@ impl DynamoStore {
 
     async fn mark_one(&self, change: &PendingChange, now: Millis) -> Result<MarkOutcome, StateError> {
         let mut u = Update::default();
+        // A change applies when its version is newer; a deletion (a flag, its version kept) when
+        // the record is not already deleted.
+        let (version, condition) = if change.deleted {
+            (
+                "ver = if_not_exists(ver, :zero)",
+                "attribute_not_exists(ver) OR attribute_not_exists(deleted) OR deleted = :no",
+            )
+        } else {
+            ("ver = :v", "attribute_not_exists(ver) OR ver < :v")
+        };
         u.status(Status::Pending)
-            .set("ver = :v, deleted = :d, attempts = :zero, updated = :now")
+            .set(version)
+            .set("deleted = :d, attempts = :zero, updated = :now")
             .set("created = if_not_exists(created, :now)")
             // `psince` exists only while pending: a newer version of a pending item keeps its age.
             .set("psince = if_not_exists(psince, :now), since = if_not_exists(psince, :now)")
-            .value(":v", n(change.version))
             .value(":d", AttributeValue::Bool(change.deleted))
             .value(":zero", n(0))
             .value(":now", n(now))
             .error(None)
             .remove("claim")
             .remove("claim_until");
+        if change.deleted {
+            u.value(":no", AttributeValue::Bool(false));
+        } else {
+            u.value(":v", n(change.version));
+        }
         match &change.modified_on {
             Some(m) => u.set("modon = :m").value(":m", s(m)),
             None => u.remove("modon"),
@@ -198,7 +213,7 @@ impl DynamoStore {
                 "UpdateItem (mark pending)",
                 opp_key(change.id),
                 &u,
-                Some("attribute_not_exists(ver) OR ver < :v"),
+                Some(condition),
                 ReturnValue::None,
             )
             .await?;

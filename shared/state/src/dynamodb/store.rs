@@ -206,8 +206,10 @@ impl StateStore for DynamoStore {
 
     async fn requeue(&self, id: OpportunityId, now: Millis) -> Result<bool, StateError> {
         let mut u = Update::default();
+        // Dynamics is read again: a restored record is written, a missing one deleted.
         u.status(Status::Pending)
-            .set("attempts = :zero, updated = :now, since = :now, psince = :now")
+            .set("attempts = :zero, updated = :now, since = :now, psince = :now, deleted = :no")
+            .value(":no", AttributeValue::Bool(false))
             .value(":zero", n(0))
             .value(":now", n(now))
             .remove("claim")

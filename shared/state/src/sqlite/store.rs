@@ -127,13 +127,15 @@ impl StateStore for SqliteStore {
             {
                 // Insert, or move to pending only when the version is newer: the guard is in the
                 // statement itself.
-                let mut stmt = tx
+                // A change applies when its version is newer; a deletion (a flag, its version
+                // kept) when the record is not already deleted.
+                let mut upsert = tx
                     .prepare_cached(
                         "INSERT INTO opportunities (id, status, version, deleted, modified_on, attempts,
                              created_at, updated_at, status_since)
-                         VALUES (?1, 'pending', ?2, ?3, ?4, 0, ?5, ?5, ?5)
+                         VALUES (?1, 'pending', ?2, 0, ?3, 0, ?4, ?4, ?4)
                          ON CONFLICT (id) DO UPDATE SET
-                             status = 'pending', version = excluded.version, deleted = excluded.deleted,
+                             status = 'pending', version = excluded.version, deleted = 0,
                              modified_on = excluded.modified_on, attempts = 0, err_operation = NULL,
                              err_code = NULL, err_message = NULL, claim_token = NULL, claim_until = NULL,
                              updated_at = excluded.updated_at,
@@ -141,16 +143,26 @@ impl StateStore for SqliteStore {
                          WHERE opportunities.version < excluded.version",
                     )
                     .map_err(sql)?;
+                let mut delete = tx
+                    .prepare_cached(
+                        "INSERT INTO opportunities (id, status, version, deleted, modified_on, attempts,
+                             created_at, updated_at, status_since)
+                         VALUES (?1, 'pending', 0, 1, NULL, 0, ?2, ?2, ?2)
+                         ON CONFLICT (id) DO UPDATE SET
+                             status = 'pending', deleted = 1, modified_on = NULL, attempts = 0,
+                             err_operation = NULL, err_code = NULL, err_message = NULL, claim_token = NULL,
+                             claim_until = NULL, updated_at = excluded.updated_at,
+                             status_since = CASE WHEN status = 'pending' THEN status_since ELSE excluded.status_since END
+                         WHERE opportunities.deleted = 0",
+                    )
+                    .map_err(sql)?;
                 for change in &changes {
-                    let n = stmt
-                        .execute(params![
-                            change.id.to_string(),
-                            change.version,
-                            change.deleted,
-                            change.modified_on,
-                            now
-                        ])
-                        .map_err(sql)?;
+                    let n = if change.deleted {
+                        delete.execute(params![change.id.to_string(), now])
+                    } else {
+                        upsert.execute(params![change.id.to_string(), change.version, change.modified_on, now])
+                    }
+                    .map_err(sql)?;
                     outcomes.push(if n == 1 { MarkOutcome::Recorded } else { MarkOutcome::Stale });
                 }
             }
@@ -164,8 +176,9 @@ impl StateStore for SqliteStore {
         self.run(move |c| {
             let n = c
                 .execute(
-                    "UPDATE opportunities SET status = 'pending', claim_token = NULL, claim_until = NULL,
-                         attempts = 0, updated_at = ?2, status_since = ?2
+                    // Dynamics is read again: a restored record is written, a missing one deleted.
+                    "UPDATE opportunities SET status = 'pending', deleted = 0, claim_token = NULL,
+                         claim_until = NULL, attempts = 0, updated_at = ?2, status_since = ?2
                      WHERE id = ?1",
                     params![id.to_string(), now],
                 )

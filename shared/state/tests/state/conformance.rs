@@ -226,19 +226,49 @@ pub async fn out_of_order_versions_never_regress_a_record<S: StateStore>(store: 
     assert_eq!(store.get(id(1)).await.unwrap().unwrap().status_since, T0 + 2);
 }
 
-pub async fn a_deletion_outranks_every_version<S: StateStore>(store: S) {
+pub async fn a_deletion_is_a_flag_and_a_restored_record_is_recorded_again<S: StateStore>(store: S) {
     store.mark_pending(&[change(1, 5)], T0).await.unwrap();
     store
         .mark_pending(&[PendingChange::deleted(id(1))], T0 + 1)
         .await
         .unwrap();
-    assert_eq!(
-        store.mark_pending(&[change(1, 1_000_000)], T0 + 2).await.unwrap(),
-        [MarkOutcome::Stale]
-    );
     let state = store.get(id(1)).await.unwrap().unwrap();
     assert!(state.deleted);
     assert_eq!(state.modified_on, None);
+    // A version Dynamics had before the deletion is still stale...
+    assert_eq!(
+        store.mark_pending(&[change(1, 5)], T0 + 2).await.unwrap(),
+        [MarkOutcome::Stale]
+    );
+    // ...a deletion recorded twice changes nothing...
+    assert_eq!(
+        store.mark_pending(&[PendingChange::deleted(id(1))], T0 + 3).await.unwrap(),
+        [MarkOutcome::Stale]
+    );
+    // ...and the record Dataverse returns again (restored from its recycle bin, with its id and
+    // a new version) is live again.
+    assert_eq!(
+        store.mark_pending(&[change(1, 1_000_000)], T0 + 4).await.unwrap(),
+        [MarkOutcome::Recorded]
+    );
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert!(!state.deleted, "{state:?}");
+    assert_eq!((state.status, state.version), (Status::Pending, 1_000_000));
+    // A deletion of a record never seen is recorded too.
+    assert_eq!(
+        store.mark_pending(&[PendingChange::deleted(id(2))], T0 + 5).await.unwrap(),
+        [MarkOutcome::Recorded]
+    );
+}
+
+pub async fn a_requeued_deletion_is_read_again_not_deleted_again<S: StateStore>(store: S) {
+    store.mark_pending(&[change(1, 5)], T0).await.unwrap();
+    store.mark_pending(&[PendingChange::deleted(id(1))], T0 + 1).await.unwrap();
+    // Resync requeues: the transform reads Dynamics again, which decides (a restored record
+    // is written, a missing one deleted).
+    assert!(store.requeue(id(1), T0 + 2).await.unwrap());
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!((state.status, state.deleted), (Status::Pending, false));
 }
 
 pub async fn a_double_claim_fails_until_the_first_claim_expires<S: StateStore>(store: S) {
