@@ -425,10 +425,41 @@ async fn a_deleted_opportunity_restored_in_dynamics_returns_to_marketo() {
     assert_eq!(d.state(&deal).await.status, Status::Deleted);
 
     let lookups: Vec<(&str, &'static str)> = row.lookups.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    sims.dv.upsert(Table::Opportunities, &deal, Value::Object(row.attributes.clone()), &lookups);
+    sims.dv.upsert(
+        Table::Opportunities,
+        &deal,
+        Value::Object(row.attributes.clone()),
+        &lookups,
+    );
     sync(&mut d).await;
     assert_eq!(field(&sims, &deal, "name"), Some(json!("E2E deal 1")), "restored");
     assert_eq!(roles_of(&sims, &deal).len(), 2, "with its roles");
     assert_eq!(d.state(&deal).await.status, Status::Synced);
+    assert_marketo_matches_dynamics(&sims);
+}
+
+#[tokio::test]
+async fn a_contact_whose_email_changed_keeps_one_role_on_its_new_lead() {
+    let sims = sims().await;
+    let acme = account(&sims, 1, "Acme");
+    let buyer = contact(&sims, 1, "buyer@acme.example", Some((&acme, "account")));
+    let deal = opportunity(&sims, 1, Customer::Contact(&buyer), json!({}));
+    let mut d = Deployment::cold_start_with(&sims, "").await;
+    sync(&mut d).await;
+    assert_eq!(roles_of(&sims, &deal).len(), 1);
+
+    // The buyer's email changes together with an edit of the opportunity.
+    sims.dv.upsert(
+        Table::Contacts,
+        &buyer,
+        json!({"emailaddress1": "pat.buyer@acme.example"}),
+        &[],
+    );
+    sims.dv
+        .upsert(Table::Opportunities, &deal, json!({"estimatedvalue": 4242}), &[]);
+    sync(&mut d).await;
+    let roles = roles_of(&sims, &deal);
+    assert_eq!(roles.len(), 1, "one Potential Customer role, not two: {roles:?}");
+    assert_eq!(roles[0].0, "pat.buyer@acme.example", "on the new email's lead");
     assert_marketo_matches_dynamics(&sims);
 }

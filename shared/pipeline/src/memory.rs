@@ -78,6 +78,15 @@ impl MemoryDataverse {
         t.opportunities.insert(id, row);
     }
 
+    /// Replaces a contact row (a changed email, say). Contacts are not change-tracked by the
+    /// pipeline: the change reaches Marketo with the next change to an opportunity naming it.
+    pub fn upsert_contact(&self, row: Value) {
+        let mut t = guard(&self.0);
+        let id = key_of(EntitySet::Contacts, &row);
+        t.contacts.retain(|c| key_of(EntitySet::Contacts, c) != id);
+        t.contacts.push(row);
+    }
+
     /// Deletes an opportunity; the change feed reports the deletion.
     pub fn delete_opportunity(&self, id: &str) {
         let mut t = guard(&self.0);

@@ -5,10 +5,16 @@ use super::*;
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     pub(crate) async fn delete_roles(&self, works: &mut [Work]) -> Option<MarketoError> {
         let mut keys = Vec::new();
-        let mut owners = Vec::new();
+        // Whose key each is: (work, the (contact, role) to forget once deleted — none for a
+        // replaced role, whose (contact, role) now names the role on the current lead).
+        let mut owners: Vec<(usize, Option<(ContactId, String)>)> = Vec::new();
         for (index, work) in works.iter_mut().enumerate() {
             if !work.ok() {
                 continue;
+            }
+            for key in work.replaced.drain(..) {
+                keys.push(key);
+                owners.push((index, None));
             }
             for gone in &work.plan.role_deletions {
                 // The lead id recorded when the role was written; fall back to the one in state.
@@ -22,7 +28,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                             lead_id,
                             role: gone.role.clone(),
                         });
-                        owners.push((index, gone.contact, gone.role.clone()));
+                        owners.push((index, Some((gone.contact, gone.role.clone()))));
                     }
                     None => {
                         tracing::warn!(
@@ -39,7 +45,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         }
         match self.marketo.delete_roles(&keys).await {
             Ok(outcomes) => {
-                for ((index, contact, role), (key, outcome)) in owners.into_iter().zip(keys.iter().zip(outcomes)) {
+                for ((index, forget), (key, outcome)) in owners.into_iter().zip(keys.iter().zip(outcomes)) {
                     let work = &mut works[index];
                     work.answers.push(Answer {
                         operation: Operation::RoleDelete.name(),
@@ -52,13 +58,15 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         work.fail(error, retryable);
                     } else {
                         work.touched = true;
-                        work.roles.remove(&(contact, role));
+                        if let Some(forget) = forget {
+                            work.roles.remove(&forget);
+                        }
                     }
                 }
                 None
             }
             Err(e) => {
-                let involved: BTreeSet<usize> = owners.iter().map(|(i, _, _)| *i).collect();
+                let involved: BTreeSet<usize> = owners.iter().map(|(i, _)| *i).collect();
                 let affected = works
                     .iter_mut()
                     .enumerate()

@@ -84,6 +84,10 @@ pub(crate) struct Work {
     /// An error that does not stop the other writes (a duplicate lead), recorded at the end.
     pub(crate) soft_error: Option<SyncError>,
     pub(crate) roles: BTreeMap<(ContactId, String), Option<i64>>,
+    /// Roles written on a lead the contact no longer maps to (its email changed, its leads were
+    /// merged): the role now on the current lead replaced them, so they are deleted in the same
+    /// write.
+    pub(crate) replaced: Vec<RoleKey>,
     pub(crate) guid: Option<String>,
     pub(crate) company_done: bool,
     pub(crate) touched: bool,
@@ -138,6 +142,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         plan,
                         error: None,
                         soft_error: None,
+                        replaced: Vec::new(),
                         company_done: false,
                         touched: false,
                         answers: Vec::new(),

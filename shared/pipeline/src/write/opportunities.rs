@@ -143,7 +143,15 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         work.fail(error, retryable);
                     } else {
                         work.touched = true;
-                        work.roles.insert((contact, role), Some(record.key.lead_id));
+                        // The role was on another lead before: that one goes (deletions step).
+                        if let Some(Some(old)) = work.roles.insert((contact, role), Some(record.key.lead_id))
+                            && old != record.key.lead_id
+                        {
+                            work.replaced.push(RoleKey {
+                                lead_id: old,
+                                ..record.key.clone()
+                            });
+                        }
                     }
                 }
                 None

@@ -192,7 +192,10 @@ async fn a_deleted_opportunity_restored_in_dynamics_comes_back_with_its_roles() 
     let (dv, mk) = (dataverse(&[3]), MemoryMarketo::default());
     let p = pipeline(&dv, &mk);
     sync(&p).await;
-    let row = rows("opportunities.json").into_iter().find(|r| r["opportunityid"] == o(3).as_str()).unwrap();
+    let row = rows("opportunities.json")
+        .into_iter()
+        .find(|r| r["opportunityid"] == o(3).as_str())
+        .unwrap();
     let roles_before = mk.holds().roles.len();
     assert!(roles_before > 0);
     dv.delete_opportunity(&o(3));
@@ -206,6 +209,55 @@ async fn a_deleted_opportunity_restored_in_dynamics_comes_back_with_its_roles() 
     assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
     let holds = mk.holds();
     assert!(holds.opportunities.contains_key(&o(3)), "{holds:?}");
-    assert_eq!(holds.roles.len(), roles_before, "its roles came back too: {:?}", holds.roles);
+    assert_eq!(
+        holds.roles.len(),
+        roles_before,
+        "its roles came back too: {:?}",
+        holds.roles
+    );
     assert_eq!(status(&p, 3).await, Status::Synced);
+}
+
+#[tokio::test]
+async fn a_contact_whose_email_changed_keeps_one_role_on_its_new_lead() {
+    // Opportunity 3's customer is Grace (grace@navy.example). Her email changes together with an
+    // edit of the opportunity: her role moves to the lead for the new email, and the role on the
+    // old lead is deleted, not left beside it.
+    let (dv, mk) = (dataverse(&[3]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    sync(&p).await;
+    let holds = mk.holds();
+    let old_lead = holds
+        .roles
+        .keys()
+        .find(|k| k.external_opportunity_id == o(3))
+        .unwrap()
+        .lead_id;
+    let mut grace = rows("contacts.json")
+        .into_iter()
+        .find(|c| c["emailaddress1"] == "grace@navy.example")
+        .unwrap();
+    grace["emailaddress1"] = json!("grace.hopper@navy.example");
+    dv.upsert_contact(grace);
+    let mut row = rows("opportunities.json")
+        .into_iter()
+        .find(|r| r["opportunityid"] == o(3).as_str())
+        .unwrap();
+    row["versionnumber"] = json!(row["versionnumber"].as_i64().unwrap_or(0) + 10);
+    row["estimatedvalue"] = json!(4242);
+    dv.upsert_opportunity(row);
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    let holds = mk.holds();
+    let roles: Vec<&RoleKey> = holds
+        .roles
+        .keys()
+        .filter(|k| k.external_opportunity_id == o(3))
+        .collect();
+    assert_eq!(roles.len(), 1, "one Potential Customer role, not two: {roles:?}");
+    assert_ne!(roles[0].lead_id, old_lead, "on the new email's lead");
+    assert_eq!(
+        holds.leads[&roles[0].lead_id]["email"],
+        json!("grace.hopper@navy.example")
+    );
 }

@@ -242,7 +242,10 @@ pub async fn a_deletion_is_a_flag_and_a_restored_record_is_recorded_again<S: Sta
     );
     // ...a deletion recorded twice changes nothing...
     assert_eq!(
-        store.mark_pending(&[PendingChange::deleted(id(1))], T0 + 3).await.unwrap(),
+        store
+            .mark_pending(&[PendingChange::deleted(id(1))], T0 + 3)
+            .await
+            .unwrap(),
         [MarkOutcome::Stale]
     );
     // ...and the record Dataverse returns again (restored from its recycle bin, with its id and
@@ -256,14 +259,20 @@ pub async fn a_deletion_is_a_flag_and_a_restored_record_is_recorded_again<S: Sta
     assert_eq!((state.status, state.version), (Status::Pending, 1_000_000));
     // A deletion of a record never seen is recorded too.
     assert_eq!(
-        store.mark_pending(&[PendingChange::deleted(id(2))], T0 + 5).await.unwrap(),
+        store
+            .mark_pending(&[PendingChange::deleted(id(2))], T0 + 5)
+            .await
+            .unwrap(),
         [MarkOutcome::Recorded]
     );
 }
 
 pub async fn a_requeued_deletion_is_read_again_not_deleted_again<S: StateStore>(store: S) {
     store.mark_pending(&[change(1, 5)], T0).await.unwrap();
-    store.mark_pending(&[PendingChange::deleted(id(1))], T0 + 1).await.unwrap();
+    store
+        .mark_pending(&[PendingChange::deleted(id(1))], T0 + 1)
+        .await
+        .unwrap();
     // Resync requeues: the transform reads Dynamics again, which decides (a restored record
     // is written, a missing one deleted).
     assert!(store.requeue(id(1), T0 + 2).await.unwrap());
