@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use oppsync_dynamics::{DataverseClient, DataverseError, DataverseSettings, EntitySet};
+use oppsync_mapping::OpportunityId;
 use oppsync_marketo::Operation as E;
 use oppsync_marketo::{
     Limiter, LimiterSettings, MarketoClient, MarketoError, MarketoSettings, RecordStatus, RoleKey, RoleRecord, Secret,
@@ -556,4 +557,24 @@ async fn dataverse_an_absurd_token_lifetime_does_not_panic() {
     client.probe(EntitySet::Opportunities).await.unwrap();
     client.probe(EntitySet::Opportunities).await.unwrap();
     assert_eq!(server.seen_at(TOKEN).len(), 1, "the token is reused");
+}
+
+#[tokio::test]
+async fn dataverse_a_collection_without_its_value_array_is_an_error_not_zero_rows() {
+    // Zero rows would plan deletes for the whole batch and let a deletion scan mark every
+    // record deleted: an answer that is not a collection must stop the read instead.
+    let server = Canned::start().await;
+    let client = dataverse(&server);
+    server.reply(
+        "/api/data/v9.2/opportunities",
+        Reply::json(json!({"@odata.context": "x"})),
+    );
+    let ids: Vec<OpportunityId> = vec![OpportunityId::parse("0b000000-0000-4000-8000-000000000001").unwrap()];
+    let err = client.opportunities(&ids, &["name"]).await.unwrap_err();
+    assert!(
+        matches!(err, DataverseError::Decode(_)) && err.to_string().contains("value"),
+        "{err}"
+    );
+    let err = client.all_ids(EntitySet::Opportunities).await.unwrap_err();
+    assert!(matches!(err, DataverseError::Decode(_)), "{err}");
 }

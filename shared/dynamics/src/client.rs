@@ -267,9 +267,16 @@ impl DataverseClient {
     pub(crate) async fn all_pages(&self, mut url: Url, prefer: &[&str]) -> Result<Vec<Value>, DataverseError> {
         let mut rows = Vec::new();
         loop {
+            let path = url.path().to_owned();
             let body = self.get(url, prefer).await?;
-            if let Some(Value::Array(values)) = body.get("value") {
-                rows.extend(values.iter().cloned());
+            // Absent is not empty: zero rows would plan deletes for a whole batch.
+            match body.get("value") {
+                Some(Value::Array(values)) => rows.extend(values.iter().cloned()),
+                _ => {
+                    return Err(DataverseError::Decode(format!(
+                        "a collection answer without its `value` array (from {path})"
+                    )));
+                }
             }
             match body["@odata.nextLink"].as_str() {
                 Some(next) => url = Url::parse(next).map_err(|_| DataverseError::Decode(next.to_owned()))?,
