@@ -296,6 +296,21 @@ impl DataverseClient {
         self.get(url, &[]).await.map(|_| ())
     }
 
+    /// Whether a row exists, read by its key (`{set}({id})`): a 404 says it does not. This
+    /// confirms a row a batch read did not return before anything is deleted for it.
+    pub async fn exists(&self, set: EntitySet, id: &str) -> Result<bool, DataverseError> {
+        let mut url = self
+            .api
+            .join(&format!("{}({id})", set.name()))
+            .map_err(|e| DataverseError::Settings(e.to_string()))?;
+        url.query_pairs_mut().append_pair("$select", set.key());
+        match self.get(url, &[]).await {
+            Ok(_) => Ok(true),
+            Err(DataverseError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Whether change tracking is on for a table, from its metadata
     /// (`EntityDefinitions(LogicalName='…')?$select=ChangeTrackingEnabled`).
     pub async fn change_tracking_enabled(&self, set: EntitySet) -> Result<bool, DataverseError> {

@@ -37,6 +37,8 @@ pub trait DataversePort: Clone + Send + Sync + 'static {
         ids: &[OpportunityId],
         select: &[&str],
     ) -> impl Future<Output = Result<Vec<Value>, DataverseError>> + Send;
+    /// Whether an opportunity exists, read by its key (confirms a row a batch read missed).
+    fn opportunity_exists(&self, id: OpportunityId) -> impl Future<Output = Result<bool, DataverseError>> + Send;
     /// Everything the mapping needs for a batch: customers, stakeholders, accounts.
     fn related(
         &self,
@@ -107,6 +109,9 @@ impl DataversePort for DataverseClient {
         select: &[&str],
     ) -> impl Future<Output = Result<Vec<Value>, DataverseError>> + Send {
         DataverseClient::opportunities(self, ids, select)
+    }
+    async fn opportunity_exists(&self, id: OpportunityId) -> Result<bool, DataverseError> {
+        DataverseClient::exists(self, EntitySet::Opportunities, &id.to_string()).await
     }
     fn related(
         &self,

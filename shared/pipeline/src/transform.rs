@@ -116,6 +116,17 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 (None, Err(e)) => tracing::warn!(error = %e, "an opportunity row without a usable id"),
             }
         }
+        // Absent is not deleted: a live record the batch read did not return is read again by its
+        // key; only a 404 plans its delete. One that exists stops the batch (it is read again
+        // later) rather than deleting what Dynamics still holds.
+        for id in live.iter().filter(|id| !parsed.contains_key(id)) {
+            if self.dataverse.opportunity_exists(*id).await? {
+                return Err(DataverseError::Decode(format!(
+                    "opportunity {id} exists in Dataverse but its batch read left it out; the batch is read again later"
+                ))
+                .into());
+            }
+        }
         let opportunities: Vec<Opportunity> = parsed.values().filter_map(|r| r.as_ref().ok().cloned()).collect();
         let related = if opportunities.is_empty() {
             Related::default()
@@ -139,8 +150,9 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     match parsed.remove(id) {
                         Some(Ok(o)) => Change::Upserted(o),
                         Some(Err(e)) => return Err(e),
-                        // Not in Dataverse any more: deleted after the poll read it. The poll's
-                        // deletion record follows; planning the delete now is the same outcome.
+                        // Not in Dataverse any more (confirmed by its key above): deleted after
+                        // the poll read it. The poll's deletion record follows; planning the
+                        // delete now is the same outcome.
                         None => Change::Deleted(*id),
                     }
                 };

@@ -132,3 +132,23 @@ async fn in_requests_are_sized_from_the_encoded_url_with_room_for_a_skiptoken() 
         .unwrap_err();
     assert!(err.to_string().contains("32 KB"), "{err}");
 }
+
+#[tokio::test]
+async fn a_row_is_confirmed_by_its_key_and_a_404_says_it_is_gone() {
+    let sim = sim().await;
+    let seeded = sim.seed(2, 1, Mix::Realistic);
+    let client = client(&sim, 5);
+    assert!(
+        client
+            .exists(EntitySet::Opportunities, &seeded.opportunities[0])
+            .await
+            .unwrap()
+    );
+    sim.delete(Table::Opportunities, &seeded.opportunities[1]);
+    assert!(
+        !client
+            .exists(EntitySet::Opportunities, &seeded.opportunities[1])
+            .await
+            .unwrap()
+    );
+}

@@ -261,3 +261,24 @@ async fn a_contact_whose_email_changed_keeps_one_role_on_its_new_lead() {
         json!("grace.hopper@navy.example")
     );
 }
+
+#[tokio::test]
+async fn an_opportunity_a_batch_read_leaves_out_is_not_deleted_while_it_exists() {
+    let (dv, mk) = (dataverse(&[1, 3]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    sync(&p).await;
+    // Opportunity 3 changes, but the batch read that plans it leaves it out although it exists.
+    let mut row = rows("opportunities.json")
+        .into_iter()
+        .find(|r| r["opportunityid"] == o(3).as_str())
+        .unwrap();
+    row["versionnumber"] = json!(row["versionnumber"].as_i64().unwrap_or(0) + 10);
+    dv.upsert_opportunity(row);
+    dv.hide_from_batch_reads(&o(3));
+    p.poll(None).await.unwrap();
+    let err = p.drain(|_, _| {}).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(mk.holds().opportunities.contains_key(&o(3)), "not deleted from Marketo");
+    assert!(!mk.holds().calls.contains(&"opportunities.delete"));
+    assert_ne!(status(&p, 3).await, Status::Deleted);
+}
