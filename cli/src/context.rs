@@ -227,6 +227,7 @@ pub fn describe(e: &oppsync_pipeline::PipelineError) -> String {
         P::Dataverse(e) => format!("Dynamics: {e}"),
         P::Marketo(e) => format!("Marketo: {e}"),
         P::State(e) => format!("state store: {e}"),
+        P::Refused(message) => message.clone(),
     }
 }
 

@@ -21,6 +21,9 @@ pub struct SyncOptions {
     pub lease_ttl_seconds: u32,
     /// Open records untouched this long are requeued by the poller's sweep.
     pub stuck_after_minutes: u32,
+    /// A deletion scan that finds more than this share of the known opportunities gone (and
+    /// more than ten) stops and deletes nothing: a lost read permission looks like a purge.
+    pub max_deletion_percent: u32,
 }
 
 impl Default for SyncOptions {
@@ -30,6 +33,7 @@ impl Default for SyncOptions {
             claim_ttl_seconds: 300,
             lease_ttl_seconds: 120,
             stuck_after_minutes: 15,
+            max_deletion_percent: 20,
         }
     }
 }
@@ -123,7 +127,7 @@ fn sync_section(table: &toml::Table, problems: &mut Vec<String>) -> Option<SyncO
         Ok(o) => o,
         Err(e) => {
             problems.push(format!(
-                "sync: {}. Fix: the keys are batch_size, claim_ttl_seconds, lease_ttl_seconds and stuck_after_minutes",
+                "sync: {}. Fix: the keys are batch_size, claim_ttl_seconds, lease_ttl_seconds, stuck_after_minutes and max_deletion_percent",
                 e.message()
             ));
             return None;
@@ -152,6 +156,12 @@ fn sync_section(table: &toml::Table, problems: &mut Vec<String>) -> Option<SyncO
         problems.push(format!(
             "sync.stuck_after_minutes: {} minutes does not outlast a claim ({} s). Fix: make it longer than claim_ttl_seconds",
             options.stuck_after_minutes, options.claim_ttl_seconds
+        ));
+    }
+    if !(1..=100).contains(&options.max_deletion_percent) {
+        problems.push(format!(
+            "sync.max_deletion_percent: {} is outside 1..=100. Fix: the share of known opportunities one deletion scan may delete; 20 is the default",
+            options.max_deletion_percent
         ));
     }
     (problems.len() == before).then_some(options)

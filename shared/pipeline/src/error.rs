@@ -12,6 +12,9 @@ pub enum PipelineError {
     Marketo(#[from] MarketoError),
     #[error(transparent)]
     State(#[from] StateError),
+    /// A guard stopped the step before it did something that needs a person's look.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl PipelineError {
@@ -21,6 +24,7 @@ impl PipelineError {
             PipelineError::Dataverse(e) => e.is_retryable(),
             PipelineError::Marketo(e) => e.disposition().keeps_records_queued(),
             PipelineError::State(e) => e.is_retryable(),
+            PipelineError::Refused(_) => false,
         }
     }
 }

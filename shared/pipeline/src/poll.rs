@@ -351,12 +351,23 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 }
             }
         }
+        let known_count = known.len();
         let present = self.dataverse.all_ids(EntitySet::Opportunities).await?;
         let gone: Vec<PendingChange> = known
             .into_iter()
             .filter(|id| !present.contains(&id.to_string()))
             .map(PendingChange::deleted)
             .collect();
+        let limit = self.config.sync.max_deletion_percent as usize;
+        if gone.len() > 10 && gone.len() * 100 > known_count * limit {
+            return Err(PipelineError::Refused(format!(
+                "the deletion scan found {} of {known_count} known opportunities missing from Dataverse ({}%), over [sync] \
+                 max_deletion_percent ({limit}%); nothing was deleted. If the application user lost read access, fix its \
+                 security role; if the deletions are real, raise max_deletion_percent for the next run",
+                gone.len(),
+                gone.len() * 100 / known_count.max(1)
+            )));
+        }
         tracing::info!(deletions = gone.len(), "deletion scan");
         report.opportunity_changes += gone.len() as u64;
         self.mark(&gone, report, marked_now).await

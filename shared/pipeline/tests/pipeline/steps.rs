@@ -217,3 +217,34 @@ async fn the_daily_budget_stops_a_run_and_the_next_days_finish_it() {
     assert!(days >= 2, "the budget did stop the run ({days} days)");
     assert_marketo_matches_dynamics(&sims);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_scan_that_would_delete_too_much_stops_and_deletes_nothing() {
+    // A scan that finds most records gone is more likely a lost read permission than a purge:
+    // past [sync] max_deletion_percent it stops with a message and deletes nothing.
+    let sims = sims().await;
+    let seeded = sims.dv.seed(40, 8, Mix::Uniform);
+    let config =
+        "[dataverse]\nchange_detection = \"versionnumber\"\nfull_scan_every = 1\n[sync]\nmax_deletion_percent = 20\n";
+    let store = sqlite();
+    let p = pipeline(&sims, store.clone(), Config::from_toml(config, "test").unwrap());
+    sync(&p).await;
+    for id in &seeded.opportunities[..15] {
+        sims.dv.delete(Table::Opportunities, id);
+    }
+    let err = p.poll(None).await.unwrap_err();
+    let message = err.to_string();
+    assert!(!err.is_retryable(), "{message}");
+    assert!(
+        message.contains("15 of 40") && message.contains("max_deletion_percent"),
+        "{message}"
+    );
+    assert_eq!(store.counts().await.unwrap().get(Status::Deleted), 0, "nothing deleted");
+    assert_eq!(sims.mk.snapshot().opportunities.len(), 40);
+    // With the limit raised (the deletions are real), the same scan deletes them.
+    let raised = Config::from_toml(&config.replace("= 20", "= 50"), "test").unwrap();
+    let q = pipeline(&sims, store.clone(), raised);
+    sync(&q).await;
+    assert_eq!(store.counts().await.unwrap().get(Status::Deleted), 15);
+    assert_eq!(sims.mk.snapshot().opportunities.len(), 25);
+}
