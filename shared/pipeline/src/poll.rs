@@ -451,9 +451,15 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             'pages: loop {
                 let listed = self.store.list(status, 500, page.as_deref()).await?;
                 for item in &listed.items {
-                    // Oldest first: once one is recent, the rest are too.
-                    if item.updated_at > cutoff {
+                    // The view lists oldest in its status first: once one entered its status
+                    // after the cutoff, so did the rest, and none can be stuck.
+                    if item.status_since > cutoff {
                         break 'pages;
+                    }
+                    // Waiting long but touched lately (a newer version, a retry): not stuck,
+                    // and not a reason to stop looking at the ones behind it.
+                    if item.updated_at > cutoff {
+                        continue;
                     }
                     if item.claim_until.is_none_or(|until| until <= now) && self.store.requeue(item.id, now).await? {
                         tracing::warn!(opportunity = %item.id, status = %status, "requeued a stuck record");

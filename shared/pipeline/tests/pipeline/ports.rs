@@ -282,3 +282,46 @@ async fn an_opportunity_a_batch_read_leaves_out_is_not_deleted_while_it_exists()
     assert!(!mk.holds().calls.contains(&"opportunities.delete"));
     assert_ne!(status(&p, 3).await, Status::Deleted);
 }
+
+#[tokio::test]
+async fn the_sweep_skips_a_recently_touched_record_instead_of_stopping_at_it() {
+    // The open views list oldest-in-status first, not least-recently-touched first: a record
+    // waiting long but touched lately must not hide the stuck ones behind it.
+    use oppsync_state::PendingChange;
+    let t0: i64 = 1_764_590_400_000;
+    let minute = 60_000;
+    let store = sqlite();
+    let (a, b) = (
+        OpportunityId::parse(&o(1)).unwrap(),
+        OpportunityId::parse(&o(3)).unwrap(),
+    );
+    store
+        .mark_pending(&[PendingChange::upserted(a, 1, None)], t0)
+        .await
+        .unwrap();
+    store
+        .mark_pending(&[PendingChange::upserted(b, 1, None)], t0 + 1_000)
+        .await
+        .unwrap();
+    // A newer version of A: still pending since t0, but touched at t0 + 20 minutes.
+    store
+        .mark_pending(&[PendingChange::upserted(a, 2, None)], t0 + 20 * minute)
+        .await
+        .unwrap();
+    let now = t0 + 20 * minute + 1_000;
+    let p = Pipeline::new(
+        store.clone(),
+        dataverse(&[]),
+        MemoryMarketo::default(),
+        Config::default(),
+        "sweep",
+    )
+    .with_clock(std::sync::Arc::new(move || now));
+    assert_eq!(
+        p.sweep_stuck().await.unwrap(),
+        1,
+        "B, stuck for 20 minutes, is requeued"
+    );
+    let b_state = store.get(b).await.unwrap().unwrap();
+    assert_eq!(b_state.updated_at, now);
+}
