@@ -41,7 +41,10 @@ mod opportunities;
 mod roles;
 mod server;
 
-use server::{Kind, Refusal, inputs, lead_skipped, new_guid, record_fault, refusal, routes, skipped, unknown_field};
+use server::{
+    Kind, RecordChecks, Refusal, check_record, inputs, lead_skipped, new_guid, record_fault, refusal, routes, skipped,
+    unknown_field,
+};
 
 fn parse_query(text: &str) -> HashMap<String, String> {
     decode_pairs(text).into_iter().collect()

@@ -3,6 +3,20 @@
 use super::roles::role_key;
 use super::*;
 
+const OPPORTUNITY_CHECKS: RecordChecks<'static, String> = RecordChecks {
+    read_only_with_crm: true,
+    key: |r| {
+        r.get("externalOpportunityId")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    },
+    missing_key: "Value for required field 'externalOpportunityId' not specified",
+    duplicate: "Duplicate externalOpportunityId in input",
+    fields: STANDARD_OPPORTUNITY_FIELDS,
+    custom_fields: |c| &c.custom_opportunity_fields,
+    fault_key: |k| k.clone(),
+};
+
 /// Sync Opportunities (opportunities page, "Create and Update"): `action` createOrUpdate by
 /// default, `externalOpportunityId` required, `name` not null on create; results with `seq` and
 /// `marketoGUID`. Read-only with native CRM sync: each record skipped with 1018.
@@ -12,38 +26,13 @@ pub(super) fn opportunity_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>
     let mut seen = std::collections::HashSet::new();
     let mut results = Vec::with_capacity(input.len());
     for (seq, record) in input.iter().enumerate() {
-        let Some(record) = record.as_object() else {
-            results.push(skipped(seq, "1003", "Invalid record"));
-            continue;
+        let (record, key) = match check_record(g, seq, record, &mut seen, &OPPORTUNITY_CHECKS) {
+            Ok(checked) => checked,
+            Err(skip) => {
+                results.push(skip);
+                continue;
+            }
         };
-        if g.config.crm_enabled {
-            results.push(skipped(seq, "1018", "CRM Enabled"));
-            continue;
-        }
-        let Some(key) = record
-            .get("externalOpportunityId")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
-            results.push(skipped(
-                seq,
-                "1003",
-                "Value for required field 'externalOpportunityId' not specified",
-            ));
-            continue;
-        };
-        if !seen.insert(key.clone()) {
-            results.push(skipped(seq, "1036", "Duplicate externalOpportunityId in input"));
-            continue;
-        }
-        if let Some(field) = unknown_field(record, STANDARD_OPPORTUNITY_FIELDS, &g.config.custom_opportunity_fields) {
-            results.push(skipped(seq, "1006", &format!("Field '{field}' not found")));
-            continue;
-        }
-        if let Some(code) = record_fault(g, &key) {
-            results.push(skipped(seq, code, "Injected record fault"));
-            continue;
-        }
         if key.chars().count() > 50 {
             results.push(skipped(seq, "1003", "externalOpportunityId longer than 50"));
             continue;

@@ -10,6 +10,16 @@ pub(super) fn role_key(record: &Map<String, Value>) -> Option<(String, i64, Stri
     ))
 }
 
+const ROLE_CHECKS: RecordChecks<'static, (String, i64, String)> = RecordChecks {
+    read_only_with_crm: false,
+    key: role_key,
+    missing_key: "externalOpportunityId, leadId and role are required",
+    duplicate: "Duplicate role in input",
+    fields: ROLE_FIELDS,
+    custom_fields: |_| &[],
+    fault_key: |k| format!("{}|{}|{}", k.0, k.1, k.2),
+};
+
 /// Sync Opportunity Roles (opportunity-roles page, "Create and Update"): keyed by
 /// (externalOpportunityId, leadId, role); the opportunity and the lead must exist (the codes for
 /// a missing one are unconfirmed: 1013, 1004); results with `seq` and `marketoGUID`.
@@ -18,30 +28,13 @@ pub(super) fn role_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refus
     let mut seen = std::collections::HashSet::new();
     let mut results = Vec::with_capacity(input.len());
     for (seq, record) in input.iter().enumerate() {
-        let Some(record) = record.as_object() else {
-            results.push(skipped(seq, "1003", "Invalid record"));
-            continue;
+        let (record, key) = match check_record(g, seq, record, &mut seen, &ROLE_CHECKS) {
+            Ok(checked) => checked,
+            Err(skip) => {
+                results.push(skip);
+                continue;
+            }
         };
-        let Some(key) = role_key(record) else {
-            results.push(skipped(
-                seq,
-                "1003",
-                "externalOpportunityId, leadId and role are required",
-            ));
-            continue;
-        };
-        if !seen.insert(key.clone()) {
-            results.push(skipped(seq, "1036", "Duplicate role in input"));
-            continue;
-        }
-        if let Some(field) = unknown_field(record, ROLE_FIELDS, &[]) {
-            results.push(skipped(seq, "1006", &format!("Field '{field}' not found")));
-            continue;
-        }
-        if let Some(code) = record_fault(g, &format!("{}|{}|{}", key.0, key.1, key.2)) {
-            results.push(skipped(seq, code, "Injected record fault"));
-            continue;
-        }
         if key.2.chars().count() > 50 {
             results.push(skipped(seq, "1003", "role longer than 50"));
             continue;

@@ -411,6 +411,50 @@ pub(super) fn inputs<'a>(g: &Inner, body: &'a Value) -> Result<&'a Vec<Value>, R
     Ok(input)
 }
 
+/// How one kind of keyed write checks a record before it touches the data.
+pub(super) struct RecordChecks<'a, K> {
+    /// Native CRM sync makes the object read-only (opportunities, companies): skip with 1018.
+    pub read_only_with_crm: bool,
+    pub key: fn(&Map<String, Value>) -> Option<K>,
+    pub missing_key: &'a str,
+    pub duplicate: &'a str,
+    pub fields: &'a [&'a str],
+    pub custom_fields: fn(&MarketoConfig) -> &[String],
+    /// The key a scheduled record fault names.
+    pub fault_key: fn(&K) -> String,
+}
+
+/// The checks every keyed write makes of a record, in one order: a JSON object, native CRM
+/// sync (1018), the key (1003), the key once per input (1036, error-codes page), known fields
+/// (1006), then any fault scheduled for it. `Err` is the skip to answer with.
+pub(super) fn check_record<'r, K: Clone + Eq + std::hash::Hash>(
+    g: &mut Inner,
+    seq: usize,
+    record: &'r Value,
+    seen: &mut std::collections::HashSet<K>,
+    checks: &RecordChecks<'_, K>,
+) -> Result<(&'r Map<String, Value>, K), Value> {
+    let Some(record) = record.as_object() else {
+        return Err(skipped(seq, "1003", "Invalid record"));
+    };
+    if checks.read_only_with_crm && g.config.crm_enabled {
+        return Err(skipped(seq, "1018", "CRM Enabled"));
+    }
+    let Some(key) = (checks.key)(record) else {
+        return Err(skipped(seq, "1003", checks.missing_key));
+    };
+    if !seen.insert(key.clone()) {
+        return Err(skipped(seq, "1036", checks.duplicate));
+    }
+    if let Some(field) = unknown_field(record, checks.fields, (checks.custom_fields)(&g.config)) {
+        return Err(skipped(seq, "1006", &format!("Field '{field}' not found")));
+    }
+    if let Some(code) = record_fault(g, &(checks.fault_key)(&key)) {
+        return Err(skipped(seq, code, "Injected record fault"));
+    }
+    Ok((record, key))
+}
+
 /// A record fault for this key, consumed.
 pub(super) fn record_fault(g: &mut Inner, key: &str) -> Option<&'static str> {
     if let Some(chaos) = g.config.chaos
