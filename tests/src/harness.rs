@@ -176,3 +176,8 @@ pub fn dynamics_secret(sims: &Sims) -> String {
 pub fn marketo_secret(sims: &Sims) -> String {
     json!({"url": sims.mk.url(), "clientId": sims.mk.client_id(), "clientSecret": sims.mk.client_secret()}).to_string()
 }
+
+/// A Lambda invocation deadline far enough away not to matter.
+pub fn far() -> std::time::Instant {
+    std::time::Instant::now() + std::time::Duration::from_secs(900)
+}

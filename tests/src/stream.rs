@@ -99,15 +99,20 @@ impl StreamReader {
 }
 
 /// Whether `record` passes a Lambda filter pattern of the form the template uses: objects
-/// nest, and an array lists the values a field may have.
+/// nest, an array lists what a leaf may be (a value, or `{"exists": bool}`, which the Lambda
+/// filtering page allows on leaf nodes only and which matches a missing field when false).
 pub fn matches(pattern: &Value, record: &Value) -> bool {
+    matches_at(pattern, Some(record))
+}
+
+fn matches_at(pattern: &Value, value: Option<&Value>) -> bool {
     match pattern {
-        Value::Object(fields) => fields.iter().all(|(k, p)| match record.get(k) {
-            Some(v) => matches(p, v),
-            None => false,
+        Value::Object(fields) => fields.iter().all(|(k, p)| matches_at(p, value.and_then(|v| v.get(k)))),
+        Value::Array(allowed) => allowed.iter().any(|a| match a.get("exists").and_then(Value::as_bool) {
+            Some(exists) => exists == value.is_some_and(|v| !v.is_object() && !v.is_array()),
+            None => value == Some(a),
         }),
-        Value::Array(allowed) => allowed.contains(record),
-        other => other == record,
+        other => value == Some(other),
     }
 }
 

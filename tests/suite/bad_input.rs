@@ -75,7 +75,9 @@ async fn the_catalogue() {
     for (handler, payload, names) in events() {
         let result = match handler {
             "transformer" => oppsync_lambda::transform(&p, payload.clone()).await.err(),
-            "writer" => oppsync_lambda::write(&p, payload.clone()).await.err(),
+            "writer" => oppsync_lambda::write(&p, payload.clone(), oppsync_tests::harness::far())
+                .await
+                .err(),
             "resync" => oppsync_lambda::resync(&p, payload.clone()).await.err(),
             _ => oppsync_lambda::poll(&p, payload.clone(), std::time::Instant::now())
                 .await

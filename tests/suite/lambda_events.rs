@@ -112,7 +112,9 @@ async fn malformed_stream_events_get_a_clear_non_retryable_error_and_change_noth
         for handler in ["transformer", "writer"] {
             let result = match handler {
                 "transformer" => oppsync_lambda::transform(&p, payload.clone()).await.map(|_| ()),
-                _ => oppsync_lambda::write(&p, payload.clone()).await.map(|_| ()),
+                _ => oppsync_lambda::write(&p, payload.clone(), oppsync_tests::harness::far())
+                    .await
+                    .map(|_| ()),
             };
             let e = result.expect_err("a malformed event is an error");
             assert!(matches!(e, HandlerError::BadEvent { .. }), "{e:?}");
@@ -133,7 +135,9 @@ async fn a_batch_with_nothing_for_the_function_answers_with_no_failures_and_no_c
     let sims = sims().await;
     let p = pipeline(&sims, sqlite(), Config::default());
     let event = json!({"Records": [record("MODIFY", "cursor#connections", None, 1)]});
-    let handled = oppsync_lambda::write(&p, event.clone()).await.unwrap();
+    let handled = oppsync_lambda::write(&p, event.clone(), oppsync_tests::harness::far())
+        .await
+        .unwrap();
     assert!(handled.response.batch_item_failures.is_empty());
     let handled = oppsync_lambda::transform(&p, event).await.unwrap();
     assert_eq!(

@@ -4,6 +4,8 @@
 //! patterns and cut to its batch sizes, with failed records redelivered as Lambda does.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use oppsync_lambda::coldstart::{self, ColdStartError, Env};
@@ -33,6 +35,8 @@ fn env(table: &str, dynamics_arn: &str, marketo_arn: &str, config: &str) -> Env 
 /// What Lambda does with the two stream consumers.
 pub(crate) struct Deployment {
     pub(crate) pipeline: Pipeline<DynamoStore>,
+    /// How far the functions' clock runs ahead of the wall clock (retry waits pass at once).
+    skew: Arc<AtomicI64>,
     reader: StreamReader,
     pending: (Value, usize),
     ready: (Value, usize),
@@ -60,10 +64,17 @@ impl Deployment {
             &secret(&marketo_secret(sims)).await,
             config,
         );
-        let pipeline = coldstart::build(&env, &aws()).await.unwrap();
+        let skew = Arc::new(AtomicI64::new(0));
+        let ahead = Arc::clone(&skew);
+        let wall = oppsync_pipeline::system_clock();
+        let pipeline = coldstart::build(&env, &aws())
+            .await
+            .unwrap()
+            .with_clock(Arc::new(move || wall() + ahead.load(Ordering::SeqCst)));
         let t = template::load();
         Deployment {
             pipeline,
+            skew,
             reader,
             pending: template::stream_source(&t, "TransformerFunction", "Pending"),
             ready: template::stream_source(&t, "WriterFunction", "Ready"),
@@ -71,6 +82,11 @@ impl Deployment {
             redelivered: Vec::new(),
             history: Vec::new(),
         }
+    }
+
+    /// Moves the functions' clock forward.
+    pub(crate) fn advance(&self, ms: i64) {
+        self.skew.fetch_add(ms, Ordering::SeqCst);
     }
 
     pub(crate) async fn poll(&mut self) {
@@ -106,7 +122,9 @@ impl Deployment {
             let handled: Handled<BatchResponse> = if transformer {
                 oppsync_lambda::transform(&self.pipeline, event.clone()).await.unwrap()
             } else {
-                oppsync_lambda::write(&self.pipeline, event.clone()).await.unwrap()
+                oppsync_lambda::write(&self.pipeline, event.clone(), oppsync_tests::harness::far())
+                    .await
+                    .unwrap()
             };
             self.emitted.extend(handled.metrics.counts.keys().cloned());
             self.emitted.extend(handled.metrics.millis.keys().cloned());
@@ -158,8 +176,8 @@ impl Deployment {
 /// WHEN the poller's handler runs and the stream drives the transformer and the writer
 /// THEN Marketo matches Dynamics record by record, in ⌈n/300⌉ opportunity calls; and an
 /// incremental round writes only what changed, skips an unchanged save, deletes a deleted
-/// opportunity, redelivers a transient per-record failure until it succeeds, and puts a
-/// permanent one in the error ledger.
+/// opportunity, retries a transient per-record failure after its backoff (not by an immediate
+/// redelivery) until it succeeds, and puts a permanent one in the error ledger.
 #[tokio::test]
 async fn the_functions_sync_dynamics_into_marketo_over_the_real_stream() {
     let sims = sims().await;
@@ -212,13 +230,34 @@ async fn the_functions_sync_dynamics_into_marketo_over_the_real_stream() {
         "deleted in Marketo"
     );
     assert_eq!(d.state(&o(3)).await.status, Status::Deleted);
+    // The transient failure waits out its backoff in the state: its image carries `retry_at`,
+    // which the writer's filter skips, and it is not handed back for an immediate redelivery.
+    let waiting = d.state(&o(4)).await;
+    assert_eq!((waiting.status, waiting.attempts), (Status::Ready, 1));
+    let retry_at = waiting.retry_at.expect("a retry wait");
+    assert!(retry_at > d.pipeline.now(), "the wait is ahead");
+    assert!(
+        d.redelivered.is_empty(),
+        "nothing went straight back to Lambda: {:?}",
+        d.redelivered
+    );
+    d.poll().await;
+    d.pump().await;
+    assert_eq!(
+        d.state(&o(4)).await.status,
+        Status::Ready,
+        "a poll before the wait ends leaves it"
+    );
+    // When the wait is over, the poller's sweep hands it back to the writer.
+    d.advance(retry_at - d.pipeline.now() + 1);
+    d.poll().await;
+    d.pump().await;
     assert_eq!(
         amount(&sims, &o(4)),
         Some(json!(44.0)),
         "the transient failure was retried"
     );
     assert_eq!(d.state(&o(4)).await.status, Status::Synced);
-    assert!(!d.redelivered.is_empty(), "the transient failure went back to Lambda");
     let failed = d.state(&o(5)).await;
     assert_eq!(failed.status, Status::Failed);
     assert_eq!(failed.last_error.as_ref().unwrap().code, "1003");

@@ -1,11 +1,13 @@
-//! The writer: the state table's stream, filtered to `status = ready`, batched so that a call
-//! fills up to 300 records → Marketo. Records that failed retryably go back in
-//! `batchItemFailures`; permanent failures are in the error ledger.
+//! The writer: the state table's stream, filtered to `status = ready` without a pending retry
+//! wait, batched so that a call fills up to 300 records → Marketo. Stops a minute before the
+//! invocation's deadline. A retryable failure waits in the state (backoff) until the poller's
+//! sweep hands it back; permanent failures are in the error ledger.
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     oppsync_lambda::serve("writer", |pipeline, event| async move {
-        oppsync_lambda::write(&pipeline, event.payload).await
+        let deadline = oppsync_lambda::deadline_of(event.context.deadline());
+        oppsync_lambda::write(&pipeline, event.payload, deadline).await
     })
     .await
 }

@@ -186,10 +186,14 @@ pub async fn transform<S: StateStore>(
     Ok(Handled { response, metrics })
 }
 
-/// The writer: a stream batch of ready records → Marketo.
+/// The writer: a stream batch of ready records → Marketo. Stops `margin` before `deadline`:
+/// records not yet written wait for the next run. A record whose write failed retryably is not
+/// handed back to Lambda (an immediate redelivery would retry it at once): it carries its
+/// backoff in the state, and the poller's sweep hands it back when the wait ends.
 pub async fn write<S: StateStore>(
     pipeline: &Pipeline<S>,
     payload: Value,
+    deadline: Instant,
 ) -> Result<Handled<BatchResponse>, HandlerError> {
     let event = parse_stream_event(payload)?;
     let items = stream_items(&event, Status::Ready);
@@ -200,16 +204,18 @@ pub async fn write<S: StateStore>(
             metrics: Metrics::default(),
         });
     }
-    match pipeline.write(&ids).await {
+    let stop_at = deadline.checked_sub(Duration::from_secs(60)).unwrap_or(deadline);
+    match pipeline.write_until(&ids, Some(stop_at)).await {
         Ok(report) => {
             if let Some(stop) = &report.stopped {
-                tracing::warn!(reason = %stop, "Marketo writes stopped; unfinished records stay ready");
+                tracing::warn!(reason = %stop, "Marketo writes stopped; unfinished records wait in the state");
             }
             Ok(Handled {
-                response: failing(&items, &report.retry()),
+                response: BatchResponse::default(),
                 metrics: report.metrics,
             })
         }
+        // The store failed mid-batch (the claims were released): hand every record back.
         Err(e) if e.is_retryable() => {
             tracing::warn!(error = %e, records = ids.len(), "write failed; the batch is handed back for retry");
             Ok(Handled {
@@ -219,6 +225,14 @@ pub async fn write<S: StateStore>(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// An invocation's deadline (wall clock, as the runtime gives it) as a monotonic instant.
+pub fn deadline_of(deadline: std::time::SystemTime) -> Instant {
+    let left = deadline
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Instant::now() + left
 }
 
 /// The poller: an EventBridge Scheduler event (its content is not needed) → pending records.

@@ -24,6 +24,10 @@ pub struct SyncOptions {
     /// A deletion scan that finds more than this share of the known opportunities gone (and
     /// more than ten) stops and deletes nothing: a lost read permission looks like a purge.
     pub max_deletion_percent: u32,
+    /// A record whose write failed retryably this many times fails for good, with the last
+    /// error in the ledger (waits between attempts double from 30 s up to 15 minutes). Stops
+    /// that are not the record's fault (quota, budget, credentials, the deadline) do not count.
+    pub max_attempts: u32,
 }
 
 impl Default for SyncOptions {
@@ -34,6 +38,7 @@ impl Default for SyncOptions {
             lease_ttl_seconds: 120,
             stuck_after_minutes: 15,
             max_deletion_percent: 20,
+            max_attempts: 10,
         }
     }
 }
@@ -127,7 +132,7 @@ fn sync_section(table: &toml::Table, problems: &mut Vec<String>) -> Option<SyncO
         Ok(o) => o,
         Err(e) => {
             problems.push(format!(
-                "sync: {}. Fix: the keys are batch_size, claim_ttl_seconds, lease_ttl_seconds, stuck_after_minutes and max_deletion_percent",
+                "sync: {}. Fix: the keys are batch_size, claim_ttl_seconds, lease_ttl_seconds, stuck_after_minutes, max_deletion_percent and max_attempts",
                 e.message()
             ));
             return None;
@@ -162,6 +167,12 @@ fn sync_section(table: &toml::Table, problems: &mut Vec<String>) -> Option<SyncO
         problems.push(format!(
             "sync.max_deletion_percent: {} is outside 1..=100. Fix: the share of known opportunities one deletion scan may delete; 20 is the default",
             options.max_deletion_percent
+        ));
+    }
+    if !(1..=100).contains(&options.max_attempts) {
+        problems.push(format!(
+            "sync.max_attempts: {} is outside 1..=100. Fix: how many retryable write failures a record may have before it fails for good; 10 is the default",
+            options.max_attempts
         ));
     }
     (problems.len() == before).then_some(options)

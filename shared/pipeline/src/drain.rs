@@ -118,7 +118,8 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 let done = if ids.is_empty() {
                     WriteReport::default()
                 } else {
-                    self.write(&ids).await?
+                    // No backoff: the drain bounds its own attempts and is not re-triggered.
+                    self.write_batch(&ids, false, None, false).await?
                 };
                 let mut claimed = 0;
                 for r in &done.records {

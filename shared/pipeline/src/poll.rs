@@ -26,8 +26,14 @@ pub struct PollReport {
     pub full_resync: bool,
     /// A full id scan for deletions ran.
     pub deletion_scan: bool,
+    /// Ready records whose retry wait ended, handed back to the writer.
+    pub woken: u64,
     pub dataverse_requests: u64,
 }
+
+/// The [`Source::DeletionScan`] values: a scan is owed, or none is.
+const SCAN_OWED: &str = "owed";
+const SCAN_DONE: &str = "done";
 
 /// The cursor of a watermark strategy, stored as JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +87,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         report.caught_up = done;
         if done {
             report.requeued += self.sweep_stuck().await?;
+            report.woken += self.wake_due().await?;
         }
         Ok(())
     }
@@ -134,7 +141,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         self.record_opportunity_changes(&page.rows, &page.deleted, report, marked_now)
                             .await?;
                     }
-                    Source::Connections => {
+                    _ => {
                         report.connection_changes += (page.rows.len() + page.deleted.len()) as u64;
                         self.record_connection_changes(&page.rows, &page.deleted, report, marked_now)
                             .await?;
@@ -142,24 +149,57 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 }
                 crash::point("poll.recorded");
                 self.renew(lease).await?;
+                if page.full_resync && source == Source::Opportunities {
+                    // Deletions during the expired window are gone from change tracking; the
+                    // full read is followed by a scan that finds them. The obligation is stored
+                    // before the cursor moves past the expiry, so no stop can lose it.
+                    self.owe_deletion_scan(lease).await?;
+                }
                 self.store
                     .advance_cursor(lease, source, &page.cursor, self.now())
                     .await?;
                 crash::point("poll.cursor");
-                if page.full_resync && source == Source::Opportunities {
-                    // Deletions during the expired window are gone from change tracking; the
-                    // full read is followed by a scan that finds them.
-                    report.deletion_scan = true;
-                }
                 if page.caught_up {
                     break;
                 }
             }
         }
-        if report.deletion_scan {
-            self.scan_deletions(report, marked_now).await?;
-        }
+        self.pay_deletion_scan(lease, report, marked_now).await?;
         Ok(true)
+    }
+
+    /// Records that a deletion scan is owed (see [`Source::DeletionScan`]).
+    async fn owe_deletion_scan(&self, lease: &mut Lease) -> Result<(), PipelineError> {
+        self.store
+            .advance_cursor(lease, Source::DeletionScan, SCAN_OWED, self.now())
+            .await?;
+        Ok(())
+    }
+
+    /// Runs the deletion scan if one is owed, by this run or an earlier one that stopped (its
+    /// deadline, an error, a scan refused by the deletion guard) before it could; then clears
+    /// the obligation.
+    async fn pay_deletion_scan(
+        &self,
+        lease: &mut Lease,
+        report: &mut PollReport,
+        marked_now: &mut BTreeSet<OpportunityId>,
+    ) -> Result<(), PipelineError> {
+        let owed = self
+            .store
+            .cursor(Source::DeletionScan)
+            .await?
+            .is_some_and(|c| c.value == SCAN_OWED);
+        if !owed {
+            return Ok(());
+        }
+        report.deletion_scan = true;
+        self.scan_deletions(report, marked_now).await?;
+        self.renew(lease).await?;
+        self.store
+            .advance_cursor(lease, Source::DeletionScan, SCAN_DONE, self.now())
+            .await?;
+        Ok(())
     }
 
     pub(crate) async fn poll_watermark(
@@ -168,7 +208,6 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         report: &mut PollReport,
         marked_now: &mut BTreeSet<OpportunityId>,
     ) -> Result<bool, PipelineError> {
-        let mut scan = false;
         for (source, set) in [
             (Source::Opportunities, EntitySet::Opportunities),
             (Source::Connections, EntitySet::Connections),
@@ -200,14 +239,18 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     report.opportunity_changes += rows.len() as u64;
                     self.record_opportunity_changes(&rows, &[], report, marked_now).await?;
                 }
-                Source::Connections => {
+                _ => {
                     report.connection_changes += rows.len() as u64;
                     self.record_connection_changes(&rows, &[], report, marked_now).await?;
                 }
             }
             let polls = cursor.polls + 1;
             let due = source == Source::Opportunities && polls >= self.config.dataverse.full_scan_every;
-            scan |= due;
+            self.renew(lease).await?;
+            if due {
+                // Stored before the count resets with the cursor, so no stop can lose it.
+                self.owe_deletion_scan(lease).await?;
+            }
             let value = serde_json::to_string(&WatermarkCursor {
                 watermark: next,
                 polls: if due { 0 } else { polls },
@@ -216,13 +259,9 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 key: "cursor".into(),
                 reason: e.to_string(),
             })?;
-            self.renew(lease).await?;
             self.store.advance_cursor(lease, source, &value, self.now()).await?;
         }
-        if scan {
-            report.deletion_scan = true;
-            self.scan_deletions(report, marked_now).await?;
-        }
+        self.pay_deletion_scan(lease, report, marked_now).await?;
         Ok(true)
     }
 
@@ -317,7 +356,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 match outcome {
                     MarkOutcome::Recorded => report.marked += 1,
                     MarkOutcome::Stale => {
-                        if self.store.requeue(change.id, self.now()).await? {
+                        if self.store.requeue(change.id, false, self.now()).await? {
                             report.requeued += 1;
                         }
                     }
@@ -431,7 +470,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                             .filter_map(|t| OpportunityId::parse(t).ok()),
                     );
                 }
-                Source::Connections => {
+                _ => {
                     ids.extend(oppsync_dynamics::opportunities_touched(&rows));
                     ids.extend(self.store.linked_opportunities(&deleted).await?);
                 }
@@ -461,7 +500,13 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     if item.updated_at > cutoff {
                         continue;
                     }
-                    if item.claim_until.is_none_or(|until| until <= now) && self.store.requeue(item.id, now).await? {
+                    // Waiting out a retry's backoff is not stuck: `wake_due` hands it back.
+                    if item.retry_at.is_some() {
+                        continue;
+                    }
+                    if item.claim_until.is_none_or(|until| until <= now)
+                        && self.store.requeue(item.id, true, now).await?
+                    {
                         tracing::warn!(opportunity = %item.id, status = %status, "requeued a stuck record");
                         requeued += 1;
                     }
@@ -473,5 +518,31 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             }
         }
         Ok(requeued)
+    }
+
+    /// Hands ready records whose retry wait has ended back to the writer (the stream sees the
+    /// wait end; the local drain does not wait). Returns how many.
+    pub async fn wake_due(&self) -> Result<u64, PipelineError> {
+        let now = self.now();
+        let mut woken = 0;
+        let mut page: Option<String> = None;
+        loop {
+            let listed = self.store.list(Status::Ready, 500, page.as_deref()).await?;
+            for item in &listed.items {
+                let due = item.retry_at.is_some_and(|at| at <= now);
+                let free = item.claim_until.is_none_or(|until| until <= now);
+                if due && free && self.store.wake(item.id, now).await? {
+                    woken += 1;
+                }
+            }
+            match listed.next {
+                Some(next) => page = Some(next),
+                None => break,
+            }
+        }
+        if woken > 0 {
+            tracing::info!(records = woken, "retry waits ended; records handed back to the writer");
+        }
+        Ok(woken)
     }
 }

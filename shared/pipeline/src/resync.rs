@@ -137,21 +137,38 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 continue;
             }
             let mut before: HashMap<OpportunityId, Option<WrittenSummary>> = HashMap::new();
+            let ttl = i64::from(self.config.sync.claim_ttl_seconds) * 1000;
+            let mut claimed = Vec::new();
+            let mut report_of_claims = TransformReport::default();
             for id in chunk {
-                let state = self.store.get(*id).await?;
-                before.insert(*id, state.and_then(|s| s.written.as_ref().map(WrittenSummary::from)));
-                if !self.store.requeue(*id, self.now()).await? {
-                    self.store
-                        .mark_pending(&[PendingChange::upserted(*id, 0, None)], self.now())
-                        .await?;
+                // Requeued and claimed in one step: a stream transformer cannot plan it in
+                // between and mark it unchanged, which would leave an edit made in Marketo.
+                let taken = match self.store.requeue_claimed(*id, ttl, self.now()).await? {
+                    Some(taken) => Some(taken),
+                    None => {
+                        self.store
+                            .mark_pending(&[PendingChange::upserted(*id, 0, None)], self.now())
+                            .await?;
+                        self.store.claim(*id, Status::Pending, ttl, self.now()).await?
+                    }
+                };
+                match taken {
+                    Some((claim, state)) => {
+                        before.insert(*id, state.written.as_ref().map(WrittenSummary::from));
+                        claimed.push((claim, state));
+                    }
+                    None => report_of_claims.records.push(TransformRecord {
+                        id: *id,
+                        result: Transformed::NotClaimed,
+                    }),
                 }
             }
-            let transformed = self.transform(chunk, true).await?;
+            let transformed = self.transform_claimed(claimed, true, report_of_claims).await?;
             let ready = transformed.ready();
             let written = if ready.is_empty() {
                 WriteReport::default()
             } else {
-                self.write_batch(&ready, true).await?
+                self.write_batch(&ready, true, None, false).await?
             };
             let mut writes: HashMap<OpportunityId, WriteRecord> =
                 written.records.into_iter().map(|r| (r.id, r)).collect();

@@ -184,13 +184,35 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 }),
             }
         }
+        self.transform_claimed(claimed, force, report).await
+    }
+
+    /// Plans records already claimed for their transform, and records each outcome. On an
+    /// error the claims not yet completed are released, so a redelivery can take them at once.
+    pub(crate) async fn transform_claimed(
+        &self,
+        claimed: Vec<(Claim, OpportunityState)>,
+        force: bool,
+        mut report: TransformReport,
+    ) -> Result<TransformReport, PipelineError> {
         if claimed.is_empty() {
             return Ok(report);
         }
         let states: Vec<(OpportunityId, Option<OpportunityState>)> =
             claimed.iter().map(|(c, s)| (c.id, Some(s.clone()))).collect();
-        let plans = self.plan_batch(&states).await?;
+        let plans = match self.plan_batch(&states).await {
+            Ok(plans) => plans,
+            Err(e) => {
+                self.release_all(claimed.iter().map(|(c, _)| c)).await;
+                return Err(e);
+            }
+        };
+        let mut left: Vec<Claim> = claimed.iter().map(|(c, _)| c.clone()).collect();
         for ((claim, state), plan) in claimed.into_iter().zip(plans) {
+            left.retain(|c| c.id != claim.id);
+            // Marketo may differ from what was recorded (a superseded write, a resync): write
+            // even a plan whose hash matches.
+            let force = force || state.rewrite;
             let (result, outcome) = match plan {
                 Err(error) => (TransformResult::Failed(error.clone()), Transformed::Failed { error }),
                 Ok(plan) => {
@@ -210,7 +232,13 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 }
             };
             crash::point("transform.planned");
-            let completion = self.store.complete_transform(&claim, result, self.now()).await?;
+            let completion = match self.store.complete_transform(&claim, result, self.now()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.release_all(left.iter().chain(std::iter::once(&claim))).await;
+                    return Err(e.into());
+                }
+            };
             let outcome = match completion {
                 Completion::Completed => outcome,
                 Completion::Superseded => Transformed::Superseded,

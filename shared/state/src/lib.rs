@@ -87,6 +87,9 @@ impl fmt::Display for Status {
 pub enum Source {
     Opportunities,
     Connections,
+    /// Not a read position but an obligation: a deletion scan is owed (a full re-read after an
+    /// expired token, a watermark's periodic scan) until one completes, across any number of runs.
+    DeletionScan,
 }
 
 impl Source {
@@ -94,6 +97,7 @@ impl Source {
         match self {
             Source::Opportunities => "opportunities",
             Source::Connections => "connections",
+            Source::DeletionScan => "deletion_scan",
         }
     }
 }
@@ -204,6 +208,12 @@ pub struct OpportunityState {
     pub attempts: u32,
     pub last_error: Option<SyncError>,
     pub claim_until: Option<Millis>,
+    /// A retried write waits until then: the sweep wakes it (the writer's stream filter skips
+    /// an item that carries it, so a failing write does not re-trigger itself at once).
+    pub retry_at: Option<Millis>,
+    /// Marketo may differ from what was last recorded as written (a superseded write landed
+    /// after a newer one, a resync): the next transform writes even a plan whose hash matches.
+    pub rewrite: bool,
     pub created_at: Millis,
     pub updated_at: Millis,
     /// When it entered its current status (oldest pending, error ledger's "last try").
@@ -230,8 +240,20 @@ pub enum TransformResult {
 pub enum WriteResult {
     /// Marketo reflects the plan: status synced (or deleted, for a deletion).
     Synced(Written),
-    /// A retryable failure: status stays ready, attempts grows, the claim is released.
-    Retry { error: SyncError, written: Option<Written> },
+    /// A retryable failure: status stays ready, attempts grows, the claim is released, and the
+    /// record waits until `retry_at` (backoff).
+    Retry {
+        error: SyncError,
+        written: Option<Written>,
+        retry_at: Millis,
+    },
+    /// The run stopped before finishing the record (credentials, quota, budget, the deadline):
+    /// as `Retry`, but no attempt is counted, since the record itself did nothing wrong.
+    Paused {
+        error: SyncError,
+        written: Option<Written>,
+        until: Millis,
+    },
     /// A permanent failure: status failed, with the reason in the error ledger.
     Failed { error: SyncError, written: Option<Written> },
 }
@@ -350,10 +372,45 @@ pub trait StateStore: Send + Sync {
     ) -> impl Future<Output = Result<Vec<MarkOutcome>, StateError>> + Send;
 
     /// Puts an existing item back to pending at its current version (resync, retry of a failed
-    /// record). Returns false when there is no such item.
-    fn requeue(&self, id: OpportunityId, now: Millis) -> impl Future<Output = Result<bool, StateError>> + Send;
+    /// record, a stuck one). With `rewrite`, the next transform writes even an unchanged plan
+    /// (Marketo may differ from what was recorded); an earlier `rewrite` is never cleared here.
+    /// Returns false when there is no such item.
+    fn requeue(
+        &self,
+        id: OpportunityId,
+        rewrite: bool,
+        now: Millis,
+    ) -> impl Future<Output = Result<bool, StateError>> + Send;
 
-    /// Claims an item in `from` status that nobody holds (or whose claim expired).
+    /// Requeues an existing item with `rewrite` and claims it for its transform in the same
+    /// atomic step, so that no other transformer plans it in between (resync). Whoever held it
+    /// loses the claim. `None` when there is no such item.
+    fn requeue_claimed(
+        &self,
+        id: OpportunityId,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> impl Future<Output = Result<Option<(Claim, OpportunityState)>, StateError>> + Send;
+
+    /// Extends a claim still held (same token, same version); `None` when it was lost.
+    fn renew_claim(
+        &self,
+        claim: &Claim,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> impl Future<Output = Result<Option<Claim>, StateError>> + Send;
+
+    /// Gives a claim up unfinished, so the record can be claimed again at once (a handler that
+    /// failed, a writer at its deadline). A no-op when it was already lost.
+    fn release(&self, claim: &Claim, now: Millis) -> impl Future<Output = Result<(), StateError>> + Send;
+
+    /// Ends the wait of a ready record whose `retry_at` has passed and that nobody holds:
+    /// `retry_at` is removed, which is what the writer's stream filter waits for. Returns
+    /// whether it did.
+    fn wake(&self, id: OpportunityId, now: Millis) -> impl Future<Output = Result<bool, StateError>> + Send;
+
+    /// Claims an item in `from` status that nobody holds (or whose claim expired) and that is
+    /// not waiting out a retry (`retry_at` in the future).
     fn claim(
         &self,
         id: OpportunityId,
@@ -449,8 +506,28 @@ impl WriteResult {
     pub(crate) fn parts(&self) -> (Status, Option<&Written>, Option<&SyncError>) {
         match self {
             WriteResult::Synced(w) => (if w.deleted { Status::Deleted } else { Status::Synced }, Some(w), None),
-            WriteResult::Retry { error, written } => (Status::Ready, written.as_ref(), Some(error)),
+            WriteResult::Retry { error, written, .. } | WriteResult::Paused { error, written, .. } => {
+                (Status::Ready, written.as_ref(), Some(error))
+            }
             WriteResult::Failed { error, written } => (Status::Failed, written.as_ref(), Some(error)),
+        }
+    }
+
+    /// When a record left ready may be tried again.
+    pub(crate) fn retry_at(&self) -> Option<Millis> {
+        match self {
+            WriteResult::Retry { retry_at, .. } => Some(*retry_at),
+            WriteResult::Paused { until, .. } => Some(*until),
+            _ => None,
+        }
+    }
+
+    /// What it adds to `attempts`; `None` resets them (a success).
+    pub(crate) fn attempts_delta(&self) -> Option<i64> {
+        match self {
+            WriteResult::Synced(_) => None,
+            WriteResult::Paused { .. } => Some(0),
+            WriteResult::Retry { .. } | WriteResult::Failed { .. } => Some(1),
         }
     }
 }

@@ -81,6 +81,11 @@ pub(crate) struct Work {
     pub(crate) plan: Plan,
     /// The first error met; later steps skip the record.
     pub(crate) error: Option<(SyncError, bool)>,
+    /// The error came from a stop of the whole run (quota, budget, credentials, the deadline),
+    /// not from the record: it waits without counting an attempt.
+    pub(crate) paused: bool,
+    /// Another worker took the record during the write (a newer version, an expired claim).
+    pub(crate) lost: bool,
     /// An error that does not stop the other writes (a duplicate lead), recorded at the end.
     pub(crate) soft_error: Option<SyncError>,
     pub(crate) roles: BTreeMap<(ContactId, String), Option<i64>>,
@@ -103,7 +108,42 @@ impl Work {
     pub(crate) fn ok(&self) -> bool {
         self.error.is_none()
     }
+    pub(crate) fn pause(&mut self, error: SyncError) {
+        if self.error.is_none() {
+            self.error = Some((error, true));
+            self.paused = true;
+        }
+    }
 }
+
+/// Why a write batch stopped before its last step.
+#[derive(Debug)]
+pub(crate) enum Stop {
+    /// Marketo refused the run (quota, budget, credentials, a CRM-enabled instance).
+    Marketo(MarketoError),
+    /// The invocation's time ran out.
+    Deadline,
+}
+
+impl Stop {
+    fn describe(&self) -> String {
+        match self {
+            Stop::Marketo(e) => e.to_string(),
+            Stop::Deadline => "the writer's time ran out; unfinished records are written by the next run".into(),
+        }
+    }
+}
+
+/// The wait before the next try of a record whose write failed retryably `attempts` times:
+/// 30 s, doubling, at most 15 minutes.
+pub(crate) fn backoff_ms(attempts: u32) -> i64 {
+    let doublings = attempts.saturating_sub(1).min(5);
+    (30_000_i64 << doublings).min(15 * 60_000)
+}
+
+/// How long records wait after a stop that Marketo or the credentials caused: long enough not
+/// to cycle, short enough that a fixed secret or a new quota day is noticed soon.
+pub(crate) const PAUSE_AFTER_STOP_MS: i64 = 15 * 60_000;
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// Writes a batch of ready plans to Marketo: companies, then leads (found or created), then
@@ -111,11 +151,30 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// 300-record limit allows; then records each outcome.
     #[tracing::instrument(skip_all, name = "write", fields(records = ids.len()))]
     pub async fn write(&self, ids: &[OpportunityId]) -> Result<WriteReport, PipelineError> {
-        self.write_batch(ids, false).await
+        self.write_batch(ids, false, None, true).await
+    }
+
+    /// [`Pipeline::write`] that stops before a step it has no time left for (the Lambda writer):
+    /// records not yet written wait for the next run, no attempt counted.
+    pub async fn write_until(
+        &self,
+        ids: &[OpportunityId],
+        deadline: Option<Instant>,
+    ) -> Result<WriteReport, PipelineError> {
+        self.write_batch(ids, false, deadline, true).await
     }
 
     /// [`Pipeline::write`]; `fresh` writes every company again, even one this process wrote.
-    pub(crate) async fn write_batch(&self, ids: &[OpportunityId], fresh: bool) -> Result<WriteReport, PipelineError> {
+    /// Without `backoff` a record left ready may be tried again at once (the local drain, which
+    /// bounds its own attempts, and resync); with it, it waits (the stream-driven writer, where
+    /// an immediate retry would re-trigger itself).
+    pub(crate) async fn write_batch(
+        &self,
+        ids: &[OpportunityId],
+        fresh: bool,
+        deadline: Option<Instant>,
+        backoff: bool,
+    ) -> Result<WriteReport, PipelineError> {
         let ttl = i64::from(self.config.sync.claim_ttl_seconds) * 1000;
         let mut report = WriteReport::default();
         let mut works = Vec::new();
@@ -123,7 +182,14 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         unique.sort();
         unique.dedup();
         for id in unique {
-            match self.store.claim(id, Status::Ready, ttl, self.now()).await? {
+            let claimed = match self.store.claim(id, Status::Ready, ttl, self.now()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.release_all(works.iter().map(|w: &Work| &w.claim)).await;
+                    return Err(e.into());
+                }
+            };
+            match claimed {
                 Some((claim, state)) => match state.plan.clone() {
                     Some(plan) => works.push(Work {
                         roles: state
@@ -141,6 +207,8 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         state,
                         plan,
                         error: None,
+                        paused: false,
+                        lost: false,
                         soft_error: None,
                         replaced: Vec::new(),
                         company_done: false,
@@ -149,16 +217,14 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     }),
                     None => {
                         let error = sync_error("write", "no-plan", "a ready record without a stored plan; resync it");
-                        self.store
-                            .complete_write(
-                                &claim,
-                                WriteResult::Failed {
-                                    error: error.clone(),
-                                    written: None,
-                                },
-                                self.now(),
-                            )
-                            .await?;
+                        let failed = WriteResult::Failed {
+                            error: error.clone(),
+                            written: None,
+                        };
+                        if let Err(e) = self.store.complete_write(&claim, failed, self.now()).await {
+                            self.release_all(works.iter().map(|w: &Work| &w.claim)).await;
+                            return Err(e.into());
+                        }
                         report.records.push(WriteRecord {
                             id,
                             result: Wrote::Failed { error },
@@ -176,18 +242,52 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         if works.is_empty() {
             return Ok(report);
         }
+        // A handler that fails hands its records back: they must be claimable at once by the
+        // redelivery, not only when the claims expire.
+        let claims: Vec<Claim> = works.iter().map(|w| w.claim.clone()).collect();
+        match self.write_claimed(works, fresh, deadline, backoff, report).await {
+            Ok(report) => Ok(report),
+            Err((e, completed)) => {
+                self.release_all(claims.iter().filter(|c| !completed.contains(&c.id)))
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Best effort: a claim that cannot be released expires by itself.
+    pub(crate) async fn release_all(&self, claims: impl Iterator<Item = &Claim>) {
+        for claim in claims {
+            if let Err(e) = self.store.release(claim, self.now()).await {
+                tracing::warn!(opportunity = %claim.id, error = %e, "could not release a claim; it expires by itself");
+            }
+        }
+    }
+
+    /// The calls and the recording for claimed records. On error, also the records already
+    /// recorded (their claims are gone; the rest are released by the caller).
+    async fn write_claimed(
+        &self,
+        mut works: Vec<Work>,
+        fresh: bool,
+        deadline: Option<Instant>,
+        backoff: bool,
+        mut report: WriteReport,
+    ) -> Result<WriteReport, (PipelineError, BTreeSet<OpportunityId>)> {
+        let mut completed: BTreeSet<OpportunityId> = BTreeSet::new();
+        let fail = |e: StateError, completed: &BTreeSet<OpportunityId>| (PipelineError::from(e), completed.clone());
         // The daily budget holds across processes: start from the store's count.
         let day = time::marketo_day(self.now());
-        let used = self.store.marketo_calls(&day).await?;
+        let used = self.store.marketo_calls(&day).await.map_err(|e| fail(e, &completed))?;
         self.marketo.set_calls_today(used);
         let before = self.marketo.calls_by_endpoint();
 
-        let stopped = self.write_steps(&mut works, fresh).await;
+        let stopped = self.write_steps(&mut works, fresh, deadline).await;
         crash::point("write.sent");
-        if let Some(e) = &stopped {
-            tracing::warn!(error = %e, "Marketo writes stopped early; unfinished records stay ready");
-            report.stopped = Some(e.to_string());
-            report.stopped_for_good = e.disposition() == Disposition::Fix;
+        if let Some(stop) = &stopped {
+            tracing::warn!(reason = %stop.describe(), "Marketo writes stopped early; unfinished records stay ready");
+            report.stopped = Some(stop.describe());
+            report.stopped_for_good = matches!(stop, Stop::Marketo(e) if e.disposition() == Disposition::Fix);
         }
 
         let after = self.marketo.calls_by_endpoint();
@@ -201,16 +301,36 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         }
         report.marketo_calls = calls;
         if calls > 0 {
-            self.store.add_marketo_calls(&day, calls).await?;
+            self.store
+                .add_marketo_calls(&day, calls)
+                .await
+                .map_err(|e| fail(e, &completed))?;
         }
 
         for work in works {
-            let (result, wrote) = self.finish(&work);
-            let completion = self.store.complete_write(&work.claim, result, self.now()).await?;
+            let (result, wrote) = self.finish(&work, backoff);
+            let completion = self
+                .store
+                .complete_write(&work.claim, result, self.now())
+                .await
+                .map_err(|e| fail(e, &completed))?;
+            completed.insert(work.claim.id);
             crash::point("write.recorded");
             let wrote = match completion {
                 Completion::Completed => wrote,
-                Completion::Superseded => Wrote::Superseded,
+                Completion::Superseded => {
+                    // Another worker took the record during the write. What this one sent may
+                    // have landed after the other's (a retry inside the client): Marketo may hold
+                    // the older plan, so the record is planned and written again.
+                    if work.touched {
+                        self.store
+                            .requeue(work.claim.id, true, self.now())
+                            .await
+                            .map_err(|e| fail(e, &completed))?;
+                        tracing::info!(opportunity = %work.claim.id, "superseded after writing; requeued to be written again");
+                    }
+                    Wrote::Superseded
+                }
             };
             let name = match &wrote {
                 Wrote::Synced => "OpportunitiesSynced",
@@ -242,7 +362,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     }
 
     /// What to record for one record after the calls.
-    pub(crate) fn finish(&self, work: &Work) -> (WriteResult, Wrote) {
+    pub(crate) fn finish(&self, work: &Work, backoff: bool) -> (WriteResult, Wrote) {
         let deleting = matches!(work.plan.action, Action::Delete);
         let previous = work.state.written.as_ref();
         let roles: Vec<WrittenRole> = work
@@ -285,13 +405,50 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 previous.is_some_and(|w| w.deleted),
             )
         });
-        if retryable {
+        let now = self.now();
+        if retryable && work.paused {
+            let until = if error.code == DEADLINE_CODE || !backoff {
+                now
+            } else {
+                now + PAUSE_AFTER_STOP_MS
+            };
+            (
+                WriteResult::Paused {
+                    error: error.clone(),
+                    written: partial,
+                    until,
+                },
+                Wrote::Retry { error: error.clone() },
+            )
+        } else if retryable && work.state.attempts + 1 < self.config.sync.max_attempts {
             (
                 WriteResult::Retry {
                     error: error.clone(),
                     written: partial,
+                    retry_at: if backoff {
+                        now + backoff_ms(work.state.attempts + 1)
+                    } else {
+                        now
+                    },
                 },
                 Wrote::Retry { error: error.clone() },
+            )
+        } else if retryable {
+            // Past the cap: a failure for good, with the last error, in the ledger.
+            let error = SyncError {
+                message: format!(
+                    "gave up after {} attempts ([sync] max_attempts); the last: {}",
+                    work.state.attempts + 1,
+                    error.message
+                ),
+                ..error.clone()
+            };
+            (
+                WriteResult::Failed {
+                    error: error.clone(),
+                    written: partial,
+                },
+                Wrote::Failed { error },
             )
         } else {
             (
@@ -320,39 +477,107 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         // the leads step), else the step's.
         let operation = error.operation().unwrap_or(operation);
         let recorded = sync_error(operation, error.code(), error.to_string());
+        let stops = disposition.stops_the_run();
         for work in affected {
-            work.fail(recorded.clone(), disposition.keeps_records_queued());
+            if stops {
+                work.pause(recorded.clone());
+            } else {
+                work.fail(recorded.clone(), disposition.keeps_records_queued());
+            }
         }
-        disposition.stops_the_run().then_some(error)
+        stops.then_some(error)
     }
 
-    /// After a batch-stopping error, every record not yet failed is failed the same way.
-    pub(crate) fn stop_all(works: &mut [Work], error: &MarketoError) {
-        let recorded = sync_error("write", error.code(), error.to_string());
-        for work in works.iter_mut() {
-            work.fail(recorded.clone(), true);
-        }
-    }
-
-    /// The Marketo calls for a batch, in dependency order. Returns the error that stopped the
-    /// batch early, if one did.
-    pub(crate) async fn write_steps(&self, works: &mut [Work], fresh: bool) -> Option<MarketoError> {
-        let stop = match self.write_companies(works, fresh).await {
-            Some(stop) => Some(stop),
-            None => match self.write_opportunities_and_roles(works).await {
-                Some(stop) => Some(stop),
-                None => match self.delete_roles(works).await {
-                    Some(stop) => Some(stop),
-                    None => self.delete_opportunities(works).await,
-                },
-            },
+    /// After a batch-stopping error, every record not yet failed waits for the next run.
+    pub(crate) fn stop_all(works: &mut [Work], stop: &Stop) {
+        let recorded = match stop {
+            Stop::Marketo(e) => sync_error("write", e.code(), e.to_string()),
+            Stop::Deadline => sync_error("write", DEADLINE_CODE, stop.describe()),
         };
+        for work in works.iter_mut() {
+            work.pause(recorded.clone());
+        }
+    }
+
+    /// Re-checks (and extends) the claims of the records that still have calls to make, before
+    /// a step: a record another worker took meanwhile (a newer version, an expired claim) makes
+    /// no further call, so a superseded writer stops writing as soon as it can tell.
+    pub(crate) async fn recheck_claims(
+        &self,
+        works: &mut [Work],
+        needs: impl Fn(&Work) -> bool,
+    ) -> Result<(), StateError> {
+        let ttl = i64::from(self.config.sync.claim_ttl_seconds) * 1000;
+        let now = self.now();
+        let checks = works
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.ok() && needs(w))
+            .map(|(i, w)| async move { (i, self.store.renew_claim(&w.claim, ttl, now).await) });
+        for (i, renewed) in futures_util::future::join_all(checks).await {
+            match renewed? {
+                Some(claim) => works[i].claim = claim,
+                None => {
+                    let work = &mut works[i];
+                    work.lost = true;
+                    work.fail(
+                        sync_error(
+                            "write",
+                            "superseded",
+                            "another worker took this record during the write",
+                        ),
+                        true,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The Marketo calls for a batch, in dependency order, each step only while there is time
+    /// and each record only while its claim holds. Returns what stopped the batch early, if
+    /// anything did.
+    pub(crate) async fn write_steps(&self, works: &mut [Work], fresh: bool, deadline: Option<Instant>) -> Option<Stop> {
+        let stop = self.run_steps(works, fresh, deadline).await;
         if let Some(stop) = &stop {
             Self::stop_all(works, stop);
         }
         stop
     }
+
+    async fn run_steps(&self, works: &mut [Work], fresh: bool, deadline: Option<Instant>) -> Option<Stop> {
+        let upserting = |w: &Work| matches!(w.plan.action, Action::Upsert(_));
+        let deleting = |w: &Work| matches!(w.plan.action, Action::Delete) || !w.plan.role_deletions.is_empty();
+        if Self::out_of_time(deadline) {
+            return Some(Stop::Deadline);
+        }
+        if let Some(stop) = self.write_companies(works, fresh).await {
+            return Some(Stop::Marketo(stop));
+        }
+        if Self::out_of_time(deadline) {
+            return Some(Stop::Deadline);
+        }
+        if let Err(e) = self.recheck_claims(works, upserting).await {
+            tracing::warn!(error = %e, "could not re-check claims; the write goes on under them");
+        }
+        if let Some(stop) = self.write_opportunities_and_roles(works, deadline).await {
+            return Some(stop);
+        }
+        if Self::out_of_time(deadline) {
+            return Some(Stop::Deadline);
+        }
+        if let Err(e) = self.recheck_claims(works, deleting).await {
+            tracing::warn!(error = %e, "could not re-check claims; the write goes on under them");
+        }
+        if let Some(stop) = self.delete_roles(works).await {
+            return Some(Stop::Marketo(stop));
+        }
+        self.delete_opportunities(works).await.map(Stop::Marketo)
+    }
 }
+
+/// The code a record left by the writer's deadline carries.
+pub(crate) const DEADLINE_CODE: &str = "deadline";
 
 pub(crate) fn company_of(work: &Work) -> Option<String> {
     match &work.plan.action {

@@ -4,7 +4,11 @@
 use super::*;
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
-    pub(crate) async fn write_opportunities_and_roles(&self, works: &mut [Work]) -> Option<MarketoError> {
+    pub(crate) async fn write_opportunities_and_roles(
+        &self,
+        works: &mut [Work],
+        deadline: Option<Instant>,
+    ) -> Option<Stop> {
         // Leads first: a role needs its lead's id.
         let leads = match self.resolve_leads(works).await {
             Ok(l) => l,
@@ -13,7 +17,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     .iter_mut()
                     .filter(|w| w.ok() && matches!(&w.plan.action, Action::Upsert(d) if !d.roles.is_empty()));
                 if let Some(stop) = Self::call_failed(e, Operation::LeadQuery.name(), affected) {
-                    return Some(stop);
+                    return Some(Stop::Marketo(stop));
                 }
                 HashMap::new()
             }
@@ -57,10 +61,18 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         .iter_mut()
                         .filter(|w| w.ok() && matches!(w.plan.action, Action::Upsert(_)));
                     if let Some(stop) = Self::call_failed(e, Operation::OpportunitySync.name(), affected) {
-                        return Some(stop);
+                        return Some(Stop::Marketo(stop));
                     }
                 }
             }
+        }
+
+        if Self::out_of_time(deadline) {
+            return Some(Stop::Deadline);
+        }
+        let with_roles = |w: &Work| matches!(&w.plan.action, Action::Upsert(d) if !d.roles.is_empty());
+        if let Err(e) = self.recheck_claims(works, with_roles).await {
+            tracing::warn!(error = %e, "could not re-check claims; the write goes on under them");
         }
 
         // Roles of the opportunities just written.
@@ -163,7 +175,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     .enumerate()
                     .filter(|(i, _)| involved.contains(i))
                     .map(|(_, w)| w);
-                Self::call_failed(e, Operation::RoleSync.name(), affected)
+                Self::call_failed(e, Operation::RoleSync.name(), affected).map(Stop::Marketo)
             }
         }
     }

@@ -23,6 +23,9 @@ pub(super) mod attr {
     pub const CREATED: &str = "created";
     pub const UPDATED: &str = "updated";
     pub const SINCE: &str = "since";
+    /// Present while a retried write waits; the writer's stream filter requires its absence.
+    pub const RETRY_AT: &str = "retry_at";
+    pub const REWRITE: &str = "needs_rewrite";
 }
 
 pub(super) fn s(v: impl Into<String>) -> AttributeValue {
@@ -158,6 +161,12 @@ pub(super) fn read_state(item: &Item) -> Result<OpportunityState, StateError> {
         created_at: get_n(item, attr::CREATED).unwrap_or(0),
         updated_at: get_n(item, attr::UPDATED).unwrap_or(0),
         status_since: get_n(item, attr::SINCE).unwrap_or(0),
+        retry_at: get_n(item, attr::RETRY_AT),
+        rewrite: item
+            .get(attr::REWRITE)
+            .and_then(|v| v.as_bool().ok())
+            .copied()
+            .unwrap_or(false),
     })
 }
 

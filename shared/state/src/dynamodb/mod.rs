@@ -198,7 +198,8 @@ impl DynamoStore {
             .value(":now", n(now))
             .error(None)
             .remove("claim")
-            .remove("claim_until");
+            .remove("claim_until")
+            .remove("retry_at");
         if change.deleted {
             u.value(":no", AttributeValue::Bool(false));
         } else {

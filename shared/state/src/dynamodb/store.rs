@@ -204,22 +204,109 @@ impl StateStore for DynamoStore {
         }
     }
 
-    async fn requeue(&self, id: OpportunityId, now: Millis) -> Result<bool, StateError> {
-        let mut u = Update::default();
-        // Dynamics is read again: a restored record is written, a missing one deleted.
-        u.status(Status::Pending)
-            .set("attempts = :zero, updated = :now, since = :now, psince = :now, deleted = :no")
-            .value(":no", AttributeValue::Bool(false))
-            .value(":zero", n(0))
-            .value(":now", n(now))
-            .remove("claim")
-            .remove("claim_until");
+    async fn requeue(&self, id: OpportunityId, rewrite: bool, now: Millis) -> Result<bool, StateError> {
+        let u = requeue_update(rewrite, true, now);
         let done = self
             .update(
                 "UpdateItem (requeue)",
                 opp_key(id),
                 &u,
                 Some("attribute_exists(pk)"),
+                ReturnValue::None,
+            )
+            .await?;
+        Ok(done.is_some())
+    }
+
+    async fn requeue_claimed(
+        &self,
+        id: OpportunityId,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> Result<Option<(Claim, OpportunityState)>, StateError> {
+        let token = new_token();
+        let mut u = requeue_update(true, false, now);
+        u.set("claim = :t, claim_until = :until")
+            .value(":t", n(token))
+            .value(":until", n(now + ttl_ms));
+        let item = self
+            .update(
+                "UpdateItem (requeue and claim)",
+                opp_key(id),
+                &u,
+                Some("attribute_exists(pk)"),
+                ReturnValue::AllNew,
+            )
+            .await?;
+        match item {
+            None => Ok(None),
+            Some(item) => {
+                let state = read_state(&item)?;
+                Ok(Some((
+                    Claim {
+                        id,
+                        version: state.version,
+                        token,
+                        until: now + ttl_ms,
+                    },
+                    state,
+                )))
+            }
+        }
+    }
+
+    async fn renew_claim(&self, claim: &Claim, ttl_ms: i64, now: Millis) -> Result<Option<Claim>, StateError> {
+        let mut u = Update::default();
+        u.set("claim_until = :until, updated = :now")
+            .value(":until", n(now + ttl_ms))
+            .value(":now", n(now))
+            .value(":t", n(claim.token))
+            .value(":v", n(claim.version));
+        let done = self
+            .update(
+                "UpdateItem (renew claim)",
+                opp_key(claim.id),
+                &u,
+                Some("claim = :t AND ver = :v"),
+                ReturnValue::None,
+            )
+            .await?;
+        Ok(done.map(|_| Claim {
+            until: now + ttl_ms,
+            ..claim.clone()
+        }))
+    }
+
+    async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
+        let mut u = Update::default();
+        u.set("updated = :now")
+            .value(":now", n(now))
+            .value(":t", n(claim.token))
+            .remove("claim")
+            .remove("claim_until");
+        self.update(
+            "UpdateItem (release claim)",
+            opp_key(claim.id),
+            &u,
+            Some("claim = :t"),
+            ReturnValue::None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn wake(&self, id: OpportunityId, now: Millis) -> Result<bool, StateError> {
+        let mut u = Update::default();
+        u.set("updated = :now")
+            .value(":now", n(now))
+            .value(":ready", s(Status::Ready.as_str()))
+            .remove("retry_at");
+        let done = self
+            .update(
+                "UpdateItem (wake)",
+                opp_key(id),
+                &u,
+                Some("#s = :ready AND retry_at <= :now AND (attribute_not_exists(claim_until) OR claim_until <= :now)"),
                 ReturnValue::None,
             )
             .await?;
@@ -245,7 +332,10 @@ impl StateStore for DynamoStore {
                 "UpdateItem (claim)",
                 opp_key(id),
                 &u,
-                Some("#s = :from AND (attribute_not_exists(claim_until) OR claim_until <= :now)"),
+                Some(
+                    "#s = :from AND (attribute_not_exists(claim_until) OR claim_until <= :now) \
+                     AND (attribute_not_exists(retry_at) OR retry_at <= :now)",
+                ),
                 ReturnValue::AllNew,
             )
             .await?;
@@ -283,6 +373,7 @@ impl StateStore for DynamoStore {
             .error(error)
             .remove("claim")
             .remove("claim_until")
+            .remove("retry_at")
             .remove("psince");
         if let Some(plan) = plan {
             u.blob(encode_blob("plan", json(plan)?, "the plan")?, "plan_json", "plan_z");
@@ -319,10 +410,16 @@ impl StateStore for DynamoStore {
         if status != Status::Ready {
             u.set("since = :now");
         }
-        if error.is_some() {
-            u.set("attempts = attempts + :one").value(":one", n(1));
-        } else {
-            u.set("attempts = :zero").value(":zero", n(0));
+        match result.attempts_delta() {
+            Some(delta) => u.set("attempts = attempts + :inc").value(":inc", n(delta)),
+            None => u.set("attempts = :zero").value(":zero", n(0)),
+        };
+        match result.retry_at() {
+            Some(at) => u.set("retry_at = :retry").value(":retry", n(at)),
+            None => u.remove("retry_at"),
+        };
+        if matches!(result, WriteResult::Synced(_)) {
+            u.remove("needs_rewrite");
         }
         let mut condition = "claim = :t AND ver = :v".to_owned();
         if let Some(w) = written {
@@ -540,4 +637,25 @@ impl StateStore for DynamoStore {
     async fn linked_opportunities(&self, connections: &[String]) -> Result<Vec<OpportunityId>, StateError> {
         self.get_links(connections).await
     }
+}
+
+/// Back to pending at the current version, unclaimed, its wait and attempts reset; Dynamics is
+/// read again, so a restored record is written and a missing one deleted. `rewrite` is set,
+/// never cleared, here.
+/// `unclaim` removes the claim (a caller that claims sets it instead).
+fn requeue_update(rewrite: bool, unclaim: bool, now: Millis) -> Update {
+    let mut u = Update::default();
+    u.status(Status::Pending)
+        .set("attempts = :zero, updated = :now, since = :now, psince = :now, deleted = :no")
+        .value(":no", AttributeValue::Bool(false))
+        .value(":zero", n(0))
+        .value(":now", n(now))
+        .remove("retry_at");
+    if unclaim {
+        u.remove("claim").remove("claim_until");
+    }
+    if rewrite {
+        u.set("needs_rewrite = :yes").value(":yes", AttributeValue::Bool(true));
+    }
+    u
 }

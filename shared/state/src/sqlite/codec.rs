@@ -50,6 +50,8 @@ pub(super) fn read_state(row: &Row<'_>) -> Result<OpportunityState, StateError> 
         created_at: row.get(12).map_err(sql)?,
         updated_at: row.get(13).map_err(sql)?,
         status_since: row.get(14).map_err(sql)?,
+        retry_at: row.get(15).map_err(sql)?,
+        rewrite: row.get(16).map_err(sql)?,
     })
 }
 

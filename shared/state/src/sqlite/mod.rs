@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS opportunities (
     attempts INTEGER NOT NULL DEFAULT 0,
     err_operation TEXT, err_code TEXT, err_message TEXT,
     claim_token INTEGER, claim_until INTEGER,
+    retry_at INTEGER, rewrite INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, status_since INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS opportunities_by_status ON opportunities (status, status_since, id);
 CREATE TABLE IF NOT EXISTS completions (minute INTEGER PRIMARY KEY, n INTEGER NOT NULL);
@@ -44,7 +45,11 @@ CREATE TABLE IF NOT EXISTS links (connection TEXT PRIMARY KEY, opportunity TEXT 
 ";
 
 const COLUMNS: &str = "id, status, version, deleted, modified_on, plan, written, attempts, \
-     err_operation, err_code, err_message, claim_until, created_at, updated_at, status_since";
+     err_operation, err_code, err_message, claim_until, created_at, updated_at, status_since, retry_at, rewrite";
+
+/// Columns added since the first schema, each with its definition: a file written by an older
+/// oppsync gains them when it is opened.
+const ADDED_COLUMNS: &[(&str, &str)] = &[("retry_at", "INTEGER"), ("rewrite", "INTEGER NOT NULL DEFAULT 0")];
 
 /// The SQLite store. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -74,6 +79,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        add_missing_columns(&conn).map_err(err)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             path: Arc::new(path),
@@ -117,4 +123,17 @@ impl SqliteStore {
             message: format!("the store task stopped: {e}"),
         })?
     }
+}
+
+/// Brings a state file written by an older oppsync up to this schema (new columns only; rows
+/// keep their values and get the column's default).
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('opportunities')")?;
+    let have: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    for (name, definition) in ADDED_COLUMNS {
+        if !have.iter().any(|h| h == name) {
+            conn.execute_batch(&format!("ALTER TABLE opportunities ADD COLUMN {name} {definition}"))?;
+        }
+    }
+    Ok(())
 }

@@ -3,6 +3,13 @@
 
 use super::*;
 
+/// Back to pending at the current version, unclaimed, its wait and attempts reset; Dynamics is
+/// read again, so a restored record is written and a missing one deleted. `?3` sets `rewrite`.
+const REQUEUE: &str = "UPDATE opportunities SET status = 'pending', deleted = 0, claim_token = NULL,
+         claim_until = NULL, retry_at = NULL, attempts = 0, rewrite = MAX(rewrite, ?3), updated_at = ?2,
+         status_since = ?2
+     WHERE id = ?1";
+
 impl StateStore for SqliteStore {
     async fn cursor(&self, source: Source) -> Result<Option<Cursor>, StateError> {
         self.run(move |c| {
@@ -138,7 +145,7 @@ impl StateStore for SqliteStore {
                              status = 'pending', version = excluded.version, deleted = 0,
                              modified_on = excluded.modified_on, attempts = 0, err_operation = NULL,
                              err_code = NULL, err_message = NULL, claim_token = NULL, claim_until = NULL,
-                             updated_at = excluded.updated_at,
+                             retry_at = NULL, updated_at = excluded.updated_at,
                              status_since = CASE WHEN status = 'pending' THEN status_since ELSE excluded.status_since END
                          WHERE opportunities.version < excluded.version",
                     )
@@ -151,7 +158,7 @@ impl StateStore for SqliteStore {
                          ON CONFLICT (id) DO UPDATE SET
                              status = 'pending', deleted = 1, modified_on = NULL, attempts = 0,
                              err_operation = NULL, err_code = NULL, err_message = NULL, claim_token = NULL,
-                             claim_until = NULL, updated_at = excluded.updated_at,
+                             claim_until = NULL, retry_at = NULL, updated_at = excluded.updated_at,
                              status_since = CASE WHEN status = 'pending' THEN status_since ELSE excluded.status_since END
                          WHERE opportunities.deleted = 0",
                     )
@@ -172,14 +179,88 @@ impl StateStore for SqliteStore {
         .await
     }
 
-    async fn requeue(&self, id: OpportunityId, now: Millis) -> Result<bool, StateError> {
+    async fn requeue(&self, id: OpportunityId, rewrite: bool, now: Millis) -> Result<bool, StateError> {
+        self.run(move |c| {
+            let n = c.execute(REQUEUE, params![id.to_string(), now, rewrite]).map_err(sql)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn requeue_claimed(
+        &self,
+        id: OpportunityId,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> Result<Option<(Claim, OpportunityState)>, StateError> {
+        self.run(move |c| {
+            let token = new_token();
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql)?;
+            let n = tx.execute(REQUEUE, params![id.to_string(), now, true]).map_err(sql)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            tx.execute(
+                "UPDATE opportunities SET claim_token = ?2, claim_until = ?3 WHERE id = ?1",
+                params![id.to_string(), token, now + ttl_ms],
+            )
+            .map_err(sql)?;
+            let state = get_state(&tx, id)?.ok_or_else(|| corrupt(id.to_string(), "vanished inside a transaction"))?;
+            tx.commit().map_err(sql)?;
+            Ok(Some((
+                Claim {
+                    id,
+                    version: state.version,
+                    token,
+                    until: now + ttl_ms,
+                },
+                state,
+            )))
+        })
+        .await
+    }
+
+    async fn renew_claim(&self, claim: &Claim, ttl_ms: i64, now: Millis) -> Result<Option<Claim>, StateError> {
+        let claim = claim.clone();
         self.run(move |c| {
             let n = c
                 .execute(
-                    // Dynamics is read again: a restored record is written, a missing one deleted.
-                    "UPDATE opportunities SET status = 'pending', deleted = 0, claim_token = NULL,
-                         claim_until = NULL, attempts = 0, updated_at = ?2, status_since = ?2
-                     WHERE id = ?1",
+                    "UPDATE opportunities SET claim_until = ?4, updated_at = ?5
+                     WHERE id = ?1 AND claim_token = ?2 AND version = ?3",
+                    params![claim.id.to_string(), claim.token, claim.version, now + ttl_ms, now],
+                )
+                .map_err(sql)?;
+            Ok((n == 1).then(|| Claim {
+                until: now + ttl_ms,
+                ..claim
+            }))
+        })
+        .await
+    }
+
+    async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
+        let claim = claim.clone();
+        self.run(move |c| {
+            c.execute(
+                "UPDATE opportunities SET claim_token = NULL, claim_until = NULL, updated_at = ?3
+                 WHERE id = ?1 AND claim_token = ?2",
+                params![claim.id.to_string(), claim.token, now],
+            )
+            .map_err(sql)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn wake(&self, id: OpportunityId, now: Millis) -> Result<bool, StateError> {
+        self.run(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE opportunities SET retry_at = NULL, updated_at = ?2
+                     WHERE id = ?1 AND status = 'ready' AND retry_at <= ?2
+                       AND (claim_until IS NULL OR claim_until <= ?2)",
                     params![id.to_string(), now],
                 )
                 .map_err(sql)?;
@@ -203,7 +284,8 @@ impl StateStore for SqliteStore {
             let n = tx
                 .execute(
                     "UPDATE opportunities SET claim_token = ?3, claim_until = ?4, updated_at = ?5
-                     WHERE id = ?1 AND status = ?2 AND (claim_until IS NULL OR claim_until <= ?5)",
+                     WHERE id = ?1 AND status = ?2 AND (claim_until IS NULL OR claim_until <= ?5)
+                       AND (retry_at IS NULL OR retry_at <= ?5)",
                     params![id.to_string(), from.as_str(), token, now + ttl_ms, now],
                 )
                 .map_err(sql)?;
@@ -246,7 +328,8 @@ impl StateStore for SqliteStore {
                 .execute(
                     "UPDATE opportunities SET status = ?4, plan = COALESCE(?5, plan),
                          attempts = attempts + ?6, err_operation = ?7, err_code = ?8, err_message = ?9,
-                         claim_token = NULL, claim_until = NULL, updated_at = ?10, status_since = ?10
+                         claim_token = NULL, claim_until = NULL, retry_at = NULL, updated_at = ?10,
+                         status_since = ?10
                      WHERE id = ?1 AND claim_token = ?2 AND version = ?3",
                     params![
                         claim.id.to_string(),
@@ -283,7 +366,9 @@ impl StateStore for SqliteStore {
                 .map_err(sql)?;
             let id = claim.id.to_string();
             let (status, written, error) = result.parts();
-            let attempts_delta = error.map(|_| 1);
+            let attempts_delta = result.attempts_delta();
+            let retry_at = result.retry_at();
+            let synced = matches!(result, WriteResult::Synced(_));
             if let Some(w) = written {
                 record_written(&tx, &id, w)?;
             }
@@ -293,7 +378,8 @@ impl StateStore for SqliteStore {
                          attempts = CASE WHEN ?5 IS NULL THEN 0 ELSE attempts + ?5 END,
                          err_operation = ?6, err_code = ?7, err_message = ?8,
                          claim_token = NULL, claim_until = NULL, updated_at = ?9,
-                         status_since = CASE WHEN status = ?4 THEN status_since ELSE ?9 END
+                         status_since = CASE WHEN status = ?4 THEN status_since ELSE ?9 END,
+                         retry_at = ?10, rewrite = CASE WHEN ?11 THEN 0 ELSE rewrite END
                      WHERE id = ?1 AND claim_token = ?2 AND version = ?3",
                     params![
                         id,
@@ -304,7 +390,9 @@ impl StateStore for SqliteStore {
                         error.map(|e| e.operation.clone()),
                         error.map(|e| e.code.clone()),
                         error.map(|e| e.message.clone()),
-                        now
+                        now,
+                        retry_at,
+                        synced
                     ],
                 )
                 .map_err(sql)?;

@@ -275,7 +275,7 @@ pub async fn a_requeued_deletion_is_read_again_not_deleted_again<S: StateStore>(
         .unwrap();
     // Resync requeues: the transform reads Dynamics again, which decides (a restored record
     // is written, a missing one deleted).
-    assert!(store.requeue(id(1), T0 + 2).await.unwrap());
+    assert!(store.requeue(id(1), false, T0 + 2).await.unwrap());
     let state = store.get(id(1)).await.unwrap().unwrap();
     assert_eq!((state.status, state.deleted), (Status::Pending, false));
 }
@@ -502,6 +502,7 @@ pub async fn a_retryable_failure_stays_ready_and_a_permanent_one_goes_to_the_err
             WriteResult::Retry {
                 error: error("606"),
                 written: None,
+                retry_at: T0 + 2,
             },
             T0 + 2,
         )
@@ -638,7 +639,7 @@ pub async fn requeue_puts_a_record_back_to_pending<S: StateStore>(store: S) {
         .complete_write(&claim, WriteResult::Synced(written(7, vec![])), T0 + 1)
         .await
         .unwrap();
-    assert!(store.requeue(id(1), T0 + 2).await.unwrap());
+    assert!(store.requeue(id(1), false, T0 + 2).await.unwrap());
     let state = store.get(id(1)).await.unwrap().unwrap();
     assert_eq!(
         (state.status, state.version, state.status_since),
@@ -652,7 +653,7 @@ pub async fn requeue_puts_a_record_back_to_pending<S: StateStore>(store: S) {
             .unwrap()
             .is_some()
     );
-    assert!(!store.requeue(id(2), T0).await.unwrap());
+    assert!(!store.requeue(id(2), false, T0).await.unwrap());
 }
 
 /// A plan far larger than a DynamoDB item (400 KB) once serialized.
@@ -734,4 +735,144 @@ pub async fn a_deleted_connection_is_traced_back_to_its_opportunity<S: StateStor
     assert!(store.linked_opportunities(&[]).await.unwrap().is_empty());
     // Links are not opportunities: they never show up in the counts.
     assert_eq!(store.counts().await.unwrap().total(), 0);
+}
+
+pub async fn a_retried_write_waits_until_woken_and_a_paused_one_counts_no_attempt<S: StateStore>(store: S) {
+    to_ready(&store, 1, 7, T0).await;
+    let (claim, _) = store.claim(id(1), Status::Ready, TTL, T0 + 1).await.unwrap().unwrap();
+    let retry = WriteResult::Retry {
+        error: error("606"),
+        written: None,
+        retry_at: T0 + MINUTE,
+    };
+    store.complete_write(&claim, retry, T0 + 2).await.unwrap();
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.attempts, state.retry_at),
+        (Status::Ready, 1, Some(T0 + MINUTE))
+    );
+    assert!(
+        store
+            .claim(id(1), Status::Ready, TTL, T0 + MINUTE - 1)
+            .await
+            .unwrap()
+            .is_none(),
+        "a stale stream delivery cannot take it before its wait ends"
+    );
+    assert!(
+        !store.wake(id(1), T0 + MINUTE - 1).await.unwrap(),
+        "not before its time"
+    );
+    assert!(store.wake(id(1), T0 + MINUTE).await.unwrap());
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!((state.retry_at, state.attempts), (None, 1));
+    assert!(!store.wake(id(1), T0 + MINUTE).await.unwrap(), "nothing left to wake");
+
+    // A pause (the run stopped: quota, credentials, deadline) waits the same but is no attempt.
+    let (claim, _) = store
+        .claim(id(1), Status::Ready, TTL, T0 + MINUTE)
+        .await
+        .unwrap()
+        .unwrap();
+    let paused = WriteResult::Paused {
+        error: error("607"),
+        written: None,
+        until: T0 + 2 * MINUTE,
+    };
+    store.complete_write(&claim, paused, T0 + MINUTE + 1).await.unwrap();
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!((state.attempts, state.retry_at), (1, Some(T0 + 2 * MINUTE)));
+    // A claimed record is not woken under its holder.
+    let (claim, _) = store
+        .claim(id(1), Status::Ready, TTL, T0 + 2 * MINUTE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!store.wake(id(1), T0 + 2 * MINUTE).await.unwrap());
+    store
+        .complete_write(&claim, WriteResult::Synced(written(7, vec![])), T0 + 2 * MINUTE + 1)
+        .await
+        .unwrap();
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.attempts, state.retry_at),
+        (Status::Synced, 0, None)
+    );
+    // A new version is not made to wait for an old one's backoff.
+    to_ready(&store, 2, 1, T0).await;
+    let (claim, _) = store.claim(id(2), Status::Ready, TTL, T0).await.unwrap().unwrap();
+    let retry = WriteResult::Retry {
+        error: error("606"),
+        written: None,
+        retry_at: T0 + MINUTE,
+    };
+    store.complete_write(&claim, retry, T0 + 1).await.unwrap();
+    store.mark_pending(&[change(2, 2)], T0 + 2).await.unwrap();
+    assert_eq!(store.get(id(2)).await.unwrap().unwrap().retry_at, None);
+}
+
+pub async fn a_resync_requeues_and_claims_in_one_step_so_no_transformer_takes_it_between<S: StateStore>(store: S) {
+    to_ready(&store, 1, 7, T0).await;
+    let (claim, _) = store.claim(id(1), Status::Ready, TTL, T0 + 1).await.unwrap().unwrap();
+    store
+        .complete_write(&claim, WriteResult::Synced(written(7, vec![])), T0 + 2)
+        .await
+        .unwrap();
+    let (claim, state) = store.requeue_claimed(id(1), TTL, T0 + 3).await.unwrap().unwrap();
+    assert_eq!((state.status, state.version, state.rewrite), (Status::Pending, 7, true));
+    assert!(
+        store
+            .claim(id(1), Status::Pending, TTL, T0 + 4)
+            .await
+            .unwrap()
+            .is_none(),
+        "a stream transformer cannot take it"
+    );
+    let done = store
+        .complete_transform(&claim, TransformResult::Ready(plan(1)), T0 + 5)
+        .await
+        .unwrap();
+    assert_eq!(done, Completion::Completed);
+    // The flag outlives the transform and ends with the next successful write.
+    let (claim, state) = store.claim(id(1), Status::Ready, TTL, T0 + 6).await.unwrap().unwrap();
+    assert!(state.rewrite);
+    store
+        .complete_write(&claim, WriteResult::Synced(written(7, vec![])), T0 + 7)
+        .await
+        .unwrap();
+    assert!(!store.get(id(1)).await.unwrap().unwrap().rewrite);
+    assert!(
+        store.requeue_claimed(id(2), TTL, T0).await.unwrap().is_none(),
+        "no such record"
+    );
+    // A plain requeue does not clear a pending rewrite.
+    assert!(store.requeue(id(1), true, T0 + 8).await.unwrap());
+    assert!(store.requeue(id(1), false, T0 + 9).await.unwrap());
+    assert!(store.get(id(1)).await.unwrap().unwrap().rewrite);
+}
+
+pub async fn a_claim_is_renewed_only_while_held_and_a_released_one_is_free_at_once<S: StateStore>(store: S) {
+    to_ready(&store, 1, 7, T0).await;
+    let (claim, _) = store.claim(id(1), Status::Ready, TTL, T0).await.unwrap().unwrap();
+    let renewed = store.renew_claim(&claim, TTL, T0 + TTL - 1).await.unwrap().unwrap();
+    assert_eq!(renewed.until, T0 + 2 * TTL - 1);
+    assert!(
+        store
+            .claim(id(1), Status::Ready, TTL, T0 + TTL + 1)
+            .await
+            .unwrap()
+            .is_none(),
+        "the renewal holds past the first expiry"
+    );
+    // A newer version takes the record from under the claim: the renewal fails.
+    store.mark_pending(&[change(1, 8)], T0 + TTL + 2).await.unwrap();
+    assert!(store.renew_claim(&renewed, TTL, T0 + TTL + 3).await.unwrap().is_none());
+    to_ready(&store, 2, 1, T0).await;
+    let (claim, _) = store.claim(id(2), Status::Ready, TTL, T0).await.unwrap().unwrap();
+    store.release(&claim, T0 + 1).await.unwrap();
+    let (again, _) = store.claim(id(2), Status::Ready, TTL, T0 + 2).await.unwrap().unwrap();
+    // Releasing a claim already lost leaves the new holder alone.
+    store.release(&claim, T0 + 3).await.unwrap();
+    assert!(store.claim(id(2), Status::Ready, TTL, T0 + 4).await.unwrap().is_none());
+    assert!(store.renew_claim(&again, TTL, T0 + 5).await.unwrap().is_some());
 }
