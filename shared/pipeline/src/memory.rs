@@ -33,7 +33,30 @@ struct Tables {
     /// Rows a batch read leaves out although they exist (a replica behind, a read that lost
     /// rows): they are still found by their key.
     hidden: BTreeSet<String>,
+    /// The next change-feed read of every table answers as an expired token does: a full
+    /// read, flagged `full_resync`, with no deletions (change tracking lost them).
+    expired: bool,
+    /// Reads that fail, by operation (`changes`, `all_ids`, `opportunities`, `related`), with
+    /// how many more times.
+    failing: BTreeMap<&'static str, u32>,
     requests: u64,
+}
+
+impl Tables {
+    /// Counts a request; fails it if a fault is scheduled for `operation`.
+    fn request(&mut self, operation: &'static str) -> Result<(), DataverseError> {
+        self.requests += 1;
+        match self.failing.get_mut(operation) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                Err(DataverseError::Transport {
+                    message: format!("{operation}: connection reset (a fault the test scheduled)"),
+                    timeout: false,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A Dataverse in memory. Cheap to clone; clones share the rows.
@@ -98,6 +121,23 @@ impl MemoryDataverse {
         t.changed.entry(EntitySet::Opportunities).or_default().insert(id, None);
     }
 
+    /// Deletes an opportunity without the change feed seeing it (while a change-tracking token
+    /// was expired, or under a watermark, which cannot see deletions).
+    pub fn delete_opportunity_unseen(&self, id: &str) {
+        guard(&self.0).opportunities.remove(&id.to_ascii_lowercase());
+    }
+
+    /// The next change-feed reads answer as for an expired token (a full read).
+    pub fn expire_change_tokens(&self) {
+        guard(&self.0).expired = true;
+    }
+
+    /// The next `times` reads of `operation` (`changes`, `all_ids`, `opportunities`,
+    /// `related`) fail as a dropped connection does.
+    pub fn fail_next(&self, operation: &'static str, times: u32) {
+        guard(&self.0).failing.insert(operation, times);
+    }
+
     /// Leaves an opportunity out of batch reads although it exists (read by key, it is there).
     pub fn hide_from_batch_reads(&self, id: &str) {
         guard(&self.0).hidden.insert(id.to_ascii_lowercase());
@@ -130,10 +170,16 @@ impl DataversePort for MemoryDataverse {
         cursor: Option<&str>,
     ) -> impl Future<Output = Result<ChangePage, DataverseError>> + Send {
         let mut t = guard(&self.0);
-        t.requests += 1;
+        if let Err(e) = t.request("changes") {
+            return ready(Err(e));
+        }
         // The first read of a table (or a read without a cursor) is a full read; later ones are
-        // what changed since.
-        let full = cursor.is_none() || !t.read_once.contains(&set);
+        // what changed since. An expired token is a full read too, flagged as such.
+        let expired = std::mem::take(&mut t.expired) && cursor.is_some();
+        if expired {
+            t.expired = set == EntitySet::Opportunities;
+        }
+        let full = cursor.is_none() || !t.read_once.contains(&set) || expired;
         t.read_once.insert(set);
         let changed = t.changed.remove(&set).unwrap_or_default();
         let (rows, deleted) = if full {
@@ -154,7 +200,7 @@ impl DataversePort for MemoryDataverse {
             deleted,
             cursor: format!("memory:{}:delta", set.name()),
             caught_up: true,
-            full_resync: false,
+            full_resync: expired,
         }))
     }
 
@@ -171,7 +217,9 @@ impl DataversePort for MemoryDataverse {
 
     fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<String>, DataverseError>> + Send {
         let mut t = guard(&self.0);
-        t.requests += 1;
+        if let Err(e) = t.request("all_ids") {
+            return ready(Err(e));
+        }
         ready(Ok(Self::rows(&t, set).iter().map(|r| key_of(set, r)).collect()))
     }
 
@@ -181,7 +229,9 @@ impl DataversePort for MemoryDataverse {
         _select: &[&str],
     ) -> impl Future<Output = Result<Vec<Value>, DataverseError>> + Send {
         let mut t = guard(&self.0);
-        t.requests += 1;
+        if let Err(e) = t.request("opportunities") {
+            return ready(Err(e));
+        }
         let rows = ids
             .iter()
             .filter(|id| !t.hidden.contains(&id.to_string()))
@@ -201,7 +251,9 @@ impl DataversePort for MemoryDataverse {
         _opportunities: &[Opportunity],
     ) -> impl Future<Output = Result<(Related, Vec<RecordError>), DataverseError>> + Send {
         let mut t = guard(&self.0);
-        t.requests += 1;
+        if let Err(e) = t.request("related") {
+            return ready(Err(e));
+        }
         ready(Ok(Related::from_json(
             t.accounts.clone(),
             t.contacts.clone(),

@@ -3,4 +3,5 @@
 
 mod flow;
 mod ports;
+mod rare_paths;
 mod steps;

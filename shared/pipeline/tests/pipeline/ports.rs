@@ -11,12 +11,12 @@ use oppsync_state::{SqliteStore, StateStore, Status};
 use oppsync_tests::harness::sqlite;
 use serde_json::{Value, json};
 
-fn o(n: u64) -> String {
+pub(crate) fn o(n: u64) -> String {
     format!("0b000000-0000-4000-8000-{n:012}")
 }
 
 /// The `value` rows of one of the mapping crate's fixture files.
-fn rows(name: &str) -> Vec<Value> {
+pub(crate) fn rows(name: &str) -> Vec<Value> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../mapping/tests/fixtures")
         .join(name);
@@ -25,7 +25,7 @@ fn rows(name: &str) -> Vec<Value> {
 }
 
 /// Dynamics holding the fixture opportunities numbered `numbers` and everything they refer to.
-fn dataverse(numbers: &[u64]) -> MemoryDataverse {
+pub(crate) fn dataverse(numbers: &[u64]) -> MemoryDataverse {
     let wanted: Vec<String> = numbers.iter().map(|n| o(*n)).collect();
     let opportunities = rows("opportunities.json")
         .into_iter()
@@ -50,19 +50,19 @@ fn dataverse(numbers: &[u64]) -> MemoryDataverse {
     )
 }
 
-type Memory = Pipeline<SqliteStore, MemoryDataverse, MemoryMarketo>;
+pub(crate) type Memory = Pipeline<SqliteStore, MemoryDataverse, MemoryMarketo>;
 
-fn pipeline(dv: &MemoryDataverse, mk: &MemoryMarketo) -> Memory {
+pub(crate) fn pipeline(dv: &MemoryDataverse, mk: &MemoryMarketo) -> Memory {
     Pipeline::new(sqlite(), dv.clone(), mk.clone(), Config::default(), "memory-test")
 }
 
-async fn sync(p: &Memory) -> DrainReport {
+pub(crate) async fn sync(p: &Memory) -> DrainReport {
     let poll = p.poll(None).await.unwrap();
     assert!(poll.caught_up, "{poll:?}");
     p.drain(|_, _| {}).await.unwrap()
 }
 
-async fn status(p: &Memory, n: u64) -> Status {
+pub(crate) async fn status(p: &Memory, n: u64) -> Status {
     p.store()
         .get(OpportunityId::parse(&o(n)).unwrap())
         .await

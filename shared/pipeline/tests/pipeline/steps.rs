@@ -118,6 +118,9 @@ async fn a_write_stopped_by_the_daily_quota_leaves_its_records_ready() {
     let counts = p.store().counts().await.unwrap();
     assert_eq!(counts.get(Status::Ready), 30, "{counts:?}");
     assert_eq!(counts.get(Status::Failed), 0, "{counts:?}");
+    // A stop is not the records' fault: no attempt counts against their cap.
+    let ready = p.store().list(Status::Ready, 100, None).await.unwrap();
+    assert!(ready.items.iter().all(|s| s.attempts == 0), "{:?}", ready.items[0]);
     let next = p.drain(|_, _| {}).await.unwrap();
     assert_eq!(next.written, 30, "{next:?}");
     assert_marketo_matches_dynamics(&sims);

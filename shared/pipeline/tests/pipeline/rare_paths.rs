@@ -1,0 +1,393 @@
+//! The state machine's rare paths on the in-memory ports: a writer superseded mid-write, a
+//! resync racing a stream transformer, retries that wait and stop, a handler that fails with
+//! claims held, a writer at its deadline, a deletion scan owed across runs. Each scenario is
+//! made to happen exactly, by a hook at the point where the race falls.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use oppsync_mapping::OpportunityId;
+use oppsync_marketo::{LeadRecord, MarketoError, RecordOutcome, RoleKey, RoleRecord};
+use oppsync_pipeline::memory::MemoryMarketo;
+use oppsync_pipeline::ports::MarketoPort;
+use oppsync_pipeline::{Config, Pipeline, ResyncTarget, Wrote};
+use oppsync_state::*;
+use oppsync_tests::harness::sqlite;
+use serde_json::{Value, json};
+
+use crate::ports::{dataverse, o, pipeline, rows, status, sync};
+
+type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// A Marketo that runs a hook once, just before the first call of one operation reaches it:
+/// whatever the hook does happens while the caller is inside that call.
+#[derive(Clone)]
+struct Hooked {
+    inner: MemoryMarketo,
+    hook: Arc<Mutex<Option<(&'static str, Hook)>>>,
+}
+
+impl Hooked {
+    fn new(inner: &MemoryMarketo) -> Hooked {
+        Hooked {
+            inner: inner.clone(),
+            hook: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn before(&self, operation: &'static str, hook: Hook) {
+        *self.hook.lock().unwrap() = Some((operation, hook));
+    }
+
+    async fn run(&self, operation: &'static str) {
+        let due = {
+            let mut slot = self.hook.lock().unwrap();
+            match slot.take() {
+                Some((op, hook)) if op == operation => Some(hook),
+                other => {
+                    *slot = other;
+                    None
+                }
+            }
+        };
+        if let Some(hook) = due {
+            hook().await;
+        }
+    }
+}
+
+impl MarketoPort for Hooked {
+    async fn sync_opportunities(&self, records: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        self.run("opportunities.sync").await;
+        self.inner.sync_opportunities(records).await
+    }
+    async fn delete_opportunities(&self, ids: &[String]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        self.run("opportunities.delete").await;
+        self.inner.delete_opportunities(ids).await
+    }
+    async fn sync_roles(&self, roles: &[RoleRecord]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        self.run("roles.sync").await;
+        self.inner.sync_roles(roles).await
+    }
+    async fn delete_roles(&self, keys: &[RoleKey]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        self.run("roles.delete").await;
+        self.inner.delete_roles(keys).await
+    }
+    async fn sync_companies(&self, records: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        self.run("companies.sync").await;
+        self.inner.sync_companies(records).await
+    }
+    async fn query_leads(&self, field: &str, values: &[String], fields: &[&str]) -> Result<Vec<LeadRecord>, MarketoError> {
+        self.run("leads.query").await;
+        self.inner.query_leads(field, values, fields).await
+    }
+    async fn upsert_leads(&self, lookup_field: &str, leads: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        self.run("leads.sync").await;
+        self.inner.upsert_leads(lookup_field, leads).await
+    }
+    fn set_calls_today(&self, calls: u64) {
+        self.inner.set_calls_today(calls)
+    }
+    fn calls_by_endpoint(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.inner.calls_by_endpoint()
+    }
+}
+
+/// A state store that runs a hook once, right after the first requeue (plain or claimed)
+/// returns: a stream transformer woken by the requeue's new image runs there.
+#[derive(Clone)]
+struct AfterRequeue {
+    inner: SqliteStore,
+    hook: Arc<Mutex<Option<Hook>>>,
+}
+
+impl AfterRequeue {
+    async fn run(&self) {
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook().await;
+        }
+    }
+}
+
+impl StateStore for AfterRequeue {
+    async fn cursor(&self, source: Source) -> Result<Option<Cursor>, StateError> {
+        self.inner.cursor(source).await
+    }
+    async fn advance_cursor(&self, lease: &Lease, source: Source, value: &str, now: Millis) -> Result<(), StateError> {
+        self.inner.advance_cursor(lease, source, value, now).await
+    }
+    async fn acquire_lease(&self, name: &str, owner: &str, ttl_ms: i64, now: Millis) -> Result<Option<Lease>, StateError> {
+        self.inner.acquire_lease(name, owner, ttl_ms, now).await
+    }
+    async fn renew_lease(&self, lease: &Lease, ttl_ms: i64, now: Millis) -> Result<Option<Lease>, StateError> {
+        self.inner.renew_lease(lease, ttl_ms, now).await
+    }
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StateError> {
+        self.inner.release_lease(lease).await
+    }
+    async fn mark_pending(&self, changes: &[PendingChange], now: Millis) -> Result<Vec<MarkOutcome>, StateError> {
+        self.inner.mark_pending(changes, now).await
+    }
+    async fn requeue(&self, id: OpportunityId, rewrite: bool, now: Millis) -> Result<bool, StateError> {
+        let done = self.inner.requeue(id, rewrite, now).await;
+        self.run().await;
+        done
+    }
+    async fn requeue_claimed(
+        &self,
+        id: OpportunityId,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> Result<Option<(Claim, OpportunityState)>, StateError> {
+        let done = self.inner.requeue_claimed(id, ttl_ms, now).await;
+        self.run().await;
+        done
+    }
+    async fn renew_claim(&self, claim: &Claim, ttl_ms: i64, now: Millis) -> Result<Option<Claim>, StateError> {
+        self.inner.renew_claim(claim, ttl_ms, now).await
+    }
+    async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
+        self.inner.release(claim, now).await
+    }
+    async fn wake(&self, id: OpportunityId, now: Millis) -> Result<bool, StateError> {
+        self.inner.wake(id, now).await
+    }
+    async fn claim(
+        &self,
+        id: OpportunityId,
+        from: Status,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> Result<Option<(Claim, OpportunityState)>, StateError> {
+        self.inner.claim(id, from, ttl_ms, now).await
+    }
+    async fn complete_transform(
+        &self,
+        claim: &Claim,
+        result: TransformResult,
+        now: Millis,
+    ) -> Result<Completion, StateError> {
+        self.inner.complete_transform(claim, result, now).await
+    }
+    async fn complete_write(&self, claim: &Claim, result: WriteResult, now: Millis) -> Result<Completion, StateError> {
+        self.inner.complete_write(claim, result, now).await
+    }
+    async fn get(&self, id: OpportunityId) -> Result<Option<OpportunityState>, StateError> {
+        self.inner.get(id).await
+    }
+    async fn list(&self, status: Status, limit: usize, page: Option<&str>) -> Result<Page<OpportunityState>, StateError> {
+        self.inner.list(status, limit, page).await
+    }
+    async fn counts(&self) -> Result<Counts, StateError> {
+        self.inner.counts().await
+    }
+    async fn oldest_pending(&self) -> Result<Option<(OpportunityId, Millis)>, StateError> {
+        self.inner.oldest_pending().await
+    }
+    async fn completions(&self, since: Millis, until: Millis) -> Result<u64, StateError> {
+        self.inner.completions(since, until).await
+    }
+    async fn add_marketo_calls(&self, day: &str, calls: u64) -> Result<u64, StateError> {
+        self.inner.add_marketo_calls(day, calls).await
+    }
+    async fn marketo_calls(&self, day: &str) -> Result<u64, StateError> {
+        self.inner.marketo_calls(day).await
+    }
+    async fn remember_links(&self, links: &[(String, OpportunityId)]) -> Result<(), StateError> {
+        self.inner.remember_links(links).await
+    }
+    async fn linked_opportunities(&self, connections: &[String]) -> Result<Vec<OpportunityId>, StateError> {
+        self.inner.linked_opportunities(connections).await
+    }
+}
+
+fn id(n: u64) -> OpportunityId {
+    OpportunityId::parse(&o(n)).unwrap()
+}
+
+/// Fixture opportunity `n` with a new version and `amount`.
+fn edited(n: u64, bump: i64, amount: f64) -> Value {
+    let mut row = rows("opportunities.json")
+        .into_iter()
+        .find(|r| r["opportunityid"] == o(n).as_str())
+        .unwrap();
+    row["versionnumber"] = json!(row["versionnumber"].as_i64().unwrap() + bump);
+    row["estimatedvalue"] = json!(amount);
+    row
+}
+
+fn amount(mk: &MemoryMarketo, n: u64) -> Option<Value> {
+    mk.holds().opportunities.get(&o(n)).and_then(|f| f.get("amount").cloned())
+}
+
+/// A clock the test moves.
+fn clock() -> (Arc<AtomicI64>, oppsync_pipeline::Clock) {
+    let now = Arc::new(AtomicI64::new(1_790_000_000_000));
+    let read = Arc::clone(&now);
+    (now, Arc::new(move || read.load(Ordering::SeqCst)))
+}
+
+#[tokio::test]
+async fn a_superseded_writer_never_leaves_marketo_behind_the_state() {
+    // Writer A sends plan P1; while its call is in flight (a 606 backoff inside the client, say)
+    // the poller records v2 and writer B writes P2 and completes; then A's call lands P1. The
+    // state says "synced v2"; Marketo must end up holding P2 all the same.
+    let (dv, mk) = (dataverse(&[1]), MemoryMarketo::default());
+    let b = pipeline(&dv, &mk);
+    sync(&b).await;
+    dv.upsert_opportunity(edited(1, 10, 1000.0));
+    b.poll(None).await.unwrap();
+    b.transform(&[id(1)], false).await.unwrap();
+    assert_eq!(status(&b, 1).await, Status::Ready);
+
+    let hooked = Hooked::new(&mk);
+    let a = Pipeline::new(b.store().clone(), dv.clone(), hooked.clone(), Config::default(), "writer-a");
+    let (dv2, b2) = (dv.clone(), b.clone());
+    hooked.before(
+        "opportunities.sync",
+        Box::new(move || {
+            Box::pin(async move {
+                dv2.upsert_opportunity(edited(1, 20, 2000.0));
+                let report = sync(&b2).await;
+                assert_eq!(report.written, 1, "writer B wrote v2: {report:?}");
+            })
+        }),
+    );
+    let report = a.write(&[id(1)]).await.unwrap();
+    assert_eq!(report.records[0].result, Wrote::Superseded, "{report:?}");
+    assert_eq!(amount(&mk, 1), Some(json!(1000.0)), "A's late call landed the older plan");
+
+    // The next cycle must put P2 back.
+    sync(&b).await;
+    assert_eq!(amount(&mk, 1), Some(json!(2000.0)), "Marketo holds what the state says");
+    assert_eq!(status(&b, 1).await, Status::Synced);
+}
+
+#[tokio::test]
+async fn a_resync_overwrites_an_edit_in_marketo_even_when_a_stream_transformer_races_it() {
+    // The resync's requeue writes a pending image; the stream transformer it wakes must not
+    // plan the record first and mark it unchanged, leaving the edit made in Marketo.
+    let (dv, mk) = (dataverse(&[1]), MemoryMarketo::default());
+    let store = AfterRequeue {
+        inner: sqlite(),
+        hook: Arc::new(Mutex::new(None)),
+    };
+    let p = Pipeline::new(store.clone(), dv.clone(), mk.clone(), Config::default(), "resync");
+    p.poll(None).await.unwrap();
+    p.drain(|_, _| {}).await.unwrap();
+    mk.sync_opportunities(&[json!({"externalOpportunityId": o(1), "amount": 1})])
+        .await
+        .unwrap();
+    let transformer = Pipeline::new(store.inner.clone(), dv.clone(), mk.clone(), Config::default(), "stream");
+    *store.hook.lock().unwrap() = Some(Box::new(move || {
+        Box::pin(async move {
+            transformer.transform(&[id(1)], false).await.unwrap();
+        })
+    }));
+    let report = p.resync(ResyncTarget::Ids(vec![id(1)]), false).await.unwrap();
+    assert_eq!(report.records[0].write, Some(Wrote::Synced), "{report:?}");
+    assert_eq!(amount(&mk, 1), Some(json!(10000.0)), "the edit in Marketo is overwritten");
+}
+
+#[tokio::test]
+async fn a_record_that_keeps_failing_retryably_fails_for_good_after_max_attempts() {
+    let (dv, mk) = (dataverse(&[1]), MemoryMarketo::default());
+    mk.refuse(&o(1), "1014"); // "Failed to create": retryable, and here it never passes.
+    let mut config = Config::default();
+    config.sync.max_attempts = 4;
+    let p = Pipeline::new(sqlite(), dv.clone(), mk.clone(), config, "cap");
+    let first = sync(&p).await;
+    assert_eq!(first.left_for_retry, 1, "{first:?}");
+    assert_eq!(status(&p, 1).await, Status::Ready);
+    let second = p.drain(|_, _| {}).await.unwrap();
+    assert_eq!((second.failed, second.left_for_retry), (1, 0), "{second:?}");
+    let state = p.store().get(id(1)).await.unwrap().unwrap();
+    assert_eq!(state.status, Status::Failed);
+    let error = state.last_error.unwrap();
+    assert_eq!(error.code, "1014");
+    assert!(error.message.contains("gave up after 4 attempts"), "{}", error.message);
+}
+
+#[tokio::test]
+async fn a_retried_write_waits_its_backoff_and_the_sweep_hands_it_back() {
+    let (dv, mk) = (dataverse(&[1]), MemoryMarketo::default());
+    let (now, clock) = clock();
+    let p = Pipeline::new(sqlite(), dv.clone(), mk.clone(), Config::default(), "stream").with_clock(clock);
+    p.poll(None).await.unwrap();
+    p.transform(&[id(1)], false).await.unwrap();
+    mk.refuse(&o(1), "1014");
+    let first = p.write(&[id(1)]).await.unwrap();
+    assert!(matches!(first.records[0].result, Wrote::Retry { .. }), "{first:?}");
+    let calls = mk.holds().calls.len();
+    // A redelivery at once finds nothing it may do: no Marketo call, no hot loop.
+    let again = p.write(&[id(1)]).await.unwrap();
+    assert_eq!(again.records[0].result, Wrote::NotClaimed, "{again:?}");
+    assert_eq!(mk.holds().calls.len(), calls);
+    assert_eq!(p.wake_due().await.unwrap(), 0, "not before the wait ends");
+    now.fetch_add(30_000, Ordering::SeqCst);
+    assert_eq!(p.wake_due().await.unwrap(), 1);
+    let state = p.store().get(id(1)).await.unwrap().unwrap();
+    assert_eq!((state.retry_at, state.attempts), (None, 1));
+    // The second failure waits twice as long.
+    let second = p.write(&[id(1)]).await.unwrap();
+    assert!(matches!(second.records[0].result, Wrote::Retry { .. }), "{second:?}");
+    let state = p.store().get(id(1)).await.unwrap().unwrap();
+    assert_eq!(state.retry_at, Some(now.load(Ordering::SeqCst) + 60_000));
+}
+
+#[tokio::test]
+async fn a_transform_that_fails_hands_its_claims_back_at_once() {
+    // The handler fails (Dataverse dropped the connection); the redelivery must be able to
+    // take the records at once, not wait for the claims to expire.
+    let (dv, mk) = (dataverse(&[1, 3]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    p.poll(None).await.unwrap();
+    dv.fail_next("opportunities", 1);
+    let err = p.transform(&[id(1), id(3)], false).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let redelivered = p.transform(&[id(1), id(3)], false).await.unwrap();
+    assert_eq!(redelivered.ready().len(), 2, "{redelivered:?}");
+}
+
+#[tokio::test]
+async fn a_writer_at_its_deadline_leaves_unsent_records_for_the_next_run_without_an_attempt() {
+    let (dv, mk) = (dataverse(&[1, 3]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    p.poll(None).await.unwrap();
+    p.transform(&[id(1), id(3)], false).await.unwrap();
+    let report = p.write_until(&[id(1), id(3)], Some(Instant::now())).await.unwrap();
+    assert!(report.stopped.as_deref().is_some_and(|s| s.contains("time ran out")), "{report:?}");
+    assert!(!report.stopped_for_good);
+    assert!(mk.holds().calls.is_empty(), "no call after the deadline: {:?}", mk.holds().calls);
+    for n in [1, 3] {
+        let state = p.store().get(id(n)).await.unwrap().unwrap();
+        assert_eq!((state.status, state.attempts), (Status::Ready, 0), "{n}");
+    }
+    let next = p.write(&[id(1), id(3)]).await.unwrap();
+    assert!(next.records.iter().all(|r| r.result == Wrote::Synced), "{next:?}");
+}
+
+#[tokio::test]
+async fn a_deletion_scan_owed_after_an_expired_token_survives_a_failed_run() {
+    // Opportunity 3 is deleted while the change-tracking token is expired, so only the scan
+    // after the full re-read can find it. That run fails before the scan; the next, with a
+    // good token again, must still owe it and run it.
+    let (dv, mk) = (dataverse(&[1, 3]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    sync(&p).await;
+    dv.delete_opportunity_unseen(&o(3));
+    dv.expire_change_tokens();
+    dv.fail_next("all_ids", 1);
+    assert!(p.poll(None).await.is_err(), "the scan's read failed");
+    let poll = p.poll(None).await.unwrap();
+    assert!(poll.deletion_scan, "{poll:?}");
+    p.drain(|_, _| {}).await.unwrap();
+    assert!(!mk.holds().opportunities.contains_key(&o(3)), "deleted in Marketo");
+    assert_eq!(status(&p, 3).await, Status::Deleted);
+    let after = p.poll(None).await.unwrap();
+    assert!(!after.deletion_scan, "paid once, not again: {after:?}");
+}
