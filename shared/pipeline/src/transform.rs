@@ -140,10 +140,13 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         Ok(states
             .iter()
             .map(|(id, state)| {
-                let written_roles: &[WrittenRole] = state
-                    .as_ref()
-                    .and_then(|s| s.written.as_ref())
-                    .map_or(&[], |w| &w.roles[..]);
+                // Deletions are planned against what Marketo may hold: the roles written, and
+                // those a write sent (or was about to) without recording its outcome.
+                let written_roles: Vec<WrittenRole> = state
+                    .iter()
+                    .flat_map(|s| s.written.iter().flat_map(|w| w.roles.iter()).chain(s.planned.iter()))
+                    .cloned()
+                    .collect();
                 let change = if state.as_ref().is_some_and(|s| s.deleted) {
                     Change::Deleted(*id)
                 } else {
@@ -156,7 +159,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         None => Change::Deleted(*id),
                     }
                 };
-                let plan = plan_change(&self.config.mapping, &change, &related, written_roles);
+                let plan = plan_change(&self.config.mapping, &change, &related, &written_roles);
                 for w in &plan.warnings {
                     tracing::warn!(opportunity = %id, field = %w.field, "{}", w.message);
                 }

@@ -214,6 +214,10 @@ pub struct OpportunityState {
     /// Marketo may differ from what was last recorded as written (a superseded write landed
     /// after a newer one, a resync): the next transform writes even a plan whose hash matches.
     pub rewrite: bool,
+    /// Roles sent to Marketo (or about to be) that no completed write has recorded yet: Marketo
+    /// may hold them (a timeout, a crash, a lost claim), so later plans delete against
+    /// `written.roles` ∪ these. Cleared by the next completed write, whose `written` covers them.
+    pub planned: Vec<WrittenRole>,
     pub created_at: Millis,
     pub updated_at: Millis,
     /// When it entered its current status (oldest pending, error ledger's "last try").
@@ -396,6 +400,17 @@ pub trait StateStore: Send + Sync {
     fn renew_claim(
         &self,
         claim: &Claim,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> impl Future<Output = Result<Option<Claim>, StateError>> + Send;
+
+    /// Records the roles a write is about to send (with their lead ids) before it sends them,
+    /// only while `claim` is still held, and extends the claim; `None` when it was lost (the
+    /// caller must not send them). `roles` replaces what was recorded (callers pass the union).
+    fn record_planned(
+        &self,
+        claim: &Claim,
+        roles: &[WrittenRole],
         ttl_ms: i64,
         now: Millis,
     ) -> impl Future<Output = Result<Option<Claim>, StateError>> + Send;

@@ -192,16 +192,15 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             match claimed {
                 Some((claim, state)) => match state.plan.clone() {
                     Some(plan) => works.push(Work {
+                        // What Marketo may hold: the roles written, and those planned by a write
+                        // that never recorded its outcome.
                         roles: state
                             .written
-                            .as_ref()
-                            .map(|w| {
-                                w.roles
-                                    .iter()
-                                    .map(|r| ((r.contact, r.role.clone()), r.lead_id))
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
+                            .iter()
+                            .flat_map(|w| w.roles.iter())
+                            .chain(state.planned.iter())
+                            .map(|r| ((r.contact, r.role.clone()), r.lead_id))
+                            .collect(),
                         guid: state.written.as_ref().and_then(|w| w.marketo_guid.clone()),
                         claim,
                         state,
@@ -399,7 +398,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         };
         // Record what did get written, so later plans delete the right roles; keep the old hash
         // so the record is never mistaken for synced.
-        let partial = (work.touched || previous.is_some()).then(|| {
+        let partial = (work.touched || previous.is_some() || !work.state.planned.is_empty()).then(|| {
             written(
                 previous.map_or(PlanHash(0), |w| w.hash),
                 previous.is_some_and(|w| w.deleted),

@@ -70,10 +70,6 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         if Self::out_of_time(deadline) {
             return Some(Stop::Deadline);
         }
-        let with_roles = |w: &Work| matches!(&w.plan.action, Action::Upsert(d) if !d.roles.is_empty());
-        if let Err(e) = self.recheck_claims(works, with_roles).await {
-            tracing::warn!(error = %e, "could not re-check claims; the write goes on under them");
-        }
 
         // Roles of the opportunities just written.
         let mut roles: Vec<RoleRecord> = Vec::new();
@@ -138,6 +134,19 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         if roles.is_empty() {
             return None;
         }
+        // Recorded before they are sent, under the claim: a role Marketo accepts is never
+        // unknown to the state, whatever happens to this write afterwards. A record whose claim
+        // is gone sends nothing more.
+        let lost = self.record_planned(works, &roles, &owners).await;
+        if !lost.is_empty() {
+            let keep: Vec<bool> = owners.iter().map(|(i, _, _)| !lost.contains(i)).collect();
+            let mut keep_roles = keep.iter();
+            roles.retain(|_| *keep_roles.next().unwrap_or(&true));
+            owners.retain(|(i, _, _)| !lost.contains(i));
+            if roles.is_empty() {
+                return None;
+            }
+        }
         match self.marketo.sync_roles(&roles).await {
             Ok(outcomes) => {
                 for ((index, contact, role), (record, outcome)) in owners.into_iter().zip(roles.iter().zip(outcomes)) {
@@ -178,5 +187,58 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 Self::call_failed(e, Operation::RoleSync.name(), affected).map(Stop::Marketo)
             }
         }
+    }
+
+    /// Records each record's roles about to be sent (with what was planned before and not yet
+    /// recorded as written), extending its claim. Returns the records whose claim was lost.
+    async fn record_planned(
+        &self,
+        works: &mut [Work],
+        roles: &[RoleRecord],
+        owners: &[(usize, ContactId, String)],
+    ) -> BTreeSet<usize> {
+        let ttl = i64::from(self.config.sync.claim_ttl_seconds) * 1000;
+        let now = self.now();
+        let mut planned: BTreeMap<usize, Vec<WrittenRole>> = BTreeMap::new();
+        for ((index, contact, role), record) in owners.iter().zip(roles) {
+            planned.entry(*index).or_default().push(WrittenRole {
+                contact: *contact,
+                role: role.clone(),
+                lead_id: Some(record.key.lead_id),
+            });
+        }
+        let calls = planned.into_iter().map(|(index, mut sending)| {
+            let work = &works[index];
+            sending.extend(work.state.planned.iter().cloned());
+            sending.sort();
+            sending.dedup();
+            let claim = work.claim.clone();
+            async move { (index, self.store.record_planned(&claim, &sending, ttl, now).await) }
+        });
+        let mut lost = BTreeSet::new();
+        for (index, recorded) in futures_util::future::join_all(calls).await {
+            let work = &mut works[index];
+            match recorded {
+                Ok(Some(claim)) => work.claim = claim,
+                Ok(None) => {
+                    work.lost = true;
+                    work.fail(
+                        sync_error(
+                            "write",
+                            "superseded",
+                            "another worker took this record during the write",
+                        ),
+                        true,
+                    );
+                    lost.insert(index);
+                }
+                Err(e) => {
+                    // Not recorded: not sent either, so nothing can be orphaned.
+                    work.fail(sync_error("write", "state", e.to_string()), e.is_retryable());
+                    lost.insert(index);
+                }
+            }
+        }
+        lost
     }
 }

@@ -80,7 +80,12 @@ impl MarketoPort for Hooked {
         self.run("companies.sync").await;
         self.inner.sync_companies(records).await
     }
-    async fn query_leads(&self, field: &str, values: &[String], fields: &[&str]) -> Result<Vec<LeadRecord>, MarketoError> {
+    async fn query_leads(
+        &self,
+        field: &str,
+        values: &[String],
+        fields: &[&str],
+    ) -> Result<Vec<LeadRecord>, MarketoError> {
         self.run("leads.query").await;
         self.inner.query_leads(field, values, fields).await
     }
@@ -97,14 +102,24 @@ impl MarketoPort for Hooked {
 }
 
 /// A state store that runs a hook once, right after the first requeue (plain or claimed)
-/// returns: a stream transformer woken by the requeue's new image runs there.
+/// returns (a stream transformer woken by the requeue's new image runs there), and can fail
+/// the next completions of writes (a process that dies before recording them).
 #[derive(Clone)]
-struct AfterRequeue {
+struct Hooks {
     inner: SqliteStore,
     hook: Arc<Mutex<Option<Hook>>>,
+    fail_completions: Arc<AtomicI64>,
 }
 
-impl AfterRequeue {
+impl Hooks {
+    fn new() -> Hooks {
+        Hooks {
+            inner: sqlite(),
+            hook: Arc::new(Mutex::new(None)),
+            fail_completions: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
     async fn run(&self) {
         let hook = self.hook.lock().unwrap().take();
         if let Some(hook) = hook {
@@ -113,14 +128,20 @@ impl AfterRequeue {
     }
 }
 
-impl StateStore for AfterRequeue {
+impl StateStore for Hooks {
     async fn cursor(&self, source: Source) -> Result<Option<Cursor>, StateError> {
         self.inner.cursor(source).await
     }
     async fn advance_cursor(&self, lease: &Lease, source: Source, value: &str, now: Millis) -> Result<(), StateError> {
         self.inner.advance_cursor(lease, source, value, now).await
     }
-    async fn acquire_lease(&self, name: &str, owner: &str, ttl_ms: i64, now: Millis) -> Result<Option<Lease>, StateError> {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> Result<Option<Lease>, StateError> {
         self.inner.acquire_lease(name, owner, ttl_ms, now).await
     }
     async fn renew_lease(&self, lease: &Lease, ttl_ms: i64, now: Millis) -> Result<Option<Lease>, StateError> {
@@ -150,6 +171,15 @@ impl StateStore for AfterRequeue {
     async fn renew_claim(&self, claim: &Claim, ttl_ms: i64, now: Millis) -> Result<Option<Claim>, StateError> {
         self.inner.renew_claim(claim, ttl_ms, now).await
     }
+    async fn record_planned(
+        &self,
+        claim: &Claim,
+        roles: &[oppsync_mapping::WrittenRole],
+        ttl_ms: i64,
+        now: Millis,
+    ) -> Result<Option<Claim>, StateError> {
+        self.inner.record_planned(claim, roles, ttl_ms, now).await
+    }
     async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
         self.inner.release(claim, now).await
     }
@@ -174,12 +204,23 @@ impl StateStore for AfterRequeue {
         self.inner.complete_transform(claim, result, now).await
     }
     async fn complete_write(&self, claim: &Claim, result: WriteResult, now: Millis) -> Result<Completion, StateError> {
+        if self.fail_completions.fetch_sub(1, Ordering::SeqCst) > 0 {
+            return Err(StateError::Sqlite {
+                path: "hooks".into(),
+                message: "the process died before recording the write (a fault the test scheduled)".into(),
+            });
+        }
         self.inner.complete_write(claim, result, now).await
     }
     async fn get(&self, id: OpportunityId) -> Result<Option<OpportunityState>, StateError> {
         self.inner.get(id).await
     }
-    async fn list(&self, status: Status, limit: usize, page: Option<&str>) -> Result<Page<OpportunityState>, StateError> {
+    async fn list(
+        &self,
+        status: Status,
+        limit: usize,
+        page: Option<&str>,
+    ) -> Result<Page<OpportunityState>, StateError> {
         self.inner.list(status, limit, page).await
     }
     async fn counts(&self) -> Result<Counts, StateError> {
@@ -221,7 +262,10 @@ fn edited(n: u64, bump: i64, amount: f64) -> Value {
 }
 
 fn amount(mk: &MemoryMarketo, n: u64) -> Option<Value> {
-    mk.holds().opportunities.get(&o(n)).and_then(|f| f.get("amount").cloned())
+    mk.holds()
+        .opportunities
+        .get(&o(n))
+        .and_then(|f| f.get("amount").cloned())
 }
 
 /// A clock the test moves.
@@ -245,7 +289,13 @@ async fn a_superseded_writer_never_leaves_marketo_behind_the_state() {
     assert_eq!(status(&b, 1).await, Status::Ready);
 
     let hooked = Hooked::new(&mk);
-    let a = Pipeline::new(b.store().clone(), dv.clone(), hooked.clone(), Config::default(), "writer-a");
+    let a = Pipeline::new(
+        b.store().clone(),
+        dv.clone(),
+        hooked.clone(),
+        Config::default(),
+        "writer-a",
+    );
     let (dv2, b2) = (dv.clone(), b.clone());
     hooked.before(
         "opportunities.sync",
@@ -259,7 +309,11 @@ async fn a_superseded_writer_never_leaves_marketo_behind_the_state() {
     );
     let report = a.write(&[id(1)]).await.unwrap();
     assert_eq!(report.records[0].result, Wrote::Superseded, "{report:?}");
-    assert_eq!(amount(&mk, 1), Some(json!(1000.0)), "A's late call landed the older plan");
+    assert_eq!(
+        amount(&mk, 1),
+        Some(json!(1000.0)),
+        "A's late call landed the older plan"
+    );
 
     // The next cycle must put P2 back.
     sync(&b).await;
@@ -272,10 +326,7 @@ async fn a_resync_overwrites_an_edit_in_marketo_even_when_a_stream_transformer_r
     // The resync's requeue writes a pending image; the stream transformer it wakes must not
     // plan the record first and mark it unchanged, leaving the edit made in Marketo.
     let (dv, mk) = (dataverse(&[1]), MemoryMarketo::default());
-    let store = AfterRequeue {
-        inner: sqlite(),
-        hook: Arc::new(Mutex::new(None)),
-    };
+    let store = Hooks::new();
     let p = Pipeline::new(store.clone(), dv.clone(), mk.clone(), Config::default(), "resync");
     p.poll(None).await.unwrap();
     p.drain(|_, _| {}).await.unwrap();
@@ -290,7 +341,11 @@ async fn a_resync_overwrites_an_edit_in_marketo_even_when_a_stream_transformer_r
     }));
     let report = p.resync(ResyncTarget::Ids(vec![id(1)]), false).await.unwrap();
     assert_eq!(report.records[0].write, Some(Wrote::Synced), "{report:?}");
-    assert_eq!(amount(&mk, 1), Some(json!(10000.0)), "the edit in Marketo is overwritten");
+    assert_eq!(
+        amount(&mk, 1),
+        Some(json!(10000.0)),
+        "the edit in Marketo is overwritten"
+    );
 }
 
 #[tokio::test]
@@ -360,9 +415,16 @@ async fn a_writer_at_its_deadline_leaves_unsent_records_for_the_next_run_without
     p.poll(None).await.unwrap();
     p.transform(&[id(1), id(3)], false).await.unwrap();
     let report = p.write_until(&[id(1), id(3)], Some(Instant::now())).await.unwrap();
-    assert!(report.stopped.as_deref().is_some_and(|s| s.contains("time ran out")), "{report:?}");
+    assert!(
+        report.stopped.as_deref().is_some_and(|s| s.contains("time ran out")),
+        "{report:?}"
+    );
     assert!(!report.stopped_for_good);
-    assert!(mk.holds().calls.is_empty(), "no call after the deadline: {:?}", mk.holds().calls);
+    assert!(
+        mk.holds().calls.is_empty(),
+        "no call after the deadline: {:?}",
+        mk.holds().calls
+    );
     for n in [1, 3] {
         let state = p.store().get(id(n)).await.unwrap().unwrap();
         assert_eq!((state.status, state.attempts), (Status::Ready, 0), "{n}");
@@ -390,4 +452,43 @@ async fn a_deletion_scan_owed_after_an_expired_token_survives_a_failed_run() {
     assert_eq!(status(&p, 3).await, Status::Deleted);
     let after = p.poll(None).await.unwrap();
     assert!(!after.deletion_scan, "paid once, not again: {after:?}");
+}
+
+#[tokio::test]
+async fn a_role_marketo_accepted_but_the_state_never_recorded_is_deleted_when_its_stakeholder_goes() {
+    // Opportunity 6's first write: Marketo accepts every role, then the process dies before the
+    // outcome is recorded. Edsger then stops being a stakeholder: his role must be deleted,
+    // although no completed write ever recorded it.
+    let (dv, mk) = (dataverse(&[6]), MemoryMarketo::default());
+    let store = Hooks::new();
+    let p = Pipeline::new(store.clone(), dv.clone(), mk.clone(), Config::default(), "crash");
+    p.poll(None).await.unwrap();
+    p.transform(&[id(6)], false).await.unwrap();
+    store.fail_completions.store(1, Ordering::SeqCst);
+    assert!(p.write(&[id(6)]).await.is_err(), "the outcome was never recorded");
+    let accepted = mk
+        .holds()
+        .roles
+        .keys()
+        .filter(|k| k.external_opportunity_id == o(6))
+        .count();
+    assert!(accepted >= 3, "Marketo holds the roles: {:?}", mk.holds().roles);
+    let state = p.store().get(id(6)).await.unwrap().unwrap();
+    assert!(state.written.is_none(), "no completed write: {state:?}");
+
+    dv.delete_connection("e0000000-0000-4000-8000-000000000010");
+    dv.delete_connection("e0000000-0000-4000-8000-000000000011");
+    p.poll(None).await.unwrap();
+    p.drain(|_, _| {}).await.unwrap();
+    let roles = mk
+        .holds()
+        .roles
+        .keys()
+        .filter(|k| k.external_opportunity_id == o(6))
+        .count();
+    assert_eq!(roles, accepted - 1, "Edsger's role is gone: {:?}", mk.holds().roles);
+    let state = p.store().get(id(6)).await.unwrap().unwrap();
+    assert_eq!(state.status, Status::Synced);
+    assert!(state.planned.is_empty(), "the completed write covers what was planned");
+    assert_eq!(state.written.unwrap().roles.len(), roles);
 }

@@ -26,6 +26,8 @@ pub(super) mod attr {
     /// Present while a retried write waits; the writer's stream filter requires its absence.
     pub const RETRY_AT: &str = "retry_at";
     pub const REWRITE: &str = "needs_rewrite";
+    /// Stored as `planned_json` or `planned_z`.
+    pub const PLANNED: &str = "planned";
 }
 
 pub(super) fn s(v: impl Into<String>) -> AttributeValue {
@@ -167,6 +169,7 @@ pub(super) fn read_state(item: &Item) -> Result<OpportunityState, StateError> {
             .and_then(|v| v.as_bool().ok())
             .copied()
             .unwrap_or(false),
+        planned: decode_blob(item, attr::PLANNED, &key)?.unwrap_or_default(),
     })
 }
 

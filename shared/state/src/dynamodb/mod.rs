@@ -22,7 +22,7 @@ use aws_sdk_dynamodb::types::{
     KeysAndAttributes, Projection, ProjectionType, Put, PutRequest, ReturnValue, ScalarAttributeType, Select,
     StreamSpecification, StreamViewType, TransactWriteItem, WriteRequest,
 };
-use oppsync_mapping::OpportunityId;
+use oppsync_mapping::{OpportunityId, WrittenRole};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 

@@ -277,6 +277,39 @@ impl StateStore for DynamoStore {
         }))
     }
 
+    async fn record_planned(
+        &self,
+        claim: &Claim,
+        roles: &[WrittenRole],
+        ttl_ms: i64,
+        now: Millis,
+    ) -> Result<Option<Claim>, StateError> {
+        let mut u = Update::default();
+        u.set("claim_until = :until, updated = :now")
+            .value(":until", n(now + ttl_ms))
+            .value(":now", n(now))
+            .value(":t", n(claim.token))
+            .value(":v", n(claim.version))
+            .blob(
+                encode_blob("planned", json(&roles)?, "the planned role set")?,
+                "planned_json",
+                "planned_z",
+            );
+        let done = self
+            .update(
+                "UpdateItem (record planned roles)",
+                opp_key(claim.id),
+                &u,
+                Some("claim = :t AND ver = :v"),
+                ReturnValue::None,
+            )
+            .await?;
+        Ok(done.map(|_| Claim {
+            until: now + ttl_ms,
+            ..claim.clone()
+        }))
+    }
+
     async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
         let mut u = Update::default();
         u.set("updated = :now")
@@ -421,6 +454,8 @@ impl StateStore for DynamoStore {
         if matches!(result, WriteResult::Synced(_)) {
             u.remove("needs_rewrite");
         }
+        // What was written now covers the roles planned before the calls.
+        u.remove("planned_json").remove("planned_z");
         let mut condition = "claim = :t AND ver = :v".to_owned();
         if let Some(w) = written {
             u.blob(

@@ -23,6 +23,7 @@ pub(super) fn read_state(row: &Row<'_>) -> Result<OpportunityState, StateError> 
     let plan: Option<String> = row.get(5).map_err(sql)?;
     let written: Option<String> = row.get(6).map_err(sql)?;
     let error_code: Option<String> = row.get(9).map_err(sql)?;
+    let planned: Option<String> = row.get(17).map_err(sql)?;
     Ok(OpportunityState {
         id: OpportunityId::parse(&id).map_err(|e| corrupt(&id, e))?,
         status: Status::parse(&status).ok_or_else(|| corrupt(&id, format!("unknown status `{status}`")))?,
@@ -52,6 +53,11 @@ pub(super) fn read_state(row: &Row<'_>) -> Result<OpportunityState, StateError> 
         status_since: row.get(14).map_err(sql)?,
         retry_at: row.get(15).map_err(sql)?,
         rewrite: row.get(16).map_err(sql)?,
+        planned: planned
+            .map(|p| serde_json::from_str(&p))
+            .transpose()
+            .map_err(|e| corrupt(&id, e))?
+            .unwrap_or_default(),
     })
 }
 

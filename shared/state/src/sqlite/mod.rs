@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use oppsync_mapping::OpportunityId;
+use oppsync_mapping::{OpportunityId, WrittenRole};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::{
@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS opportunities (
     attempts INTEGER NOT NULL DEFAULT 0,
     err_operation TEXT, err_code TEXT, err_message TEXT,
     claim_token INTEGER, claim_until INTEGER,
-    retry_at INTEGER, rewrite INTEGER NOT NULL DEFAULT 0,
+    retry_at INTEGER, rewrite INTEGER NOT NULL DEFAULT 0, planned TEXT,
     created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, status_since INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS opportunities_by_status ON opportunities (status, status_since, id);
 CREATE TABLE IF NOT EXISTS completions (minute INTEGER PRIMARY KEY, n INTEGER NOT NULL);
@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS links (connection TEXT PRIMARY KEY, opportunity TEXT 
 ";
 
 const COLUMNS: &str = "id, status, version, deleted, modified_on, plan, written, attempts, \
-     err_operation, err_code, err_message, claim_until, created_at, updated_at, status_since, retry_at, rewrite";
+     err_operation, err_code, err_message, claim_until, created_at, updated_at, status_since, retry_at, rewrite, planned";
 
 /// Columns added since the first schema, each with its definition: a file written by an older
 /// oppsync gains them when it is opened.

@@ -240,6 +240,37 @@ impl StateStore for SqliteStore {
         .await
     }
 
+    async fn record_planned(
+        &self,
+        claim: &Claim,
+        roles: &[WrittenRole],
+        ttl_ms: i64,
+        now: Millis,
+    ) -> Result<Option<Claim>, StateError> {
+        let (claim, planned) = (claim.clone(), to_json(&roles)?);
+        self.run(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE opportunities SET planned = ?4, claim_until = ?5, updated_at = ?6
+                     WHERE id = ?1 AND claim_token = ?2 AND version = ?3",
+                    params![
+                        claim.id.to_string(),
+                        claim.token,
+                        claim.version,
+                        planned,
+                        now + ttl_ms,
+                        now
+                    ],
+                )
+                .map_err(sql)?;
+            Ok((n == 1).then(|| Claim {
+                until: now + ttl_ms,
+                ..claim
+            }))
+        })
+        .await
+    }
+
     async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
         let claim = claim.clone();
         self.run(move |c| {
@@ -379,7 +410,7 @@ impl StateStore for SqliteStore {
                          err_operation = ?6, err_code = ?7, err_message = ?8,
                          claim_token = NULL, claim_until = NULL, updated_at = ?9,
                          status_since = CASE WHEN status = ?4 THEN status_since ELSE ?9 END,
-                         retry_at = ?10, rewrite = CASE WHEN ?11 THEN 0 ELSE rewrite END
+                         retry_at = ?10, rewrite = CASE WHEN ?11 THEN 0 ELSE rewrite END, planned = NULL
                      WHERE id = ?1 AND claim_token = ?2 AND version = ?3",
                     params![
                         id,

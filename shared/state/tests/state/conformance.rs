@@ -876,3 +876,38 @@ pub async fn a_claim_is_renewed_only_while_held_and_a_released_one_is_free_at_on
     assert!(store.claim(id(2), Status::Ready, TTL, T0 + 4).await.unwrap().is_none());
     assert!(store.renew_claim(&again, TTL, T0 + 5).await.unwrap().is_some());
 }
+
+pub async fn planned_roles_are_recorded_under_the_claim_and_cleared_by_the_completed_write<S: StateStore>(store: S) {
+    to_ready(&store, 1, 7, T0).await;
+    let (claim, _) = store.claim(id(1), Status::Ready, TTL, T0).await.unwrap().unwrap();
+    let planned = vec![role(1, "Champion", 101), role(2, "Decision Maker", 102)];
+    let extended = store
+        .record_planned(&claim, &planned, TTL, T0 + 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(extended.until, T0 + 10 + TTL, "recording extends the claim");
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(state.planned, planned);
+    // Still planned after the process dies and the record goes round again.
+    store.mark_pending(&[change(1, 8)], T0 + 20).await.unwrap();
+    assert!(
+        store
+            .record_planned(&extended, &[], TTL, T0 + 21)
+            .await
+            .unwrap()
+            .is_none(),
+        "a lost claim records nothing"
+    );
+    assert_eq!(store.get(id(1)).await.unwrap().unwrap().planned, planned);
+    to_ready(&store, 1, 8, T0 + 30).await;
+    let (claim, state) = store.claim(id(1), Status::Ready, TTL, T0 + 31).await.unwrap().unwrap();
+    assert_eq!(state.planned, planned);
+    store
+        .complete_write(&claim, WriteResult::Synced(written(8, planned.clone())), T0 + 32)
+        .await
+        .unwrap();
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert!(state.planned.is_empty(), "{state:?}");
+    assert_eq!(state.written.unwrap().roles, planned);
+}

@@ -56,4 +56,5 @@ for_both_stores!(
     a_retried_write_waits_until_woken_and_a_paused_one_counts_no_attempt,
     a_resync_requeues_and_claims_in_one_step_so_no_transformer_takes_it_between,
     a_claim_is_renewed_only_while_held_and_a_released_one_is_free_at_once,
+    planned_roles_are_recorded_under_the_claim_and_cleared_by_the_completed_write,
 );
