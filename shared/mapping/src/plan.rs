@@ -2,7 +2,7 @@
 //! role set last written, with a stable hash of the desired state.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -286,10 +286,14 @@ pub fn plan_upsert(
     );
 
     // Roles by (contact, role name); the customer role is primary and wins a tie.
-    let mut wanted: BTreeMap<(ContactId, String), bool> = stakeholder_roles(id, mapping, related, &mut warnings)
-        .into_keys()
-        .map(|k| (k, false))
-        .collect();
+    // Contacts whose roles cannot be known now (the contact or its connection role could not be
+    // read): what was written for them is kept, not deleted, until they can be read.
+    let mut unreadable: BTreeSet<ContactId> = BTreeSet::new();
+    let mut wanted: BTreeMap<(ContactId, String), bool> =
+        stakeholder_roles(id, mapping, related, &mut warnings, &mut unreadable)
+            .into_keys()
+            .map(|k| (k, false))
+            .collect();
     if let Some(contact) = outcome.contact_role {
         wanted.insert((contact, mapping.customer_role.clone()), true);
     }
@@ -303,6 +307,9 @@ pub fn plan_upsert(
                     slot.insert(lead);
                 }
                 Err(message) => {
+                    if !related.contacts.contains_key(&contact) {
+                        unreadable.insert(contact);
+                    }
                     warnings.push(Warning::new("leads", format!("{message}; role \"{role}\" is skipped")));
                     continue;
                 }
@@ -319,6 +326,19 @@ pub fn plan_upsert(
         let mut gone: Vec<WrittenRole> = written_roles
             .iter()
             .filter(|w| !roles.iter().any(|r| r.contact == w.contact && r.role == w.role))
+            .filter(|w| {
+                let keep = unreadable.contains(&w.contact);
+                if keep {
+                    warnings.push(Warning::new(
+                        "roles",
+                        format!(
+                            "contact {} could not be read; its role \"{}\" is kept in Marketo until it can be",
+                            w.contact, w.role
+                        ),
+                    ));
+                }
+                !keep
+            })
             .cloned()
             .collect();
         gone.sort();

@@ -1,7 +1,7 @@
 //! The rules of Marketo's native "Microsoft Dynamics Sync: Opportunity Sync", one function each,
 //! with the rule's sentence as its doc comment.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::Mapping;
 use crate::dataverse::{CustomerFields, ParentCustomer, Related, Table};
@@ -141,6 +141,7 @@ pub fn stakeholder_roles(
     mapping: &Mapping,
     related: &Related,
     warnings: &mut Vec<Warning>,
+    unreadable: &mut BTreeSet<ContactId>,
 ) -> BTreeMap<(ContactId, String), ()> {
     let mut roles = BTreeMap::new();
     let Some(links) = related.stakeholders.get(&opportunity) else {
@@ -151,7 +152,7 @@ pub fn stakeholder_roles(
             warnings.push(Warning::new(
                 "stakeholders",
                 format!(
-                    "the connection role of contact {} is not readable ({}); that stakeholder is skipped",
+                    "the connection role of contact {} is not readable ({}); that stakeholder is skipped, and a role written for it before is kept until it can be read",
                     link.contact,
                     link.role
                         .id
@@ -159,6 +160,7 @@ pub fn stakeholder_roles(
                         .unwrap_or_else(|| "no role id".to_owned())
                 ),
             ));
+            unreadable.insert(link.contact);
             continue;
         };
         if !role

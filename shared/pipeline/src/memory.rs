@@ -33,6 +33,8 @@ struct Tables {
     /// Rows a batch read leaves out although they exist (a replica behind, a read that lost
     /// rows): they are still found by their key.
     hidden: BTreeSet<String>,
+    /// Contacts and connection roles the application user cannot read (left out of `related`).
+    unreadable: BTreeSet<String>,
     /// The next change-feed read of every table answers as an expired token does: a full
     /// read, flagged `full_resync`, with no deletions (change tracking lost them).
     expired: bool,
@@ -125,6 +127,17 @@ impl MemoryDataverse {
     /// was expired, or under a watermark, which cannot see deletions).
     pub fn delete_opportunity_unseen(&self, id: &str) {
         guard(&self.0).opportunities.remove(&id.to_ascii_lowercase());
+    }
+
+    /// A contact or connection role (by id) the application user cannot read: `related` leaves
+    /// it out, as Dataverse leaves out rows a security role hides.
+    pub fn make_unreadable(&self, id: &str) {
+        guard(&self.0).unreadable.insert(id.to_ascii_lowercase());
+    }
+
+    /// Undoes [`MemoryDataverse::make_unreadable`].
+    pub fn make_readable(&self, id: &str) {
+        guard(&self.0).unreadable.remove(&id.to_ascii_lowercase());
     }
 
     /// The next change-feed reads answer as for an expired token (a full read).
@@ -254,10 +267,16 @@ impl DataversePort for MemoryDataverse {
         if let Err(e) = t.request("related") {
             return ready(Err(e));
         }
+        let readable = |set: EntitySet, rows: &[Value]| -> Vec<Value> {
+            rows.iter()
+                .filter(|r| !t.unreadable.contains(&key_of(set, r)))
+                .cloned()
+                .collect()
+        };
         ready(Ok(Related::from_json(
             t.accounts.clone(),
-            t.contacts.clone(),
-            t.roles.clone(),
+            readable(EntitySet::Contacts, &t.contacts),
+            readable(EntitySet::ConnectionRoles, &t.roles),
             t.connections.values().cloned().collect(),
         )))
     }

@@ -492,3 +492,57 @@ async fn a_role_marketo_accepted_but_the_state_never_recorded_is_deleted_when_it
     assert!(state.planned.is_empty(), "the completed write covers what was planned");
     assert_eq!(state.written.unwrap().roles.len(), roles);
 }
+
+/// The Marketo roles of opportunity `n`, as (lead email, role).
+fn roles_of(mk: &MemoryMarketo, n: u64) -> Vec<(String, String)> {
+    let holds = mk.holds();
+    let mut roles: Vec<(String, String)> = holds
+        .roles
+        .keys()
+        .filter(|k| k.external_opportunity_id == o(n))
+        .map(|k| {
+            let email = holds.leads[&k.lead_id]["email"].as_str().unwrap_or_default().to_owned();
+            (email, k.role.clone())
+        })
+        .collect();
+    roles.sort();
+    roles
+}
+
+#[tokio::test]
+async fn a_role_whose_contact_cannot_be_read_is_kept_not_deleted() {
+    // Edsger's contact row becomes unreadable (a security role change) while opportunity 6 is
+    // edited: his role cannot be planned, and it must not be deleted for that.
+    let (dv, mk) = (dataverse(&[6]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    sync(&p).await;
+    let before = roles_of(&mk, 6);
+    assert!(before.iter().any(|(e, _)| e == "edsger@utexas.example"), "{before:?}");
+    dv.make_unreadable("c0000000-0000-4000-8000-000000000005");
+    dv.upsert_opportunity(edited(6, 10, 777.0));
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    assert_eq!(amount(&mk, 6), Some(json!(777.0)));
+    assert_eq!(roles_of(&mk, 6), before, "every role kept, Edsger's included");
+    assert!(!mk.holds().calls.contains(&"roles.delete"), "{:?}", mk.holds().calls);
+    // Readable again, and really removed: then it goes.
+    dv.make_readable("c0000000-0000-4000-8000-000000000005");
+    dv.delete_connection("e0000000-0000-4000-8000-000000000010");
+    dv.delete_connection("e0000000-0000-4000-8000-000000000011");
+    sync(&p).await;
+    assert_eq!(roles_of(&mk, 6).len(), before.len() - 1);
+}
+
+#[tokio::test]
+async fn a_role_whose_connection_role_cannot_be_read_is_kept_not_deleted() {
+    let (dv, mk) = (dataverse(&[6]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    sync(&p).await;
+    let before = roles_of(&mk, 6);
+    assert!(before.iter().any(|(_, r)| r == "Champion"), "{before:?}");
+    dv.make_unreadable("f0000000-0000-4000-8000-000000000001"); // Champion
+    dv.upsert_opportunity(edited(6, 10, 778.0));
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    assert_eq!(roles_of(&mk, 6), before, "Ada's Champion role is kept");
+}
