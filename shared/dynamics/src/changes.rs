@@ -29,6 +29,29 @@ pub enum Watermark {
     ModifiedOn { at: String, seen: Vec<(String, i64)> },
 }
 
+impl Watermark {
+    /// The further of two watermarks of one strategy (a read from an earlier point must not move
+    /// the watermark back); rows seen at an equal `modifiedon` are merged.
+    pub fn later(self, other: Watermark) -> Watermark {
+        match (self, other) {
+            (Watermark::Version(a), Watermark::Version(b)) => Watermark::Version(a.max(b)),
+            (Watermark::ModifiedOn { at: a, seen: sa }, Watermark::ModifiedOn { at: b, seen: sb }) => match a.cmp(&b) {
+                std::cmp::Ordering::Greater => Watermark::ModifiedOn { at: a, seen: sa },
+                std::cmp::Ordering::Less => Watermark::ModifiedOn { at: b, seen: sb },
+                std::cmp::Ordering::Equal => {
+                    let mut seen = sa;
+                    seen.extend(sb);
+                    seen.sort();
+                    seen.dedup();
+                    Watermark::ModifiedOn { at: a, seen }
+                }
+            },
+            // Another strategy's watermark: the new one wins.
+            (a, _) => a,
+        }
+    }
+}
+
 impl DataverseClient {
     /// Reads one page of changes. `cursor` is what the previous page returned (a next link or
     /// a delta link); `None` starts a full read. An expired delta token starts a full read too,

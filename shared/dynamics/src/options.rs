@@ -20,6 +20,10 @@ pub struct DataverseOptions {
     pub concurrency: usize,
     /// With a watermark: scan every id for deletions once per this many polls.
     pub full_scan_every: u32,
+    /// With a watermark: each poll reads again from where the watermark stood this long ago,
+    /// so a row committed after a read with an earlier stamp (a long transaction) is not
+    /// skipped. Repeats are free: the store's version guard drops them.
+    pub watermark_overlap_seconds: u32,
 }
 
 impl Default for DataverseOptions {
@@ -29,6 +33,9 @@ impl Default for DataverseOptions {
             page_size: 5000,
             concurrency: 4,
             full_scan_every: 1440,
+            // Sandboxed plug-ins time out after two minutes, which bounds how long a transaction
+            // holds its rows' stamps before it commits; a minute more for clock skew.
+            watermark_overlap_seconds: 180,
         }
     }
 }
@@ -44,6 +51,7 @@ impl DataverseOptions {
             page_size: Option<i64>,
             concurrency: Option<i64>,
             full_scan_every: Option<i64>,
+            watermark_overlap_seconds: Option<i64>,
         }
         #[derive(serde::Deserialize)]
         struct Doc {
@@ -82,6 +90,13 @@ impl DataverseOptions {
             Some(n) if n >= 1 => options.full_scan_every = n as u32,
             Some(n) => errors.push(format!(
                 "dataverse.full_scan_every: {n} must be at least 1. Fix: 1440 scans once a day at one poll a minute"
+            )),
+        }
+        match section.watermark_overlap_seconds {
+            None => {}
+            Some(n @ 0..=86_400) => options.watermark_overlap_seconds = n as u32,
+            Some(n) => errors.push(format!(
+                "dataverse.watermark_overlap_seconds: {n} is outside 0..=86400. Fix: 180 covers Dataverse's two-minute plug-in transactions"
             )),
         }
         if errors.is_empty() { Ok(options) } else { Err(errors) }

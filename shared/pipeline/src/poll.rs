@@ -41,6 +41,38 @@ pub(crate) struct WatermarkCursor {
     pub(crate) watermark: Watermark,
     /// Polls since the last full scan for deletions.
     pub(crate) polls: u32,
+    /// Where the watermark stood at recent polls (when, and where), oldest first: each poll
+    /// reads from the one `watermark_overlap_seconds` ago. Absent in cursors from before.
+    #[serde(default)]
+    pub(crate) history: Vec<(Millis, Watermark)>,
+}
+
+/// At most this many history entries (one a poll) are kept, whatever the overlap.
+const WATERMARK_HISTORY_MAX: usize = 1_000;
+
+impl WatermarkCursor {
+    /// Where a poll at `now` reads from: the newest watermark at least `overlap_ms` old, else
+    /// the oldest one kept.
+    pub(crate) fn read_from(&self, now: Millis, overlap_ms: i64) -> Watermark {
+        self.history
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= now - overlap_ms)
+            .or(self.history.first())
+            .map_or_else(|| self.watermark.clone(), |(_, w)| w.clone())
+    }
+
+    /// Records where the watermark stands now, and forgets what no later read can start from.
+    pub(crate) fn advance(&mut self, next: Watermark, now: Millis, overlap_ms: i64) {
+        self.watermark = next.clone().later(self.watermark.clone());
+        self.history.push((now, self.watermark.clone()));
+        let old_enough = self.history.iter().rposition(|(at, _)| *at <= now - overlap_ms);
+        if let Some(keep_from) = old_enough {
+            self.history.drain(..keep_from);
+        }
+        let excess = self.history.len().saturating_sub(WATERMARK_HISTORY_MAX);
+        self.history.drain(..excess);
+    }
 }
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
@@ -223,17 +255,21 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 None => WatermarkCursor {
                     watermark: self.first_watermark(),
                     polls: 0,
+                    history: Vec::new(),
                 },
             };
+            let now = self.now();
+            let overlap_ms = i64::from(self.config.dataverse.watermark_overlap_seconds) * 1000;
+            let mut cursor = cursor;
             let columns: Vec<&str> = if source == Source::Opportunities {
                 vec!["opportunityid"]
             } else {
                 CONNECTION_SELECT.to_vec()
             };
-            let (rows, next) = self
-                .dataverse
-                .watermark_changes(set, &columns, &cursor.watermark)
-                .await?;
+            // Read from where the watermark stood a while ago: a row committed after the last
+            // read with an earlier stamp is read now; the ones read before are stale marks.
+            let from = cursor.read_from(now, overlap_ms);
+            let (rows, next) = self.dataverse.watermark_changes(set, &columns, &from).await?;
             match source {
                 Source::Opportunities => {
                     report.opportunity_changes += rows.len() as u64;
@@ -251,11 +287,9 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 // Stored before the count resets with the cursor, so no stop can lose it.
                 self.owe_deletion_scan(lease).await?;
             }
-            let value = serde_json::to_string(&WatermarkCursor {
-                watermark: next,
-                polls: if due { 0 } else { polls },
-            })
-            .map_err(|e| StateError::Corrupt {
+            cursor.advance(next, now, overlap_ms);
+            cursor.polls = if due { 0 } else { polls };
+            let value = serde_json::to_string(&cursor).map_err(|e| StateError::Corrupt {
                 key: "cursor".into(),
                 reason: e.to_string(),
             })?;
@@ -544,5 +578,34 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             tracing::info!(records = woken, "retry waits ended; records handed back to the writer");
         }
         Ok(woken)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watermark_history_keeps_just_the_overlap_and_never_moves_back() {
+        let overlap = 180_000;
+        let mut cursor = WatermarkCursor {
+            watermark: Watermark::Version(0),
+            polls: 0,
+            history: Vec::new(),
+        };
+        assert_eq!(cursor.read_from(0, overlap), Watermark::Version(0), "nothing kept yet");
+        for poll in 1..=10_i64 {
+            let now = poll * 60_000;
+            let from = cursor.read_from(now, overlap);
+            if poll > 4 {
+                // The watermark as it stood three minutes (three polls) ago.
+                assert_eq!(from, Watermark::Version((poll - 3) * 100), "poll {poll}");
+            }
+            cursor.advance(Watermark::Version(poll * 100), now, overlap);
+            assert!(cursor.history.len() <= 5, "{:?}", cursor.history);
+        }
+        // A read from an earlier point that finds less (rows deleted since) does not move it back.
+        cursor.advance(Watermark::Version(50), 11 * 60_000, overlap);
+        assert_eq!(cursor.watermark, Watermark::Version(1000));
     }
 }

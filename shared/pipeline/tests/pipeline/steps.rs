@@ -251,3 +251,34 @@ async fn a_deletion_scan_that_would_delete_too_much_stops_and_deletes_nothing() 
     assert_eq!(store.counts().await.unwrap().get(Status::Deleted), 15);
     assert_eq!(sims.mk.snapshot().opportunities.len(), 25);
 }
+
+/// A row committed after a watermark read with an earlier stamp than rows that read saw (a
+/// long transaction) is still read: each poll reads again from where the watermark stood a
+/// while ago. For both watermark strategies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committed_late_with_an_earlier_stamp_is_not_skipped_by_a_watermark() {
+    for strategy in ["versionnumber", "modifiedon"] {
+        let sims = sims().await;
+        let seeded = sims.dv.seed(10, 2, Mix::Uniform);
+        let config = format!("[dataverse]\nchange_detection = \"{strategy}\"\n");
+        let p = pipeline(&sims, sqlite(), Config::from_toml(&config, "test").unwrap());
+        sync(&p).await;
+        let (late, other) = (&seeded.opportunities[0], &seeded.opportunities[1]);
+        // The long transaction writes `late` first; `other` is written and read after it.
+        let pending = sims.dv.begin_write();
+        sims.dv
+            .upsert(Table::Opportunities, other, json!({"estimatedvalue": 222.0}), &[]);
+        sync(&p).await;
+        sims.dv
+            .commit(pending, Table::Opportunities, late, json!({"estimatedvalue": 111.0}));
+        sync(&p).await;
+        let amount = |id: &str| sims.mk.snapshot().opportunities[id].get("amount").cloned();
+        assert_eq!(amount(other), Some(json!(222.0)), "{strategy}");
+        assert_eq!(
+            amount(late),
+            Some(json!(111.0)),
+            "{strategy}: the late commit reached Marketo"
+        );
+        assert_marketo_matches_dynamics(&sims);
+    }
+}

@@ -350,6 +350,27 @@ impl DataverseSim {
         upsert_row(&mut g, table, id, attributes, lookups);
     }
 
+    /// Starts a write that commits later: the row's `versionnumber` (a SQL rowversion, taken
+    /// when the row is written) and `modifiedon` are assigned now, but readers see the row only
+    /// at [`DataverseSim::commit`]. Rows written meanwhile get later stamps, so a watermark read
+    /// in between passes this one's stamp before the row is visible (a long transaction, a
+    /// plug-in running inside one).
+    pub fn begin_write(&self) -> PendingWrite {
+        let mut g = lock(&self.inner);
+        g.version += 1;
+        g.clock += 1;
+        PendingWrite {
+            version: g.version,
+            clock: g.clock,
+        }
+    }
+
+    /// Commits a write begun with [`DataverseSim::begin_write`], with the stamps it took then.
+    pub fn commit(&self, pending: PendingWrite, table: Table, id: &str, attributes: Value) {
+        let mut g = lock(&self.inner);
+        write_row(&mut g, table, id, attributes, &[], (pending.version, pending.clock));
+    }
+
     /// Deletes a row, leaving a tombstone for change tracking.
     pub fn delete(&self, table: Table, id: &str) -> bool {
         let mut g = lock(&self.inner);
@@ -403,10 +424,29 @@ impl DataverseSim {
     }
 }
 
+/// A write begun and not yet committed: the stamps it took.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingWrite {
+    version: i64,
+    clock: i64,
+}
+
 fn upsert_row(g: &mut Inner, table: Table, id: &str, attributes: Value, lookups: &[(&str, &'static str)]) {
     g.version += 1;
     g.clock += 1;
-    let (version, modified) = (g.version, timestamp(g.clock));
+    let stamps = (g.version, g.clock);
+    write_row(g, table, id, attributes, lookups, stamps);
+}
+
+fn write_row(
+    g: &mut Inner,
+    table: Table,
+    id: &str,
+    attributes: Value,
+    lookups: &[(&str, &'static str)],
+    (version, clock): (i64, i64),
+) {
+    let modified = timestamp(clock);
     let row = g.tables.entry(table).or_default().entry(id.to_owned()).or_default();
     if let Value::Object(attrs) = attributes {
         row.attributes.extend(attrs);
