@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::{Future, ready};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use oppsync_dynamics::{ChangePage, DataverseError, EntitySet, Watermark};
@@ -308,7 +309,12 @@ struct MarketoData {
     /// Records refused by key (externalOpportunityId, externalCompanyId, email, or
     /// "opportunity|lead|role"), with the 1xxx code they are skipped with.
     refuse: HashMap<String, &'static str>,
+    /// Runs while the next lead upsert is in flight (see [`MemoryMarketo::during_next_lead_upsert`]).
+    in_flight: Option<Interleaved>,
 }
+
+/// Work that runs at a chosen point inside a call, as another process would meanwhile.
+pub type Interleaved = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// A Marketo in memory. Cheap to clone; clones share what it holds.
 #[derive(Clone, Default)]
@@ -351,6 +357,15 @@ impl MemoryMarketo {
             .leads
             .insert(id, fields.as_object().cloned().unwrap_or_default());
         id
+    }
+
+    /// Runs `work` while the next lead upsert is in flight: the call looks its keys up when it
+    /// starts and creates what it did not find when it ends, so a lead `work` creates with the
+    /// same key meanwhile is created twice. That is what Adobe's leads page warns of:
+    /// concurrent upserts (or upserts in quick succession) with the same key value can create
+    /// duplicate leads.
+    pub fn during_next_lead_upsert(&self, work: Interleaved) {
+        guard(&self.0).in_flight = Some(work);
     }
 
     /// Every write of the record with `key` is skipped with `code`.
@@ -503,43 +518,61 @@ impl MarketoPort for MemoryMarketo {
         lookup_field: &str,
         leads: &[Value],
     ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
-        let mut d = guard(&self.0);
-        d.holds.calls.push("leads.sync");
-        let mut outcomes = Vec::with_capacity(leads.len());
-        for lead in leads {
-            let key = text(lead, lookup_field).to_ascii_lowercase();
-            if let Some(code) = d.refuse.get(&key) {
-                outcomes.push(skipped(code, "Refused"));
-                continue;
+        let (this, lookup_field, leads) = (self.clone(), lookup_field.to_owned(), leads.to_vec());
+        async move {
+            // The lookup, when the call starts.
+            let (lookups, in_flight) = {
+                let mut d = guard(&this.0);
+                d.holds.calls.push("leads.sync");
+                let lookups: Vec<(String, Vec<i64>)> = leads
+                    .iter()
+                    .map(|lead| {
+                        let key = text(lead, &lookup_field).to_ascii_lowercase();
+                        let existing = d
+                            .holds
+                            .leads
+                            .iter()
+                            .filter(|(_, f)| {
+                                f.get(&lookup_field)
+                                    .and_then(Value::as_str)
+                                    .is_some_and(|v| v.eq_ignore_ascii_case(&key))
+                            })
+                            .map(|(id, _)| *id)
+                            .collect();
+                        (key, existing)
+                    })
+                    .collect();
+                (lookups, d.in_flight.take())
+            };
+            if let Some(work) = in_flight {
+                work().await;
             }
-            let existing: Vec<i64> = d
-                .holds
-                .leads
-                .iter()
-                .filter(|(_, f)| {
-                    f.get(lookup_field)
-                        .and_then(Value::as_str)
-                        .is_some_and(|v| v.eq_ignore_ascii_case(&key))
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            let fields = lead.as_object().cloned().unwrap_or_default();
-            match existing.as_slice() {
-                [id] => {
-                    let id = *id;
-                    d.holds.leads.entry(id).or_default().extend(fields);
-                    outcomes.push(created(RecordStatus::Updated, id));
+            // The writes, when it ends, by what the lookup saw.
+            let mut d = guard(&this.0);
+            let mut outcomes = Vec::with_capacity(leads.len());
+            for (lead, (key, existing)) in leads.iter().zip(lookups) {
+                if let Some(code) = d.refuse.get(&key) {
+                    outcomes.push(skipped(code, "Refused"));
+                    continue;
                 }
-                [] => {
-                    d.next_id += 1;
-                    let id = d.next_id;
-                    d.holds.leads.insert(id, fields);
-                    outcomes.push(created(RecordStatus::Created, id));
+                let fields = lead.as_object().cloned().unwrap_or_default();
+                match existing.as_slice() {
+                    [id] => {
+                        let id = *id;
+                        d.holds.leads.entry(id).or_default().extend(fields);
+                        outcomes.push(created(RecordStatus::Updated, id));
+                    }
+                    [] => {
+                        d.next_id += 1;
+                        let id = d.next_id;
+                        d.holds.leads.insert(id, fields);
+                        outcomes.push(created(RecordStatus::Created, id));
+                    }
+                    _ => outcomes.push(skipped("1007", "Multiple leads match the lookup criteria")),
                 }
-                _ => outcomes.push(skipped("1007", "Multiple leads match the lookup criteria")),
             }
+            Ok(outcomes)
         }
-        ready(Ok(outcomes))
     }
 
     fn set_calls_today(&self, _calls: u64) {}

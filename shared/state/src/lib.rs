@@ -415,6 +415,23 @@ pub trait StateStore: Send + Sync {
         now: Millis,
     ) -> impl Future<Output = Result<Option<Claim>, StateError>> + Send;
 
+    /// Takes short-lived locks on `keys`, one flag per key: a key is taken when nobody holds it
+    /// or its lock has expired, whoever held it before (the same process included). A lock lasts
+    /// `ttl_ms` even after its work is done, which is what keeps two writers (or two calls in
+    /// quick succession) from creating the same Marketo lead; `unlock` frees it early only when
+    /// the work did not happen.
+    fn lock(
+        &self,
+        keys: &[String],
+        ttl_ms: i64,
+        now: Millis,
+    ) -> impl Future<Output = Result<Vec<bool>, StateError>> + Send;
+
+    /// Frees locks taken at `now` with `ttl_ms` (their expiry is the proof of holding them)
+    /// before they expire: the work they guarded did not happen (a lead creation refused).
+    /// Locks taken since by someone else are left alone.
+    fn unlock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> impl Future<Output = Result<(), StateError>> + Send;
+
     /// Gives a claim up unfinished, so the record can be claimed again at once (a handler that
     /// failed, a writer at its deadline). A no-op when it was already lost.
     fn release(&self, claim: &Claim, now: Millis) -> impl Future<Output = Result<(), StateError>> + Send;

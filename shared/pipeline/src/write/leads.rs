@@ -12,6 +12,22 @@ pub(crate) enum LeadId {
     Missing,
     /// Creating it failed.
     Failed(SyncError, bool),
+    /// Another writer is creating it (or just did): the record waits, no attempt counted.
+    Waiting(SyncError),
+}
+
+/// How long a lead key stays locked after its creation was sent: the call's own time and a
+/// settling time, so no second creation with the same email follows in quick succession.
+pub(crate) const LEAD_LOCK_MS: i64 = 60_000;
+
+/// The code a record waiting for another writer's lead creation carries.
+pub(crate) const LEAD_LOCKED_CODE: &str = "lead-being-created";
+
+/// The locks taken for one creation call, to free those whose lead was not created.
+struct LeadLocks {
+    /// Lock name by lead key.
+    names: HashMap<String, String>,
+    at: Millis,
 }
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
@@ -55,6 +71,19 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             .filter_map(|k| leads.get(k))
             .collect();
         let mut created: HashMap<String, LeadId> = HashMap::new();
+        // One creation per email at a time across every writer, and none in quick succession:
+        // Adobe's leads page warns that concurrent upserts with one key can create duplicate
+        // leads. A lead another writer is creating now waits for a later try, when the lookup
+        // finds it.
+        let (missing, locks) = if mapping.create_missing_leads && !missing.is_empty() {
+            let (free, held, locks) = self.lock_lead_keys(field, missing, key_of).await;
+            for (key, error) in held {
+                created.insert(key, error);
+            }
+            (free, Some(locks))
+        } else {
+            (missing, None)
+        };
         if mapping.create_missing_leads && !missing.is_empty() {
             let records: Vec<Value> = missing
                 .iter()
@@ -75,11 +104,21 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     Value::Object(r)
                 })
                 .collect();
-            let outcomes = self.marketo.upsert_leads(field, &records).await?;
+            let outcomes = match self.marketo.upsert_leads(field, &records).await {
+                Ok(outcomes) => outcomes,
+                Err(e) => {
+                    // Nothing known to be created: the keys are free for the next try.
+                    let keys: Vec<String> = missing.iter().filter_map(|l| key_of(l)).collect();
+                    self.unlock_lead_keys(locks.as_ref(), &keys).await;
+                    return Err(e);
+                }
+            };
+            let mut not_created: Vec<String> = Vec::new();
             for (lead, outcome) in missing.iter().zip(outcomes) {
                 let Some(key) = key_of(lead) else { continue };
                 let id = if outcome.is_skipped() {
                     let (error, retryable) = skip_error(Operation::LeadSync.name(), &outcome);
+                    not_created.push(key.clone());
                     LeadId::Failed(error, retryable)
                 } else {
                     match outcome.marketo_id.as_deref().and_then(|t| t.parse::<i64>().ok()) {
@@ -96,6 +135,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 };
                 created.insert(key, id);
             }
+            self.unlock_lead_keys(locks.as_ref(), &not_created).await;
         }
         for (contact, key) in contact_key {
             let id = match found.get(&key) {
@@ -106,5 +146,74 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             resolved.insert(contact, id);
         }
         Ok(resolved)
+    }
+
+    /// Locks the lead keys about to be created; returns the leads whose key was taken, the
+    /// resolution of those it could not take (another writer holds it: wait; the store
+    /// failed: retry), and the locks taken.
+    async fn lock_lead_keys<'l>(
+        &self,
+        field: &str,
+        missing: Vec<&'l oppsync_mapping::Lead>,
+        key_of: fn(&oppsync_mapping::Lead) -> Option<String>,
+    ) -> (Vec<&'l oppsync_mapping::Lead>, Vec<(String, LeadId)>, LeadLocks) {
+        let keys: Vec<String> = missing.iter().map(|l| key_of(l).unwrap_or_default()).collect();
+        // Hashed: the state store never holds an email address.
+        let names: Vec<String> = keys
+            .iter()
+            .map(|k| {
+                format!(
+                    "lead#{:032x}",
+                    xxhash_rust::xxh3::xxh3_128(format!("{field}\0{k}").as_bytes())
+                )
+            })
+            .collect();
+        let at = self.now();
+        let mut locks = LeadLocks {
+            names: HashMap::new(),
+            at,
+        };
+        let taken = match self.store.lock(&names, LEAD_LOCK_MS, at).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                let error = sync_error(Operation::LeadSync.name(), "state", e.to_string());
+                let retry = LeadId::Failed(error, e.is_retryable());
+                return (
+                    Vec::new(),
+                    keys.into_iter().map(|k| (k, retry.clone())).collect(),
+                    locks,
+                );
+            }
+        };
+        let mut free = Vec::new();
+        let mut held = Vec::new();
+        for (((lead, key), name), taken) in missing.into_iter().zip(keys).zip(names).zip(taken) {
+            if taken {
+                free.push(lead);
+                locks.names.insert(key, name);
+            } else {
+                held.push((
+                    key,
+                    LeadId::Waiting(sync_error(
+                        Operation::LeadSync.name(),
+                        LEAD_LOCKED_CODE,
+                        "another writer is creating (or just created) the Marketo lead for a contact of this opportunity; it is tried again once that settles",
+                    )),
+                ));
+            }
+        }
+        (free, held, locks)
+    }
+
+    /// Frees the locks of leads that were not created (best effort: a lock left expires).
+    async fn unlock_lead_keys(&self, locks: Option<&LeadLocks>, keys: &[String]) {
+        let Some(locks) = locks else { return };
+        let names: Vec<String> = keys.iter().filter_map(|k| locks.names.get(k).cloned()).collect();
+        if names.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.unlock(&names, LEAD_LOCK_MS, locks.at).await {
+            tracing::warn!(error = %e, "could not free lead locks; they expire by themselves");
+        }
     }
 }

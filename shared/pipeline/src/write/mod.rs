@@ -408,6 +408,8 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         if retryable && work.paused {
             let until = if error.code == DEADLINE_CODE || !backoff {
                 now
+            } else if error.code == leads::LEAD_LOCKED_CODE {
+                now + leads::LEAD_LOCK_MS
             } else {
                 now + PAUSE_AFTER_STOP_MS
             };

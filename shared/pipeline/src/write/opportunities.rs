@@ -83,6 +83,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             };
             let mut soft: Option<SyncError> = None;
             let mut hard: Option<(SyncError, bool)> = None;
+            let mut waiting: Option<SyncError> = None;
             for role in &desired.roles {
                 match leads.get(&role.contact) {
                     Some(LeadId::Found(lead_id)) => {
@@ -113,6 +114,9 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     Some(LeadId::Failed(error, retryable)) => {
                         hard.get_or_insert_with(|| (error.clone(), *retryable));
                     }
+                    Some(LeadId::Waiting(error)) => {
+                        waiting.get_or_insert_with(|| error.clone());
+                    }
                     Some(LeadId::Missing) | None => {
                         tracing::info!(
                             opportunity = %work.plan.opportunity_id, contact = %role.contact,
@@ -124,8 +128,16 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             if let Some(error) = soft {
                 work.soft_error.get_or_insert(error);
             }
+            if hard.is_none()
+                && let Some(error) = waiting
+            {
+                // Not this record's fault: it waits without counting an attempt.
+                work.pause(error);
+            }
             if let Some((error, retryable)) = hard {
                 work.fail(error, retryable);
+            }
+            if !work.ok() {
                 owners.retain(|(i, _, _)| *i != index);
                 let key = work.plan.opportunity_id.to_string();
                 roles.retain(|r| r.key.external_opportunity_id != key);

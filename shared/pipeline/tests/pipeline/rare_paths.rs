@@ -183,6 +183,12 @@ impl StateStore for Hooks {
     async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
         self.inner.release(claim, now).await
     }
+    async fn lock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<Vec<bool>, StateError> {
+        self.inner.lock(keys, ttl_ms, now).await
+    }
+    async fn unlock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<(), StateError> {
+        self.inner.unlock(keys, ttl_ms, now).await
+    }
     async fn wake(&self, id: OpportunityId, now: Millis) -> Result<bool, StateError> {
         self.inner.wake(id, now).await
     }
@@ -545,4 +551,51 @@ async fn a_role_whose_connection_role_cannot_be_read_is_kept_not_deleted() {
     let report = sync(&p).await;
     assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
     assert_eq!(roles_of(&mk, 6), before, "Ada's Champion role is kept");
+}
+
+#[tokio::test]
+async fn two_writers_needing_the_same_new_contact_create_one_lead() {
+    // Opportunities 3 and 6 both name Grace, who has no Marketo lead yet. Writer A's lead
+    // creation is in flight when writer B, writing opportunity 6, looks Grace up and finds
+    // nothing: B must not create her too (concurrent upserts with one email can create two
+    // leads).
+    let (dv, mk) = (dataverse(&[3, 6]), MemoryMarketo::default());
+    let (now, clock) = clock();
+    let store = sqlite();
+    let a =
+        Pipeline::new(store.clone(), dv.clone(), mk.clone(), Config::default(), "writer-a").with_clock(clock.clone());
+    let b = Pipeline::new(store.clone(), dv.clone(), mk.clone(), Config::default(), "writer-b").with_clock(clock);
+    a.poll(None).await.unwrap();
+    a.transform(&[id(3), id(6)], false).await.unwrap();
+    let b2 = b.clone();
+    mk.during_next_lead_upsert(Box::new(move || {
+        Box::pin(async move {
+            let report = b2.write(&[id(6)]).await.unwrap();
+            assert!(matches!(report.records[0].result, Wrote::Retry { .. }), "{report:?}");
+        })
+    }));
+    let report = a.write(&[id(3)]).await.unwrap();
+    assert_eq!(report.records[0].result, Wrote::Synced, "{report:?}");
+    let graces = |mk: &MemoryMarketo| {
+        mk.holds()
+            .leads
+            .values()
+            .filter(|f| f.get("email") == Some(&json!("grace@navy.example")))
+            .count()
+    };
+    assert_eq!(graces(&mk), 1, "one lead for Grace: {:?}", mk.holds().leads);
+    let waiting = store.get(id(6)).await.unwrap().unwrap();
+    assert_eq!((waiting.status, waiting.attempts), (Status::Ready, 0), "a wait, not a failed try");
+    assert_eq!(waiting.last_error.unwrap().code, "lead-being-created");
+    // Later, B's retry finds Grace's lead and uses it.
+    now.fetch_add(10 * 60_000, Ordering::SeqCst);
+    b.wake_due().await.unwrap();
+    let report = b.write(&[id(6)]).await.unwrap();
+    assert_eq!(report.records[0].result, Wrote::Synced, "{report:?}");
+    assert_eq!(graces(&mk), 1);
+    let grace_roles = roles_of(&mk, 6)
+        .into_iter()
+        .filter(|(e, _)| e == "grace@navy.example")
+        .count();
+    assert!(grace_roles >= 1, "{:?}", roles_of(&mk, 6));
 }

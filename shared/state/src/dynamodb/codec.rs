@@ -28,6 +28,8 @@ pub(super) mod attr {
     pub const REWRITE: &str = "needs_rewrite";
     /// Stored as `planned_json` or `planned_z`.
     pub const PLANNED: &str = "planned";
+    /// The table's TTL attribute (seconds since the epoch), carried by lock items only.
+    pub const EXPIRE_AT: &str = "expire_at_s";
 }
 
 pub(super) fn s(v: impl Into<String>) -> AttributeValue {

@@ -5,7 +5,8 @@
 //!   status, present only while pending, ready or failed) and `since` key the sparse index
 //!   `open`, so the pending and failed views never scan the table.
 //! - `cursor#<source>`, `lease#<name>`, `calls#<day>` (Marketo calls, atomic ADD),
-//!   `done#<minute>` (completions, for throughput).
+//!   `done#<minute>` (completions, for throughput), `lock#<key>` (short-lived locks, removed by
+//!   the table's TTL on `expire_at_s`).
 //!
 //! Plans and written-role sets over 64 KB are stored deflated as Binary (`plan_z`, `written_z`; small ones as `plan_json`, `written_json`) to
 //! stay well under the 400 KB item limit; one that is still over 350 KB compressed is refused

@@ -310,6 +310,55 @@ impl StateStore for DynamoStore {
         }))
     }
 
+    async fn lock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<Vec<bool>, StateError> {
+        let expires = now + ttl_ms;
+        let takes = keys.iter().map(|key| {
+            // An update creates the item when it is missing: the writer's role needs no PutItem.
+            let request = self
+                .client
+                .update_item()
+                .table_name(&*self.table)
+                .key("pk", s(format!("lock#{key}")))
+                // DynamoDB's TTL removes the item some time after `expire_at_s` (seconds since the
+                // epoch); the condition reads `expires`, so a late removal changes nothing.
+                .update_expression(format!("SET expires = :e, {} = :x", attr::EXPIRE_AT))
+                .condition_expression("attribute_not_exists(pk) OR expires <= :now")
+                .expression_attribute_values(":e", n(expires))
+                .expression_attribute_values(":x", n(expires / 1000 + 3600))
+                .expression_attribute_values(":now", n(now));
+            async move {
+                match request.send().await {
+                    Ok(_) => Ok(true),
+                    Err(e) if is_condition_failed(&e) => Ok(false),
+                    Err(e) => Err(dynamo_err("UpdateItem (lock)", e)),
+                }
+            }
+        });
+        futures_util::future::join_all(takes).await.into_iter().collect()
+    }
+
+    async fn unlock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<(), StateError> {
+        let frees = keys.iter().map(|key| {
+            let request = self
+                .client
+                .update_item()
+                .table_name(&*self.table)
+                .key("pk", s(format!("lock#{key}")))
+                .update_expression("SET expires = :zero")
+                .condition_expression("expires = :e")
+                .expression_attribute_values(":zero", n(0))
+                .expression_attribute_values(":e", n(now + ttl_ms));
+            async move {
+                match request.send().await {
+                    Ok(_) => Ok(()),
+                    Err(e) if is_condition_failed(&e) => Ok(()),
+                    Err(e) => Err(dynamo_err("UpdateItem (unlock)", e)),
+                }
+            }
+        });
+        futures_util::future::join_all(frees).await.into_iter().collect()
+    }
+
     async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
         let mut u = Update::default();
         u.set("updated = :now")

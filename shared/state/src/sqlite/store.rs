@@ -271,6 +271,49 @@ impl StateStore for SqliteStore {
         .await
     }
 
+    async fn lock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<Vec<bool>, StateError> {
+        let keys = keys.to_vec();
+        self.run(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql)?;
+            // Expired locks are dropped as new ones are taken: the table holds only live ones.
+            tx.execute("DELETE FROM locks WHERE expires_at <= ?1", params![now])
+                .map_err(sql)?;
+            let mut taken = Vec::with_capacity(keys.len());
+            {
+                let mut insert = tx
+                    .prepare_cached("INSERT INTO locks (key, expires_at) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING")
+                    .map_err(sql)?;
+                for key in &keys {
+                    taken.push(insert.execute(params![key, now + ttl_ms]).map_err(sql)? == 1);
+                }
+            }
+            tx.commit().map_err(sql)?;
+            Ok(taken)
+        })
+        .await
+    }
+
+    async fn unlock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<(), StateError> {
+        let keys = keys.to_vec();
+        self.run(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql)?;
+            {
+                let mut delete = tx
+                    .prepare_cached("DELETE FROM locks WHERE key = ?1 AND expires_at = ?2")
+                    .map_err(sql)?;
+                for key in &keys {
+                    delete.execute(params![key, now + ttl_ms]).map_err(sql)?;
+                }
+            }
+            tx.commit().map_err(sql)
+        })
+        .await
+    }
+
     async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
         let claim = claim.clone();
         self.run(move |c| {

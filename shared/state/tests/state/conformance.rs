@@ -911,3 +911,27 @@ pub async fn planned_roles_are_recorded_under_the_claim_and_cleared_by_the_compl
     assert!(state.planned.is_empty(), "{state:?}");
     assert_eq!(state.written.unwrap().roles, planned);
 }
+
+pub async fn a_lock_is_taken_once_until_it_expires<S: StateStore>(store: S) {
+    let keys = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<String>>();
+    assert_eq!(
+        store.lock(&keys(&["lead#a", "lead#b"]), TTL, T0).await.unwrap(),
+        vec![true, true]
+    );
+    assert_eq!(
+        store.lock(&keys(&["lead#a", "lead#c"]), TTL, T0 + 1).await.unwrap(),
+        vec![false, true],
+        "held, by anyone, until it expires"
+    );
+    assert_eq!(store.lock(&keys(&["lead#a"]), TTL, T0 + TTL).await.unwrap(), vec![true]);
+    assert_eq!(
+        store.lock(&keys(&["lead#a"]), TTL, T0 + TTL + 1).await.unwrap(),
+        vec![false]
+    );
+    assert_eq!(store.lock(&[], TTL, T0).await.unwrap(), Vec::<bool>::new());
+    // Freed by its holder, it can be taken at once; a stale holder frees nothing.
+    store.unlock(&keys(&["lead#c"]), TTL, T0 + 1).await.unwrap();
+    assert_eq!(store.lock(&keys(&["lead#c"]), TTL, T0 + 2).await.unwrap(), vec![true]);
+    store.unlock(&keys(&["lead#c"]), TTL, T0 + 1).await.unwrap();
+    assert_eq!(store.lock(&keys(&["lead#c"]), TTL, T0 + 3).await.unwrap(), vec![false]);
+}

@@ -57,4 +57,5 @@ for_both_stores!(
     a_resync_requeues_and_claims_in_one_step_so_no_transformer_takes_it_between,
     a_claim_is_renewed_only_while_held_and_a_released_one_is_free_at_once,
     planned_roles_are_recorded_under_the_claim_and_cleared_by_the_completed_write,
+    a_lock_is_taken_once_until_it_expires,
 );
