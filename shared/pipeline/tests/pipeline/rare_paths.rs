@@ -585,7 +585,11 @@ async fn two_writers_needing_the_same_new_contact_create_one_lead() {
     };
     assert_eq!(graces(&mk), 1, "one lead for Grace: {:?}", mk.holds().leads);
     let waiting = store.get(id(6)).await.unwrap().unwrap();
-    assert_eq!((waiting.status, waiting.attempts), (Status::Ready, 0), "a wait, not a failed try");
+    assert_eq!(
+        (waiting.status, waiting.attempts),
+        (Status::Ready, 0),
+        "a wait, not a failed try"
+    );
     assert_eq!(waiting.last_error.unwrap().code, "lead-being-created");
     // Later, B's retry finds Grace's lead and uses it.
     now.fetch_add(10 * 60_000, Ordering::SeqCst);
