@@ -46,6 +46,9 @@ pub(crate) struct Deployment {
     redelivered: Vec<String>,
     /// Every stream record read so far, in order.
     history: Vec<Value>,
+    /// Stream records delivered to the transformer and to the writer (first deliveries; the
+    /// redeliveries of failed records are in `redelivered`).
+    pub(crate) delivered: (u64, u64),
 }
 
 impl Deployment {
@@ -81,6 +84,7 @@ impl Deployment {
             emitted: BTreeSet::new(),
             redelivered: Vec::new(),
             history: Vec::new(),
+            delivered: (0, 0),
         }
     }
 
@@ -118,6 +122,12 @@ impl Deployment {
     /// One batch, retried from the first failed record on, as Lambda does with
     /// ReportBatchItemFailures (at most the template's MaximumRetryAttempts).
     pub(crate) async fn deliver(&mut self, transformer: bool, mut event: Value) {
+        let records = event["Records"].as_array().map_or(0, Vec::len) as u64;
+        if transformer {
+            self.delivered.0 += records;
+        } else {
+            self.delivered.1 += records;
+        }
         for _ in 0..=5 {
             let handled: Handled<BatchResponse> = if transformer {
                 oppsync_lambda::transform(&self.pipeline, event.clone()).await.unwrap()
@@ -418,4 +428,63 @@ async fn duplicate_and_out_of_order_stream_deliveries_never_regress_a_record() {
     let amount = sims.mk.snapshot().opportunities[&id]["amount"].clone();
     assert_eq!(amount, json!(200.0));
     assert_marketo_matches_dynamics(&sims);
+}
+
+/// Each step is delivered once: the filters match only the image that made a record await its
+/// transform or its write, never a claim, a renewal or a completion. Counts deliveries per
+/// opportunity for an initial sync of 300 and an incremental round of 30, and the state
+/// table's write requests per opportunity (docs/PERFORMANCE.md reports both).
+#[tokio::test]
+async fn each_step_is_delivered_once_per_opportunity() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(300, 31, Mix::Realistic);
+    let mut d = Deployment::cold_start(&sims).await;
+    d.poll().await;
+    d.pump().await;
+    let counts = d.pipeline.store().counts().await.unwrap();
+    assert_eq!(counts.get(Status::Synced), 300, "{counts:?}");
+    assert_marketo_matches_dynamics(&sims);
+    let writes = d.pipeline.store().write_requests();
+    let (transformer, writer) = d.delivered;
+    println!(
+        "initial sync of 300: {:.2} transformer and {:.2} writer deliveries, {:.2} DynamoDB write requests per opportunity",
+        transformer as f64 / 300.0,
+        writer as f64 / 300.0,
+        writes as f64 / 300.0
+    );
+    let initial = (transformer, writer);
+
+    // An incremental round: 30 opportunities change.
+    for id in &seeded.opportunities[..30] {
+        sims.dv
+            .upsert(Table::Opportunities, id, json!({"estimatedvalue": 777.0}), &[]);
+    }
+    let (before, writes_before) = (d.delivered, d.pipeline.store().write_requests());
+    d.poll().await;
+    d.pump().await;
+    assert_marketo_matches_dynamics(&sims);
+    let (transformer, writer) = (d.delivered.0 - before.0, d.delivered.1 - before.1);
+    let writes = d.pipeline.store().write_requests() - writes_before;
+    println!(
+        "incremental round of 30: {:.2} transformer and {:.2} writer deliveries, {:.2} DynamoDB write requests per changed opportunity",
+        transformer as f64 / 30.0,
+        writer as f64 / 30.0,
+        writes as f64 / 30.0
+    );
+    assert!(
+        initial.0 <= 330,
+        "transformer deliveries: {} for 300 opportunities",
+        initial.0
+    );
+    assert!(
+        initial.1 <= 330,
+        "writer deliveries: {} for 300 opportunities",
+        initial.1
+    );
+    assert!(
+        transformer <= 33,
+        "transformer deliveries: {transformer} for 30 changes"
+    );
+    assert!(writer <= 33, "writer deliveries: {writer} for 30 changes");
+    assert!(d.redelivered.is_empty(), "{:?}", d.redelivered);
 }

@@ -217,14 +217,14 @@ fn the_stream_consumers_report_partial_failures_bisect_retry_and_dead_letter() {
         (
             "TransformerFunction",
             "Pending",
-            json!({"dynamodb": {"NewImage": {"status": {"S": ["pending"]}}}}),
+            json!({"dynamodb": {"NewImage": {"status": {"S": ["pending"]}, "awaits": {"S": ["transform"]}}}}),
         ),
-        // A record waiting out a retry's backoff carries `retry_at`: its image must not wake
-        // the writer at once (the poller's sweep removes it when the wait ends).
+        // Only the transition into "awaits its step" triggers a consumer: claims, renewals and
+        // completions (which remove `awaits`) and a retry's wait (which has none) wake nothing.
         (
             "WriterFunction",
             "Ready",
-            json!({"dynamodb": {"NewImage": {"status": {"S": ["ready"]}, "retry_at": {"N": [{"exists": false}]}}}}),
+            json!({"dynamodb": {"NewImage": {"status": {"S": ["ready"]}, "awaits": {"S": ["write"]}}}}),
         ),
     ] {
         let e = &t["Resources"][function]["Properties"]["Events"][event];

@@ -28,6 +28,8 @@ pub(super) mod attr {
     pub const REWRITE: &str = "needs_rewrite";
     /// Stored as `planned_json` or `planned_z`.
     pub const PLANNED: &str = "planned";
+    /// The step an unclaimed item awaits (`transform`, `write`): what the stream filters match.
+    pub const AWAITS: &str = "awaits";
     /// The table's TTL attribute (seconds since the epoch), carried by lock items only.
     pub const EXPIRE_AT: &str = "expire_at_s";
 }

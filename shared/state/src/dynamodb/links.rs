@@ -30,6 +30,7 @@ impl DynamoStore {
             let mut request = HashMap::from([(self.table.to_string(), chunk.to_vec())]);
             // BatchWriteItem may leave some items unprocessed; send those again.
             while !request.is_empty() {
+                self.count_write();
                 let out = self
                     .client
                     .batch_write_item()

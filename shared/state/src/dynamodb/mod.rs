@@ -42,6 +42,10 @@ mod update;
 use codec::*;
 use update::Update;
 
+/// The values of `awaits`, as the template's stream filters spell them.
+pub const AWAITS_TRANSFORM: &str = "transform";
+pub const AWAITS_WRITE: &str = "write";
+
 /// The sparse index over open items.
 pub const OPEN_INDEX: &str = "open";
 /// Blobs above this are stored deflated.
@@ -56,6 +60,9 @@ const MARK_CONCURRENCY: usize = 32;
 pub struct DynamoStore {
     client: Client,
     table: Arc<str>,
+    /// Write requests sent (each billed, whether its condition held or not), for the
+    /// performance report.
+    writes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl DynamoStore {
@@ -63,7 +70,17 @@ impl DynamoStore {
         DynamoStore {
             client,
             table: Arc::from(table.into()),
+            writes: Arc::default(),
         }
+    }
+
+    /// Write requests this store (and its clones) has sent so far; a batch write counts once.
+    pub fn write_requests(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_write(&self) {
+        self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A store using the default AWS configuration chain, optionally at another endpoint (a
@@ -155,6 +172,7 @@ impl DynamoStore {
         condition: Option<&str>,
         returns: ReturnValue,
     ) -> Result<Option<Item>, StateError> {
+        self.count_write();
         let mut request = self
             .client
             .update_item()
@@ -200,7 +218,8 @@ impl DynamoStore {
             .error(None)
             .remove("claim")
             .remove("claim_until")
-            .remove("retry_at");
+            .remove("retry_at")
+            .awaits(Some(AWAITS_TRANSFORM));
         if change.deleted {
             u.value(":no", AttributeValue::Bool(false));
         } else {

@@ -45,6 +45,7 @@ impl StateStore for DynamoStore {
             .item("updated", n(now))
             .build()
             .map_err(build)?;
+        self.count_write();
         let result = self
             .client
             .transact_write_items()
@@ -87,6 +88,7 @@ impl StateStore for DynamoStore {
             .value(":zero", n(0))
             .value(":one", n(1))
             .value(":now", n(now));
+        self.count_write();
         let request = self
             .client
             .update_item()
@@ -114,6 +116,7 @@ impl StateStore for DynamoStore {
     }
 
     async fn renew_lease(&self, lease: &Lease, ttl_ms: i64, now: Millis) -> Result<Option<Lease>, StateError> {
+        self.count_write();
         let request = self
             .client
             .update_item()
@@ -136,6 +139,7 @@ impl StateStore for DynamoStore {
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<(), StateError> {
+        self.count_write();
         let request = self
             .client
             .update_item()
@@ -314,6 +318,7 @@ impl StateStore for DynamoStore {
         let expires = now + ttl_ms;
         let takes = keys.iter().map(|key| {
             // An update creates the item when it is missing: the writer's role needs no PutItem.
+            self.count_write();
             let request = self
                 .client
                 .update_item()
@@ -339,6 +344,7 @@ impl StateStore for DynamoStore {
 
     async fn unlock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<(), StateError> {
         let frees = keys.iter().map(|key| {
+            self.count_write();
             let request = self
                 .client
                 .update_item()
@@ -382,7 +388,8 @@ impl StateStore for DynamoStore {
         u.set("updated = :now")
             .value(":now", n(now))
             .value(":ready", s(Status::Ready.as_str()))
-            .remove("retry_at");
+            .remove("retry_at")
+            .awaits(Some(AWAITS_WRITE));
         let done = self
             .update(
                 "UpdateItem (wake)",
@@ -408,7 +415,8 @@ impl StateStore for DynamoStore {
             .value(":t", n(token))
             .value(":until", n(now + ttl_ms))
             .value(":now", n(now))
-            .value(":from", s(from.as_str()));
+            .value(":from", s(from.as_str()))
+            .awaits(None);
         let item = self
             .update(
                 "UpdateItem (claim)",
@@ -456,7 +464,8 @@ impl StateStore for DynamoStore {
             .remove("claim")
             .remove("claim_until")
             .remove("retry_at")
-            .remove("psince");
+            .remove("psince")
+            .awaits((status == Status::Ready).then_some(AWAITS_WRITE));
         if let Some(plan) = plan {
             u.blob(encode_blob("plan", json(plan)?, "the plan")?, "plan_json", "plan_z");
         }
@@ -488,7 +497,9 @@ impl StateStore for DynamoStore {
             .value(":v", n(claim.version))
             .error(error)
             .remove("claim")
-            .remove("claim_until");
+            .remove("claim_until")
+            // A retry waits for the sweep to wake it; a success or failure awaits nothing.
+            .awaits(None);
         if status != Status::Ready {
             u.set("since = :now");
         }
@@ -687,6 +698,7 @@ impl StateStore for DynamoStore {
     }
 
     async fn add_marketo_calls(&self, day: &str, calls: u64) -> Result<u64, StateError> {
+        self.count_write();
         let out = self
             .client
             .update_item()
@@ -736,7 +748,9 @@ fn requeue_update(rewrite: bool, unclaim: bool, now: Millis) -> Update {
         .value(":now", n(now))
         .remove("retry_at");
     if unclaim {
-        u.remove("claim").remove("claim_until");
+        u.remove("claim").remove("claim_until").awaits(Some(AWAITS_TRANSFORM));
+    } else {
+        u.awaits(None);
     }
     if rewrite {
         u.set("needs_rewrite = :yes").value(":yes", AttributeValue::Bool(true));

@@ -56,6 +56,18 @@ impl Update {
             self.remove("q")
         }
     }
+    /// The step the item now awaits, unclaimed (`transform`, `write`), or none. The Lambda
+    /// stream filters match it, so a claim, a renewal or a completion (which remove it or leave
+    /// it absent) wakes no consumer: each step is delivered once.
+    pub(super) fn awaits(&mut self, step: Option<&'static str>) -> &mut Self {
+        match step {
+            Some(step) => self
+                .set(format!("{} = :awaits", super::attr::AWAITS))
+                .value(":awaits", s(step)),
+            None => self.remove(super::attr::AWAITS),
+        }
+    }
+
     pub(super) fn expression(&self) -> String {
         let mut e = String::new();
         if !self.set.is_empty() {

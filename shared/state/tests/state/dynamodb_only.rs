@@ -28,8 +28,10 @@ async fn items_carry_the_status_the_stream_filters_match_and_leave_the_open_inde
         .await
         .unwrap();
     let item = raw(store.table(), 1).await;
-    // The transformer's filter: {"dynamodb": {"NewImage": {"status": {"S": ["pending"]}}}}
+    // The transformer's filter: status pending, awaits transform (template.yaml).
+    let awaits = |item: &std::collections::HashMap<String, AttributeValue>| item.get("awaits").cloned();
     assert_eq!(item["status"], AttributeValue::S("pending".into()));
+    assert_eq!(awaits(&item), Some(AttributeValue::S("transform".into())));
     assert_eq!(item["q"], AttributeValue::S("pending".into()));
     assert_eq!(item["ver"], AttributeValue::N("3".into()));
 
@@ -38,12 +40,42 @@ async fn items_carry_the_status_the_stream_filters_match_and_leave_the_open_inde
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(awaits(&raw(store.table(), 1).await), None, "a claim wakes no consumer");
     store
         .complete_transform(&claim, TransformResult::Ready(plan(1)), 1_001)
         .await
         .unwrap();
     let item = raw(store.table(), 1).await;
     assert_eq!(item["status"], AttributeValue::S("ready".into()));
+    assert_eq!(
+        awaits(&item),
+        Some(AttributeValue::S("write".into())),
+        "the writer's filter"
+    );
+
+    // A retry waits without `awaits` until the sweep wakes it.
+    let (claim, _) = store.claim(id(1), Status::Ready, 10_000, 1_002).await.unwrap().unwrap();
+    assert_eq!(awaits(&raw(store.table(), 1).await), None);
+    let retry = WriteResult::Retry {
+        error: oppsync_state::SyncError {
+            operation: "opportunities.sync".into(),
+            code: "606".into(),
+            message: "rate".into(),
+        },
+        written: None,
+        retry_at: 1_010,
+    };
+    store.complete_write(&claim, retry, 1_002).await.unwrap();
+    assert_eq!(
+        awaits(&raw(store.table(), 1).await),
+        None,
+        "a waiting retry wakes nothing"
+    );
+    assert!(store.wake(id(1), 1_010).await.unwrap());
+    assert_eq!(
+        awaits(&raw(store.table(), 1).await),
+        Some(AttributeValue::S("write".into()))
+    );
     assert!(
         item.contains_key("plan_json"),
         "a small plan is stored as readable JSON"
@@ -70,6 +102,7 @@ async fn items_carry_the_status_the_stream_filters_match_and_leave_the_open_inde
         "a synced item must leave the sparse open index"
     );
     assert!(!item.contains_key("claim"));
+    assert_eq!(awaits(&item), None, "a completion wakes no consumer");
 }
 
 #[tokio::test]
