@@ -49,6 +49,8 @@ pub(crate) struct Deployment {
     /// Stream records delivered to the transformer and to the writer (first deliveries; the
     /// redeliveries of failed records are in `redelivered`).
     pub(crate) delivered: (u64, u64),
+    /// Deliveries that found nothing to claim (the handlers' `ClaimsMissed`).
+    pub(crate) claims_missed: u64,
 }
 
 impl Deployment {
@@ -85,6 +87,7 @@ impl Deployment {
             redelivered: Vec::new(),
             history: Vec::new(),
             delivered: (0, 0),
+            claims_missed: 0,
         }
     }
 
@@ -138,6 +141,7 @@ impl Deployment {
             };
             self.emitted.extend(handled.metrics.counts.keys().cloned());
             self.emitted.extend(handled.metrics.millis.keys().cloned());
+            self.claims_missed += handled.metrics.counts.get("ClaimsMissed").copied().unwrap_or(0);
             let failed: Vec<u128> = handled
                 .response
                 .batch_item_failures
@@ -487,4 +491,5 @@ async fn each_step_is_delivered_once_per_opportunity() {
     );
     assert!(writer <= 33, "writer deliveries: {writer} for 30 changes");
     assert!(d.redelivered.is_empty(), "{:?}", d.redelivered);
+    assert_eq!(d.claims_missed, 0, "no delivery found nothing to do");
 }

@@ -181,10 +181,15 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         for id in unique {
             match self.store.claim(id, Status::Pending, ttl, self.now()).await? {
                 Some((claim, state)) => claimed.push((claim, state)),
-                None => report.records.push(TransformRecord {
-                    id,
-                    result: Transformed::NotClaimed,
-                }),
+                None => {
+                    // A delivery with nothing to do (a duplicate, or another worker has it): the
+                    // stream filters keep these rare; the metric shows how rare.
+                    report.metrics.count("ClaimsMissed", 1);
+                    report.records.push(TransformRecord {
+                        id,
+                        result: Transformed::NotClaimed,
+                    })
+                }
             }
         }
         self.transform_claimed(claimed, force, report).await

@@ -231,11 +231,15 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         });
                     }
                 },
-                None => report.records.push(WriteRecord {
-                    id,
-                    result: Wrote::NotClaimed,
-                    answers: Vec::new(),
-                }),
+                None => {
+                    // See the transform's `ClaimsMissed`.
+                    report.metrics.count("ClaimsMissed", 1);
+                    report.records.push(WriteRecord {
+                        id,
+                        result: Wrote::NotClaimed,
+                        answers: Vec::new(),
+                    })
+                }
             }
         }
         if works.is_empty() {
