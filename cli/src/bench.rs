@@ -249,26 +249,43 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
 
     if args.limits {
         // The ceiling the budget allows: its calls per second, spent at the minimum calls per
-        // opportunity.
+        // opportunity. The budget is a rate and a number of calls at once; when each call takes
+        // long enough, the calls at once bound it first (5 at once at 5 s a call is 1 call/s).
         let budget_calls_per_s = budget.calls_per_window as f64 / budget.window.as_secs_f64();
-        let ceiling = budget_calls_per_s * n as f64 / minimum.max(1) as f64;
+        let at_once_calls_per_s = if args.latency_ms > 0 {
+            budget.concurrency as f64 * 1000.0 / args.latency_ms as f64
+        } else {
+            f64::INFINITY
+        };
+        let ceiling_calls_per_s = budget_calls_per_s.min(at_once_calls_per_s);
+        let bound = if at_once_calls_per_s < budget_calls_per_s {
+            format!("{} calls at once at {} ms a call", budget.concurrency, args.latency_ms)
+        } else {
+            format!("{} calls / {} s", budget.calls_per_window, budget.window.as_secs())
+        };
+        let ceiling = ceiling_calls_per_s * n as f64 / minimum.max(1) as f64;
         let fraction = rate / ceiling;
+        let calls_per_s = calls as f64 / initial_time.as_secs_f64().max(0.001);
         report["limits"] = json!({
             "budget_calls_per_20s": budget.calls_per_window,
             "budget_concurrency": budget.concurrency,
             "latency_ms": args.latency_ms,
             "ceiling_opportunities_per_second": ceiling,
+            "ceiling_bound_by": bound,
             "fraction_of_ceiling": fraction,
+            "calls_per_second": calls_per_s,
+            "ceiling_calls_per_second": ceiling_calls_per_s,
             "refused": after["refused"],
             "in_flight_high_water": after["in_flight_high_water"],
         });
         println_or_err(
             args.json,
             &format!(
-                "Throughput: {:.0}% of the ceiling the budget allows ({rate:.1} of {ceiling:.1} opportunities/s)",
+                "Throughput: {:.0}% of the ceiling the budget allows ({rate:.1} of {ceiling:.1} opportunities/s; bound by {bound})",
                 fraction * 100.0
             ),
         );
+        eprintln!("  {calls_per_s:.2} Marketo calls/s of {ceiling_calls_per_s:.2} allowed");
         eprintln!(
             "  Marketo refused {} calls with 606 and {} with 615; at most {} in flight",
             after["refused"]["606"], after["refused"]["615"], after["in_flight_high_water"]

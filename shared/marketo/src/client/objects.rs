@@ -26,23 +26,32 @@ impl MarketoClient {
             slot.push(i);
         }
         let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; unique.len()];
-        for range in batches(&unique) {
+        // The calls of one write go out together: the limiter holds them to the budget's
+        // concurrency and rate, so a large write keeps every allowed call in flight instead of
+        // one at a time (calls take seconds on a real instance). Each carries distinct keys.
+        let calls = batches(&unique).into_iter().map(|range| {
             let mut body = envelope.clone();
             body.insert(
                 "input".into(),
                 Value::Array(unique[range.clone()].iter().map(|v| (*v).clone()).collect()),
             );
             let body = Value::Object(body);
-            let envelope = self
-                .call(&Request {
-                    endpoint,
-                    method: Method::POST,
-                    path,
-                    query: Vec::new(),
-                    body: Body::Json(&body),
-                })
-                .await?;
-            let matched = match_results(endpoint, range.len(), envelope.result)?;
+            async move {
+                let envelope = self
+                    .call(&Request {
+                        endpoint,
+                        method: Method::POST,
+                        path,
+                        query: Vec::new(),
+                        body: Body::Json(&body),
+                    })
+                    .await?;
+                let matched = match_results(endpoint, range.len(), envelope.result)?;
+                Ok::<_, MarketoError>((range, matched))
+            }
+        });
+        for answered in futures_util::future::join_all(calls).await {
+            let (range, matched) = answered?;
             // 1018 on a record: the instance runs native CRM sync, so every record of every
             // call would be refused the same way; one error stops the run instead.
             if matched.iter().any(|o| o.code() == Some("1018")) {
@@ -184,35 +193,44 @@ impl MarketoClient {
         values: &[String],
         fields: &[&str],
     ) -> Result<Vec<LeadRecord>, MarketoError> {
-        let mut found = Vec::new();
         let mut wanted: Vec<&str> = vec!["id", field];
         wanted.extend(fields.iter().copied().filter(|f| *f != "id" && *f != field));
         let wanted = wanted.join(",");
-        for chunk in values.chunks(MAX_BATCH) {
-            let mut page: Option<String> = None;
-            loop {
-                let mut params = vec![
-                    ("filterType", field.to_owned()),
-                    ("filterValues", chunk.join(",")),
-                    ("fields", wanted.clone()),
-                ];
-                if let Some(token) = &page {
-                    params.push(("nextPageToken", token.clone()));
+        // The chunks go out together, held to the budget by the limiter; each pages on its own.
+        let chunks = values.chunks(MAX_BATCH).map(|chunk| {
+            let wanted = wanted.clone();
+            async move {
+                let mut found = Vec::new();
+                let mut page: Option<String> = None;
+                loop {
+                    let mut params = vec![
+                        ("filterType", field.to_owned()),
+                        ("filterValues", chunk.join(",")),
+                        ("fields", wanted.clone()),
+                    ];
+                    if let Some(token) = &page {
+                        params.push(("nextPageToken", token.clone()));
+                    }
+                    let request = self.read_request(Operation::LeadQuery.name(), "rest/v1/leads.json", params);
+                    let envelope = self.call(&request).await?;
+                    for lead in envelope.result {
+                        let Value::Object(mut fields) = lead else { continue };
+                        let Some(id) = fields.remove("id").and_then(|v| v.as_i64()) else {
+                            continue;
+                        };
+                        found.push(LeadRecord { id, fields });
+                    }
+                    match envelope.next_page_token {
+                        Some(token) if !token.is_empty() => page = Some(token),
+                        _ => break,
+                    }
                 }
-                let request = self.read_request(Operation::LeadQuery.name(), "rest/v1/leads.json", params);
-                let envelope = self.call(&request).await?;
-                for lead in envelope.result {
-                    let Value::Object(mut fields) = lead else { continue };
-                    let Some(id) = fields.remove("id").and_then(|v| v.as_i64()) else {
-                        continue;
-                    };
-                    found.push(LeadRecord { id, fields });
-                }
-                match envelope.next_page_token {
-                    Some(token) if !token.is_empty() => page = Some(token),
-                    _ => break,
-                }
+                Ok::<_, MarketoError>(found)
             }
+        });
+        let mut found = Vec::new();
+        for chunk in futures_util::future::join_all(chunks).await {
+            found.extend(chunk?);
         }
         Ok(found)
     }
@@ -327,11 +345,13 @@ impl MarketoClient {
         filter: &str,
         values: &[String],
     ) -> Result<Vec<Map<String, Value>>, MarketoError> {
-        let mut found = Vec::new();
-        for chunk in values.chunks(MAX_BATCH) {
+        let chunks = values.chunks(MAX_BATCH).map(|chunk| async move {
             let params = vec![("filterType", filter.to_owned()), ("filterValues", chunk.join(","))];
-            let envelope = self.call(&self.read_request(endpoint, path, params)).await?;
-            found.extend(envelope.result.into_iter().filter_map(|v| match v {
+            self.call(&self.read_request(endpoint, path, params)).await
+        });
+        let mut found = Vec::new();
+        for envelope in futures_util::future::join_all(chunks).await {
+            found.extend(envelope?.result.into_iter().filter_map(|v| match v {
                 Value::Object(m) => Some(m),
                 _ => None,
             }));

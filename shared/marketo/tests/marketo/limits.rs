@@ -160,3 +160,29 @@ async fn a_full_window_606_waits_long_enough_for_the_window_to_turn() {
     }
     assert!(sim.refused("606") > 0, "the window did fill");
 }
+
+/// One write of 1,500 records is five calls, and they go out together up to the budget's calls
+/// at once (a real call takes seconds; one at a time would use a fifth of the budget), never
+/// past it, with results in input order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_large_write_keeps_the_budgets_calls_in_flight_and_no_more() {
+    let sim = sim(MarketoConfig {
+        latency: Duration::from_millis(100),
+        ..fast_config()
+    })
+    .await;
+    let client = client(&sim);
+    let opps: Vec<Value> = (0..1500).map(opportunity).collect();
+    let outcomes = client.sync_opportunities(&opps).await.unwrap();
+    assert_eq!(outcomes.len(), 1500);
+    assert_eq!(sim.rest_calls(), 5);
+    assert_eq!(sim.concurrency_high_water(), 5, "the five calls overlapped");
+    let emails: Vec<String> = (0..1500).map(|i| format!("lead{i}@example.com")).collect();
+    client.query_leads("email", &emails, &[]).await.unwrap();
+    assert_eq!(
+        sim.concurrency_high_water(),
+        5,
+        "never more than the budget's 5 at once"
+    );
+    assert_eq!(sim.refused("615"), 0);
+}
