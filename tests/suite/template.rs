@@ -376,3 +376,59 @@ fn the_dashboard_is_valid_json_showing_the_sync_metrics() {
         assert!(names.contains(metric), "the dashboard lacks {metric}: {names:?}");
     }
 }
+
+/// Every topic an alarm publishes to is encrypted with a customer-managed key whose policy lets
+/// CloudWatch use it: under the AWS-managed `alias/aws/sns` key, CloudWatch cannot publish and
+/// every alarm goes nowhere.
+#[test]
+fn alarm_topics_use_a_key_cloudwatch_may_publish_with() {
+    let t = template::load();
+    let mut topics = BTreeSet::new();
+    for (name, alarm) in template::resources(&t, "AWS::CloudWatch::Alarm") {
+        for action in alarm["Properties"]["AlarmActions"].as_array().unwrap_or(&Vec::new()) {
+            let topic = action["Ref"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: an action that is not a topic in this stack"));
+            topics.insert(topic.to_owned());
+        }
+    }
+    assert!(!topics.is_empty(), "the alarms publish somewhere");
+    for topic in topics {
+        let key = &t["Resources"][&topic]["Properties"]["KmsMasterKeyId"];
+        assert_ne!(
+            key,
+            &json!("alias/aws/sns"),
+            "{topic}: CloudWatch cannot use the AWS-managed key"
+        );
+        let key_name = key["Ref"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{topic}: encrypted with a key of this stack, not {key}"));
+        let key = &t["Resources"][key_name];
+        assert_eq!(key["Type"], "AWS::KMS::Key");
+        assert_eq!(key["Properties"]["EnableKeyRotation"], json!(true));
+        let statements = key["Properties"]["KeyPolicy"]["Statement"].as_array().unwrap();
+        let cloudwatch = statements
+            .iter()
+            .find(|s| s["Principal"]["Service"] == "cloudwatch.amazonaws.com")
+            .unwrap_or_else(|| panic!("{key_name}: no statement for CloudWatch"));
+        let actions: Vec<&str> = cloudwatch["Action"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        assert!(
+            actions.contains(&"kms:Decrypt") && actions.contains(&"kms:GenerateDataKey*"),
+            "{actions:?}"
+        );
+    }
+    // The optional subscriptions: an e-mail address and an HTTPS webhook.
+    assert_eq!(
+        t["Resources"]["AlarmWebhookSubscription"]["Properties"]["Protocol"],
+        "https"
+    );
+    assert_eq!(
+        t["Resources"]["AlarmWebhookSubscription"]["Condition"],
+        "HasAlarmWebhook"
+    );
+}

@@ -252,3 +252,89 @@ async fn a_dynamodb_table_that_does_not_exist_is_named_with_the_fix() {
     );
     assert!(run.stderr.lines().count() <= 2, "no raw response dump: {run:?}");
 }
+
+/// No email address, contact name or secret reaches a log line (at `RUST_LOG=trace`), an error
+/// message or the error ledger, through a run with faults on both sides, permanent refusals,
+/// duplicate leads and a contact whose email is not an address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_email_name_or_secret_reaches_a_log_line_or_the_error_ledger() {
+    use oppsync_simulators::Chaos;
+    use oppsync_simulators::dataverse::Table;
+    let sims = oppsync_tests::harness::sims_with(Some(Chaos { rate: 0.1, seed: 7 })).await;
+    let seeded = sims.dv.seed(200, 40, Mix::Realistic);
+    // A refused opportunity (the ledger), a contact with a broken email (a plan warning), and a
+    // contact whose email matches two leads (a duplicate-lead error).
+    sims.mk.skip_record(&seeded.opportunities[0], "1003", 1000);
+    let customers: Vec<String> = sims
+        .dv
+        .rows(Table::Opportunities)
+        .into_iter()
+        .filter(|(_, row)| row.lookups.get("_customerid_value") == Some(&"contact"))
+        .filter_map(|(_, row)| row.attributes["_customerid_value"].as_str().map(str::to_owned))
+        .collect();
+    assert!(customers.len() >= 2, "contact customers to spoil");
+    sims.dv.upsert(
+        Table::Contacts,
+        &customers[0],
+        serde_json::json!({"emailaddress1": "not-an-address.secret-person"}),
+        &[],
+    );
+    let twice = sims
+        .dv
+        .row(Table::Contacts, &customers[customers.len() - 1])
+        .unwrap()
+        .attributes["emailaddress1"]
+        .clone();
+    for _ in 0..2 {
+        sims.mk.add_lead(serde_json::json!({"email": twice}));
+    }
+    let mut env = env_for(&sims);
+    env.push(("RUST_LOG".into(), "trace".into()));
+    let state = state_path();
+    let mut seen = String::new();
+    for _ in 0..8 {
+        let run = oppsync(&["sync", "--state", s(&state)], &env).await;
+        seen.push_str(&run.stdout);
+        seen.push_str(&run.stderr);
+        if run.code == 0 || run.code == 1 {
+            break;
+        }
+    }
+    for args in [
+        vec!["errors", "--state", s(&state)],
+        vec!["errors", "--export", "csv", "--state", s(&state)],
+        vec!["status", "--state", s(&state)],
+    ] {
+        let run = oppsync(&args, &env).await;
+        seen.push_str(&run.stdout);
+        seen.push_str(&run.stderr);
+    }
+    assert!(
+        seen.contains("1003"),
+        "the ledger was read: {}",
+        &seen[seen.len().saturating_sub(2000)..]
+    );
+    let mut personal: Vec<String> = vec!["not-an-address.secret-person".into()];
+    for (_, row) in sims.dv.rows(Table::Contacts) {
+        for attr in ["emailaddress1", "firstname", "lastname"] {
+            if let Some(v) = row.attributes.get(attr).and_then(serde_json::Value::as_str)
+                && v.len() >= 4
+            {
+                personal.push(v.to_owned());
+            }
+        }
+    }
+    let (_, _, dynamics_secret) = sims.dv.credentials();
+    personal.push(dynamics_secret);
+    personal.push(sims.mk.client_secret());
+    assert!(seen.contains("is not a valid address"), "the broken email was met");
+    assert!(seen.contains("duplicate-lead"), "the duplicate leads were met");
+    let leaked: Vec<&String> = personal.iter().filter(|p| seen.contains(p.as_str())).collect();
+    assert!(
+        leaked.is_empty(),
+        "{} of {} personal values or secrets appear in the output, e.g. {:?}",
+        leaked.len(),
+        personal.len(),
+        leaked.iter().take(3).collect::<Vec<_>>()
+    );
+}

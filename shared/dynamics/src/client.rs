@@ -85,7 +85,10 @@ impl DataverseClient {
             .send()
             .await
             .map_err(|e| DataverseError::Transport {
-                message: format!("token request: {e}"),
+                message: format!(
+                    "token request: {}",
+                    oppsync_support::error_without_urls(&e, "request failed")
+                ),
                 timeout: e.is_timeout(),
             })?;
         let status = response.status();
@@ -156,13 +159,14 @@ impl DataverseClient {
             let response = match result {
                 Ok(r) => r,
                 Err(e) if attempt < MAX_ATTEMPTS => {
-                    tracing::warn!(error = %e, attempt, "dataverse request failed; retrying");
+                    let error = oppsync_support::error_without_urls(&e, "request failed");
+                    tracing::warn!(error = %error, attempt, "dataverse request failed; retrying");
                     tokio::time::sleep(backoff(self.backoff_base, attempt)).await;
                     continue;
                 }
                 Err(e) => {
                     return Err(DataverseError::Transport {
-                        message: e.to_string(),
+                        message: oppsync_support::error_without_urls(&e, "request failed"),
                         timeout: e.is_timeout(),
                     });
                 }

@@ -374,9 +374,10 @@ fn lead_for(mapping: &Mapping, contact: ContactId, related: &Related) -> Result<
     if mapping.lead_match == LeadMatch::Email && valid_email.is_none() {
         return Err(match email {
             None => format!("contact {contact} has no email, and leads are matched by email"),
+            // The value itself is personal data: the message names the contact, not the address.
             Some(e) => format!(
-                "contact {contact}'s email \"{}\" is not a valid address, and leads are matched by email",
-                e.chars().take(80).collect::<String>()
+                "contact {contact}'s email ({} characters) is not a valid address, and leads are matched by email; correct it in Dynamics",
+                e.chars().count()
             ),
         });
     }

@@ -309,7 +309,11 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let mut changes = Vec::with_capacity(rows.len() + deleted.len());
         for row in rows {
             let Some(id) = row["opportunityid"].as_str().and_then(|t| OpportunityId::parse(t).ok()) else {
-                tracing::warn!(row = %row, "a changed opportunity without a valid opportunityid; skipped");
+                // The row itself is not logged: only what identifies the problem.
+                tracing::warn!(
+                    opportunityid = ?row["opportunityid"].as_str().map(|t| t.chars().take(40).collect::<String>()),
+                    "a changed opportunity without a valid opportunityid; skipped"
+                );
                 continue;
             };
             let version = match &row["versionnumber"] {

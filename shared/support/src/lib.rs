@@ -52,9 +52,58 @@ pub fn utc_timestamp(seconds: i64) -> String {
     )
 }
 
+/// An error and its causes as one line, leaving out every part that names a URL: an HTTP
+/// client's message names the request's URL, whose query can hold personal data (lead emails
+/// in `filterValues`, ids in a Dataverse filter) or a secret (Marketo's identity call). What
+/// went wrong (refused, reset, timed out) is kept.
+pub fn error_without_urls(error: &dyn std::error::Error, fallback: &str) -> String {
+    let mut message = String::new();
+    let mut source: Option<&dyn std::error::Error> = Some(error);
+    while let Some(err) = source {
+        let text = err.to_string();
+        if !text.contains("://") && !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+        source = err.source();
+    }
+    if message.is_empty() {
+        fallback.to_owned()
+    } else {
+        message
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_chain_loses_its_urls_and_keeps_the_cause() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "error sending request for url (https://x.example/rest/v1/leads.json?filterValues=ada@example.com)",
+                )
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ));
+        let text = error_without_urls(&e, "request failed");
+        assert_eq!(text, "connection refused");
+        assert!(!text.contains("ada@"));
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

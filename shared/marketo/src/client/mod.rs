@@ -389,25 +389,7 @@ fn transport(endpoint: &'static str, e: &reqwest::Error) -> MarketoError {
     // reqwest's message names the URL, which can hold the identity secret or lead emails
     // (filterValues): the message is kept, the URL is not.
     let timeout = e.is_timeout();
-    let mut message = String::new();
-    let mut source: Option<&dyn std::error::Error> = Some(e);
-    while let Some(err) = source {
-        let text = err.to_string();
-        if !text.contains("://") && !message.contains(&text) {
-            if !message.is_empty() {
-                message.push_str(": ");
-            }
-            message.push_str(&text);
-        }
-        source = err.source();
-    }
-    if message.is_empty() {
-        message = if timeout {
-            "timed out".into()
-        } else {
-            "request failed".into()
-        };
-    }
+    let message = oppsync_support::error_without_urls(e, if timeout { "timed out" } else { "request failed" });
     MarketoError::Transport {
         endpoint,
         message,

@@ -87,7 +87,7 @@ impl SqliteStore {
         })
     }
 
-    /// Frees the claims and the leases that a process which died left behind, so that work
+    /// Frees the claims, leases and locks that a process which died left behind, so that work
     /// resumes at once instead of when they expire. Only for a caller that knows no other
     /// process uses this file: the `oppsync` command holds an OS lock on it first. Lease tokens
     /// keep counting, so fencing still holds. Returns how many claims were freed.
@@ -100,6 +100,9 @@ impl SqliteStore {
                 )
                 .map_err(sql)?;
             c.execute("UPDATE leases SET expires_at = 0", []).map_err(sql)?;
+            // A lead-creation lock a dead run took would hold its records back for a minute;
+            // the restarted run looks the lead up first, so it cannot create it twice.
+            c.execute("DELETE FROM locks", []).map_err(sql)?;
             Ok(freed as u64)
         })
         .await

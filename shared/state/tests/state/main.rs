@@ -59,3 +59,16 @@ for_both_stores!(
     planned_roles_are_recorded_under_the_claim_and_cleared_by_the_completed_write,
     a_lock_is_taken_once_until_it_expires,
 );
+
+/// The local command holds an OS lock on its state file, so what a dead run left (claims,
+/// leases, lead-creation locks) is freed when the next run starts, not when it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_local_run_frees_what_a_dead_one_left() {
+    use oppsync_state::StateStore;
+    let store = stores::sqlite();
+    let key = vec!["lead#x".to_owned()];
+    assert_eq!(store.lock(&key, 60_000, 1_000).await.unwrap(), vec![true]);
+    assert_eq!(store.lock(&key, 60_000, 1_001).await.unwrap(), vec![false]);
+    store.release_abandoned().await.unwrap();
+    assert_eq!(store.lock(&key, 60_000, 1_002).await.unwrap(), vec![true]);
+}
