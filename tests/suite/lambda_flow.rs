@@ -8,11 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use oppsync_dynamics::DataverseClient;
 use oppsync_lambda::coldstart::{self, ColdStartError, Env};
 use oppsync_lambda::{BatchResponse, Handled};
 use oppsync_mapping::OpportunityId;
+use oppsync_marketo::MarketoClient;
 use oppsync_marketo::Operation as E;
-use oppsync_pipeline::Pipeline;
+use oppsync_pipeline::ports::DataversePort;
+use oppsync_pipeline::{NoAccess, Pipeline};
 use oppsync_simulators::dataverse::{Mix, Table, seed_id};
 use oppsync_state::{DynamoStore, StateStore, Status};
 use oppsync_tests::harness::{
@@ -310,6 +313,46 @@ async fn cold_start_names_what_is_wrong_with_the_environment_secrets_or_configur
     for name in ["STATE_TABLE", "DYNAMICS_SECRET_ARN", "MARKETO_SECRET_ARN"] {
         assert!(text.contains(name), "{text}");
     }
+    // A function that reaches one system needs (and reads) only that system's secret.
+    let only = |name: &'static str, value: String| {
+        move |k: &str| match k {
+            "STATE_TABLE" => Some("t".to_owned()),
+            k if k == name => Some(value.clone()),
+            _ => None,
+        }
+    };
+    let poller_env = Env::read_for(
+        only("DYNAMICS_SECRET_ARN", good_dynamics.clone()),
+        coldstart::needs::<DataverseClient, NoAccess>(),
+    )
+    .unwrap();
+    coldstart::build_with::<DataverseClient, NoAccess>(&poller_env, &aws())
+        .await
+        .unwrap();
+    let writer_env = Env::read_for(
+        only("MARKETO_SECRET_ARN", good_marketo.clone()),
+        coldstart::needs::<NoAccess, MarketoClient>(),
+    )
+    .unwrap();
+    let writer = coldstart::build_with::<NoAccess, MarketoClient>(&writer_env, &aws())
+        .await
+        .unwrap();
+    let e = writer
+        .dataverse()
+        .all_ids(oppsync_dynamics::EntitySet::Opportunities)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not given Dynamics access"), "{e}");
+    let e = Env::read_for(
+        only("MARKETO_SECRET_ARN", good_marketo.clone()),
+        coldstart::needs::<DataverseClient, NoAccess>(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("DYNAMICS_SECRET_ARN") && !e.to_string().contains("MARKETO_SECRET_ARN"),
+        "{e}"
+    );
+
     let e = Env::read(|k| match k {
         "MARKETO_BUDGET_SHARE" => Some("zero".into()),
         _ => Some("x".into()),

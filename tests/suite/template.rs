@@ -68,10 +68,17 @@ fn needs() -> BTreeMap<&'static str, BTreeSet<(String, String)>> {
         }
         set
     };
+    // Each function reads only the secrets of the systems it reaches.
     let common = |function: &str| {
         let log = json!({"Fn::GetAtt": [format!("{function}LogGroup"), "Arn"]}).to_string();
         let mut set = on(&["logs:CreateLogStream", "logs:PutLogEvents"], &[log]);
-        set.extend(on(&["secretsmanager:GetSecretValue"], &secrets()));
+        let all = secrets();
+        let readable: Vec<String> = match function {
+            "Poller" | "Transformer" => vec![all[0].clone()],
+            "Writer" => vec![all[1].clone()],
+            _ => all,
+        };
+        set.extend(on(&["secretsmanager:GetSecretValue"], &readable));
         set
     };
     let stream_read = on(
@@ -197,16 +204,59 @@ fn the_runtime_is_al2023_on_arm64() {
     let globals = &t["Globals"]["Function"];
     assert_eq!(globals["Runtime"], "provided.al2023");
     assert_eq!(globals["Architectures"], json!(["arm64"]));
-    for variable in [
-        "STATE_TABLE",
-        "DYNAMICS_SECRET_ARN",
-        "MARKETO_SECRET_ARN",
-        "OPPSYNC_CONFIG",
-    ] {
+    for variable in ["STATE_TABLE", "OPPSYNC_CONFIG"] {
         assert!(
             globals["Environment"]["Variables"].get(variable).is_some(),
             "the functions need {variable} (shared/lambda/src/coldstart.rs)"
         );
+    }
+    for variable in ["DYNAMICS_SECRET_ARN", "MARKETO_SECRET_ARN"] {
+        assert!(
+            globals["Environment"]["Variables"].get(variable).is_none(),
+            "{variable} is given only to the functions that use it"
+        );
+    }
+}
+
+/// Each function is given, and its role may read, only the secrets of the systems it reaches
+/// (shared/lambda's `*Pipeline` types): the poller and the transformer Dynamics, the writer
+/// Marketo, resync both.
+#[test]
+fn each_function_reads_only_the_secrets_it_uses() {
+    let t = template::load();
+    for (function, role, secrets) in [
+        ("PollerFunction", "PollerRole", vec!["Dynamics"]),
+        ("TransformerFunction", "TransformerRole", vec!["Dynamics"]),
+        ("WriterFunction", "WriterRole", vec!["Marketo"]),
+        ("ResyncFunction", "ResyncRole", vec!["Dynamics", "Marketo"]),
+    ] {
+        let variables = &t["Resources"][function]["Properties"]["Environment"]["Variables"];
+        let statements = t["Resources"][role]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+            .as_array()
+            .unwrap();
+        let readable: Vec<Value> = statements
+            .iter()
+            .filter(|st| st["Action"] == "secretsmanager:GetSecretValue")
+            .flat_map(|st| match &st["Resource"] {
+                Value::Array(list) => list.clone(),
+                one => vec![one.clone()],
+            })
+            .collect();
+        let mut wanted = Vec::new();
+        for system in ["Dynamics", "Marketo"] {
+            let variable = format!("{}_SECRET_ARN", system.to_ascii_uppercase());
+            let parameter = json!({"Ref": format!("{system}SecretArn")});
+            if secrets.contains(&system) {
+                assert_eq!(variables[&variable], parameter, "{function} needs {variable}");
+                wanted.push(parameter);
+            } else {
+                assert!(
+                    variables.get(&variable).is_none(),
+                    "{function} must not be given {variable}"
+                );
+            }
+        }
+        assert_eq!(readable, wanted, "{role} reads exactly the secrets {function} uses");
     }
 }
 

@@ -4,9 +4,12 @@
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    oppsync_lambda::serve("poller", |pipeline, event| async move {
-        let deadline = oppsync_lambda::deadline_of(event.context.deadline());
-        oppsync_lambda::poll(&pipeline, event.payload, deadline).await
-    })
+    oppsync_lambda::serve(
+        "poller",
+        |pipeline: std::sync::Arc<oppsync_lambda::PollerPipeline>, event| async move {
+            let deadline = oppsync_lambda::deadline_of(event.context.deadline());
+            oppsync_lambda::poll(&pipeline, event.payload, deadline).await
+        },
+    )
     .await
 }

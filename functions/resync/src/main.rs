@@ -4,8 +4,11 @@
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    oppsync_lambda::serve("resync", |pipeline, event| async move {
-        oppsync_lambda::resync(&pipeline, event.payload).await
-    })
+    oppsync_lambda::serve(
+        "resync",
+        |pipeline: std::sync::Arc<oppsync_lambda::ResyncPipeline>, event| async move {
+            oppsync_lambda::resync(&pipeline, event.payload).await
+        },
+    )
     .await
 }

@@ -4,8 +4,11 @@
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    oppsync_lambda::serve("transformer", |pipeline, event| async move {
-        oppsync_lambda::transform(&pipeline, event.payload).await
-    })
+    oppsync_lambda::serve(
+        "transformer",
+        |pipeline: std::sync::Arc<oppsync_lambda::TransformerPipeline>, event| async move {
+            oppsync_lambda::transform(&pipeline, event.payload).await
+        },
+    )
     .await
 }

@@ -5,9 +5,12 @@
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    oppsync_lambda::serve("writer", |pipeline, event| async move {
-        let deadline = oppsync_lambda::deadline_of(event.context.deadline());
-        oppsync_lambda::write(&pipeline, event.payload, deadline).await
-    })
+    oppsync_lambda::serve(
+        "writer",
+        |pipeline: std::sync::Arc<oppsync_lambda::WriterPipeline>, event| async move {
+            let deadline = oppsync_lambda::deadline_of(event.context.deadline());
+            oppsync_lambda::write(&pipeline, event.payload, deadline).await
+        },
+    )
     .await
 }

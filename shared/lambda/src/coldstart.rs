@@ -6,7 +6,7 @@ use secrecy::ExposeSecret;
 
 use oppsync_dynamics::{DataverseClient, DataverseSettings};
 use oppsync_marketo::{Limiter, LimiterSettings, MarketoClient, MarketoSettings};
-use oppsync_pipeline::{Config, Pipeline};
+use oppsync_pipeline::{Config, NoAccess, Pipeline};
 use oppsync_state::DynamoStore;
 use serde::Deserialize;
 
@@ -61,10 +61,31 @@ pub struct Env {
     pub marketo_share: u32,
 }
 
+/// Which systems a function reaches, so which secrets it reads (and may read: its role names
+/// only those).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    pub dynamics: bool,
+    pub marketo: bool,
+}
+
+impl Needs {
+    pub const BOTH: Needs = Needs {
+        dynamics: true,
+        marketo: true,
+    };
+}
+
 impl Env {
     /// Reads the environment through `get` (the process environment in `main`, a map in tests);
-    /// every missing variable is named at once.
+    /// every missing variable is named at once. Both secrets are required.
     pub fn read(get: impl Fn(&str) -> Option<String>) -> Result<Env, ColdStartError> {
+        Env::read_for(get, Needs::BOTH)
+    }
+
+    /// [`Env::read`] for a function that reaches only the systems in `needs`: the other secret's
+    /// variable is neither required nor read.
+    pub fn read_for(get: impl Fn(&str) -> Option<String>, needs: Needs) -> Result<Env, ColdStartError> {
         let mut missing = Vec::new();
         let mut need = |name: &'static str| match get(name).filter(|v| !v.trim().is_empty()) {
             Some(v) => v,
@@ -74,8 +95,16 @@ impl Env {
             }
         };
         let table = need(ENV_TABLE);
-        let dynamics_secret_arn = need(ENV_DYNAMICS_SECRET);
-        let marketo_secret_arn = need(ENV_MARKETO_SECRET);
+        let dynamics_secret_arn = if needs.dynamics {
+            need(ENV_DYNAMICS_SECRET)
+        } else {
+            String::new()
+        };
+        let marketo_secret_arn = if needs.marketo {
+            need(ENV_MARKETO_SECRET)
+        } else {
+            String::new()
+        };
         if !missing.is_empty() {
             return Err(ColdStartError::MissingEnv(missing));
         }
@@ -229,20 +258,73 @@ async fn read_secret(
     })
 }
 
-/// Builds the pipeline a function runs: configuration first (no network needed to find a
-/// mistake in it), then the secrets, then the clients.
+/// One side of a pipeline as a cold start opens it: a client built from its secret, or
+/// [`NoAccess`] for a function that does not reach that system (and reads no secret for it).
+pub trait Access: Sized {
+    /// The system whose secret this reads, if any.
+    const SYSTEM: Option<&'static str>;
+    fn open(secret: Option<&str>, config: &Config, env: &Env) -> Result<Self, ColdStartError>;
+}
+
+impl Access for DataverseClient {
+    const SYSTEM: Option<&'static str> = Some("Dynamics");
+    fn open(secret: Option<&str>, config: &Config, _: &Env) -> Result<Self, ColdStartError> {
+        DynamicsSecret::parse(secret.unwrap_or_default())?.client(config)
+    }
+}
+
+impl Access for MarketoClient {
+    const SYSTEM: Option<&'static str> = Some("Marketo");
+    fn open(secret: Option<&str>, config: &Config, env: &Env) -> Result<Self, ColdStartError> {
+        MarketoSecret::parse(secret.unwrap_or_default())?.client(config, env.marketo_share)
+    }
+}
+
+impl Access for NoAccess {
+    const SYSTEM: Option<&'static str> = None;
+    fn open(_: Option<&str>, _: &Config, _: &Env) -> Result<Self, ColdStartError> {
+        Ok(NoAccess)
+    }
+}
+
+/// What a function with sides `D` and `M` needs from its environment.
+pub fn needs<D: Access, M: Access>() -> Needs {
+    Needs {
+        dynamics: D::SYSTEM.is_some(),
+        marketo: M::SYSTEM.is_some(),
+    }
+}
+
+/// Builds the pipeline the resync function runs (both systems).
 pub async fn build(env: &Env, aws: &aws_config::SdkConfig) -> Result<Pipeline<DynamoStore>, ColdStartError> {
+    build_with::<DataverseClient, MarketoClient>(env, aws).await
+}
+
+/// Builds the pipeline a function runs: configuration first (no network needed to find a
+/// mistake in it), then the secrets its sides need (only those), then the clients.
+pub async fn build_with<D: Access, M: Access>(
+    env: &Env,
+    aws: &aws_config::SdkConfig,
+) -> Result<Pipeline<DynamoStore, D, M>, ColdStartError> {
     let config = if env.config.trim().is_empty() {
         Config::default()
     } else {
         Config::from_toml(&env.config, ENV_CONFIG)?
     };
-    config.dataverse.log();
+    if D::SYSTEM.is_some() {
+        config.dataverse.log();
+    }
     let secrets = aws_sdk_secretsmanager::Client::new(aws);
-    let dynamics = DynamicsSecret::parse(&read_secret(&secrets, &env.dynamics_secret_arn, "Dynamics").await?)?;
-    let marketo = MarketoSecret::parse(&read_secret(&secrets, &env.marketo_secret_arn, "Marketo").await?)?;
-    let dataverse = dynamics.client(&config)?;
-    let marketo = marketo.client(&config, env.marketo_share)?;
+    let dynamics = match D::SYSTEM {
+        Some(system) => Some(read_secret(&secrets, &env.dynamics_secret_arn, system).await?),
+        None => None,
+    };
+    let marketo = match M::SYSTEM {
+        Some(system) => Some(read_secret(&secrets, &env.marketo_secret_arn, system).await?),
+        None => None,
+    };
+    let dataverse = D::open(dynamics.as_deref(), &config, env)?;
+    let marketo = M::open(marketo.as_deref(), &config, env)?;
     Ok(Pipeline::new(
         DynamoStore::new(aws_sdk_dynamodb::Client::new(aws), env.table.clone()),
         dataverse,
@@ -252,9 +334,9 @@ pub async fn build(env: &Env, aws: &aws_config::SdkConfig) -> Result<Pipeline<Dy
     ))
 }
 
-/// The whole cold start from the process environment.
-pub async fn from_process_env() -> Result<Pipeline<DynamoStore>, ColdStartError> {
-    let env = Env::read(|k| std::env::var(k).ok())?;
+/// The whole cold start from the process environment, for a function with sides `D` and `M`.
+pub async fn from_process_env<D: Access, M: Access>() -> Result<Pipeline<DynamoStore, D, M>, ColdStartError> {
+    let env = Env::read_for(|k| std::env::var(k).ok(), needs::<D, M>())?;
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    build(&env, &aws).await
+    build_with::<D, M>(&env, &aws).await
 }

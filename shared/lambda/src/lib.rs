@@ -8,8 +8,12 @@ use std::time::{Duration, Instant};
 
 use lambda_runtime::{LambdaEvent, service_fn};
 
+use oppsync_dynamics::DataverseClient;
 use oppsync_mapping::OpportunityId;
-use oppsync_pipeline::{Metrics, Pipeline, PipelineError, PollReport, ResyncReport, ResyncRequest};
+use oppsync_marketo::MarketoClient;
+use oppsync_pipeline::{
+    DataversePort, MarketoPort, Metrics, NoAccess, Pipeline, PipelineError, PollReport, ResyncReport, ResyncRequest,
+};
 use oppsync_state::{DynamoStore, StateStore, Status};
 use serde::Serialize;
 use serde_json::Value;
@@ -154,8 +158,8 @@ pub struct Handled<T> {
 }
 
 /// The transformer: a stream batch of pending records → plans.
-pub async fn transform<S: StateStore>(
-    pipeline: &Pipeline<S>,
+pub async fn transform<S: StateStore, D: DataversePort, M: MarketoPort>(
+    pipeline: &Pipeline<S, D, M>,
     payload: Value,
 ) -> Result<Handled<BatchResponse>, HandlerError> {
     let event = parse_stream_event(payload)?;
@@ -186,12 +190,20 @@ pub async fn transform<S: StateStore>(
     Ok(Handled { response, metrics })
 }
 
+/// What each function reaches: the poller and the transformer read Dynamics only, the writer
+/// writes Marketo only, resync does both. Each is given (and its role may read) only the
+/// secrets of what it reaches.
+pub type PollerPipeline = Pipeline<DynamoStore, DataverseClient, NoAccess>;
+pub type TransformerPipeline = Pipeline<DynamoStore, DataverseClient, NoAccess>;
+pub type WriterPipeline = Pipeline<DynamoStore, NoAccess, MarketoClient>;
+pub type ResyncPipeline = Pipeline<DynamoStore, DataverseClient, MarketoClient>;
+
 /// The writer: a stream batch of ready records → Marketo. Stops `margin` before `deadline`:
 /// records not yet written wait for the next run. A record whose write failed retryably is not
 /// handed back to Lambda (an immediate redelivery would retry it at once): it carries its
 /// backoff in the state, and the poller's sweep hands it back when the wait ends.
-pub async fn write<S: StateStore>(
-    pipeline: &Pipeline<S>,
+pub async fn write<S: StateStore, D: DataversePort, M: MarketoPort>(
+    pipeline: &Pipeline<S, D, M>,
     payload: Value,
     deadline: Instant,
 ) -> Result<Handled<BatchResponse>, HandlerError> {
@@ -237,8 +249,8 @@ pub fn deadline_of(deadline: std::time::SystemTime) -> Instant {
 
 /// The poller: an EventBridge Scheduler event (its content is not needed) → pending records.
 /// Stops `margin` before `deadline`, checkpointed, so a long backfill continues next run.
-pub async fn poll<S: StateStore>(
-    pipeline: &Pipeline<S>,
+pub async fn poll<S: StateStore, D: DataversePort, M: MarketoPort>(
+    pipeline: &Pipeline<S, D, M>,
     payload: Value,
     deadline: Instant,
 ) -> Result<Handled<PollReport>, HandlerError> {
@@ -270,8 +282,8 @@ pub async fn poll<S: StateStore>(
 }
 
 /// The resync function: `{"opportunityIds": [...], "dryRun": false}` or `{"all": true}`.
-pub async fn resync<S: StateStore>(
-    pipeline: &Pipeline<S>,
+pub async fn resync<S: StateStore, D: DataversePort, M: MarketoPort>(
+    pipeline: &Pipeline<S, D, M>,
     payload: Value,
 ) -> Result<Handled<ResyncReport>, HandlerError> {
     let bad = |problem: String| HandlerError::BadEvent {
@@ -309,14 +321,16 @@ async fn report_init_error(e: &coldstart::ColdStartError) {
 
 /// Runs a function: builds the pipeline once (cold start), then hands every event to
 /// `handler` and publishes its metrics. What each `main` calls.
-pub async fn serve<T, F, Fut>(function: &'static str, handler: F) -> Result<(), lambda_runtime::Error>
+pub async fn serve<D, M, T, F, Fut>(function: &'static str, handler: F) -> Result<(), lambda_runtime::Error>
 where
+    D: coldstart::Access,
+    M: coldstart::Access,
     T: Serialize,
-    F: Fn(Arc<Pipeline<DynamoStore>>, LambdaEvent<Value>) -> Fut,
+    F: Fn(Arc<Pipeline<DynamoStore, D, M>>, LambdaEvent<Value>) -> Fut,
     Fut: Future<Output = Result<Handled<T>, HandlerError>>,
 {
     init_logging();
-    let pipeline = match coldstart::from_process_env().await {
+    let pipeline = match coldstart::from_process_env::<D, M>().await {
         Ok(p) => Arc::new(p),
         Err(e) => {
             tracing::error!(error = %e, "cold start failed");

@@ -47,7 +47,7 @@ pub use error::PipelineError;
 use error::{skip_error, sync_error};
 pub use metrics::Metrics;
 pub use poll::PollReport;
-pub use ports::{DataversePort, MarketoPort};
+pub use ports::{DataversePort, MarketoPort, NoAccess};
 pub use resync::{ResyncRecord, ResyncReport, ResyncRequest, ResyncTarget, WrittenSummary};
 pub use transform::{Planned, TransformRecord, TransformReport, Transformed};
 pub use write::{Answer, WriteRecord, WriteReport, Wrote};

@@ -174,3 +174,77 @@ impl MarketoPort for MarketoClient {
         MarketoClient::calls_by_endpoint(self)
     }
 }
+
+/// The side a function has no access to: the poller and the transformer are not given the
+/// Marketo secret, the writer not the Dynamics one (each role reads only the secret it uses).
+/// Reaching it is a bug, and the error says so.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoAccess;
+
+const NO_DYNAMICS: &str = "this function is not given Dynamics access (its role reads only the secrets it uses)";
+const NO_MARKETO: &str = "this function is not given Marketo access (its role reads only the secrets it uses)";
+
+fn no_marketo() -> MarketoError {
+    MarketoError::Api {
+        endpoint: "none",
+        code: "no-access".into(),
+        message: NO_MARKETO.into(),
+    }
+}
+
+impl DataversePort for NoAccess {
+    async fn changes(&self, _: EntitySet, _: &[&str], _: Option<&str>) -> Result<ChangePage, DataverseError> {
+        Err(DataverseError::Settings(NO_DYNAMICS.into()))
+    }
+    async fn watermark_changes(
+        &self,
+        _: EntitySet,
+        _: &[&str],
+        _: &Watermark,
+    ) -> Result<(Vec<Value>, Watermark), DataverseError> {
+        Err(DataverseError::Settings(NO_DYNAMICS.into()))
+    }
+    async fn all_ids(&self, _: EntitySet) -> Result<BTreeSet<String>, DataverseError> {
+        Err(DataverseError::Settings(NO_DYNAMICS.into()))
+    }
+    async fn opportunities(&self, _: &[OpportunityId], _: &[&str]) -> Result<Vec<Value>, DataverseError> {
+        Err(DataverseError::Settings(NO_DYNAMICS.into()))
+    }
+    async fn opportunity_exists(&self, _: OpportunityId) -> Result<bool, DataverseError> {
+        Err(DataverseError::Settings(NO_DYNAMICS.into()))
+    }
+    async fn related(&self, _: &[Opportunity]) -> Result<(Related, Vec<RecordError>), DataverseError> {
+        Err(DataverseError::Settings(NO_DYNAMICS.into()))
+    }
+    fn requests(&self) -> u64 {
+        0
+    }
+}
+
+impl MarketoPort for NoAccess {
+    async fn sync_opportunities(&self, _: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        Err(no_marketo())
+    }
+    async fn delete_opportunities(&self, _: &[String]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        Err(no_marketo())
+    }
+    async fn sync_roles(&self, _: &[RoleRecord]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        Err(no_marketo())
+    }
+    async fn delete_roles(&self, _: &[RoleKey]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        Err(no_marketo())
+    }
+    async fn sync_companies(&self, _: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        Err(no_marketo())
+    }
+    async fn query_leads(&self, _: &str, _: &[String], _: &[&str]) -> Result<Vec<LeadRecord>, MarketoError> {
+        Err(no_marketo())
+    }
+    async fn upsert_leads(&self, _: &str, _: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        Err(no_marketo())
+    }
+    fn set_calls_today(&self, _: u64) {}
+    fn calls_by_endpoint(&self) -> BTreeMap<&'static str, u64> {
+        BTreeMap::new()
+    }
+}
