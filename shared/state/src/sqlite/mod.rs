@@ -50,7 +50,11 @@ const COLUMNS: &str = "id, status, version, deleted, modified_on, plan, written,
 
 /// Columns added since the first schema, each with its definition: a file written by an older
 /// oppsync gains them when it is opened.
-const ADDED_COLUMNS: &[(&str, &str)] = &[("retry_at", "INTEGER"), ("rewrite", "INTEGER NOT NULL DEFAULT 0")];
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("retry_at", "INTEGER"),
+    ("rewrite", "INTEGER NOT NULL DEFAULT 0"),
+    ("planned", "TEXT"),
+];
 
 /// The SQLite store. Cheap to clone; clones share the connection.
 #[derive(Clone)]

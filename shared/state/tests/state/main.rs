@@ -72,3 +72,38 @@ async fn a_restarted_local_run_frees_what_a_dead_one_left() {
     store.release_abandoned().await.unwrap();
     assert_eq!(store.lock(&key, 60_000, 1_002).await.unwrap(), vec![true]);
 }
+
+/// A state file written before `retry_at`, `rewrite` and `planned` existed opens, keeps its
+/// records and gains the columns: upgrading oppsync never strands a user's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_from_before_the_new_columns_opens_and_keeps_its_records() {
+    use oppsync_state::{SqliteStore, StateStore, Status};
+    let path = std::env::temp_dir().join(format!("{}.db", oppsync_tests::harness::unique("old-schema")));
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE opportunities (
+                id TEXT PRIMARY KEY, status TEXT NOT NULL, version INTEGER NOT NULL,
+                deleted INTEGER NOT NULL, modified_on TEXT, plan TEXT, written TEXT,
+                written_version INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
+                err_operation TEXT, err_code TEXT, err_message TEXT,
+                claim_token INTEGER, claim_until INTEGER,
+                created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, status_since INTEGER NOT NULL);",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO opportunities (id, status, version, deleted, attempts, created_at, updated_at, status_since)
+             VALUES (?1, 'pending', 7, 0, 0, 1, 1, 1)",
+            [conformance::id(1).to_string()],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let state = store.get(conformance::id(1)).await.unwrap().unwrap();
+    assert_eq!((state.status, state.version), (Status::Pending, 7));
+    assert_eq!((state.retry_at, state.rewrite, state.planned.len()), (None, false, 0));
+    assert!(store.requeue(conformance::id(1), true, 2).await.unwrap());
+    assert!(store.get(conformance::id(1)).await.unwrap().unwrap().rewrite);
+    drop(store);
+    let _ = std::fs::remove_file(&path);
+}
