@@ -178,8 +178,8 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let mut unique: Vec<OpportunityId> = ids.to_vec();
         unique.sort();
         unique.dedup();
-        for (id, taken) in self.claim_all(&unique, Status::Pending, ttl).await? {
-            match taken {
+        for id in unique {
+            match self.store.claim(id, Status::Pending, ttl, self.now()).await? {
                 Some((claim, state)) => claimed.push((claim, state)),
                 None => {
                     // A delivery with nothing to do (a duplicate, or another worker has it): the

@@ -181,12 +181,14 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let mut unique: Vec<OpportunityId> = ids.to_vec();
         unique.sort();
         unique.dedup();
-        let taken = self.claim_all(&unique, Status::Ready, ttl).await?;
-        let every_claim: Vec<Claim> = taken
-            .iter()
-            .filter_map(|(_, c)| c.as_ref().map(|(claim, _)| claim.clone()))
-            .collect();
-        for (id, claimed) in taken {
+        for id in unique {
+            let claimed = match self.store.claim(id, Status::Ready, ttl, self.now()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.release_all(works.iter().map(|w: &Work| &w.claim)).await;
+                    return Err(e.into());
+                }
+            };
             match claimed {
                 Some((claim, state)) => match state.plan.clone() {
                     Some(plan) => works.push(Work {
@@ -219,7 +221,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                             written: None,
                         };
                         if let Err(e) = self.store.complete_write(&claim, failed, self.now()).await {
-                            self.release_all(every_claim.iter()).await;
+                            self.release_all(works.iter().map(|w: &Work| &w.claim)).await;
                             return Err(e.into());
                         }
                         report.records.push(WriteRecord {
@@ -254,42 +256,6 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 Err(e)
             }
         }
-    }
-
-    /// Claims `ids` in `from` status, up to [`CLAIM_CONCURRENCY`] requests at once (on DynamoDB
-    /// each is a round trip; one after another they would put the batch's length on the
-    /// critical path). On an error every claim taken is released.
-    pub(crate) async fn claim_all(
-        &self,
-        ids: &[OpportunityId],
-        from: Status,
-        ttl: i64,
-    ) -> Result<Vec<(OpportunityId, Option<(Claim, OpportunityState)>)>, PipelineError> {
-        let mut out = Vec::with_capacity(ids.len());
-        let mut failed = None;
-        for group in ids.chunks(CLAIM_CONCURRENCY) {
-            let now = self.now();
-            let claims = group
-                .iter()
-                .map(|id| async move { (*id, self.store.claim(*id, from, ttl, now).await) });
-            for (id, claimed) in futures_util::future::join_all(claims).await {
-                match claimed {
-                    Ok(c) => out.push((id, c)),
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                    }
-                }
-            }
-            if failed.is_some() {
-                break;
-            }
-        }
-        if let Some(e) = failed {
-            self.release_all(out.iter().filter_map(|(_, c)| c.as_ref().map(|(claim, _)| claim)))
-                .await;
-            return Err(e.into());
-        }
-        Ok(out)
     }
 
     /// Best effort: a claim that cannot be released expires by itself.
@@ -614,9 +580,6 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         self.delete_opportunities(works).await.map(Stop::Marketo)
     }
 }
-
-/// Claims sent at once by [`Pipeline::claim_all`].
-pub(crate) const CLAIM_CONCURRENCY: usize = 32;
 
 /// The code a record left by the writer's deadline carries.
 pub(crate) const DEADLINE_CODE: &str = "deadline";

@@ -109,8 +109,6 @@ struct Hooks {
     inner: SqliteStore,
     hook: Arc<Mutex<Option<Hook>>>,
     fail_completions: Arc<AtomicI64>,
-    /// Claims in flight now, and the most ever.
-    claiming: Arc<(AtomicI64, AtomicI64)>,
 }
 
 impl Hooks {
@@ -119,7 +117,6 @@ impl Hooks {
             inner: sqlite(),
             hook: Arc::new(Mutex::new(None)),
             fail_completions: Arc::new(AtomicI64::new(0)),
-            claiming: Arc::default(),
         }
     }
 
@@ -202,12 +199,7 @@ impl StateStore for Hooks {
         ttl_ms: i64,
         now: Millis,
     ) -> Result<Option<(Claim, OpportunityState)>, StateError> {
-        let (now_in_flight, most) = &*self.claiming;
-        let n = now_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        most.fetch_max(n, Ordering::SeqCst);
-        let claimed = self.inner.claim(id, from, ttl_ms, now).await;
-        now_in_flight.fetch_sub(1, Ordering::SeqCst);
-        claimed
+        self.inner.claim(id, from, ttl_ms, now).await
     }
     async fn complete_transform(
         &self,
@@ -610,29 +602,4 @@ async fn two_writers_needing_the_same_new_contact_create_one_lead() {
         .filter(|(e, _)| e == "grace@navy.example")
         .count();
     assert!(grace_roles >= 1, "{:?}", roles_of(&mk, 6));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batchs_claims_go_out_together_not_one_after_another() {
-    // On DynamoDB each claim is a round trip: one after another, a batch of 300 puts 300 round
-    // trips on the writer's critical path before Marketo is even called.
-    let numbers: Vec<u64> = (1..=6).collect();
-    let (dv, mk) = (dataverse(&numbers), MemoryMarketo::default());
-    let store = Hooks::new();
-    let p = Pipeline::new(store.clone(), dv.clone(), mk.clone(), Config::default(), "claims");
-    p.poll(None).await.unwrap();
-    let ids: Vec<OpportunityId> = numbers.iter().map(|n| id(*n)).collect();
-    p.transform(&ids, false).await.unwrap();
-    assert!(
-        store.claiming.1.load(Ordering::SeqCst) >= 2,
-        "the transform's claims overlapped"
-    );
-    store.claiming.1.store(0, Ordering::SeqCst);
-    let report = p.write(&ids).await.unwrap();
-    assert!(report.records.iter().all(|r| r.result == Wrote::Synced), "{report:?}");
-    let most = store.claiming.1.load(Ordering::SeqCst);
-    assert!(
-        (2..=32).contains(&most),
-        "the write's claims overlapped, within the bound: {most}"
-    );
 }
