@@ -193,12 +193,8 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     let after = sims.ask("stats")?;
     let held = &after["held"];
     let count = |k: &str| held[k].as_u64().unwrap_or(0);
-    // The fewest calls that could hold what Marketo now holds: every record once, 300 a call,
-    // each lead looked up once and created once.
-    let minimum = count("opportunities").div_ceil(300)
-        + count("companies").div_ceil(300)
-        + 2 * count("leads").div_ceil(300)
-        + count("roles").div_ceil(300);
+    // The honest minimum: every record Marketo now holds written once, 300 a call per object.
+    let minimum = after["minimum_since_last"]["calls"].as_u64().unwrap_or(0);
     let calls = calls_total(&after) - calls_total(&before);
     let records = count("opportunities") + count("companies") + count("leads") + count("roles");
     let dataverse =
@@ -303,16 +299,21 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     let calls = calls_total(&after) - calls_total(&before);
     let dataverse =
         after["dataverse_requests"].as_u64().unwrap_or(0) - before["dataverse_requests"].as_u64().unwrap_or(0);
+    let minimum = after["minimum_since_last"]["calls"].as_u64().unwrap_or(0);
+    let ratio = calls as f64 / minimum.max(1) as f64;
     report["incremental"] = json!({
         "changed": changed,
         "seconds": time.as_secs_f64(),
         "marketo_calls": calls,
+        "marketo_minimum": minimum,
+        "marketo_ratio": ratio,
+        "minimum_records": after["minimum_since_last"]["by_object"],
         "dataverse_requests": dataverse,
         "calls_by_endpoint": endpoint_deltas(&after, &before),
         "differences": after["differences"],
     });
     eprintln!(
-        "incremental ({changed} changed): {:.2} s, {calls} Marketo calls, {dataverse} Dataverse requests",
+        "incremental ({changed} changed): {:.2} s, {calls} Marketo calls against a minimum of {minimum} ({ratio:.2}× the minimum), {dataverse} Dataverse requests",
         time.as_secs_f64()
     );
     let peak = peak_memory();

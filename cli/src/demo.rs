@@ -182,6 +182,7 @@ async fn round(
 ) -> Result<DrainReport, CliError> {
     let started = Instant::now();
     let before = endpoint_counts(mk);
+    let held_before = mk.snapshot();
     let dv_before = dv.requests();
     let poll = pipeline
         .poll(None)
@@ -210,28 +211,34 @@ async fn round(
     );
     let after = endpoint_counts(mk);
     let mut calls = 0;
-    let mut minimum = 0;
     let mut by_endpoint = Vec::new();
-    for (name, (c, r)) in &after {
-        let (c0, r0) = before.get(name).copied().unwrap_or((0, 0));
-        let (c, r) = (c - c0, r - r0);
-        if c == 0 {
-            continue;
+    for (name, (c, _)) in &after {
+        let c = c - before.get(name).map_or(0, |b| b.0);
+        if c > 0 {
+            calls += c;
+            by_endpoint.push(format!("{name} {c}"));
         }
-        calls += c;
-        // Describes (the preflight) carry no records; they count as their own minimum.
-        let least = if r == 0 { c } else { r.div_ceil(300) };
-        minimum += least;
-        by_endpoint.push(format!("{name} {c} (min {least})"));
     }
+    let least = mk.snapshot().minimum_since(&held_before);
+    let minimum = least.calls();
     println!(
-        "  Marketo calls: {calls}, against a minimum of {minimum} (⌈records/300⌉ per endpoint): {:.2}× the minimum",
+        "  Marketo calls: {calls}, against an honest minimum of {minimum} (every record Marketo came to hold or lost, written once, 300 a call): {:.2}× the minimum",
         if minimum == 0 {
             1.0
         } else {
             calls as f64 / minimum as f64
         }
     );
+    let moved: Vec<String> = least
+        .by_object
+        .iter()
+        .filter(|(_, (w, d))| w + d > 0)
+        .map(|(object, (w, d))| match d {
+            0 => format!("{object} {w} written"),
+            _ => format!("{object} {w} written, {d} deleted"),
+        })
+        .collect();
+    println!("    records: {}", moved.join("; "));
     println!("    {}", by_endpoint.join(", "));
     println!(
         "    a one-call-per-record integration would make at least {}",

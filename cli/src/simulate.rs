@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::Args;
 use oppsync_marketo::Operation as E;
 use oppsync_simulators::dataverse::{DataverseConfig, Mix, Table, seed_id};
+use oppsync_simulators::marketo::Snapshot;
 use oppsync_simulators::oracle::{self, Rules};
 use oppsync_simulators::{DataverseSim, MarketoConfig, MarketoSim};
 use serde_json::{Value, json};
@@ -90,6 +91,8 @@ pub async fn run(args: SimulateArgs) -> Result<ExitCode, CliError> {
         }
     });
     let mut round = 0u64;
+    // What Marketo held at the last `stats`: the honest minimum is counted from it.
+    let mut last = mk.snapshot();
     while let Some(line) = rx.recv().await {
         let mut words = line.split_whitespace();
         let reply = match (words.next(), words.next().and_then(|n| n.parse::<u64>().ok())) {
@@ -110,7 +113,12 @@ pub async fn run(args: SimulateArgs) -> Result<ExitCode, CliError> {
                 }
                 json!({"changed": changed})
             }
-            (Some("stats"), _) => stats(&dv, &mk),
+            (Some("stats"), _) => {
+                let held = mk.snapshot();
+                let reply = stats(&dv, &mk, &held, &last);
+                last = held;
+                reply
+            }
             _ => json!({"error": format!("unknown command `{line}`: use `change N` or `stats`")}),
         };
         println!("{reply}");
@@ -119,16 +127,16 @@ pub async fn run(args: SimulateArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn stats(dv: &DataverseSim, mk: &MarketoSim) -> Value {
+fn stats(dv: &DataverseSim, mk: &MarketoSim, snapshot: &Snapshot, last: &Snapshot) -> Value {
     let mut calls = serde_json::Map::new();
     let mut records = serde_json::Map::new();
     for (name, endpoint) in ENDPOINTS {
         calls.insert(name.into(), json!(mk.calls(endpoint)));
         records.insert(name.into(), json!(mk.records(endpoint)));
     }
-    let snapshot = mk.snapshot();
     let expected = oracle::expected(dv, &Rules::default());
-    let differences = oracle::differences(&expected, &snapshot, &BTreeSet::new());
+    let differences = oracle::differences(&expected, snapshot, &BTreeSet::new());
+    let minimum = snapshot.minimum_since(last);
     json!({
         "calls": calls,
         "records": records,
@@ -137,6 +145,7 @@ fn stats(dv: &DataverseSim, mk: &MarketoSim) -> Value {
         "dataverse_requests": dv.requests(),
         "held": {"opportunities": snapshot.opportunities.len(), "companies": snapshot.companies.len(),
                  "leads": snapshot.leads.len(), "roles": snapshot.roles.len()},
+        "minimum_since_last": {"calls": minimum.calls(), "by_object": minimum.by_object},
         "differences": differences.len(),
         "first_differences": differences.iter().take(5).collect::<Vec<_>>(),
     })

@@ -13,8 +13,9 @@ use serde_json::json;
 
 use crate::common::*;
 
-/// Small pages and batches, so each step boundary is reached many times in one run.
-const CONFIG: &str = "[dataverse]\npage_size = 50\n[sync]\nbatch_size = 10\n";
+/// Small pages and batches, so each step boundary is reached many times in one run (a drain
+/// writes ten batches at once).
+const CONFIG: &str = "[dataverse]\npage_size = 50\n[sync]\nbatch_size = 5\n";
 
 async fn world(seed: u64) -> (Sims, Vec<(String, String)>) {
     let sims = sims().await;

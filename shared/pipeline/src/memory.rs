@@ -359,6 +359,13 @@ impl MemoryMarketo {
         id
     }
 
+    /// A lead deleted in Marketo (by a user, or merged away), with its roles.
+    pub fn remove_lead(&self, id: i64) {
+        let mut d = guard(&self.0);
+        d.holds.leads.remove(&id);
+        d.holds.roles.retain(|k, _| k.lead_id != id);
+    }
+
     /// Runs `work` while the next lead upsert is in flight: the call looks its keys up when it
     /// starts and creates what it did not find when it ends, so a lead `work` creates with the
     /// same key meanwhile is created twice. That is what Adobe's leads page warns of:
@@ -513,7 +520,7 @@ impl MarketoPort for MemoryMarketo {
         ready(Ok(found))
     }
 
-    fn upsert_leads(
+    fn create_leads(
         &self,
         lookup_field: &str,
         leads: &[Value],
@@ -556,12 +563,9 @@ impl MarketoPort for MemoryMarketo {
                     continue;
                 }
                 let fields = lead.as_object().cloned().unwrap_or_default();
+                // Sync Leads `createOnly` (leads page): an existing lead is skipped, untouched.
                 match existing.as_slice() {
-                    [id] => {
-                        let id = *id;
-                        d.holds.leads.entry(id).or_default().extend(fields);
-                        outcomes.push(created(RecordStatus::Updated, id));
-                    }
+                    [_] => outcomes.push(skipped("1005", "Lead already exists")),
                     [] => {
                         d.next_id += 1;
                         let id = d.next_id;

@@ -72,7 +72,9 @@ pub trait MarketoPort: Clone + Send + Sync + 'static {
         values: &[String],
         fields: &[&str],
     ) -> impl Future<Output = Result<Vec<LeadRecord>, MarketoError>> + Send;
-    fn upsert_leads(
+    /// Creates the leads that do not exist (Sync Leads `createOnly`): an existing lead is
+    /// skipped (1005, or 1007 when several match) and never changed.
+    fn create_leads(
         &self,
         lookup_field: &str,
         leads: &[Value],
@@ -160,12 +162,12 @@ impl MarketoPort for MarketoClient {
     ) -> impl Future<Output = Result<Vec<LeadRecord>, MarketoError>> + Send {
         MarketoClient::query_leads(self, field, values, fields)
     }
-    fn upsert_leads(
+    fn create_leads(
         &self,
         lookup_field: &str,
         leads: &[Value],
     ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
-        MarketoClient::upsert_leads(self, lookup_field, leads)
+        MarketoClient::create_leads(self, lookup_field, leads)
     }
     fn set_calls_today(&self, calls: u64) {
         MarketoClient::set_calls_today(self, calls)
@@ -240,7 +242,7 @@ impl MarketoPort for NoAccess {
     async fn query_leads(&self, _: &str, _: &[String], _: &[&str]) -> Result<Vec<LeadRecord>, MarketoError> {
         Err(no_marketo())
     }
-    async fn upsert_leads(&self, _: &str, _: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+    async fn create_leads(&self, _: &str, _: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
         Err(no_marketo())
     }
     fn set_calls_today(&self, _: u64) {}

@@ -9,4 +9,4 @@ mod query;
 
 pub use chaos::Chaos;
 pub use dataverse::{DataverseConfig, DataverseFault, DataverseSim};
-pub use marketo::{Fault as MarketoFault, MarketoConfig, MarketoSim, ResultShape};
+pub use marketo::{Fault as MarketoFault, MarketoConfig, MarketoSim, Minimum, ResultShape};

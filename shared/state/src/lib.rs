@@ -10,7 +10,7 @@
 //!
 //! Time is passed in (`now`, Unix milliseconds) so that tests control the clock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 
@@ -502,6 +502,16 @@ pub trait StateStore: Send + Sync {
         &self,
         connections: &[String],
     ) -> impl Future<Output = Result<Vec<OpportunityId>, StateError>> + Send;
+
+    /// Remembers the Marketo lead each lead key resolved to (a key is a hash of the lookup
+    /// field and value, so no email reaches the store): a contact seen before costs no lead call.
+    fn remember_leads(&self, leads: &[(String, i64)]) -> impl Future<Output = Result<(), StateError>> + Send;
+
+    /// The remembered lead of each known key among `keys` (unknown keys are left out).
+    fn known_leads(&self, keys: &[String]) -> impl Future<Output = Result<HashMap<String, i64>, StateError>> + Send;
+
+    /// Forgets remembered leads (Marketo no longer has them: deleted, merged away).
+    fn forget_leads(&self, keys: &[String]) -> impl Future<Output = Result<(), StateError>> + Send;
 }
 
 /// A claim token that no other claim in this or another process will draw.

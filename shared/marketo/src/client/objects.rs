@@ -237,10 +237,22 @@ impl MarketoClient {
 
     /// Creates or updates leads matched on `lookup_field`.
     pub async fn upsert_leads(&self, lookup_field: &str, leads: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
-        let envelope = object([
-            ("action", json!("createOrUpdate")),
-            ("lookupField", json!(lookup_field)),
-        ]);
+        self.sync_leads("createOrUpdate", lookup_field, leads).await
+    }
+
+    /// Creates the leads no lead matches on `lookup_field`; one that exists is skipped (1005)
+    /// and left as it is.
+    pub async fn create_leads(&self, lookup_field: &str, leads: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        self.sync_leads("createOnly", lookup_field, leads).await
+    }
+
+    async fn sync_leads(
+        &self,
+        action: &str,
+        lookup_field: &str,
+        leads: &[Value],
+    ) -> Result<Vec<RecordOutcome>, MarketoError> {
+        let envelope = object([("action", json!(action)), ("lookupField", json!(lookup_field))]);
         let field = lookup_field.to_owned();
         self.write(
             Operation::LeadSync.name(),

@@ -93,6 +93,34 @@ async fn sync_leads_results_carry_no_seq_and_are_matched_by_position() {
 }
 
 #[tokio::test]
+async fn creating_leads_leaves_an_existing_lead_as_a_marketo_user_edited_it() {
+    // Sync Leads `createOnly` (leads page): a new lead is created with its id; an existing one
+    // is skipped with 1005 and not changed; an email with two leads is skipped too.
+    let sim = sim(fast_config()).await;
+    let client = client(&sim);
+    let edited = sim.add_lead(json!({"email": "old@example.com", "firstName": "Edited"}));
+    sim.add_lead(json!({"email": "twice@example.com"}));
+    sim.add_lead(json!({"email": "twice@example.com"}));
+    let leads = [
+        json!({"email": "old@example.com", "firstName": "From Dynamics"}),
+        json!({"email": "new@example.com", "firstName": "New"}),
+        json!({"email": "twice@example.com"}),
+    ];
+    let outcomes = client.create_leads("email", &leads).await.unwrap();
+    assert_eq!(outcomes[0].code(), Some("1005"));
+    assert_eq!(outcomes[1].status, RecordStatus::Created);
+    assert!(outcomes[2].is_skipped(), "{:?}", outcomes[2]);
+    let stored = sim.snapshot().leads;
+    let old = stored.iter().find(|l| l.id == edited).unwrap();
+    assert_eq!(old.fields["firstName"], json!("Edited"));
+    let new = stored
+        .iter()
+        .find(|l| l.fields["email"] == json!("new@example.com"))
+        .unwrap();
+    assert_eq!(outcomes[1].marketo_id.as_deref(), Some(new.id.to_string().as_str()));
+}
+
+#[tokio::test]
 async fn a_lead_skip_in_the_openapi_shape_is_read() {
     let sim = sim(MarketoConfig {
         result_shape: ResultShape::SingularReason,

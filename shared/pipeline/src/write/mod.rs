@@ -7,7 +7,7 @@ mod deletions;
 mod leads;
 mod opportunities;
 
-use leads::LeadId;
+use leads::{LeadId, Resolved};
 
 use super::*;
 

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// The codes a role gets when its lead does not exist (unconfirmed by the opportunity-roles
+/// page: "not found" for a lead, or for the object generally).
+const LEAD_GONE_CODES: [&str; 2] = ["1004", "1013"];
+
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     pub(crate) async fn write_opportunities_and_roles(
         &self,
@@ -19,7 +23,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 if let Some(stop) = Self::call_failed(e, Operation::LeadQuery.name(), affected) {
                     return Some(Stop::Marketo(stop));
                 }
-                HashMap::new()
+                Resolved::default()
             }
         };
 
@@ -85,7 +89,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             let mut hard: Option<(SyncError, bool)> = None;
             let mut waiting: Option<SyncError> = None;
             for role in &desired.roles {
-                match leads.get(&role.contact) {
+                match leads.by_contact.get(&role.contact) {
                     Some(LeadId::Found(lead_id)) => {
                         roles.push(RoleRecord {
                             key: RoleKey {
@@ -159,7 +163,8 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 return None;
             }
         }
-        match self.marketo.sync_roles(&roles).await {
+        let mut gone: Vec<String> = Vec::new();
+        let stop = match self.marketo.sync_roles(&roles).await {
             Ok(outcomes) => {
                 for ((index, contact, role), (record, outcome)) in owners.into_iter().zip(roles.iter().zip(outcomes)) {
                     let work = &mut works[index];
@@ -172,7 +177,15 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         outcome: outcome.clone(),
                     });
                     if outcome.is_skipped() {
-                        let (error, retryable) = skip_error(Operation::RoleSync.name(), &outcome);
+                        let (error, mut retryable) = skip_error(Operation::RoleSync.name(), &outcome);
+                        // A remembered lead Marketo no longer has (deleted, merged away): forget
+                        // it, and the next try finds or creates the contact's lead again.
+                        if outcome.code().is_some_and(|c| LEAD_GONE_CODES.contains(&c))
+                            && let Some(name) = leads.remembered.get(&record.key.lead_id)
+                        {
+                            gone.push(name.clone());
+                            retryable = true;
+                        }
                         work.fail(error, retryable);
                     } else {
                         work.touched = true;
@@ -198,7 +211,9 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     .map(|(_, w)| w);
                 Self::call_failed(e, Operation::RoleSync.name(), affected).map(Stop::Marketo)
             }
-        }
+        };
+        self.forget_leads(&gone).await;
+        stop
     }
 
     /// Records each record's roles about to be sent (with what was planned before and not yet

@@ -106,6 +106,116 @@ async fn leads_found_are_reused_and_only_missing_ones_are_created() {
     assert!(leads.contains(&ada) && leads.contains(&barbara), "{:?}", holds.roles);
 }
 
+/// Lead calls made since the calls numbered `since`, by endpoint.
+fn lead_calls(mk: &MemoryMarketo, since: usize) -> Vec<&'static str> {
+    mk.holds().calls[since..]
+        .iter()
+        .copied()
+        .filter(|c| c.starts_with("leads."))
+        .collect()
+}
+
+/// Opportunity 2 again under another id: the same contact customer (Ada) and stakeholders.
+fn another_opportunity_for_the_same_contacts(dv: &MemoryDataverse, n: u64) {
+    let mut row = rows("opportunities.json")
+        .into_iter()
+        .find(|r| r["opportunityid"] == o(2).as_str())
+        .unwrap();
+    row["opportunityid"] = json!(o(n));
+    row["name"] = json!(format!("Opportunity {n}"));
+    dv.upsert_opportunity(row);
+}
+
+#[tokio::test]
+async fn an_existing_lead_is_never_changed_and_a_contact_seen_before_costs_no_lead_call() {
+    let (dv, mk) = (dataverse(&[2]), MemoryMarketo::default());
+    // Ada's lead exists, and a Marketo user edited her first name.
+    let ada = mk.add_lead(json!({"email": "ada@contoso.example", "firstName": "Countess"}));
+    let p = pipeline(&dv, &mk);
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    // One creation call (Barbara created, Ada skipped as existing), one lookup (Ada found).
+    assert_eq!(lead_calls(&mk, 0), ["leads.sync", "leads.query"]);
+    let holds = mk.holds();
+    assert_eq!(
+        holds.leads[&ada]["firstName"],
+        json!("Countess"),
+        "an existing lead was changed"
+    );
+    assert!(holds.roles.keys().any(|k| k.lead_id == ada), "{:?}", holds.roles);
+    // A new opportunity for the same contacts: their leads are remembered, no lead call.
+    let since = mk.holds().calls.len();
+    another_opportunity_for_the_same_contacts(&dv, 20);
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    assert_eq!(lead_calls(&mk, since), Vec::<&str>::new());
+    let holds = mk.holds();
+    assert_eq!(holds.leads.len(), 2, "{:?}", holds.leads);
+    assert!(
+        holds
+            .roles
+            .keys()
+            .any(|k| k.external_opportunity_id == o(20) && k.lead_id == ada),
+        "{:?}",
+        holds.roles
+    );
+}
+
+#[tokio::test]
+async fn new_contacts_cost_one_lead_call_in_all() {
+    let (dv, mk) = (dataverse(&[2]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    sync(&p).await;
+    // Ada and Barbara are both new: one creation returns both ids; no lookup.
+    assert_eq!(lead_calls(&mk, 0), ["leads.sync"]);
+    assert_eq!(mk.holds().leads.len(), 2);
+}
+
+#[tokio::test]
+async fn a_remembered_lead_deleted_in_marketo_is_found_or_created_again() {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let (dv, mk) = (dataverse(&[2]), MemoryMarketo::default());
+    let clock = std::sync::Arc::new(AtomicI64::new(1_800_000_000_000));
+    let now = clock.clone();
+    let p = pipeline(&dv, &mk).with_clock(std::sync::Arc::new(move || now.load(Ordering::Relaxed)));
+    sync(&p).await;
+    // Past the minute a creation keeps its email locked.
+    clock.fetch_add(61_000, Ordering::Relaxed);
+    let ada = mk
+        .holds()
+        .leads
+        .iter()
+        .find(|(_, f)| f["email"] == json!("ada@contoso.example"))
+        .map(|(id, _)| *id)
+        .unwrap();
+    // A Marketo user deletes Ada's lead (or merges it away).
+    mk.remove_lead(ada);
+    another_opportunity_for_the_same_contacts(&dv, 21);
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    let holds = mk.holds();
+    let again = holds
+        .leads
+        .iter()
+        .find(|(_, f)| f["email"] == json!("ada@contoso.example"))
+        .map(|(id, _)| *id)
+        .expect("Ada's lead created again");
+    assert_ne!(again, ada);
+    assert!(
+        holds
+            .roles
+            .keys()
+            .any(|k| k.external_opportunity_id == o(21) && k.lead_id == again),
+        "{:?}",
+        holds.roles
+    );
+    // Remembered again: the next opportunity costs no lead call.
+    let since = mk.holds().calls.len();
+    another_opportunity_for_the_same_contacts(&dv, 22);
+    sync(&p).await;
+    assert_eq!(lead_calls(&mk, since), Vec::<&str>::new());
+}
+
 #[tokio::test]
 async fn opportunities_and_their_roles_are_written_with_the_customer_as_primary() {
     let (dv, mk) = (dataverse(&[3, 6]), MemoryMarketo::default());

@@ -89,9 +89,9 @@ impl MarketoPort for Hooked {
         self.run("leads.query").await;
         self.inner.query_leads(field, values, fields).await
     }
-    async fn upsert_leads(&self, lookup_field: &str, leads: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+    async fn create_leads(&self, lookup_field: &str, leads: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
         self.run("leads.sync").await;
-        self.inner.upsert_leads(lookup_field, leads).await
+        self.inner.create_leads(lookup_field, leads).await
     }
     fn set_calls_today(&self, calls: u64) {
         self.inner.set_calls_today(calls)
@@ -249,6 +249,15 @@ impl StateStore for Hooks {
     }
     async fn linked_opportunities(&self, connections: &[String]) -> Result<Vec<OpportunityId>, StateError> {
         self.inner.linked_opportunities(connections).await
+    }
+    async fn remember_leads(&self, leads: &[(String, i64)]) -> Result<(), StateError> {
+        self.inner.remember_leads(leads).await
+    }
+    async fn known_leads(&self, keys: &[String]) -> Result<std::collections::HashMap<String, i64>, StateError> {
+        self.inner.known_leads(keys).await
+    }
+    async fn forget_leads(&self, keys: &[String]) -> Result<(), StateError> {
+        self.inner.forget_leads(keys).await
     }
 }
 

@@ -220,6 +220,84 @@ pub struct Snapshot {
     pub leads: Vec<SimLead>,
 }
 
+/// The honest minimum of calls between two snapshots: every record Marketo came to hold (new
+/// or changed) written once, every record it lost deleted once, 300 records a call per object
+/// type and direction. For an initial sync that is ⌈opportunities/300⌉ + ⌈companies/300⌉ +
+/// ⌈leads/300⌉ + ⌈roles/300⌉.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Minimum {
+    /// By object type: (records written, records deleted).
+    pub by_object: BTreeMap<&'static str, (u64, u64)>,
+}
+
+impl Minimum {
+    pub fn calls(&self) -> u64 {
+        self.by_object
+            .values()
+            .map(|(written, deleted)| written.div_ceil(300) + deleted.div_ceil(300))
+            .sum()
+    }
+}
+
+impl Snapshot {
+    /// The fewest calls that could take Marketo from `before` to this snapshot.
+    pub fn minimum_since(&self, before: &Snapshot) -> Minimum {
+        // What Marketo stamps itself is not what a write carries.
+        fn same(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
+            let carried = |m: &Map<String, Value>| -> BTreeMap<String, Value> {
+                m.iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "marketoGUID" | "updatedAt" | "createdAt" | "id"))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            };
+            carried(a) == carried(b)
+        }
+        fn diff<K: Ord>(
+            before: &BTreeMap<K, &Map<String, Value>>,
+            after: &BTreeMap<K, &Map<String, Value>>,
+        ) -> (u64, u64) {
+            let written = after
+                .iter()
+                .filter(|(k, v)| before.get(*k).is_none_or(|b| !same(b, v)))
+                .count();
+            let deleted = before.keys().filter(|k| !after.contains_key(*k)).count();
+            (written as u64, deleted as u64)
+        }
+        fn by_key(m: &BTreeMap<String, Map<String, Value>>) -> BTreeMap<String, &Map<String, Value>> {
+            m.iter().map(|(k, v)| (k.clone(), v)).collect()
+        }
+        fn leads(s: &Snapshot) -> BTreeMap<i64, &Map<String, Value>> {
+            s.leads.iter().map(|l| (l.id, &l.fields)).collect()
+        }
+        let roles = |s: &Snapshot| -> BTreeMap<(String, i64, String), bool> {
+            s.roles
+                .iter()
+                .map(|r| {
+                    (
+                        (r.external_opportunity_id.clone(), r.lead_id, r.role.clone()),
+                        r.is_primary,
+                    )
+                })
+                .collect()
+        };
+        let (roles_before, roles_after) = (roles(before), roles(self));
+        let roles_written = roles_after
+            .iter()
+            .filter(|(k, p)| roles_before.get(*k) != Some(*p))
+            .count() as u64;
+        let roles_deleted = roles_before.keys().filter(|k| !roles_after.contains_key(*k)).count() as u64;
+        let mut by_object = BTreeMap::new();
+        by_object.insert(
+            "opportunities",
+            diff(&by_key(&before.opportunities), &by_key(&self.opportunities)),
+        );
+        by_object.insert("companies", diff(&by_key(&before.companies), &by_key(&self.companies)));
+        by_object.insert("leads", diff(&leads(before), &leads(self)));
+        by_object.insert("roles", (roles_written, roles_deleted));
+        Minimum { by_object }
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     calls: BTreeMap<Operation, u64>,

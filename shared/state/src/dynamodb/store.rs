@@ -733,6 +733,18 @@ impl StateStore for DynamoStore {
     async fn linked_opportunities(&self, connections: &[String]) -> Result<Vec<OpportunityId>, StateError> {
         self.get_links(connections).await
     }
+
+    async fn remember_leads(&self, leads: &[(String, i64)]) -> Result<(), StateError> {
+        self.put_leads(leads).await
+    }
+
+    async fn known_leads(&self, keys: &[String]) -> Result<HashMap<String, i64>, StateError> {
+        self.get_leads(keys).await
+    }
+
+    async fn forget_leads(&self, keys: &[String]) -> Result<(), StateError> {
+        self.delete_leads(keys).await
+    }
 }
 
 /// Back to pending at the current version, unclaimed, its wait and attempts reset; Dynamics is

@@ -3,10 +3,12 @@
 //! Each trait method is one SQLite transaction on one connection behind a mutex, so every guard
 //! holds within the process; WAL lets `oppsync status` read while a sync writes.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use oppsync_mapping::{OpportunityId, WrittenRole};
+use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::{
@@ -43,6 +45,7 @@ CREATE TABLE IF NOT EXISTS completions (minute INTEGER PRIMARY KEY, n INTEGER NO
 CREATE TABLE IF NOT EXISTS marketo_calls (day TEXT PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS links (connection TEXT PRIMARY KEY, opportunity TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS leads (key TEXT PRIMARY KEY, lead_id INTEGER NOT NULL);
 ";
 
 const COLUMNS: &str = "id, status, version, deleted, modified_on, plan, written, attempts, \
@@ -113,6 +116,26 @@ impl SqliteStore {
     }
 
     /// Runs `f` on the connection on the blocking pool.
+    /// Runs one statement once per row of parameters, all in one transaction.
+    async fn execute_all(&self, statement: &'static str, rows: Vec<Vec<SqlValue>>) -> Result<(), StateError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.run(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql)?;
+            {
+                let mut stmt = tx.prepare_cached(statement).map_err(sql)?;
+                for row in rows {
+                    stmt.execute(rusqlite::params_from_iter(row)).map_err(sql)?;
+                }
+            }
+            tx.commit().map_err(sql)
+        })
+        .await
+    }
+
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static,

@@ -609,24 +609,14 @@ impl StateStore for SqliteStore {
     }
 
     async fn remember_links(&self, links: &[(String, OpportunityId)]) -> Result<(), StateError> {
-        let links: Vec<(String, String)> = links
+        let rows: Vec<Vec<SqlValue>> = links
             .iter()
-            .map(|(c, o)| (c.to_ascii_lowercase(), o.to_string()))
+            .map(|(c, o)| vec![SqlValue::Text(c.to_ascii_lowercase()), SqlValue::Text(o.to_string())])
             .collect();
-        self.run(move |c| {
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql)?;
-            {
-                let mut stmt = tx
-                    .prepare_cached("INSERT OR REPLACE INTO links (connection, opportunity) VALUES (?1, ?2)")
-                    .map_err(sql)?;
-                for (connection, opportunity) in &links {
-                    stmt.execute(params![connection, opportunity]).map_err(sql)?;
-                }
-            }
-            tx.commit().map_err(sql)
-        })
+        self.execute_all(
+            "INSERT OR REPLACE INTO links (connection, opportunity) VALUES (?1, ?2)",
+            rows,
+        )
         .await
     }
 
@@ -652,5 +642,37 @@ impl StateStore for SqliteStore {
             Ok(out.into_iter().collect())
         })
         .await
+    }
+
+    async fn remember_leads(&self, leads: &[(String, i64)]) -> Result<(), StateError> {
+        let rows: Vec<Vec<SqlValue>> = leads
+            .iter()
+            .map(|(k, id)| vec![SqlValue::Text(k.clone()), SqlValue::Integer(*id)])
+            .collect();
+        self.execute_all("INSERT OR REPLACE INTO leads (key, lead_id) VALUES (?1, ?2)", rows)
+            .await
+    }
+
+    async fn known_leads(&self, keys: &[String]) -> Result<HashMap<String, i64>, StateError> {
+        let keys = keys.to_vec();
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT lead_id FROM leads WHERE key = ?1")
+                .map_err(sql)?;
+            let mut out = HashMap::new();
+            for key in keys {
+                let found: Option<i64> = stmt.query_row(params![key], |r| r.get(0)).optional().map_err(sql)?;
+                if let Some(id) = found {
+                    out.insert(key, id);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn forget_leads(&self, keys: &[String]) -> Result<(), StateError> {
+        let rows: Vec<Vec<SqlValue>> = keys.iter().map(|k| vec![SqlValue::Text(k.clone())]).collect();
+        self.execute_all("DELETE FROM leads WHERE key = ?1", rows).await
     }
 }

@@ -1,5 +1,6 @@
 //! The conformance suite: what every [`StateStore`] must do. Each test takes a fresh store.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use oppsync_mapping::{
@@ -703,6 +704,26 @@ pub async fn a_bad_page_token_is_a_clear_error<S: StateStore>(store: S) {
     let err = store.list(Status::Failed, 10, Some("not a token")).await.unwrap_err();
     assert!(matches!(err, StateError::BadPageToken(_)), "{err}");
     assert!(err.to_string().contains("start the listing again"), "{err}");
+}
+
+/// GIVEN leads remembered for two keys, one of them remembered again with another id
+/// WHEN keys are looked up with an unknown one among them, then one is forgotten
+/// THEN each known key yields its latest lead id, the unknown one nothing, the forgotten one
+/// nothing after.
+pub async fn a_remembered_lead_is_known_until_forgotten<S: StateStore>(store: S) {
+    let (a, b, c) = ("lead#aaaa".to_owned(), "lead#bbbb".to_owned(), "lead#cccc".to_owned());
+    store.remember_leads(&[(a.clone(), 11), (b.clone(), 22)]).await.unwrap();
+    store.remember_leads(&[(b.clone(), 23)]).await.unwrap();
+    let known = store.known_leads(&[a.clone(), b.clone(), c.clone()]).await.unwrap();
+    assert_eq!(known, HashMap::from([(a.clone(), 11), (b.clone(), 23)]));
+    store.forget_leads(std::slice::from_ref(&a)).await.unwrap();
+    let known = store.known_leads(&[a.clone(), b.clone()]).await.unwrap();
+    assert_eq!(known, HashMap::from([(b.clone(), 23)]));
+    // Many keys at once: more than one request's worth on DynamoDB.
+    let many: Vec<(String, i64)> = (0..130).map(|i| (format!("lead#{i:04}"), i)).collect();
+    store.remember_leads(&many).await.unwrap();
+    let keys: Vec<String> = many.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(store.known_leads(&keys).await.unwrap().len(), 130);
 }
 
 /// GIVEN links remembered for two connections (one remembered twice, case differing)
