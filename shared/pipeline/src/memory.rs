@@ -157,6 +157,17 @@ impl MemoryDataverse {
         guard(&self.0).hidden.insert(id.to_ascii_lowercase());
     }
 
+    /// Creates or replaces a connection row; the change feed reports it.
+    pub fn upsert_connection(&self, row: Value) {
+        let mut t = guard(&self.0);
+        let id = key_of(EntitySet::Connections, &row);
+        t.changed
+            .entry(EntitySet::Connections)
+            .or_default()
+            .insert(id.clone(), Some(row.clone()));
+        t.connections.insert(id, row);
+    }
+
     /// Deletes a connection row; the change feed reports the deletion.
     pub fn delete_connection(&self, id: &str) {
         let mut t = guard(&self.0);

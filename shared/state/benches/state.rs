@@ -68,6 +68,7 @@ async fn run<S: StateStore>(store: S, n: u64, phase: Phase) -> Duration {
             roles: vec![],
             deleted: false,
             at: now,
+            sent: None,
         };
         store
             .complete_write(&claim, WriteResult::Synced(written), now)

@@ -184,6 +184,22 @@ pub struct Written {
     /// The opportunity was deleted from Marketo.
     pub deleted: bool,
     pub at: Millis,
+    /// What that write left in Marketo, part by part (none after a partial write or a deletion:
+    /// the next write sends everything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent: Option<Sent>,
+}
+
+/// Hashes of the parts a complete write left in Marketo: the next write of the record sends
+/// only the parts whose hash changed (an opportunity is not sent again because a role changed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    /// The opportunity's fields.
+    pub opportunity: u64,
+    /// The company record, when there is one.
+    pub company: Option<u64>,
+    /// Each role (its contact, role name, primary flag and the contact's lead key), sorted.
+    pub roles: Vec<u64>,
 }
 
 /// Why an opportunity failed: the operation, the Marketo or Dataverse code, the message.

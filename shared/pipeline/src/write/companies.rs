@@ -7,6 +7,11 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let mut records: Vec<Value> = Vec::new();
         let mut seen = BTreeSet::new();
         for work in works.iter_mut().filter(|w| w.ok()) {
+            if !work.sends_company() {
+                // In Marketo as planned since the record's last write.
+                work.company_done = true;
+                continue;
+            }
             if let Action::Upsert(desired) = &work.plan.action
                 && let Some(company) = &desired.company
                 && !fresh

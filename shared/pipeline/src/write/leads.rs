@@ -61,7 +61,14 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let mut contact_key: HashMap<ContactId, String> = HashMap::new();
         for work in works.iter().filter(|w| w.ok()) {
             if let Action::Upsert(desired) = &work.plan.action {
-                for lead in &desired.leads {
+                // Only the leads of roles this write sends.
+                let needed: BTreeSet<ContactId> = desired
+                    .roles
+                    .iter()
+                    .filter(|r| work.sends_role(r.contact, &r.role))
+                    .map(|r| r.contact)
+                    .collect();
+                for lead in desired.leads.iter().filter(|l| needed.contains(&l.contact)) {
                     if let Some(key) = key_of(lead) {
                         contact_key.insert(lead.contact, key.clone());
                         leads.entry(key).or_insert_with(|| lead.clone());

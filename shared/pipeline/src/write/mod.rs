@@ -6,6 +6,7 @@ mod companies;
 mod deletions;
 mod leads;
 mod opportunities;
+mod sent;
 
 use leads::{LeadId, Resolved};
 
@@ -94,6 +95,12 @@ pub(crate) struct Work {
     /// write.
     pub(crate) replaced: Vec<RoleKey>,
     pub(crate) guid: Option<String>,
+    /// The plan's parts, hashed (an upsert's).
+    pub(crate) parts: Option<sent::Parts>,
+    /// What the last complete write left in Marketo; none when everything is sent.
+    pub(crate) previous: Option<oppsync_state::Sent>,
+    /// Hashes of the planned roles now in Marketo as planned.
+    pub(crate) in_marketo: BTreeSet<u64>,
     pub(crate) company_done: bool,
     pub(crate) touched: bool,
     pub(crate) answers: Vec<Answer>,
@@ -191,28 +198,35 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             };
             match claimed {
                 Some((claim, state)) => match state.plan.clone() {
-                    Some(plan) => works.push(Work {
-                        // What Marketo may hold: the roles written, and those planned by a write
-                        // that never recorded its outcome.
-                        roles: state
-                            .written
-                            .iter()
-                            .flat_map(|w| w.roles.iter())
-                            .chain(state.planned.iter())
-                            .map(|r| ((r.contact, r.role.clone()), r.lead_id))
-                            .collect(),
-                        guid: state.written.as_ref().and_then(|w| w.marketo_guid.clone()),
-                        claim,
-                        state,
-                        plan,
-                        error: None,
-                        paused: false,
-                        lost: false,
-                        soft_error: None,
-                        replaced: Vec::new(),
-                        company_done: false,
-                        touched: false,
-                        answers: Vec::new(),
+                    Some(plan) => works.push({
+                        let (parts, previous, in_marketo) =
+                            sent::parts_and_previous(&plan, &state, &self.config.mapping.lead_match, fresh);
+                        Work {
+                            // What Marketo may hold: the roles written, and those planned by a write
+                            // that never recorded its outcome.
+                            roles: state
+                                .written
+                                .iter()
+                                .flat_map(|w| w.roles.iter())
+                                .chain(state.planned.iter())
+                                .map(|r| ((r.contact, r.role.clone()), r.lead_id))
+                                .collect(),
+                            guid: state.written.as_ref().and_then(|w| w.marketo_guid.clone()),
+                            parts,
+                            previous,
+                            in_marketo,
+                            claim,
+                            state,
+                            plan,
+                            error: None,
+                            paused: false,
+                            lost: false,
+                            soft_error: None,
+                            replaced: Vec::new(),
+                            company_done: false,
+                            touched: false,
+                            answers: Vec::new(),
+                        }
                     }),
                     None => {
                         let error = sync_error("write", "no-plan", "a ready record without a stored plan; resync it");
@@ -377,7 +391,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 lead_id: *lead_id,
             })
             .collect();
-        let written = |hash: PlanHash, deleted: bool| Written {
+        let written = |hash: PlanHash, deleted: bool, complete: bool| Written {
             version: work.plan.source_version.unwrap_or(work.claim.version),
             hash,
             marketo_guid: if deleted { None } else { work.guid.clone() },
@@ -388,6 +402,11 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             roles: roles.clone(),
             deleted,
             at: self.now(),
+            // Only a complete write says what Marketo holds part by part.
+            sent: match &work.parts {
+                Some(parts) if complete && !deleted => Some(parts.sent(&work.in_marketo)),
+                _ => None,
+            },
         };
         let failure: Option<(&SyncError, bool)> = match (&work.error, &work.soft_error) {
             (Some((error, retryable)), _) => Some((error, *retryable)),
@@ -396,7 +415,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         };
         let Some((error, retryable)) = failure else {
             return (
-                WriteResult::Synced(written(work.plan.hash, deleting)),
+                WriteResult::Synced(written(work.plan.hash, deleting, true)),
                 if deleting { Wrote::Deleted } else { Wrote::Synced },
             );
         };
@@ -406,6 +425,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             written(
                 previous.map_or(PlanHash(0), |w| w.hash),
                 previous.is_some_and(|w| w.deleted),
+                false,
             )
         });
         let now = self.now();

@@ -27,9 +27,11 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             }
         };
 
+        // Only opportunities whose fields changed since the record's last write.
+        let sending = |w: &Work| w.ok() && matches!(w.plan.action, Action::Upsert(_)) && w.sends_opportunity();
         let records: Vec<Value> = works
             .iter()
-            .filter(|w| w.ok())
+            .filter(|w| sending(w))
             .filter_map(|w| match &w.plan.action {
                 Action::Upsert(d) => Some(Value::Object(d.opportunity.clone().into_iter().collect())),
                 _ => None,
@@ -39,10 +41,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             match self.marketo.sync_opportunities(&records).await {
                 Ok(outcomes) => {
                     let mut outcomes = outcomes.into_iter();
-                    for work in works
-                        .iter_mut()
-                        .filter(|w| w.ok() && matches!(w.plan.action, Action::Upsert(_)))
-                    {
+                    for work in works.iter_mut().filter(|w| sending(w)) {
                         let Some(outcome) = outcomes.next() else { break };
                         work.answers.push(Answer {
                             operation: Operation::OpportunitySync.name(),
@@ -61,9 +60,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     }
                 }
                 Err(e) => {
-                    let affected = works
-                        .iter_mut()
-                        .filter(|w| w.ok() && matches!(w.plan.action, Action::Upsert(_)));
+                    let affected = works.iter_mut().filter(|w| sending(w));
                     if let Some(stop) = Self::call_failed(e, Operation::OpportunitySync.name(), affected) {
                         return Some(Stop::Marketo(stop));
                     }
@@ -89,6 +86,10 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             let mut hard: Option<(SyncError, bool)> = None;
             let mut waiting: Option<SyncError> = None;
             for role in &desired.roles {
+                if !work.sends_role(role.contact, &role.role) {
+                    // In Marketo as planned since the record's last write.
+                    continue;
+                }
                 match leads.by_contact.get(&role.contact) {
                     Some(LeadId::Found(lead_id)) => {
                         roles.push(RoleRecord {
@@ -178,6 +179,11 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     });
                     if outcome.is_skipped() {
                         let (error, mut retryable) = skip_error(Operation::RoleSync.name(), &outcome);
+                        // The opportunity, not sent because unchanged, is gone from Marketo (a
+                        // user deleted it): the next try sends everything.
+                        if outcome.code() == Some(NOT_FOUND) && !work.sends_opportunity() {
+                            retryable = true;
+                        }
                         // A remembered lead Marketo no longer has (deleted, merged away): forget
                         // it, and the next try finds or creates the contact's lead again.
                         if outcome.code().is_some_and(|c| LEAD_GONE_CODES.contains(&c))
@@ -189,6 +195,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         work.fail(error, retryable);
                     } else {
                         work.touched = true;
+                        work.role_sent(contact, &role);
                         // The role was on another lead before: that one goes (deletions step).
                         if let Some(Some(old)) = work.roles.insert((contact, role), Some(record.key.lead_id))
                             && old != record.key.lead_id

@@ -245,6 +245,75 @@ async fn opportunities_and_their_roles_are_written_with_the_customer_as_primary(
     );
 }
 
+/// The calls made since the calls numbered `since`.
+fn calls_since(mk: &MemoryMarketo, since: usize) -> Vec<&'static str> {
+    mk.holds().calls[since..].to_vec()
+}
+
+#[tokio::test]
+async fn an_incremental_write_sends_only_the_parts_that_changed() {
+    let (dv, mk) = (dataverse(&[6]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    sync(&p).await;
+    let roles = mk.holds().roles.clone();
+    // The amount changes: the opportunity alone is sent; its company, leads and roles are in
+    // Marketo as planned.
+    let mut row = rows("opportunities.json")
+        .into_iter()
+        .find(|r| r["opportunityid"] == o(6).as_str())
+        .unwrap();
+    row["estimatedvalue"] = json!(123_456.0);
+    row["versionnumber"] = json!(row["versionnumber"].as_i64().unwrap_or(1) + 1);
+    dv.upsert_opportunity(row);
+    let since = mk.holds().calls.len();
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    assert_eq!(calls_since(&mk, since), ["opportunities.sync"]);
+    let holds = mk.holds();
+    assert_eq!(holds.opportunities[&o(6)]["amount"], json!(123_456.0));
+    assert_eq!(holds.roles, roles);
+    // A stakeholder goes: its role is deleted; the opportunity, unchanged, is not sent.
+    let edsger: Vec<Value> = rows("connections.json")
+        .into_iter()
+        .filter(|c| {
+            [
+                "e0000000-0000-4000-8000-000000000010",
+                "e0000000-0000-4000-8000-000000000011",
+            ]
+            .contains(&c["connectionid"].as_str().unwrap_or_default())
+        })
+        .collect();
+    assert_eq!(edsger.len(), 2);
+    dv.delete_connection("e0000000-0000-4000-8000-000000000010");
+    dv.delete_connection("e0000000-0000-4000-8000-000000000011");
+    let since = mk.holds().calls.len();
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    assert_eq!(calls_since(&mk, since), ["roles.delete"]);
+    assert_eq!(mk.holds().roles.len(), roles.len() - 1);
+    // The stakeholder comes back: one role sent, on the remembered lead; nothing else.
+    for row in edsger {
+        dv.upsert_connection(row);
+    }
+    let since = mk.holds().calls.len();
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    assert_eq!(calls_since(&mk, since), ["roles.sync"]);
+    assert_eq!(mk.holds().roles, roles);
+    // A resync writes everything again (it is how a user repairs Marketo).
+    let since = mk.holds().calls.len();
+    let report = p
+        .resync(ResyncTarget::Ids(vec![OpportunityId::parse(&o(6)).unwrap()]), false)
+        .await
+        .unwrap();
+    assert!(report.stopped.is_none(), "{report:?}");
+    let resent = calls_since(&mk, since);
+    assert!(
+        resent.contains(&"opportunities.sync") && resent.contains(&"roles.sync"),
+        "{resent:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_removed_stakeholder_has_its_role_deleted() {
     let (dv, mk) = (dataverse(&[6]), MemoryMarketo::default());

@@ -52,6 +52,7 @@ fn written(version: i64, roles: Vec<WrittenRole>) -> Written {
         roles,
         deleted: false,
         at: T0,
+        sent: None,
     }
 }
 
@@ -412,6 +413,29 @@ pub async fn a_write_marks_synced_and_records_what_marketo_holds<S: StateStore>(
     );
     assert_eq!(state.written, Some(w));
     assert_eq!(state.claim_until, None);
+}
+
+/// GIVEN a complete write that records what it sent, part by part
+/// WHEN the record is read back
+/// THEN the parts are there as written (the next write compares against them).
+pub async fn what_a_write_sent_is_kept_part_by_part<S: StateStore>(store: S) {
+    to_ready(&store, 1, 7, T0).await;
+    let (claim, _) = store.claim(id(1), Status::Ready, TTL, T0 + 1).await.unwrap().unwrap();
+    let sent = oppsync_state::Sent {
+        opportunity: u64::MAX,
+        company: Some(7),
+        roles: vec![1, 2, 3],
+    };
+    let w = Written {
+        sent: Some(sent.clone()),
+        ..written(7, vec![])
+    };
+    store
+        .complete_write(&claim, WriteResult::Synced(w), T0 + 2)
+        .await
+        .unwrap();
+    let state = store.get(id(1)).await.unwrap().unwrap();
+    assert_eq!(state.written.unwrap().sent, Some(sent));
 }
 
 pub async fn a_deletion_write_marks_the_record_deleted<S: StateStore>(store: S) {

@@ -90,6 +90,7 @@ async fn items_carry_the_status_the_stream_filters_match_and_leave_the_open_inde
         roles: vec![],
         deleted: false,
         at: 1_003,
+        sent: None,
     };
     store
         .complete_write(&claim, WriteResult::Synced(written), 1_003)

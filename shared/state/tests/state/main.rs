@@ -54,6 +54,7 @@ for_both_stores!(
     a_bad_page_token_is_a_clear_error,
     a_deleted_connection_is_traced_back_to_its_opportunity,
     a_remembered_lead_is_known_until_forgotten,
+    what_a_write_sent_is_kept_part_by_part,
     a_retried_write_waits_until_woken_and_a_paused_one_counts_no_attempt,
     a_resync_requeues_and_claims_in_one_step_so_no_transformer_takes_it_between,
     a_claim_is_renewed_only_while_held_and_a_released_one_is_free_at_once,
