@@ -244,23 +244,27 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     );
 
     if args.limits {
-        // The ceiling the budget allows: its calls per second, spent at the minimum calls per
-        // opportunity. The budget is a rate and a number of calls at once; when each call takes
-        // long enough, the calls at once bound it first (5 at once at 5 s a call is 1 call/s).
-        let budget_calls_per_s = budget.calls_per_window as f64 / budget.window.as_secs_f64();
-        let at_once_calls_per_s = if args.latency_ms > 0 {
-            budget.concurrency as f64 * 1000.0 / args.latency_ms as f64
-        } else {
-            f64::INFINITY
-        };
-        let ceiling_calls_per_s = budget_calls_per_s.min(at_once_calls_per_s);
-        let bound = if at_once_calls_per_s < budget_calls_per_s {
+        // The ceiling the budget allows: the shortest time in which the minimum calls could be
+        // made under it. The budget is a number of calls per sliding window and a number at
+        // once: a window's calls may start together, the next window's only when it slides;
+        // and no more than the calls at once are in flight, each taking the latency. (A
+        // steady-state rate alone would let a run shorter than one window pass 100%.)
+        let latency = args.latency_ms as f64 / 1000.0;
+        let window = budget.window.as_secs_f64();
+        let per_window = budget.calls_per_window.max(1) as f64;
+        let at_once = budget.concurrency.max(1) as f64;
+        let least = minimum.max(1) as f64;
+        let by_rate = ((least - 1.0) / per_window).floor() * window + latency;
+        let by_at_once = (least / at_once).ceil() * latency;
+        let shortest = by_rate.max(by_at_once).max(0.001);
+        let bound = if by_at_once >= by_rate {
             format!("{} calls at once at {} ms a call", budget.concurrency, args.latency_ms)
         } else {
             format!("{} calls / {} s", budget.calls_per_window, budget.window.as_secs())
         };
-        let ceiling = ceiling_calls_per_s * n as f64 / minimum.max(1) as f64;
+        let ceiling = n as f64 / shortest;
         let fraction = rate / ceiling;
+        let ceiling_calls_per_s = least / shortest;
         let calls_per_s = calls as f64 / initial_time.as_secs_f64().max(0.001);
         report["limits"] = json!({
             "budget_calls_per_20s": budget.calls_per_window,

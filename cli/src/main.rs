@@ -94,7 +94,13 @@ fn main() -> ExitCode {
         Command::Demo(_) | Command::Bench(_) | Command::Simulate(_) => "error",
         _ => "warn",
     });
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The SQLite store works on one connection, so more than a few blocking threads only wait;
+    // each thread that allocates gets its own malloc arena, and idle arenas are peak memory.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: could not start the async runtime: {e}");

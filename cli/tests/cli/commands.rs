@@ -347,6 +347,26 @@ async fn bench_reports_calls_against_the_minimum_memory_and_the_incremental_roun
         report["initial"]["marketo_calls"].as_u64().unwrap() >= report["initial"]["marketo_minimum"].as_u64().unwrap()
     );
     assert!(report["peak_memory_bytes"].as_u64().unwrap() > 1_000_000);
+    // The incremental round against its own minimum: only what changed is written.
+    let incremental = report["incremental"]["marketo_ratio"].as_f64().unwrap();
+    assert!(incremental <= 1.05, "{report}");
+    // A run shorter than the budget's window cannot pass the ceiling (it once said 1311%).
+    let short = oppsync(
+        &[
+            "bench",
+            "--limits",
+            "--latency-ms",
+            "50",
+            "--opportunities",
+            "300",
+            "--json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(short.code, 0, "{short:?}");
+    let fraction = short.json()["limits"]["fraction_of_ceiling"].as_f64().unwrap();
+    assert!(fraction > 0.0 && fraction <= 1.0, "{fraction}");
     let bad = oppsync(&["bench", "--opportunities", "10"], &[]).await;
     assert_eq!(bad.code, 2, "{bad:?}");
 }
