@@ -37,7 +37,9 @@ pub async fn run(args: ResyncArgs) -> Result<ExitCode, CliError> {
     };
     let target = request.target().map_err(CliError::Usage)?;
     with_pipeline!(&args.state, |pipeline| {
-        let report = pipeline.resync(target, args.dry_run).await.map_err(fatal)?;
+        let report = pipeline.resync(target, args.dry_run).await;
+        pipeline.leave_budget().await;
+        let report = report.map_err(fatal)?;
         let failed = report
             .records
             .iter()

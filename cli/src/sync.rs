@@ -81,7 +81,10 @@ pub async fn cycle<S: StateStore>(pipeline: &Pipeline<S>) -> Result<ExitCode, Cl
             break;
         }
     }
-    let report: DrainReport = pipeline.drain(|_, _| {}).await.map_err(fatal)?;
+    let report = pipeline.drain(|_, _| {}).await;
+    // Done writing: the other processes on this table take the whole budget again.
+    pipeline.leave_budget().await;
+    let report: DrainReport = report.map_err(fatal)?;
     println!(
         "sync: {changes} changes read; {} written, {} unchanged or filtered, {} failed, {} left for retry; {:.1} s",
         report.written,

@@ -3,6 +3,7 @@
 
 mod api_docs;
 mod bad_input;
+mod budget;
 mod chaos;
 mod e2e;
 mod lambda_events;

@@ -319,23 +319,14 @@ fn the_stream_consumers_report_partial_failures_bisect_retry_and_dead_letter() {
 }
 
 #[test]
-fn every_writer_concurrency_has_a_budget_share_that_counts_the_resync_too() {
+fn no_function_is_given_a_fixed_split_of_the_budget() {
+    // The writers, the resync function and any oppsync command on the table share the budget
+    // through the state table (each takes 1/members, counted before every call); a fixed split
+    // by reserved concurrency would divide it twice.
     let t = template::load();
-    let allowed = t["Parameters"]["WriterConcurrency"]["AllowedValues"]
-        .as_array()
-        .unwrap();
-    for value in allowed {
-        let writers: u32 = value.as_str().unwrap().parse().unwrap();
-        let share: u32 = t["Mappings"]["BudgetShare"][value.as_str().unwrap()]["Share"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let resync = t["Resources"]["ResyncFunction"]["Properties"]["ReservedConcurrentExecutions"]
-            .as_u64()
-            .unwrap() as u32;
-        assert_eq!(share, writers + resync, "WriterConcurrency {writers}");
-    }
+    assert!(t["Mappings"]["BudgetShare"].is_null());
+    let text = std::fs::read_to_string(oppsync_tests::repo_root().join("template.yaml")).unwrap();
+    assert!(!text.contains("MARKETO_BUDGET_SHARE"));
 }
 
 #[test]

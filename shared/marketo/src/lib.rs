@@ -21,10 +21,10 @@ mod operation;
 mod settings;
 
 pub use client::{
-    FieldDescription, LeadRecord, MarketoClient, ObjectDescription, Preflight, RecordOutcome, RecordStatus, RoleKey,
-    RoleRecord,
+    CallLedger, FieldDescription, LeadRecord, MarketoClient, ObjectDescription, Preflight, RecordOutcome, RecordStatus,
+    RoleKey, RoleRecord, Taken,
 };
 pub use error::{Disposition, ErrorClass, MarketoError, Reason, classify};
-pub use limiter::{Limiter, LimiterSettings, LimitsConfig};
+pub use limiter::{Limiter, LimiterSettings, LimitsConfig, Permit};
 pub use operation::Operation;
 pub use settings::{MarketoSettings, Secret, SettingsError};

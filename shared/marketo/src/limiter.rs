@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// How much of the instance's shared limits this integration may use.
@@ -27,12 +27,40 @@ impl Default for LimiterSettings {
     }
 }
 
-/// Shared by every call of a process (clone it; clones share the limits).
+/// Shared by every call of a process (clone it; clones share the limits). Its share of the
+/// settings can change while it runs: with `n` processes writing to one instance, each takes
+/// 1/n of the calls per window and of the calls at once (at least one of each).
 #[derive(Clone, Debug)]
 pub struct Limiter {
     settings: LimiterSettings,
-    sent: Arc<Mutex<VecDeque<Instant>>>,
-    in_flight: Arc<Semaphore>,
+    state: Arc<Mutex<State>>,
+    freed: Arc<Notify>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sent: VecDeque<Instant>,
+    in_flight: usize,
+    /// How many processes share the settings (1: this one alone).
+    sharers: usize,
+}
+
+/// A call's place among the calls at once, given back when the call returns.
+#[derive(Debug)]
+pub struct Permit {
+    state: Arc<Mutex<State>>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        lock(&self.state).in_flight -= 1;
+        self.freed.notify_waiters();
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Limiter {
@@ -44,43 +72,79 @@ impl Limiter {
         };
         Limiter {
             settings,
-            sent: Arc::new(Mutex::new(VecDeque::new())),
-            in_flight: Arc::new(Semaphore::new(settings.concurrency)),
+            state: Arc::new(Mutex::new(State {
+                sharers: 1,
+                ..State::default()
+            })),
+            freed: Arc::new(Notify::new()),
         }
     }
 
+    /// The settings this process was given (its whole share when it writes alone).
     pub fn settings(&self) -> LimiterSettings {
         self.settings
     }
 
+    /// Shares the settings with `sharers` processes in all (this one included): from the next
+    /// call on, this process uses 1/`sharers` of each limit.
+    pub fn share_with(&self, sharers: usize) {
+        lock(&self.state).sharers = sharers.max(1);
+        self.freed.notify_waiters();
+    }
+
+    /// The limits in force now: this process's share of the settings.
+    pub fn in_force(&self) -> LimiterSettings {
+        let sharers = lock(&self.state).sharers;
+        LimiterSettings {
+            calls_per_window: (self.settings.calls_per_window / sharers).max(1),
+            concurrency: (self.settings.concurrency / sharers).max(1),
+            window: self.settings.window,
+        }
+    }
+
     /// Waits for a free slot in both limits; the call holds the permit until it returns.
-    pub async fn acquire(&self) -> OwnedSemaphorePermit {
-        let permit = match Arc::clone(&self.in_flight).acquire_owned().await {
-            Ok(p) => p,
-            // The semaphore is never closed.
-            Err(_) => unreachable!("the limiter's semaphore was closed"),
-        };
+    pub async fn acquire(&self) -> Permit {
         loop {
+            // Registered before the check, so a permit freed in between is not missed.
+            let freed = self.freed.notified();
             let wait = {
-                let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+                let limits = self.in_force();
+                let mut state = lock(&self.state);
                 let now = Instant::now();
-                while sent
+                while state
+                    .sent
                     .front()
                     .is_some_and(|t| now.duration_since(*t) >= self.settings.window)
                 {
-                    sent.pop_front();
+                    state.sent.pop_front();
                 }
-                if sent.len() < self.settings.calls_per_window {
-                    sent.push_back(now);
+                if state.in_flight >= limits.concurrency {
                     None
+                } else if state.sent.len() < limits.calls_per_window {
+                    state.sent.push_back(now);
+                    state.in_flight += 1;
+                    return Permit {
+                        state: Arc::clone(&self.state),
+                        freed: Arc::clone(&self.freed),
+                    };
                 } else {
                     // The oldest call leaves the window at front + window.
-                    sent.front().map(|t| *t + self.settings.window - now)
+                    let len = state.sent.len();
+                    state
+                        .sent
+                        .get(len - limits.calls_per_window)
+                        .map(|t| *t + self.settings.window - now)
                 }
             };
             match wait {
-                None => return permit,
-                Some(d) => tokio::time::sleep(d + Duration::from_millis(1)).await,
+                // Every call at once is taken: wait for one to return.
+                None => freed.await,
+                Some(d) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(d + Duration::from_millis(1)) => {}
+                        _ = freed => {}
+                    }
+                }
             }
         }
     }

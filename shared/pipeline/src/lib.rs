@@ -28,6 +28,7 @@ use oppsync_state::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod budget;
 pub mod config;
 pub mod crash;
 mod drain;
@@ -89,19 +90,26 @@ pub struct Pipeline<S, D = DataverseClient, M = MarketoClient> {
     owner: String,
     /// Companies this process has upserted.
     companies: CompanyCache,
+    /// This process among the Marketo budget's members.
+    member: String,
+    /// Whether the Marketo adapter counts its calls in the store (set at the first write).
+    counted: Arc<std::sync::OnceLock<bool>>,
 }
 
 impl<S, D, M> Pipeline<S, D, M> {
     /// A pipeline on the wall clock.
     pub fn new(store: S, dataverse: D, marketo: M, config: Config, owner: impl Into<String>) -> Pipeline<S, D, M> {
+        let owner = owner.into();
         Pipeline {
             store,
             dataverse,
             marketo,
             config: Arc::new(config),
             clock: system_clock(),
-            owner: owner.into(),
+            member: budget::member_name(&owner),
+            owner,
             companies: CompanyCache::default(),
+            counted: Arc::default(),
         }
     }
 
@@ -121,6 +129,9 @@ impl<S, D, M> Pipeline<S, D, M> {
             clock: self.clock,
             owner: self.owner,
             companies: self.companies,
+            member: self.member,
+            // The new adapter has not been given the ledger yet.
+            counted: Arc::default(),
         }
     }
 
@@ -183,6 +194,9 @@ impl<S: Clone, D: Clone, M: Clone> Clone for Pipeline<S, D, M> {
             clock: self.clock.clone(),
             owner: self.owner.clone(),
             companies: self.companies.clone(),
+            // A clone is the same process, on adapters that share their state.
+            member: self.member.clone(),
+            counted: self.counted.clone(),
         }
     }
 }

@@ -592,6 +592,12 @@ impl MarketoPort for MemoryMarketo {
 
     fn set_calls_today(&self, _calls: u64) {}
 
+    fn count_calls_in(&self, _ledger: std::sync::Arc<dyn oppsync_marketo::CallLedger>) -> bool {
+        false
+    }
+
+    fn share_limits_with(&self, _sharers: usize) {}
+
     fn calls_by_endpoint(&self) -> BTreeMap<&'static str, u64> {
         let mut counts = BTreeMap::new();
         for call in &guard(&self.0).holds.calls {

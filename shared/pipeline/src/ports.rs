@@ -5,11 +5,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::sync::Arc;
 
 use oppsync_dynamics::{ChangePage, DataverseClient, DataverseError, EntitySet, Watermark};
 use oppsync_mapping::dataverse::Related;
 use oppsync_mapping::{Opportunity, OpportunityId, RecordError};
-use oppsync_marketo::{LeadRecord, MarketoClient, MarketoError, RecordOutcome, RoleKey, RoleRecord};
+use oppsync_marketo::{CallLedger, LeadRecord, MarketoClient, MarketoError, RecordOutcome, RoleKey, RoleRecord};
 use serde_json::Value;
 
 /// What the pipeline reads from Dynamics (read-only by construction: there is nothing to write
@@ -81,6 +82,11 @@ pub trait MarketoPort: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send;
     /// Seeds today's count of calls made by other processes (the daily budget).
     fn set_calls_today(&self, calls: u64);
+    /// Counts each call in `ledger` before it is sent; false when this adapter counts no calls
+    /// (then the caller adds them to the day's count after).
+    fn count_calls_in(&self, ledger: Arc<dyn CallLedger>) -> bool;
+    /// Takes 1/`sharers` of the call budget's rate and calls at once.
+    fn share_limits_with(&self, sharers: usize);
     /// Calls made by this adapter, by operation.
     fn calls_by_endpoint(&self) -> BTreeMap<&'static str, u64>;
 }
@@ -172,6 +178,13 @@ impl MarketoPort for MarketoClient {
     fn set_calls_today(&self, calls: u64) {
         MarketoClient::set_calls_today(self, calls)
     }
+    fn count_calls_in(&self, ledger: Arc<dyn CallLedger>) -> bool {
+        MarketoClient::count_calls_in(self, ledger);
+        true
+    }
+    fn share_limits_with(&self, sharers: usize) {
+        MarketoClient::share_limits_with(self, sharers)
+    }
     fn calls_by_endpoint(&self) -> BTreeMap<&'static str, u64> {
         MarketoClient::calls_by_endpoint(self)
     }
@@ -246,6 +259,10 @@ impl MarketoPort for NoAccess {
         Err(no_marketo())
     }
     fn set_calls_today(&self, _: u64) {}
+    fn count_calls_in(&self, _: Arc<dyn CallLedger>) -> bool {
+        false
+    }
+    fn share_limits_with(&self, _: usize) {}
     fn calls_by_endpoint(&self) -> BTreeMap<&'static str, u64> {
         BTreeMap::new()
     }

@@ -350,7 +350,7 @@ pub fn minute_of(now: Millis) -> i64 {
 
 /// The sync-state store. Every method is one atomic step; every guard is checked by the store
 /// itself (a conditional write or a transaction), never by reading first and writing after.
-pub trait StateStore: Send + Sync {
+pub trait StateStore: Send + Sync + Clone + 'static {
     /// The cursor of a source, if it has been read before.
     fn cursor(&self, source: Source) -> impl Future<Output = Result<Option<Cursor>, StateError>> + Send;
 
@@ -507,6 +507,24 @@ pub trait StateStore: Send + Sync {
     fn add_marketo_calls(&self, day: &str, calls: u64) -> impl Future<Output = Result<u64, StateError>> + Send;
 
     fn marketo_calls(&self, day: &str) -> impl Future<Output = Result<u64, StateError>> + Send;
+
+    /// Takes one call from a day's count if it stays within `budget`, atomically across
+    /// processes: the new count, or `None` when the day's budget is spent (nothing counted).
+    fn take_marketo_call(&self, day: &str, budget: u64)
+    -> impl Future<Output = Result<Option<u64>, StateError>> + Send;
+
+    /// Registers (or renews) `member` as a process writing to Marketo until `until`; returns
+    /// how many members are live at `now`, this one included. Each takes an equal share of the
+    /// call budget.
+    fn join_budget(
+        &self,
+        member: &str,
+        until: Millis,
+        now: Millis,
+    ) -> impl Future<Output = Result<u32, StateError>> + Send;
+
+    /// Withdraws `member` (a process that stops writing), so the others' shares grow at once.
+    fn leave_budget(&self, member: &str) -> impl Future<Output = Result<(), StateError>> + Send;
 
     /// Remembers which opportunity each stakeholder connection belongs to. Dataverse reports a
     /// deleted connection by its id alone; this is how its opportunity is found again.

@@ -77,6 +77,24 @@ enum Body<'a> {
     Form(Vec<(&'a str, String)>),
 }
 
+/// Where the day's calls are counted when more than one process writes to the instance: each
+/// call is taken from the day's count before it is sent, atomically across processes.
+pub trait CallLedger: Send + Sync {
+    /// Counts one call against today's count if it stays within `budget`, and says how many
+    /// processes share the budget now. An error is the ledger's own (the call is not sent).
+    fn take(&self, budget: u64) -> futures_util::future::BoxFuture<'static, Result<Taken, String>>;
+}
+
+/// A call taken from the shared ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// Today's count with this call, or `None` when today's budget is spent (not counted).
+    pub used: Option<u64>,
+    /// The processes writing to the instance now, this one included: each takes an equal share
+    /// of the rate and the calls at once.
+    pub sharers: usize,
+}
+
 /// The Marketo client. Cheap to clone; clones share the token, limiter and budget.
 #[derive(Clone)]
 pub struct MarketoClient {
@@ -85,6 +103,8 @@ pub struct MarketoClient {
     limiter: Limiter,
     budget: u64,
     used_today: Arc<AtomicU64>,
+    /// The shared count of today's calls, once a state store provides one.
+    ledger: Arc<Mutex<Option<Arc<dyn CallLedger>>>>,
     calls: Arc<Mutex<BTreeMap<&'static str, u64>>>,
     backoff_base: Duration,
 }
@@ -121,6 +141,7 @@ impl MarketoClient {
             limiter,
             budget: daily_budget,
             used_today: Arc::new(AtomicU64::new(0)),
+            ledger: Arc::new(Mutex::new(None)),
             calls: Arc::new(Mutex::new(BTreeMap::new())),
             backoff_base: Duration::from_millis(500),
         })
@@ -130,6 +151,17 @@ impl MarketoClient {
     pub fn with_backoff_base(mut self, base: Duration) -> Self {
         self.backoff_base = base;
         self
+    }
+
+    /// Counts every call from now on in `ledger` before it is sent (shared by every process
+    /// that writes to the instance), instead of in this process alone.
+    pub fn count_calls_in(&self, ledger: Arc<dyn CallLedger>) {
+        *self.ledger.lock().unwrap_or_else(|p| p.into_inner()) = Some(ledger);
+    }
+
+    /// This process's share of the limits: 1/`sharers` of the calls per window and at once.
+    pub fn share_limits_with(&self, sharers: usize) {
+        self.limiter.share_with(sharers);
     }
 
     /// Seeds today's count from the state store (calls this process did not make).
@@ -243,15 +275,41 @@ impl MarketoClient {
             .remove(&self.cache_key());
     }
 
-    /// Counts a call against today's budget, or refuses it.
-    fn spend(&self, endpoint: &'static str) -> Result<(), MarketoError> {
-        let used = self.used_today.fetch_add(1, Ordering::SeqCst);
-        if used >= self.budget {
-            self.used_today.fetch_sub(1, Ordering::SeqCst);
-            return Err(MarketoError::BudgetExhausted {
-                used,
-                budget: self.budget,
-            });
+    /// Counts a call against today's budget before it is sent, or refuses it: in the shared
+    /// ledger when there is one, else in this process.
+    async fn spend(&self, endpoint: &'static str) -> Result<(), MarketoError> {
+        let ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(ledger) = ledger {
+            let taken = ledger.take(self.budget).await;
+            if let Ok(taken) = &taken {
+                // Before the limiter is asked: a process that just joined shrinks this share.
+                self.limiter.share_with(taken.sharers);
+            }
+            match taken.map(|t| t.used) {
+                Ok(Some(used)) => self.used_today.store(used, Ordering::SeqCst),
+                Ok(None) => {
+                    return Err(MarketoError::BudgetExhausted {
+                        used: self.budget,
+                        budget: self.budget,
+                    });
+                }
+                Err(message) => {
+                    return Err(MarketoError::Transport {
+                        endpoint,
+                        message: format!("could not count the call in the state store: {message}"),
+                        timeout: false,
+                    });
+                }
+            }
+        } else {
+            let used = self.used_today.fetch_add(1, Ordering::SeqCst);
+            if used >= self.budget {
+                self.used_today.fetch_sub(1, Ordering::SeqCst);
+                return Err(MarketoError::BudgetExhausted {
+                    used,
+                    budget: self.budget,
+                });
+            }
         }
         *self
             .calls
@@ -298,7 +356,7 @@ impl MarketoClient {
 
     async fn attempt(&self, request: &Request<'_>) -> Result<Envelope, MarketoError> {
         let token = self.token().await?;
-        self.spend(request.endpoint)?;
+        self.spend(request.endpoint).await?;
         let _permit = self.limiter.acquire().await;
         let url = self
             .settings

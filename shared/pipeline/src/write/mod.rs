@@ -293,10 +293,14 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     ) -> Result<WriteReport, (PipelineError, BTreeSet<OpportunityId>)> {
         let mut completed: BTreeSet<OpportunityId> = BTreeSet::new();
         let fail = |e: StateError, completed: &BTreeSet<OpportunityId>| (PipelineError::from(e), completed.clone());
-        // The daily budget holds across processes: start from the store's count.
+        // The budget holds across processes: each call is taken from the day's count in the
+        // store before it is sent, and the rate and calls at once are shared among the writers.
         let day = time::marketo_day(self.now());
-        let used = self.store.marketo_calls(&day).await.map_err(|e| fail(e, &completed))?;
-        self.marketo.set_calls_today(used);
+        let counted = self.share_budget().await;
+        if !counted {
+            let used = self.store.marketo_calls(&day).await.map_err(|e| fail(e, &completed))?;
+            self.marketo.set_calls_today(used);
+        }
         let before = self.marketo.calls_by_endpoint();
 
         let stopped = self.write_steps(&mut works, fresh, deadline).await;
@@ -317,7 +321,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             }
         }
         report.marketo_calls = calls;
-        if calls > 0 {
+        if calls > 0 && !counted {
             self.store
                 .add_marketo_calls(&day, calls)
                 .await
@@ -532,6 +536,8 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         works: &mut [Work],
         needs: impl Fn(&Work) -> bool,
     ) -> Result<(), StateError> {
+        // Still writing: the budget's membership is renewed with the claims.
+        self.share_budget().await;
         let ttl = i64::from(self.config.sync.claim_ttl_seconds) * 1000;
         let now = self.now();
         let checks = works

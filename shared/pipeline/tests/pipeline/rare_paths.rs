@@ -96,6 +96,12 @@ impl MarketoPort for Hooked {
     fn set_calls_today(&self, calls: u64) {
         self.inner.set_calls_today(calls)
     }
+    fn count_calls_in(&self, ledger: std::sync::Arc<dyn oppsync_marketo::CallLedger>) -> bool {
+        self.inner.count_calls_in(ledger)
+    }
+    fn share_limits_with(&self, sharers: usize) {
+        self.inner.share_limits_with(sharers)
+    }
     fn calls_by_endpoint(&self) -> std::collections::BTreeMap<&'static str, u64> {
         self.inner.calls_by_endpoint()
     }
@@ -258,6 +264,15 @@ impl StateStore for Hooks {
     }
     async fn forget_leads(&self, keys: &[String]) -> Result<(), StateError> {
         self.inner.forget_leads(keys).await
+    }
+    async fn take_marketo_call(&self, day: &str, budget: u64) -> Result<Option<u64>, StateError> {
+        self.inner.take_marketo_call(day, budget).await
+    }
+    async fn join_budget(&self, member: &str, until: i64, now: i64) -> Result<u32, StateError> {
+        self.inner.join_budget(member, until, now).await
+    }
+    async fn leave_budget(&self, member: &str) -> Result<(), StateError> {
+        self.inner.leave_budget(member).await
     }
 }
 

@@ -1,7 +1,7 @@
 //! Small keyed values beside the records: connection → opportunity links (a deleted connection
 //! arrives as an id alone, so the link recorded when it was seen says which opportunity lost a
-//! stakeholder) and lead key → Marketo lead id. None carries a `status`, so the stream filters
-//! never pass them to a function.
+//! stakeholder), lead key → Marketo lead id, and the processes sharing the Marketo budget. None
+//! carries a `status`, so the stream filters never pass them to a function.
 
 use super::*;
 
@@ -73,6 +73,91 @@ impl DynamoStore {
             })
             .collect::<Result<_, StateError>>()?;
         self.batch_write("BatchWriteItem (leads)", requests).await
+    }
+
+    /// Registers `member` until `until` in the one item that lists the processes sharing the
+    /// budget (a map: member → until); returns the live members and drops the expired ones.
+    pub(super) async fn join_members(&self, member: &str, until: Millis, now: Millis) -> Result<u32, StateError> {
+        const OPERATION: &str = "UpdateItem (budget members)";
+        let set = || {
+            self.count_write();
+            self.client
+                .update_item()
+                .table_name(&*self.table)
+                .key("pk", s(BUDGET_MEMBERS))
+                .update_expression("SET m.#member = :until")
+                .expression_attribute_names("#member", member)
+                .expression_attribute_values(":until", n(until))
+                .return_values(ReturnValue::AllNew)
+                .send()
+        };
+        let out = match set().await {
+            Ok(out) => out,
+            // The first member: the map does not exist yet, and a path into it is invalid.
+            Err(e) if e.code() == Some("ValidationException") => {
+                self.count_write();
+                self.client
+                    .update_item()
+                    .table_name(&*self.table)
+                    .key("pk", s(BUDGET_MEMBERS))
+                    .update_expression("SET m = if_not_exists(m, :empty)")
+                    .expression_attribute_values(":empty", AttributeValue::M(HashMap::new()))
+                    .send()
+                    .await
+                    .map_err(|e| dynamo_err(OPERATION, e))?;
+                set().await.map_err(|e| dynamo_err(OPERATION, e))?
+            }
+            Err(e) => return Err(dynamo_err(OPERATION, e)),
+        };
+        let members = out
+            .attributes
+            .as_ref()
+            .and_then(|a| a.get("m"))
+            .and_then(|m| m.as_m().ok())
+            .cloned()
+            .unwrap_or_default();
+        let mut live = 0u32;
+        let mut expired = Vec::new();
+        for (name, until) in &members {
+            match until.as_n().ok().and_then(|t| t.parse::<i64>().ok()) {
+                Some(t) if t > now => live += 1,
+                _ => expired.push(name.clone()),
+            }
+        }
+        if !expired.is_empty() {
+            // Best effort: an expired member is not counted whether or not it is removed.
+            let _ = self.remove_members(&expired).await;
+        }
+        Ok(live.max(1))
+    }
+
+    /// Withdraws `member` from the budget's members.
+    pub(super) async fn leave_members(&self, member: &str) -> Result<(), StateError> {
+        self.remove_members(&[member.to_owned()]).await
+    }
+
+    async fn remove_members(&self, members: &[String]) -> Result<(), StateError> {
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .key("pk", s(BUDGET_MEMBERS))
+            .condition_expression("attribute_exists(m)");
+        let mut paths = Vec::new();
+        for (i, member) in members.iter().enumerate() {
+            request = request.expression_attribute_names(format!("#m{i}"), member);
+            paths.push(format!("m.#m{i}"));
+        }
+        self.count_write();
+        match request
+            .update_expression(format!("REMOVE {}", paths.join(", ")))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(()),
+            Err(e) => Err(dynamo_err("UpdateItem (budget members)", e)),
+        }
     }
 
     /// Puts `pk` → one attribute, 25 items a request.
@@ -158,6 +243,9 @@ impl DynamoStore {
         Ok(out)
     }
 }
+
+/// The item listing the processes that share the Marketo budget.
+const BUDGET_MEMBERS: &str = "budget#members";
 
 fn build_error(operation: &'static str, e: aws_sdk_dynamodb::error::BuildError) -> StateError {
     StateError::Dynamo {

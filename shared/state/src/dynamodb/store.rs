@@ -713,6 +713,37 @@ impl StateStore for DynamoStore {
         Ok(out.attributes.as_ref().and_then(|a| get_n(a, "n")).unwrap_or(0) as u64)
     }
 
+    async fn take_marketo_call(&self, day: &str, budget: u64) -> Result<Option<u64>, StateError> {
+        self.count_write();
+        let out = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .key("pk", s(format!("calls#{day}")))
+            .update_expression("ADD n :one")
+            .condition_expression("attribute_not_exists(n) OR n < :budget")
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":budget", n(budget))
+            .return_values(ReturnValue::UpdatedNew)
+            .send()
+            .await;
+        match out {
+            Ok(out) => Ok(Some(
+                out.attributes.as_ref().and_then(|a| get_n(a, "n")).unwrap_or(0) as u64
+            )),
+            Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(None),
+            Err(e) => Err(dynamo_err("UpdateItem (Marketo calls)", e)),
+        }
+    }
+
+    async fn join_budget(&self, member: &str, until: Millis, now: Millis) -> Result<u32, StateError> {
+        self.join_members(member, until, now).await
+    }
+
+    async fn leave_budget(&self, member: &str) -> Result<(), StateError> {
+        self.leave_members(member).await
+    }
+
     async fn marketo_calls(&self, day: &str) -> Result<u64, StateError> {
         let out = self
             .client

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS marketo_calls (day TEXT PRIMARY KEY, n INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS links (connection TEXT PRIMARY KEY, opportunity TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS leads (key TEXT PRIMARY KEY, lead_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS budget_members (member TEXT PRIMARY KEY, until INTEGER NOT NULL);
 ";
 
 const COLUMNS: &str = "id, status, version, deleted, modified_on, plan, written, attempts, \
@@ -108,14 +109,15 @@ impl SqliteStore {
                 .map_err(sql)?;
             c.execute("UPDATE leases SET expires_at = 0", []).map_err(sql)?;
             // A lead-creation lock a dead run took would hold its records back for a minute;
-            // the restarted run looks the lead up first, so it cannot create it twice.
+            // the restarted run creates with `createOnly`, which cannot create a lead twice
+            // when no other creation is in flight. A dead run no longer shares the budget.
             c.execute("DELETE FROM locks", []).map_err(sql)?;
+            c.execute("DELETE FROM budget_members", []).map_err(sql)?;
             Ok(freed as u64)
         })
         .await
     }
 
-    /// Runs `f` on the connection on the blocking pool.
     /// Runs one statement once per row of parameters, all in one transaction.
     async fn execute_all(&self, statement: &'static str, rows: Vec<Vec<SqlValue>>) -> Result<(), StateError> {
         if rows.is_empty() {
@@ -136,6 +138,7 @@ impl SqliteStore {
         .await
     }
 
+    /// Runs `f` on the connection on the blocking pool.
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static,

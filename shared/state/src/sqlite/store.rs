@@ -596,6 +596,53 @@ impl StateStore for SqliteStore {
         .await
     }
 
+    async fn take_marketo_call(&self, day: &str, budget: u64) -> Result<Option<u64>, StateError> {
+        let day = day.to_owned();
+        self.run(move |c| {
+            // The update's WHERE refuses the call once the budget is spent: no row comes back.
+            let n: Option<i64> = c
+                .query_row(
+                    "INSERT INTO marketo_calls (day, n) VALUES (?1, 1)
+                     ON CONFLICT (day) DO UPDATE SET n = n + 1 WHERE n < ?2 RETURNING n",
+                    // SQLite integers are signed: an unlimited budget is the largest one.
+                    params![day, i64::try_from(budget).unwrap_or(i64::MAX)],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql)?;
+            Ok(n.map(|n| n as u64).filter(|n| *n <= budget))
+        })
+        .await
+    }
+
+    async fn join_budget(&self, member: &str, until: Millis, now: Millis) -> Result<u32, StateError> {
+        let member = member.to_owned();
+        self.run(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO budget_members (member, until) VALUES (?1, ?2)",
+                params![member, until],
+            )
+            .map_err(sql)?;
+            tx.execute("DELETE FROM budget_members WHERE until <= ?1", params![now])
+                .map_err(sql)?;
+            let live: i64 = tx
+                .query_row("SELECT COUNT(*) FROM budget_members", [], |r| r.get(0))
+                .map_err(sql)?;
+            tx.commit().map_err(sql)?;
+            Ok(live.max(1) as u32)
+        })
+        .await
+    }
+
+    async fn leave_budget(&self, member: &str) -> Result<(), StateError> {
+        let rows = vec![vec![SqlValue::Text(member.to_owned())]];
+        self.execute_all("DELETE FROM budget_members WHERE member = ?1", rows)
+            .await
+    }
+
     async fn marketo_calls(&self, day: &str) -> Result<u64, StateError> {
         let day = day.to_owned();
         self.run(move |c| {

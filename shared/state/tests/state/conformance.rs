@@ -730,6 +730,45 @@ pub async fn a_bad_page_token_is_a_clear_error<S: StateStore>(store: S) {
     assert!(err.to_string().contains("start the listing again"), "{err}");
 }
 
+/// GIVEN a day's budget of 10 calls
+/// WHEN 25 calls are taken at once, from many tasks
+/// THEN exactly 10 are granted, numbered 1 to 10, and the day's count says 10.
+pub async fn a_days_calls_are_taken_before_each_call_and_stop_at_the_budget<S: StateStore>(store: S) {
+    let day = "2026-12-01";
+    let takes = (0..25).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.take_marketo_call(day, 10).await.unwrap() })
+    });
+    let mut granted: Vec<u64> = Vec::new();
+    for take in takes {
+        if let Some(n) = take.await.unwrap() {
+            granted.push(n);
+        }
+    }
+    granted.sort();
+    assert_eq!(granted, (1..=10).collect::<Vec<u64>>());
+    assert_eq!(store.marketo_calls(day).await.unwrap(), 10);
+    // Another day starts from zero; an unlimited budget grants.
+    assert_eq!(store.take_marketo_call("2026-12-02", 10).await.unwrap(), Some(1));
+    assert_eq!(store.take_marketo_call("2026-12-02", u64::MAX).await.unwrap(), Some(2));
+}
+
+/// GIVEN processes joining the budget with expiring memberships
+/// WHEN they join, renew, expire and leave
+/// THEN each join counts the live members, itself included, each once.
+pub async fn processes_sharing_the_budget_are_counted_while_live<S: StateStore>(store: S) {
+    assert_eq!(store.join_budget("a", T0 + 100, T0).await.unwrap(), 1);
+    assert_eq!(store.join_budget("b", T0 + 100, T0 + 1).await.unwrap(), 2);
+    assert_eq!(store.join_budget("a", T0 + 200, T0 + 2).await.unwrap(), 2);
+    // b has expired; a has not.
+    assert_eq!(store.join_budget("c", T0 + 300, T0 + 150).await.unwrap(), 2);
+    store.leave_budget("a").await.unwrap();
+    assert_eq!(store.join_budget("c", T0 + 300, T0 + 151).await.unwrap(), 1);
+    // Leaving twice, or without having joined, is not an error.
+    store.leave_budget("a").await.unwrap();
+    store.leave_budget("z").await.unwrap();
+}
+
 /// GIVEN leads remembered for two keys, one of them remembered again with another id
 /// WHEN keys are looked up with an unknown one among them, then one is forgotten
 /// THEN each known key yields its latest lead id, the unknown one nothing, the forgotten one

@@ -54,6 +54,8 @@ for_both_stores!(
     a_bad_page_token_is_a_clear_error,
     a_deleted_connection_is_traced_back_to_its_opportunity,
     a_remembered_lead_is_known_until_forgotten,
+    a_days_calls_are_taken_before_each_call_and_stop_at_the_budget,
+    processes_sharing_the_budget_are_counted_while_live,
     what_a_write_sent_is_kept_part_by_part,
     a_retried_write_waits_until_woken_and_a_paused_one_counts_no_attempt,
     a_resync_requeues_and_claims_in_one_step_so_no_transformer_takes_it_between,

@@ -1,0 +1,125 @@
+//! The Marketo budget held across processes: two writers on one state store, each configured
+//! with the whole budget, against one Marketo. (SQLite here, for writes large enough to keep
+//! every call slot busy; the store operations behind it are in the conformance suite on both
+//! stores, and the second test runs on DynamoDB.)
+
+use std::time::Duration;
+
+use oppsync_marketo::{Limiter, LimiterSettings, MarketoClient, MarketoSettings, Secret};
+use oppsync_pipeline::{Config, Pipeline};
+use oppsync_simulators::dataverse::{DataverseConfig, Mix};
+use oppsync_simulators::{DataverseSim, MarketoConfig, MarketoSim};
+use oppsync_state::StateStore;
+use oppsync_tests::harness::{Sims, dataverse, dynamo, sqlite, unique};
+
+async fn slow_marketo() -> Sims {
+    let dv = DataverseSim::start(DataverseConfig::default()).await.unwrap();
+    let mk = MarketoSim::start(MarketoConfig {
+        rate_window: Duration::from_secs(1),
+        // Long enough that a writer's calls overlap.
+        latency: Duration::from_millis(150),
+        ..MarketoConfig::default()
+    })
+    .await
+    .unwrap();
+    Sims { dv, mk }
+}
+
+/// A writer's own client with the whole budget: 4 calls at once, `daily` calls a day.
+fn writer(sims: &Sims, daily: u64) -> MarketoClient {
+    let settings = MarketoSettings::new(
+        &sims.mk.url(),
+        &sims.mk.client_id(),
+        Secret::from(sims.mk.client_secret()),
+    )
+    .unwrap();
+    let limits = LimiterSettings {
+        calls_per_window: 1000,
+        window: Duration::from_secs(1),
+        concurrency: 4,
+    };
+    MarketoClient::new(settings, Limiter::new(limits), daily)
+        .unwrap()
+        .with_backoff_base(Duration::from_millis(5))
+}
+
+/// Batches of `n`: a drain writes ten at once, so with a tenth of the records each, both
+/// writers find ready records at once.
+fn config(n: usize) -> Config {
+    Config::from_toml(&format!("[sync]\nbatch_size = {n}\n"), "test").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_writers_on_one_store_share_the_calls_at_once() {
+    let sims = slow_marketo().await;
+    sims.dv.seed(1200, 11, Mix::Uniform);
+    let store = sqlite();
+    let a = Pipeline::new(
+        store.clone(),
+        dataverse(&sims),
+        writer(&sims, 40_000),
+        config(60),
+        unique("a"),
+    );
+    let b = Pipeline::new(
+        store.clone(),
+        dataverse(&sims),
+        writer(&sims, 40_000),
+        config(60),
+        unique("b"),
+    );
+    loop {
+        if a.poll(None).await.unwrap().caught_up {
+            break;
+        }
+    }
+    // Both writers count themselves in before either writes.
+    a.share_budget().await;
+    b.share_budget().await;
+    let (ra, rb) = tokio::join!(a.drain(|_, _| {}), b.drain(|_, _| {}));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.failed + rb.failed, 0, "{ra:?} {rb:?}");
+    assert!(ra.written > 0 && rb.written > 0, "both wrote: {ra:?} {rb:?}");
+    // Each took half of the 4 calls at once: never more than 4 in flight in all (each alone
+    // keeps 4 busy, so 8 without the sharing).
+    let peak = sims.mk.concurrency_high_water();
+    assert!((3..=4).contains(&peak), "{peak} calls at once");
+    // Every call was counted in the table before it was sent.
+    let day = oppsync_pipeline::time::marketo_day(a.now());
+    assert_eq!(store.marketo_calls(&day).await.unwrap(), sims.mk.rest_calls());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_writers_together_stop_at_the_days_budget() {
+    let sims = slow_marketo().await;
+    sims.dv.seed(120, 12, Mix::Uniform);
+    let store = dynamo().await;
+    let budget = 5;
+    let a = Pipeline::new(
+        store.clone(),
+        dataverse(&sims),
+        writer(&sims, budget),
+        config(6),
+        unique("a"),
+    );
+    let b = Pipeline::new(
+        store.clone(),
+        dataverse(&sims),
+        writer(&sims, budget),
+        config(6),
+        unique("b"),
+    );
+    loop {
+        if a.poll(None).await.unwrap().caught_up {
+            break;
+        }
+    }
+    let (ra, rb) = tokio::join!(a.drain(|_, _| {}), b.drain(|_, _| {}));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    // The sync needs 8 calls and each writer may make 5 a day on its own; together they make
+    // 5, and say why they stopped.
+    assert_eq!(sims.mk.rest_calls(), budget);
+    assert!(ra.stopped.is_some() || rb.stopped.is_some(), "{ra:?} {rb:?}");
+    let day = oppsync_pipeline::time::marketo_day(a.now());
+    assert_eq!(store.marketo_calls(&day).await.unwrap(), budget);
+}
