@@ -45,18 +45,30 @@ pub async fn run(args: ResyncArgs) -> Result<ExitCode, CliError> {
             .iter()
             .filter(|r| matches!(r.write, Some(Wrote::Failed { .. }) | Some(Wrote::Retry { .. })))
             .count();
+        let not_found = report.records.iter().filter(|r| r.not_found).count();
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
         } else {
             for r in &report.records {
                 let outcome = match (&r.transform, &r.write) {
+                    _ if r.not_found => Some(
+                        "not found in Dynamics, and oppsync never wrote it: nothing sent, nothing stored (check the id)"
+                            .into(),
+                    ),
                     (_, Some(w)) => serde_json::to_value(w)
                         .ok()
                         .and_then(|v| v["outcome"].as_str().map(str::to_owned)),
                     (Some(t), None) => serde_json::to_value(t)
                         .ok()
                         .and_then(|v| v["outcome"].as_str().map(str::to_owned)),
-                    (None, None) if args.dry_run => Some("planned (dry run)".into()),
+                    (None, None) if args.dry_run => Some(
+                        match r.action() {
+                            "write" => "would write (dry run)",
+                            "delete" => "would delete from Marketo (dry run)",
+                            _ => "would change nothing in Marketo (dry run)",
+                        }
+                        .into(),
+                    ),
                     (None, None) => None,
                 };
                 println!("{} {}", r.id, outcome.unwrap_or_else(|| "-".into()));
@@ -78,7 +90,12 @@ pub async fn run(args: ResyncArgs) -> Result<ExitCode, CliError> {
                 }
             );
         }
-        Ok(if failed > 0 || report.stopped.is_some() {
+        if not_found > 0 {
+            eprintln!(
+                "error: {not_found} of the ids given are not in Dynamics and were never written by oppsync; nothing was sent for them"
+            );
+        }
+        Ok(if failed > 0 || not_found > 0 || report.stopped.is_some() {
             ExitCode::from(1)
         } else {
             ExitCode::SUCCESS

@@ -229,6 +229,43 @@ async fn resync_writes_named_records_again_and_a_dry_run_writes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_of_an_id_dynamics_does_not_have_deletes_only_what_oppsync_wrote() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(10, 36, Mix::Uniform);
+    let env = env_for(&sims);
+    let state = state_path();
+    assert_eq!(oppsync(&["sync", "--state", s(&state)], &env).await.code, 0);
+    let before = sims.mk.rest_calls();
+    let counts = |v: &serde_json::Value| v["counts"].clone();
+    let status_before = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
+    // An id nobody has: a typo, or another system's record.
+    let typo = "0b000000-0000-4000-8000-00000000ffff";
+    let dry = oppsync(&["resync", typo, "--dry-run", "--state", s(&state)], &env).await;
+    assert_eq!(dry.code, 1, "{dry:?}");
+    assert!(dry.stdout.contains("not found in Dynamics"), "{dry:?}");
+    let run = oppsync(&["resync", typo, "--state", s(&state)], &env).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("not found in Dynamics"), "{run:?}");
+    assert!(run.stderr.contains("never written by oppsync"), "{run:?}");
+    assert_eq!(sims.mk.rest_calls(), before, "nothing sent to Marketo");
+    let status_after = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
+    assert_eq!(counts(&status_after), counts(&status_before), "nothing stored");
+    // One oppsync wrote and Dynamics no longer has: a deletion, named as one.
+    let gone = seeded.opportunities[4].clone();
+    sims.dv.delete(Table::Opportunities, &gone);
+    let dry = oppsync(&["resync", &gone, "--dry-run", "--state", s(&state)], &env).await;
+    assert_eq!(dry.code, 0, "{dry:?}");
+    assert!(dry.stdout.contains("would delete from Marketo"), "{dry:?}");
+    let kept = seeded.opportunities[5].clone();
+    let dry = oppsync(&["resync", &kept, "--dry-run", "--state", s(&state)], &env).await;
+    assert!(dry.stdout.contains("would write"), "{dry:?}");
+    let run = oppsync(&["resync", &gone, "--state", s(&state)], &env).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("deleted"), "{run:?}");
+    assert!(!sims.mk.snapshot().opportunities.contains_key(&gone));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_passes_against_good_systems_and_names_each_problem_with_its_fix() {
     let sims = sims().await;
     sims.dv.seed(5, 35, Mix::Uniform);

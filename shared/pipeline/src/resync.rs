@@ -67,6 +67,27 @@ pub struct ResyncRecord {
     pub transform: Option<Transformed>,
     pub write: Option<Wrote>,
     pub answers: Vec<Answer>,
+    /// Named, but Dynamics does not have it and oppsync never wrote it (a mistyped id, or one
+    /// from another system): nothing was sent and nothing stored.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub not_found: bool,
+}
+
+impl ResyncRecord {
+    /// What the resync does (or, in a dry run, would do) in Marketo: `write`, `delete`,
+    /// `nothing` (filtered, kept, unchanged), or `not found`.
+    pub fn action(&self) -> &'static str {
+        if self.not_found {
+            return "not found";
+        }
+        match self.plan.as_ref().map(|p| &p.action) {
+            Some(Action::Upsert(_)) => "write",
+            Some(Action::Delete) => "delete",
+            Some(Action::Filtered | Action::Kept) => "nothing",
+            None if matches!(self.write, Some(Wrote::Deleted)) => "delete",
+            None => "nothing",
+        }
+    }
 }
 
 /// What was last written, for reports.
@@ -119,10 +140,21 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             ..ResyncReport::default()
         };
         for chunk in ids.chunks(self.config.sync.batch_size) {
-            if dry_run {
+            // A named id Dynamics does not have is a deletion only if oppsync wrote it: one it
+            // never knew (a typo, another system's id) is reported, and nothing is sent for it.
+            let mut unknown: BTreeSet<OpportunityId> = BTreeSet::new();
+            if dry_run || !all {
                 for preview in self.plan(chunk).await? {
+                    let gone = matches!(&preview.plan, Ok(p) if p.action == Action::Delete);
+                    let not_found = gone && preview.written.is_none();
+                    if not_found {
+                        unknown.insert(preview.id);
+                    } else if !dry_run {
+                        continue;
+                    }
                     let (plan, transform) = match preview.plan {
-                        Ok(plan) => (Some(plan), None),
+                        Ok(plan) if !not_found => (Some(plan), None),
+                        Ok(_) => (None, None),
                         Err(error) => (None, Some(Transformed::Failed { error })),
                     };
                     report.records.push(ResyncRecord {
@@ -132,15 +164,22 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         transform,
                         write: None,
                         answers: Vec::new(),
+                        not_found,
                     });
                 }
+                if dry_run {
+                    continue;
+                }
+            }
+            let chunk: Vec<OpportunityId> = chunk.iter().copied().filter(|id| !unknown.contains(id)).collect();
+            if chunk.is_empty() {
                 continue;
             }
             let mut before: HashMap<OpportunityId, Option<WrittenSummary>> = HashMap::new();
             let ttl = i64::from(self.config.sync.claim_ttl_seconds) * 1000;
             let mut claimed = Vec::new();
             let mut report_of_claims = TransformReport::default();
-            for id in chunk {
+            for id in &chunk {
                 // Requeued and claimed in one step: a stream transformer cannot plan it in
                 // between and mark it unchanged, which would leave an edit made in Marketo.
                 let taken = match self.store.requeue_claimed(*id, ttl, self.now()).await? {
@@ -193,6 +232,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     transform,
                     write: write.as_ref().map(|w| w.result.clone()),
                     answers: write.map(|w| w.answers).unwrap_or_default(),
+                    not_found: false,
                 });
             }
             if let Some(stop) = written.stopped {
