@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use oppsync_dynamics::{DataverseClient, DataverseSettings};
 use oppsync_marketo::{Limiter, MarketoClient, MarketoSettings};
+use oppsync_pipeline::config::MAX_CONFIG_BYTES;
 use oppsync_pipeline::{Config, Pipeline};
 use oppsync_state::{DynamoStore, SqliteStore};
 
@@ -45,9 +46,32 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
     let Some(path) = path else {
         return Ok(Config::default());
     };
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let unreadable = |e: std::io::Error| {
         CliError::Usage(format!(
             "cannot read the configuration file {}: {e}. Fix: give --config an existing TOML file, or leave it out for the defaults",
+            path.display()
+        ))
+    };
+    // Read no more than a configuration can be: `--config /dev/zero` must not fill memory.
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(path).map_err(unreadable)?,
+            MAX_CONFIG_BYTES as u64 + 1,
+        ),
+        &mut bytes,
+    )
+    .map_err(unreadable)?;
+    if bytes.len() > MAX_CONFIG_BYTES {
+        return Err(CliError::Usage(format!(
+            "the configuration file {} is larger than the {} KB a configuration can be. Fix: give --config oppsync's TOML file",
+            path.display(),
+            MAX_CONFIG_BYTES / 1024
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| {
+        CliError::Usage(format!(
+            "the configuration file {} is not UTF-8 text. Fix: give --config oppsync's TOML file",
             path.display()
         ))
     })?;

@@ -89,6 +89,29 @@ async fn bad_configuration_files_are_refused_with_the_key_and_the_fix() {
         missing.stderr.contains("/nonexistent/oppsync.toml") && missing.stderr.contains("Fix"),
         "{missing:?}"
     );
+    // Endless input is read only as far as a configuration can go (it once filled memory).
+    let endless = oppsync(&["sync", "--state", s(&state), "--config", "/dev/zero"], &env).await;
+    assert_eq!(endless.code, 2, "{endless:?}");
+    assert!(endless.stderr.contains("256 KB"), "{endless:?}");
+    // Thousands of mapped fields: refused by count, not failed later as an overlong URL.
+    let mut many = String::new();
+    for i in 0..1_000 {
+        many.push_str(&format!(
+            "[[mapping.fields]]\nmarketo = \"f{i}\"\ndataverse = \"new_f{i}\"\ntype = \"string\"\n"
+        ));
+    }
+    let config = config_file(&many);
+    let run = oppsync(&["sync", "--state", s(&state), "--config", s(&config)], &env).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr.contains("mapping.fields") && run.stderr.contains("at most 200"),
+        "{run:?}"
+    );
+    assert!(
+        run.stderr.len() < 2_000,
+        "one short message: {} bytes",
+        run.stderr.len()
+    );
     assert_eq!(snapshot(&state).await, before, "the state is untouched");
 }
 

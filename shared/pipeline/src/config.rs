@@ -78,6 +78,9 @@ impl fmt::Display for ConfigError {
 
 const SECTIONS: [&str; 4] = ["mapping", "dataverse", "marketo", "sync"];
 
+/// The largest configuration accepted: a full mapping with comments is a few kilobytes.
+pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
+
 impl Config {
     /// Parses and checks a whole configuration document. `origin` names it in errors.
     pub fn from_toml(document: &str, origin: &str) -> Result<Config, ConfigError> {
@@ -85,6 +88,13 @@ impl Config {
             origin: origin.to_owned(),
             problems,
         };
+        if document.len() > MAX_CONFIG_BYTES {
+            return Err(fail(vec![format!(
+                "the configuration is {} bytes, more than the {} KB a configuration can be. Fix: point --config (or OPPSYNC_CONFIG) at oppsync's TOML file",
+                document.len(),
+                MAX_CONFIG_BYTES / 1024
+            )]));
+        }
         let table: toml::Table = toml::from_str(document).map_err(|e| {
             fail(vec![format!(
                 "not valid TOML: {}{}",

@@ -225,6 +225,9 @@ pub const EXTERNAL_OPPORTUNITY_ID: &str = "externalOpportunityId";
 /// Set by the Potential Customer rules, not by field selection.
 pub const EXTERNAL_COMPANY_ID: &str = "externalCompanyId";
 
+/// The most `[[mapping.fields]]` entries a configuration may have.
+pub const MAX_FIELDS: usize = 200;
+
 /// Marketo's documented lengths for standard opportunity string fields; 255 for everything else.
 fn marketo_string_length(field: &str) -> usize {
     match field {
@@ -322,6 +325,16 @@ impl MappingConfig {
             }
         }
 
+        // A bound well above any Marketo opportunity schema: past it, the Dataverse query that
+        // selects the fields outgrows a URL.
+        if self.fields.len() > MAX_FIELDS {
+            errors.push(
+                "mapping.fields",
+                format!("{} fields are mapped; at most {MAX_FIELDS} can be", self.fields.len()),
+                "map only the Marketo opportunity fields you use (`oppsync validate` lists what Marketo has)",
+            );
+            return Err(ConfigErrors(errors.0));
+        }
         // The user's fields first: their duplicates are errors, their overrides replace defaults.
         let mut rules: Vec<FieldRule> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
