@@ -178,8 +178,8 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let mut unique: Vec<OpportunityId> = ids.to_vec();
         unique.sort();
         unique.dedup();
-        for id in unique {
-            match self.store.claim(id, Status::Pending, ttl, self.now()).await? {
+        for (id, taken) in self.claim_all(&unique, Status::Pending, ttl).await? {
+            match taken {
                 Some((claim, state)) => claimed.push((claim, state)),
                 None => {
                     // A delivery with nothing to do (a duplicate, or another worker has it): the
@@ -215,9 +215,9 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 return Err(e);
             }
         };
-        let mut left: Vec<Claim> = claimed.iter().map(|(c, _)| c.clone()).collect();
+        // Every outcome decided first, then recorded together.
+        let mut decided = Vec::with_capacity(claimed.len());
         for ((claim, state), plan) in claimed.into_iter().zip(plans) {
-            left.retain(|c| c.id != claim.id);
             // Marketo may differ from what was recorded (a superseded write, a resync): write
             // even a plan whose hash matches.
             let force = force || state.rewrite;
@@ -240,13 +240,34 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 }
             };
             crash::point("transform.planned");
-            let completion = match self.store.complete_transform(&claim, result, self.now()).await {
-                Ok(c) => c,
+            decided.push((claim, state.modified_on, result, outcome));
+        }
+        let now = self.now();
+        let owned: Vec<(Claim, TransformResult)> = decided.iter().map(|(c, _, r, _)| (c.clone(), r.clone())).collect();
+        let completions = overlapped(
+            owned
+                .into_iter()
+                .map(|(claim, result)| async move { self.store.complete_transform(&claim, result, now).await }),
+        )
+        .await;
+        // A completion that failed leaves its claim: released, so a redelivery can take it.
+        let mut failed: Option<StateError> = None;
+        let mut unrecorded: Vec<&Claim> = Vec::new();
+        let mut recorded: Vec<Completion> = Vec::with_capacity(completions.len());
+        for ((claim, _, _, _), completion) in decided.iter().zip(completions) {
+            match completion {
+                Ok(c) => recorded.push(c),
                 Err(e) => {
-                    self.release_all(left.iter().chain(std::iter::once(&claim))).await;
-                    return Err(e.into());
+                    unrecorded.push(claim);
+                    failed.get_or_insert(e);
                 }
-            };
+            }
+        }
+        if let Some(e) = failed {
+            self.release_all(unrecorded.into_iter()).await;
+            return Err(e.into());
+        }
+        for ((claim, modified_on, _, outcome), completion) in decided.into_iter().zip(recorded) {
             let outcome = match completion {
                 Completion::Completed => outcome,
                 Completion::Superseded => Transformed::Superseded,
@@ -261,7 +282,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             };
             report.metrics.count(name, 1);
             if matches!(outcome, Transformed::Unchanged)
-                && let Some(at) = state.modified_on.as_deref().and_then(time::parse_utc)
+                && let Some(at) = modified_on.as_deref().and_then(time::parse_utc)
             {
                 report.metrics.observe_ms("SyncLag", (self.now() - at).max(0) as f64);
             }

@@ -188,14 +188,12 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let mut unique: Vec<OpportunityId> = ids.to_vec();
         unique.sort();
         unique.dedup();
-        for id in unique {
-            let claimed = match self.store.claim(id, Status::Ready, ttl, self.now()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    self.release_all(works.iter().map(|w: &Work| &w.claim)).await;
-                    return Err(e.into());
-                }
-            };
+        let taken = self.claim_all(&unique, Status::Ready, ttl).await?;
+        let every_claim: Vec<Claim> = taken
+            .iter()
+            .filter_map(|(_, c)| c.as_ref().map(|(claim, _)| claim.clone()))
+            .collect();
+        for (id, claimed) in taken {
             match claimed {
                 Some((claim, state)) => match state.plan.clone() {
                     Some(plan) => works.push({
@@ -235,7 +233,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                             written: None,
                         };
                         if let Err(e) = self.store.complete_write(&claim, failed, self.now()).await {
-                            self.release_all(works.iter().map(|w: &Work| &w.claim)).await;
+                            self.release_all(every_claim.iter()).await;
                             return Err(e.into());
                         }
                         report.records.push(WriteRecord {
@@ -272,10 +270,50 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         }
     }
 
+    /// Claims `ids` in `from` status, [`STORE_CONCURRENCY`] at once; on an error every claim
+    /// taken is released.
+    pub(crate) async fn claim_all(
+        &self,
+        ids: &[OpportunityId],
+        from: Status,
+        ttl: i64,
+    ) -> Result<Vec<(OpportunityId, Option<(Claim, OpportunityState)>)>, PipelineError> {
+        let now = self.now();
+        // Owned arguments: a future borrowing the iterator's items is not `Send` for every
+        // lifetime, which a Lambda handler's future must be.
+        let owned: Vec<OpportunityId> = ids.to_vec();
+        let answers = overlapped(owned.into_iter().map(|id| self.store.claim(id, from, ttl, now))).await;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut failed = None;
+        for (id, answer) in ids.iter().zip(answers) {
+            match answer {
+                Ok(taken) => out.push((*id, taken)),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            self.release_all(out.iter().filter_map(|(_, c)| c.as_ref().map(|(claim, _)| claim)))
+                .await;
+            return Err(e.into());
+        }
+        Ok(out)
+    }
+
     /// Best effort: a claim that cannot be released expires by itself.
     pub(crate) async fn release_all(&self, claims: impl Iterator<Item = &Claim>) {
-        for claim in claims {
-            if let Err(e) = self.store.release(claim, self.now()).await {
+        let now = self.now();
+        let claims: Vec<Claim> = claims.cloned().collect();
+        let answers = overlapped(
+            claims
+                .clone()
+                .into_iter()
+                .map(|claim| async move { self.store.release(&claim, now).await }),
+        )
+        .await;
+        for (claim, answer) in claims.iter().zip(answers) {
+            if let Err(e) = answer {
                 tracing::warn!(opportunity = %claim.id, error = %e, "could not release a claim; it expires by itself");
             }
         }
@@ -328,15 +366,39 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 .map_err(|e| fail(e, &completed))?;
         }
 
-        for work in works {
-            let (result, wrote) = self.finish(&work, backoff);
-            let completion = self
-                .store
-                .complete_write(&work.claim, result, self.now())
-                .await
-                .map_err(|e| fail(e, &completed))?;
-            completed.insert(work.claim.id);
-            crash::point("write.recorded");
+        // Every outcome decided first, then recorded together.
+        let decided: Vec<(WriteResult, Wrote)> = works.iter().map(|work| self.finish(work, backoff)).collect();
+        let now = self.now();
+        let owned: Vec<(Claim, WriteResult)> = works
+            .iter()
+            .zip(&decided)
+            .map(|(work, (result, _))| (work.claim.clone(), result.clone()))
+            .collect();
+        let completions = overlapped(
+            owned
+                .into_iter()
+                .map(|(claim, result)| async move { self.store.complete_write(&claim, result, now).await }),
+        )
+        .await;
+        let mut failed: Option<StateError> = None;
+        let mut recorded = Vec::with_capacity(completions.len());
+        for (work, completion) in works.iter().zip(completions) {
+            match completion {
+                Ok(c) => {
+                    completed.insert(work.claim.id);
+                    crash::point("write.recorded");
+                    recorded.push(c);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            // The records not recorded are released by the caller.
+            return Err(fail(e, &completed));
+        }
+        for ((work, (_, wrote)), completion) in works.into_iter().zip(decided).zip(recorded) {
             let wrote = match completion {
                 Completion::Completed => wrote,
                 Completion::Superseded => {
@@ -540,12 +602,16 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         self.share_budget().await;
         let ttl = i64::from(self.config.sync.claim_ttl_seconds) * 1000;
         let now = self.now();
-        let checks = works
+        let claims: Vec<(usize, Claim)> = works
             .iter()
             .enumerate()
             .filter(|(_, w)| w.ok() && needs(w))
-            .map(|(i, w)| async move { (i, self.store.renew_claim(&w.claim, ttl, now).await) });
-        for (i, renewed) in futures_util::future::join_all(checks).await {
+            .map(|(i, w)| (i, w.claim.clone()))
+            .collect();
+        let checks = claims
+            .into_iter()
+            .map(|(i, claim)| async move { (i, self.store.renew_claim(&claim, ttl, now).await) });
+        for (i, renewed) in overlapped(checks).await {
             match renewed? {
                 Some(claim) => works[i].claim = claim,
                 None => {

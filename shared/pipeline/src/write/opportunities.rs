@@ -250,7 +250,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             async move { (index, self.store.record_planned(&claim, &sending, ttl, now).await) }
         });
         let mut lost = BTreeSet::new();
-        for (index, recorded) in futures_util::future::join_all(calls).await {
+        for (index, recorded) in overlapped(calls).await {
             let work = &mut works[index];
             match recorded {
                 Ok(Some(claim)) => work.claim = claim,

@@ -115,7 +115,13 @@ struct Hooks {
     inner: SqliteStore,
     hook: Arc<Mutex<Option<Hook>>>,
     fail_completions: Arc<AtomicI64>,
+    /// When set, each claim, renewal and completion takes a DynamoDB-like round trip (5 ms) and
+    /// is recorded (start, end).
+    round_trips: Arc<Mutex<Option<Vec<Trip>>>>,
 }
+
+/// A traced store round trip: when it started and ended.
+type Trip = (Instant, Instant);
 
 impl Hooks {
     fn new() -> Hooks {
@@ -123,7 +129,38 @@ impl Hooks {
             inner: sqlite(),
             hook: Arc::new(Mutex::new(None)),
             fail_completions: Arc::new(AtomicI64::new(0)),
+            round_trips: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Runs `call` as a round trip when round trips are traced.
+    async fn round_trip<T>(&self, call: impl Future<Output = T>) -> T {
+        if self.round_trips.lock().unwrap().is_none() {
+            return call.await;
+        }
+        let start = Instant::now();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let out = call.await;
+        if let Some(trips) = self.round_trips.lock().unwrap().as_mut() {
+            trips.push((start, Instant::now()));
+        }
+        out
+    }
+
+    /// The round trips traced, and the longest chain of them that ran one after another (the
+    /// critical path, in round trips).
+    fn critical_path(&self) -> (usize, usize) {
+        let mut trips = self.round_trips.lock().unwrap().clone().unwrap_or_default();
+        trips.sort();
+        let mut chain = vec![1usize; trips.len()];
+        for i in 0..trips.len() {
+            for j in 0..i {
+                if trips[j].1 <= trips[i].0 {
+                    chain[i] = chain[i].max(chain[j] + 1);
+                }
+            }
+        }
+        (trips.len(), chain.into_iter().max().unwrap_or(0))
     }
 
     async fn run(&self) {
@@ -175,7 +212,7 @@ impl StateStore for Hooks {
         done
     }
     async fn renew_claim(&self, claim: &Claim, ttl_ms: i64, now: Millis) -> Result<Option<Claim>, StateError> {
-        self.inner.renew_claim(claim, ttl_ms, now).await
+        self.round_trip(self.inner.renew_claim(claim, ttl_ms, now)).await
     }
     async fn record_planned(
         &self,
@@ -184,7 +221,8 @@ impl StateStore for Hooks {
         ttl_ms: i64,
         now: Millis,
     ) -> Result<Option<Claim>, StateError> {
-        self.inner.record_planned(claim, roles, ttl_ms, now).await
+        self.round_trip(self.inner.record_planned(claim, roles, ttl_ms, now))
+            .await
     }
     async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
         self.inner.release(claim, now).await
@@ -205,7 +243,7 @@ impl StateStore for Hooks {
         ttl_ms: i64,
         now: Millis,
     ) -> Result<Option<(Claim, OpportunityState)>, StateError> {
-        self.inner.claim(id, from, ttl_ms, now).await
+        self.round_trip(self.inner.claim(id, from, ttl_ms, now)).await
     }
     async fn complete_transform(
         &self,
@@ -213,7 +251,7 @@ impl StateStore for Hooks {
         result: TransformResult,
         now: Millis,
     ) -> Result<Completion, StateError> {
-        self.inner.complete_transform(claim, result, now).await
+        self.round_trip(self.inner.complete_transform(claim, result, now)).await
     }
     async fn complete_write(&self, claim: &Claim, result: WriteResult, now: Millis) -> Result<Completion, StateError> {
         if self.fail_completions.fetch_sub(1, Ordering::SeqCst) > 0 {
@@ -222,7 +260,7 @@ impl StateStore for Hooks {
                 message: "the process died before recording the write (a fault the test scheduled)".into(),
             });
         }
-        self.inner.complete_write(claim, result, now).await
+        self.round_trip(self.inner.complete_write(claim, result, now)).await
     }
     async fn get(&self, id: OpportunityId) -> Result<Option<OpportunityState>, StateError> {
         self.inner.get(id).await
@@ -626,4 +664,33 @@ async fn two_writers_needing_the_same_new_contact_create_one_lead() {
         .filter(|(e, _)| e == "grace@navy.example")
         .count();
     assert!(grace_roles >= 1, "{:?}", roles_of(&mk, 6));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_store_round_trips_overlap_instead_of_one_after_another() {
+    // 60 opportunities; each claim, renewal and completion takes a 5 ms round trip, as on
+    // DynamoDB. One after another, the transform and the write would chain at least 60 each.
+    let dv = dataverse(&[2]);
+    let template = rows("opportunities.json")
+        .into_iter()
+        .find(|r| r["opportunityid"] == o(2).as_str())
+        .unwrap();
+    for n in 100..160 {
+        let mut row = template.clone();
+        row["opportunityid"] = json!(o(n));
+        dv.upsert_opportunity(row);
+    }
+    let mk = MemoryMarketo::default();
+    let store = Hooks::new();
+    let p = Pipeline::new(store.clone(), dv.clone(), mk.clone(), Config::default(), "overlap");
+    let poll = p.poll(None).await.unwrap();
+    assert!(poll.caught_up, "{poll:?}");
+    *store.round_trips.lock().unwrap() = Some(Vec::new());
+    let report = p.drain(|_, _| {}).await.unwrap();
+    assert_eq!((report.written, report.failed), (61, 0), "{report:?}");
+    let (trips, critical) = store.critical_path();
+    eprintln!("{trips} store round trips for 61 opportunities; critical path {critical}");
+    assert!(trips >= 5 * 61, "{trips}");
+    // Claims, completions, renewals and planned roles go out 16 at once: a few waves per step.
+    assert!(critical <= 40, "{critical} round trips one after another");
 }

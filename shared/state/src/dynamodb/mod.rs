@@ -65,10 +65,29 @@ pub struct DynamoStore {
     writes: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// A request that hangs (a stalled connection, a server that stopped answering) is abandoned
+/// and retried by the SDK after this long; a store call gives up after [`CALL_TIMEOUT`]. Without
+/// them a batch's overlapped calls could wait forever on one stalled connection.
+const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 impl DynamoStore {
     pub fn new(client: Client, table: impl Into<String>) -> Self {
+        let unbounded = client
+            .config()
+            .timeout_config()
+            .is_none_or(|t| t.operation_attempt_timeout().is_none());
+        let mut config = client.config().to_builder();
+        if unbounded {
+            config = config.timeout_config(
+                aws_sdk_dynamodb::config::timeout::TimeoutConfig::builder()
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                    .operation_timeout(CALL_TIMEOUT)
+                    .build(),
+            );
+        }
         DynamoStore {
-            client,
+            client: Client::from_conf(config.build()),
             table: Arc::from(table.into()),
             writes: Arc::default(),
         }
