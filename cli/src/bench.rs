@@ -325,7 +325,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     if let Some(p) = peak {
         println_or_err(args.json, &format!("Peak memory: {:.0} MB", p as f64 / 1_048_576.0));
     }
-    let _ = std::fs::remove_file(&state);
+    crate::context::remove_state(&state);
     let differences = after["differences"].as_u64().unwrap_or(u64::MAX);
     if args.json {
         println!("{report}");

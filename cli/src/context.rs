@@ -8,7 +8,7 @@ use oppsync_dynamics::{DataverseClient, DataverseSettings};
 use oppsync_marketo::{Limiter, MarketoClient, MarketoSettings};
 use oppsync_pipeline::config::MAX_CONFIG_BYTES;
 use oppsync_pipeline::{Config, Pipeline};
-use oppsync_state::{DynamoStore, SqliteStore};
+use oppsync_state::{DynamoStore, FileProblem, SqliteStore};
 
 use crate::CliError;
 
@@ -118,49 +118,77 @@ pub enum Store {
     Dynamo(DynamoStore),
 }
 
-/// Whether a command may create a new SQLite file, or needs an existing one.
+/// How a command opens a SQLite state file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Open {
+    /// For reading and writing (creating it if there is none), with this process alone on it.
     CreateIfMissing,
-    Existing,
+    /// For reading only, changing and creating nothing; there must be one.
+    ReadOnly,
+    /// For reading only; with no file yet, an empty state (what `plan` sees before a sync).
+    ReadOnlyOrEmpty,
 }
 
 pub async fn open_store(args: &StateArgs, open: Open) -> Result<Store, CliError> {
     if let Some(table) = &args.table {
-        if table.trim().is_empty() {
-            return Err(CliError::Usage("--table is empty. Fix: name the DynamoDB table".into()));
+        let table =
+            oppsync_support::input::text("--table", table, 255, false).map_err(|e| CliError::Usage(e.to_string()))?;
+        // DynamoDB's rule for table names: 3 to 255 of a-z, A-Z, 0-9, `_`, `-` and `.`.
+        if table.len() < 3 || !table.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+            return Err(CliError::Usage(format!(
+                "--table {} is not a DynamoDB table name. Fix: give the table's name (3 to 255 of letters, digits, `_`, `-` and `.`), as the stack's outputs show it",
+                oppsync_support::input::shown(table)
+            )));
         }
         return Ok(Store::Dynamo(DynamoStore::connect(table, None).await));
     }
     let path = args.state.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE));
-    if open == Open::Existing && !path.exists() {
-        return Err(CliError::Usage(format!(
-            "there is no state at {}. Fix: run `oppsync sync` first, or point --state at the file it wrote",
-            path.display()
-        )));
+    if open != Open::CreateIfMissing {
+        lock_shared(&path);
+        return match SqliteStore::open_read_only(&path) {
+            Ok(store) => Ok(Store::Sqlite(store)),
+            Err(oppsync_state::StateError::File {
+                problem: FileProblem::Missing,
+                ..
+            }) if open == Open::ReadOnlyOrEmpty => SqliteStore::empty()
+                .map(Store::Sqlite)
+                .map_err(|e| CliError::Fatal(format!("state store: {e}"))),
+            Err(e) => Err(state_file_error(e)),
+        };
     }
-    let store = SqliteStore::open(&path).map_err(|e| {
-        CliError::Fatal(format!(
-            "cannot open the state file {}: {e}. Fix: give --state a path in a writable directory",
-            path.display()
-        ))
-    })?;
-    if open == Open::CreateIfMissing {
-        lock_exclusively(&path)?;
-        // This process is now the only one on the file: what an earlier run that died held
-        // (claims, the poller's lease) is free at once, not when it expires.
-        let freed = store
-            .release_abandoned()
-            .await
-            .map_err(|e| CliError::Fatal(format!("state store: {e}")))?;
-        if freed > 0 {
-            tracing::warn!(
-                records = freed,
-                "freed the claims an earlier run left behind when it stopped"
-            );
-        }
+    let store = SqliteStore::open(&path).map_err(state_file_error)?;
+    lock_exclusively(&path)?;
+    // This process is now the only one on the file: what an earlier run that died held
+    // (claims, the poller's lease) is free at once, not when it expires.
+    let freed = store
+        .release_abandoned()
+        .await
+        .map_err(|e| CliError::Fatal(format!("state store: {e}")))?;
+    if freed > 0 {
+        tracing::warn!(
+            records = freed,
+            "freed the claims an earlier run left behind when it stopped"
+        );
     }
     Ok(Store::Sqlite(store))
+}
+
+/// A state file the flags name that cannot be used: a wrong path is a bad argument (exit 2),
+/// the right file unusable is fatal (exit 3).
+pub fn state_file_error(e: oppsync_state::StateError) -> CliError {
+    match &e {
+        oppsync_state::StateError::File { problem, .. } if problem.is_wrong_path() => CliError::Usage(e.to_string()),
+        _ => CliError::Fatal(e.to_string()),
+    }
+}
+
+/// Removes a temporary state file and the files SQLite and the lock keep beside it.
+pub fn remove_state(path: &Path) {
+    for suffix in ["", "-wal", "-shm", ".lock"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(file));
+    }
 }
 
 /// The OS lock on `<state>.lock`, held until the process exits.
@@ -168,7 +196,7 @@ static STATE_LOCK: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new
 
 /// Takes an exclusive OS lock beside the state file, so two `oppsync` runs never share one
 /// SQLite state (the lock dies with the process, however it ends).
-fn lock_exclusively(path: &Path) -> Result<(), CliError> {
+pub fn lock_exclusively(path: &Path) -> Result<(), CliError> {
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
@@ -184,12 +212,25 @@ fn lock_exclusively(path: &Path) -> Result<(), CliError> {
             Ok(())
         }
         Err(std::fs::TryLockError::WouldBlock) => Err(CliError::Fatal(format!(
-            "another oppsync is using the state {}; wait for it to finish (or use another --state)",
+            "another oppsync command is using the state {}; wait for it to finish (or use another --state)",
             path.display()
         ))),
         Err(std::fs::TryLockError::Error(e)) => {
             Err(CliError::Fatal(format!("cannot lock {}: {e}", lock_path.display())))
         }
+    }
+}
+
+/// A reader's shared hold on `<state>.lock`, if the file is there (a reader creates nothing):
+/// while it is held no writer starts, so the state can be read without SQLite's side files. A
+/// writer already running keeps its write-ahead log open, and the state is read through it.
+fn lock_shared(path: &Path) {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    if let Ok(file) = std::fs::File::open(PathBuf::from(lock_path))
+        && file.try_lock_shared().is_ok()
+    {
+        let _ = STATE_LOCK.set(file);
     }
 }
 
@@ -209,11 +250,14 @@ macro_rules! with_store {
 /// so a mistake is found before anything is opened or read.
 #[macro_export]
 macro_rules! with_pipeline {
-    ($state:expr, |$p:ident| $body:expr) => {{
+    ($state:expr, |$p:ident| $body:expr) => {
+        $crate::with_pipeline!($state, $crate::context::Open::CreateIfMissing, |$p| $body)
+    };
+    ($state:expr, $open:expr, |$p:ident| $body:expr) => {{
         let state: &$crate::context::StateArgs = $state;
         let config = $crate::context::load_config(state.config.as_deref())?;
         let (dynamics, marketo) = $crate::context::endpoints(&config, |k| std::env::var(k).ok())?;
-        let store = $crate::context::open_store(state, $crate::context::Open::CreateIfMissing).await?;
+        let store = $crate::context::open_store(state, $open).await?;
         $crate::with_store!(store, |s| {
             let $p = $crate::context::pipeline(s, config, dynamics, marketo)?;
             $body

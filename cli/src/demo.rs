@@ -29,6 +29,7 @@ use oppsync_state::{SqliteStore, StateStore, Status};
 use serde_json::json;
 
 use crate::CliError;
+use crate::context;
 use crate::progress::Progress;
 
 #[derive(Debug, Args)]
@@ -71,20 +72,99 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     .await
     .map_err(fatal("starting the Marketo simulator"))?;
     let seeded = dv.seed(args.opportunities, args.seed, Mix::Realistic);
-    let state_path = args.state.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!(
-            "oppsync-demo-{}-{}.db",
-            std::process::id(),
-            started.elapsed().as_nanos()
-        ))
-    });
-    let store = SqliteStore::open(&state_path).map_err(|e| CliError::Fatal(e.to_string()))?;
+    let (state_path, temporary) = match &args.state {
+        Some(path) => (path.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!(
+                "oppsync-demo-{}-{}.db",
+                std::process::id(),
+                started.elapsed().as_nanos()
+            )),
+            true,
+        ),
+    };
+    if !temporary {
+        refuse_used_state(&state_path)?;
+    }
+    let store = SqliteStore::open(&state_path).map_err(context::state_file_error)?;
+    context::lock_exclusively(&state_path)?;
+    let outcome = tokio::select! {
+        outcome = demo(store.clone(), &dv, &mk, &seeded, &state_path, temporary, started) => outcome,
+        signal = interrupted() => {
+            eprintln!("oppsync demo: stopped by {signal}");
+            Ok(ExitCode::from(match signal { "SIGTERM" => 143, _ => 130 }))
+        }
+    };
+    if temporary {
+        context::remove_state(&state_path);
+    } else {
+        // The kept file holds no claim or lease of this run's: a later command need not wait
+        // for them to expire.
+        let _ = store.release_abandoned().await;
+    }
+    outcome
+}
+
+/// The demo starts from an empty state every run (its simulators are new each time, and a
+/// stored cursor would point at the last run's): a file that holds state already is refused,
+/// never emptied, since it may be a real sync's.
+fn refuse_used_state(path: &std::path::Path) -> Result<(), CliError> {
+    match SqliteStore::open_read_only(path) {
+        Err(oppsync_state::StateError::File {
+            problem: oppsync_state::FileProblem::Missing,
+            ..
+        }) => Ok(()),
+        Ok(_)
+        | Err(oppsync_state::StateError::File {
+            problem: oppsync_state::FileProblem::Older { .. },
+            ..
+        }) => Err(CliError::Usage(format!(
+            "the state file {} holds an earlier run's state, and the demo starts from an empty state each time (its simulators are new). Fix: remove the file, or give --state a new path",
+            path.display()
+        ))),
+        Err(e) => Err(context::state_file_error(e)),
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM; names the one that came.
+async fn interrupted() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
+/// The demo itself, on a state opened for it.
+async fn demo(
+    store: SqliteStore,
+    dv: &DataverseSim,
+    mk: &MarketoSim,
+    seeded: &Seeded,
+    state_path: &std::path::Path,
+    temporary: bool,
+    started: Instant,
+) -> Result<ExitCode, CliError> {
     let config =
         Config::from_toml(DEMO_CONFIG, "the demo's configuration").map_err(|e| CliError::Usage(e.to_string()))?;
     let pipeline = Pipeline::new(
         store,
-        dataverse_client(&dv)?,
-        marketo_client(&mk)?,
+        dataverse_client(dv)?,
+        marketo_client(mk)?,
         config,
         format!("oppsync-demo-{}", std::process::id()),
     );
@@ -94,26 +174,34 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         seeded.opportunities.len(),
         seeded.accounts.len(),
         seeded.contacts.len(),
-        state_path.display()
+        if temporary {
+            "a temporary file, removed at the end".to_owned()
+        } else {
+            format!(
+                "{} (kept: `oppsync status --state {}` reads it)",
+                state_path.display(),
+                state_path.display()
+            )
+        }
     );
     println!("Marketo's 20 s rate window is compressed to 1 s: the same calls, without the waiting.\n");
 
-    let initial = round(&pipeline, &dv, &mk, "initial sync", seeded.opportunities.len()).await?;
+    let initial = round(&pipeline, dv, mk, "initial sync", seeded.opportunities.len()).await?;
 
-    let script = change_dynamics(&dv, &seeded);
+    let script = change_dynamics(dv, seeded);
     println!("\nChanged in Dynamics:");
     for line in &script.lines {
         println!("  - {line}");
     }
     println!();
-    let incremental = round(&pipeline, &dv, &mk, "incremental sync", script.lines.len()).await?;
+    let incremental = round(&pipeline, dv, mk, "incremental sync", script.lines.len()).await?;
 
     // The end state, by the rules.
     let rules = Rules {
         sync_filter: Some(SYNC_FILTER.into()),
         ..Rules::default()
     };
-    let expected = oracle::expected(&dv, &rules);
+    let expected = oracle::expected(dv, &rules);
     let snapshot = mk.snapshot();
     let mut diff = oracle::differences(&expected, &snapshot, &BTreeSet::from([script.excluded.clone()]));
     let excluded_name = snapshot

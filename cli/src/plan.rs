@@ -13,7 +13,7 @@ use oppsync_state::{OpportunityState, StateStore, Status};
 use serde_json::{Value, json};
 
 use crate::CliError;
-use crate::context::{StateArgs, fatal};
+use crate::context::{Open, StateArgs, fatal};
 use crate::with_pipeline;
 
 #[derive(Debug, Args)]
@@ -29,7 +29,10 @@ pub struct PlanArgs {
 }
 
 pub async fn run(args: PlanArgs) -> Result<ExitCode, CliError> {
-    with_pipeline!(&args.state, |pipeline| plan(&pipeline, args.all, args.json).await)
+    with_pipeline!(&args.state, Open::ReadOnlyOrEmpty, |pipeline| plan(
+        &pipeline, args.all, args.json
+    )
+    .await)
 }
 
 async fn plan<S: StateStore>(pipeline: &Pipeline<S>, all: bool, json_out: bool) -> Result<ExitCode, CliError> {

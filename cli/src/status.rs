@@ -31,7 +31,7 @@ fn now_ms() -> i64 {
 
 pub async fn status(args: StatusArgs) -> Result<ExitCode, CliError> {
     let config = context::load_config(args.state.config.as_deref())?;
-    let store = context::open_store(&args.state, Open::Existing).await?;
+    let store = context::open_store(&args.state, Open::ReadOnly).await?;
     let view = with_store!(store, |s| status_view(&s, &config, now_ms()).await)?;
     if args.json {
         println!("{view}");
@@ -126,7 +126,7 @@ pub struct ErrorsArgs {
 }
 
 pub async fn errors(args: ErrorsArgs) -> Result<ExitCode, CliError> {
-    let store = context::open_store(&args.state, Open::Existing).await?;
+    let store = context::open_store(&args.state, Open::ReadOnly).await?;
     let failed = with_store!(store, |s| failed_records(&s).await)?;
     let needle = args.search.as_deref().map(str::to_lowercase);
     let rows: Vec<Value> = failed

@@ -9,6 +9,7 @@ use clap::Args;
 use oppsync_dynamics::{ChangeDetection, DataverseClient, EntitySet};
 use oppsync_marketo::{Limiter, MarketoClient};
 use oppsync_pipeline::Config;
+use oppsync_state::{FileProblem, SCHEMA_VERSION, StateError};
 use serde_json::{Value, json};
 
 use crate::CliError;
@@ -210,31 +211,25 @@ async fn state_check(checks: &mut Checks, args: &StateArgs) {
         return;
     }
     let path = args.state.clone().unwrap_or_else(|| context::DEFAULT_STATE.into());
-    if !path.exists() {
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        if dir.is_dir() {
-            checks.pass(
-                "state",
-                format!("{} does not exist yet; `oppsync sync` creates it", path.display()),
-            );
-        } else {
-            checks.fail(
-                "state",
-                format!("{} is not a directory", dir.display()),
-                "give --state a path in an existing, writable directory",
-            );
+    let shown = path.display();
+    // Read only: validating never creates or changes the file.
+    match oppsync_state::SqliteStore::open_read_only(&path) {
+        Ok(_) if std::fs::metadata(&path).is_ok_and(|m| m.permissions().readonly()) => {
+            let problem = FileProblem::ReadOnly;
+            checks.fail("state", format!("{shown}: {problem}"), &problem.fix());
         }
-        return;
-    }
-    match oppsync_state::SqliteStore::open(&path) {
-        Ok(_) => checks.pass("state", format!("{} opens", path.display())),
-        Err(e) => checks.fail(
+        Ok(_) => checks.pass(
             "state",
-            e.to_string(),
-            "give --state a readable, writable SQLite file oppsync wrote",
+            format!("{shown} is oppsync's state (schema {SCHEMA_VERSION})"),
         ),
+        Err(StateError::File { problem, .. }) => match problem {
+            FileProblem::Missing => checks.pass("state", format!("{shown} does not exist yet; `oppsync sync` creates it")),
+            FileProblem::Older { found, known } => checks.pass(
+                "state",
+                format!("{shown} was written by an older oppsync (schema {found}); the next sync brings it to schema {known}"),
+            ),
+            problem => checks.fail("state", format!("{shown}: {problem}"), &problem.fix()),
+        },
+        Err(e) => checks.fail("state", e.to_string(), "point --state at oppsync's state file, or at a new path"),
     }
 }

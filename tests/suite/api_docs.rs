@@ -354,7 +354,7 @@ fn dataverse(server: &Canned) -> DataverseClient {
     let mut settings = DataverseSettings::new(
         &server.url(),
         "tenant",
-        "client-id",
+        "00000000-0000-4000-8000-0000000c1e47",
         oppsync_dynamics::Secret::from("client-secret"),
         Some(&format!("{}{TOKEN}", server.url())),
     )
@@ -547,7 +547,7 @@ async fn dataverse_an_absurd_token_lifetime_does_not_panic() {
     let settings = DataverseSettings::new(
         &server.url(),
         "tenant",
-        "client-id",
+        "00000000-0000-4000-8000-0000000c1e47",
         oppsync_dynamics::Secret::from("client-secret"),
         Some(&format!("{}{TOKEN}", server.url())),
     )

@@ -69,6 +69,15 @@ async fn bad_configuration_files_are_refused_with_the_key_and_the_fix() {
             "[[mapping.fields]]\nmarketo = \"x\"\ndataverse = \"y\"\ntype = \"text\"\n",
             "type",
         ),
+        // Issue 19: these were reported by byte offset alone.
+        (
+            "[sync]\nbatch_size = 10\nbatch_size = 20\n",
+            "line 3, column 1: `batch_size = 20`",
+        ),
+        (
+            "[sync]\nmax_attempts = 99999999999999999999999\n",
+            "line 2, column 16: `max_attempts",
+        ),
     ];
     for (text, names) in cases {
         let config = config_file(text);
@@ -89,6 +98,11 @@ async fn bad_configuration_files_are_refused_with_the_key_and_the_fix() {
         missing.stderr.contains("/nonexistent/oppsync.toml") && missing.stderr.contains("Fix"),
         "{missing:?}"
     );
+    // A long value is not echoed back whole.
+    let long = config_file(&format!("[sync]\nbatch_size = \"{}\n", "x".repeat(200_000)));
+    let run = oppsync(&["sync", "--state", s(&state), "--config", s(&long)], &env).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.len() < 2_000, "{} bytes of stderr", run.stderr.len());
     // Endless input is read only as far as a configuration can go (it once filled memory).
     let endless = oppsync(&["sync", "--state", s(&state), "--config", "/dev/zero"], &env).await;
     assert_eq!(endless.code, 2, "{endless:?}");
@@ -127,6 +141,54 @@ async fn plain_http_to_a_remote_host_is_refused_for_either_system() {
         .await;
         assert_eq!(run.code, 2, "{run:?}");
         assert!(run.stderr.contains(system) && run.stderr.contains("https"), "{run:?}");
+    }
+    assert_eq!(sims.dv.requests() + sims.mk.rest_calls(), 0);
+}
+
+/// Issue 19, item 3: every environment value is checked for its shape where it enters, the
+/// refusal names the variable and the fix, shows at most a short prefix (never a secret), and
+/// exits 2 before anything is read or created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_environment_value_is_checked_for_its_shape() {
+    let sims = sims().await;
+    let env = env_for(&sims);
+    let huge = format!("https://{}.crm.dynamics.com", "x".repeat(100_000));
+    for (name, value, says) in [
+        ("DYNAMICS_TENANT_ID", "../../attacker.example/x", "is not a GUID"),
+        ("DYNAMICS_CLIENT_ID", "my app", "is not a GUID"),
+        ("DYNAMICS_URL", huge.as_str(), "characters long"),
+        (
+            "DYNAMICS_URL",
+            "https://me:hunter2@crm.example.com",
+            "user name or password",
+        ),
+        (
+            "MARKETO_URL",
+            "https://123-abc-456.mktorest.com\u{1b}[2J",
+            "control character",
+        ),
+        ("MARKETO_CLIENT_ID", "abc\tdef", "control character"),
+        ("MARKETO_CLIENT_SECRET", "hunter2\u{1}", "control character"),
+    ] {
+        let mut env = with(&env, name, value);
+        if name == "DYNAMICS_TENANT_ID" {
+            env.retain(|(k, _)| k != "DYNAMICS_TOKEN_URL");
+        }
+        let state = state_path();
+        let run = oppsync(&["sync", "--state", s(&state)], &env).await;
+        assert_eq!(run.code, 2, "{name}: {run:?}");
+        assert!(
+            run.stderr.contains(name) && run.stderr.contains(says) && run.stderr.contains("Fix:"),
+            "{name}: {run:?}"
+        );
+        assert!(run.stderr.len() < 1_000, "{name}: {} bytes of stderr", run.stderr.len());
+        assert!(!run.stderr.contains("hunter2"), "{name}: {run:?}");
+        assert!(!state.exists(), "{name}: the state was created");
+    }
+    for table in ["", "a", "my table", "t\u{7}x"] {
+        let run = oppsync(&["status", "--table", table], &[]).await;
+        assert_eq!(run.code, 2, "{table:?}: {run:?}");
+        assert!(run.stderr.contains("--table") && run.stderr.contains("Fix:"), "{run:?}");
     }
     assert_eq!(sims.dv.requests() + sims.mk.rest_calls(), 0);
 }
@@ -230,16 +292,19 @@ async fn an_unwritable_state_file_is_refused_before_anything_is_read() {
     let file = config_file("not a directory");
     let inside = file.join("state.db");
     let run = oppsync(&["sync", "--state", s(&inside)], &env).await;
-    assert_eq!(run.code, 3, "{run:?}");
+    assert_eq!(run.code, 2, "{run:?}");
     assert!(
-        run.stderr.contains("cannot open the state file") && run.stderr.contains("Fix"),
+        run.stderr.contains("is not an existing directory") && run.stderr.contains("Fix"),
         "{run:?}"
     );
     assert_eq!(sims.dv.requests(), 0);
     for command in ["status", "errors"] {
         let missing = oppsync(&[command, "--state", "/nonexistent/state.db"], &[]).await;
         assert_eq!(missing.code, 2, "{command}: {missing:?}");
-        assert!(missing.stderr.contains("no state at"), "{missing:?}");
+        assert!(
+            missing.stderr.contains("/nonexistent is not an existing directory"),
+            "{missing:?}"
+        );
     }
 }
 

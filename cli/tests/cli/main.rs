@@ -7,3 +7,4 @@ mod bad_input;
 mod commands;
 mod common;
 mod crash;
+mod state_files;

@@ -2,6 +2,7 @@
 //! loopback only), the app registration's credentials, and the tables oppsync reads.
 
 use super::*;
+use oppsync_support::input;
 
 /// A secret (the client secret, a token): `secrecy`'s string, which never prints.
 pub use secrecy::{ExposeSecret, SecretString as Secret};
@@ -61,28 +62,9 @@ pub struct DataverseSettings {
     pub concurrency: usize,
 }
 
-pub(crate) fn loopback(url: &Url) -> bool {
-    let host = url
-        .host_str()
-        .unwrap_or("")
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-pub(crate) fn checked_url(name: &str, text: &str) -> Result<Url, DataverseError> {
-    let url = Url::parse(text.trim()).map_err(|_| DataverseError::Settings(format!("{name} `{text}` is not a URL")))?;
-    match url.scheme() {
-        "https" => Ok(url),
-        "http" if loopback(&url) => Ok(url),
-        _ => Err(DataverseError::Settings(format!(
-            "{name} `{text}` must use https:// (plain http is only for loopback simulators)"
-        ))),
-    }
-}
-
 impl DataverseSettings {
     /// `token_url` overrides `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token`.
+    /// Each value is checked as it enters (shared with every entry point: `oppsync_support::input`).
     pub fn new(
         environment: &str,
         tenant_id: &str,
@@ -90,35 +72,64 @@ impl DataverseSettings {
         client_secret: Secret,
         token_url: Option<&str>,
     ) -> Result<Self, DataverseError> {
-        let mut environment = checked_url("DYNAMICS_URL", environment)?;
+        let refused = |e: input::InputError| DataverseError::Settings(e.to_string());
+        let mut environment =
+            input::endpoint_url("DYNAMICS_URL", environment, "https://contoso.crm.dynamics.com").map_err(refused)?;
         environment.set_path("/");
+        environment.set_query(None);
+        environment.set_fragment(None);
         let token_url = match token_url {
-            Some(t) => checked_url("DYNAMICS_TOKEN_URL", t)?,
+            Some(t) => input::endpoint_url(
+                "DYNAMICS_TOKEN_URL",
+                t,
+                "https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token",
+            )
+            .map_err(refused)?,
             None => {
-                if tenant_id.trim().is_empty() {
-                    return Err(DataverseError::Settings("DYNAMICS_TENANT_ID is empty".into()));
-                }
-                checked_url(
-                    "the Entra ID token URL",
-                    &format!(
-                        "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
-                        tenant_id.trim()
-                    ),
-                )?
+                let tenant = tenant(tenant_id).map_err(refused)?;
+                Url::parse(&format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"))
+                    .map_err(|e| DataverseError::Settings(format!("the Entra ID token URL: {e}")))?
             }
         };
-        if client_id.trim().is_empty() || client_secret.expose_secret().is_empty() {
-            return Err(DataverseError::Settings(
-                "DYNAMICS_CLIENT_ID and DYNAMICS_CLIENT_SECRET must both be set".into(),
-            ));
-        }
+        let client_id = input::guid(
+            "DYNAMICS_CLIENT_ID",
+            client_id,
+            "use the app registration's Application (client) ID, a GUID (Entra admin center > App registrations)",
+        )
+        .map_err(refused)?;
+        input::text(
+            "DYNAMICS_CLIENT_SECRET",
+            client_secret.expose_secret(),
+            input::MAX_TEXT,
+            true,
+        )
+        .map_err(refused)?;
         Ok(DataverseSettings {
             environment,
             token_url,
-            client_id: client_id.trim().to_owned(),
+            client_id,
             client_secret,
             page_size: 5000,
             concurrency: 4,
         })
+    }
+}
+
+/// The Directory (tenant) ID: a GUID, or one of the tenant's domain names (Entra ID accepts
+/// both in the token URL); nothing that could change the URL's path.
+fn tenant(value: &str) -> Result<String, input::InputError> {
+    let fix = "use the Directory (tenant) ID, a GUID (Entra admin center > Overview)";
+    if let Ok(guid) = input::guid("DYNAMICS_TENANT_ID", value, fix) {
+        return Ok(guid);
+    }
+    let name = input::text("DYNAMICS_TENANT_ID", value, 253, false)?;
+    let domain = name.contains('.')
+        && name.split('.').all(|label| {
+            !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if domain {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        input::guid("DYNAMICS_TENANT_ID", value, fix)
     }
 }

@@ -25,7 +25,7 @@ pub const ENV_MARKETO_SHARE: &str = "MARKETO_BUDGET_SHARE";
 pub enum ColdStartError {
     #[error("missing environment variables: {}; the SAM template sets them, check the function's configuration", .0.join(", "))]
     MissingEnv(Vec<&'static str>),
-    #[error("{name} is `{value}`: {problem}")]
+    #[error("{name} is {value}: {problem}")]
     BadEnv {
         name: &'static str,
         value: String,
@@ -110,16 +110,16 @@ impl Env {
         }
         let marketo_share = match get(ENV_MARKETO_SHARE) {
             None => 1,
-            Some(text) => match text.trim().parse::<u32>() {
-                Ok(n @ 1..=10) => n,
-                _ => {
-                    return Err(ColdStartError::BadEnv {
-                        name: ENV_MARKETO_SHARE,
-                        value: text,
-                        problem: "must be a whole number from 1 to 10 (the reserved concurrency of the functions that write to Marketo)".into(),
-                    });
+            Some(text) => oppsync_support::input::number(ENV_MARKETO_SHARE, &text, 1..=10).map_err(|e| {
+                ColdStartError::BadEnv {
+                    name: ENV_MARKETO_SHARE,
+                    value: oppsync_support::input::shown(&text),
+                    problem: format!(
+                        "{}; it is the reserved concurrency of the functions that write to Marketo",
+                        e.fix
+                    ),
                 }
-            },
+            })?,
         };
         Ok(Env {
             table,

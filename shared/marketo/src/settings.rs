@@ -1,23 +1,15 @@
 //! Where Marketo is and who we are: validated once, secrets never printable.
 
+use oppsync_support::input;
 use reqwest::Url;
 
 /// A secret (client secret, access token): `secrecy`'s string, which never prints and is wiped
 /// when dropped; only `expose_secret` gives the text, at the one place it is sent.
 pub use secrecy::{ExposeSecret, SecretString as Secret};
 
-/// A problem with the Marketo settings.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SettingsError {
-    #[error("MARKETO_URL `{0}` is not a URL; use the instance's base URL, like https://123-ABC-456.mktorest.com")]
-    BadUrl(String),
-    #[error(
-        "MARKETO_URL `{0}` uses http:// for a host that is not this machine; use https:// (plain http is only for loopback simulators)"
-    )]
-    InsecureUrl(String),
-    #[error("{0} is empty; set it to the LaunchPoint service's value (Admin > LaunchPoint > View Details)")]
-    Empty(&'static str),
-}
+/// A problem with the Marketo settings: the value named, a short prefix of it (never of a
+/// secret) and the fix, as every entry point words it (`oppsync_support::input`).
+pub type SettingsError = oppsync_support::input::InputError;
 
 /// The Marketo instance and the API user's LaunchPoint credentials.
 #[derive(Clone, Debug)]
@@ -30,16 +22,7 @@ pub struct MarketoSettings {
 
 impl MarketoSettings {
     pub fn new(base: &str, client_id: &str, client_secret: Secret) -> Result<Self, SettingsError> {
-        let mut url = Url::parse(base.trim()).map_err(|_| SettingsError::BadUrl(base.to_owned()))?;
-        match url.scheme() {
-            "https" => {}
-            "http" if is_loopback(&url) => {}
-            "http" => return Err(SettingsError::InsecureUrl(base.to_owned())),
-            _ => return Err(SettingsError::BadUrl(base.to_owned())),
-        }
-        if url.host_str().is_none() {
-            return Err(SettingsError::BadUrl(base.to_owned()));
-        }
+        let mut url = input::endpoint_url("MARKETO_URL", base, "https://123-ABC-456.mktorest.com")?;
         // Accept the REST endpoint pasted in full: https://x.mktorest.com/rest -> the base.
         let path = url.path().trim_end_matches('/').to_owned();
         let path = path
@@ -47,25 +30,30 @@ impl MarketoSettings {
             .or_else(|| path.strip_suffix("/rest"))
             .unwrap_or(&path);
         url.set_path(&format!("{path}/"));
-        if client_id.trim().is_empty() {
-            return Err(SettingsError::Empty("MARKETO_CLIENT_ID"));
-        }
-        if client_secret.expose_secret().trim().is_empty() {
-            return Err(SettingsError::Empty("MARKETO_CLIENT_SECRET"));
-        }
+        url.set_query(None);
+        url.set_fragment(None);
+        let client_id = input::text("MARKETO_CLIENT_ID", client_id, input::MAX_TEXT, false)
+            .map_err(launchpoint)?
+            .to_owned();
+        input::text(
+            "MARKETO_CLIENT_SECRET",
+            client_secret.expose_secret(),
+            input::MAX_TEXT,
+            true,
+        )
+        .map_err(launchpoint)?;
         Ok(MarketoSettings {
             base: url,
-            client_id: client_id.trim().to_owned(),
+            client_id,
             client_secret,
         })
     }
 }
 
-/// 127.0.0.0/8, ::1 and localhost.
-pub(crate) fn is_loopback(url: &Url) -> bool {
-    let Some(host) = url.host_str() else { return false };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+/// Where the LaunchPoint values are found, as the fix for an empty or malformed one.
+fn launchpoint(mut e: SettingsError) -> SettingsError {
+    e.fix = format!("{}; copy it from Admin > LaunchPoint > View Details", e.fix);
+    e
 }
 
 #[cfg(test)]
@@ -85,18 +73,24 @@ mod tests {
     fn plain_http_to_another_host_is_refused_with_the_fix() {
         let err = MarketoSettings::new("http://123-ABC-456.mktorest.com", "id", Secret::from("s")).unwrap_err();
         assert!(err.to_string().contains("use https://"), "{err}");
-        assert!(matches!(
-            MarketoSettings::new("http://10.0.0.1", "id", Secret::from("s")),
-            Err(SettingsError::InsecureUrl(_))
-        ));
-        assert!(matches!(
-            MarketoSettings::new("not a url", "id", Secret::from("s")),
-            Err(SettingsError::BadUrl(_))
-        ));
-        assert!(matches!(
-            MarketoSettings::new("https://x.mktorest.com", " ", Secret::from("s")),
-            Err(SettingsError::Empty("MARKETO_CLIENT_ID"))
-        ));
+        for (url, client_id, problem) in [
+            (
+                "http://10.0.0.1",
+                "id",
+                "uses http:// for a host that is not this machine",
+            ),
+            ("not a url", "id", "is not a URL"),
+            ("https://x.mktorest.com", " ", "is empty"),
+            ("https://x.mktorest.com", "id\n2", "holds a control character"),
+        ] {
+            let err = MarketoSettings::new(url, client_id, Secret::from("s")).unwrap_err();
+            assert!(err.to_string().contains(problem), "{url} {client_id:?}: {err}");
+        }
+        let err = MarketoSettings::new("https://x.mktorest.com", "id", Secret::from("hunter2\u{0}")).unwrap_err();
+        assert!(
+            err.name == "MARKETO_CLIENT_SECRET" && !err.to_string().contains("hunter2"),
+            "{err}"
+        );
     }
 
     #[test]

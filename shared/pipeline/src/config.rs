@@ -97,9 +97,9 @@ impl Config {
         }
         let table: toml::Table = toml::from_str(document).map_err(|e| {
             fail(vec![format!(
-                "not valid TOML: {}{}",
-                e.message(),
-                e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default()
+                "not valid TOML: {}{}. Fix: correct that line",
+                e.message().trim_end_matches('\n'),
+                e.span().map(|s| where_in(document, s.start)).unwrap_or_default()
             )])
         })?;
         let mut problems = Vec::new();
@@ -186,4 +186,19 @@ fn sync_section(table: &toml::Table, problems: &mut Vec<String>) -> Option<SyncO
         ));
     }
     (problems.len() == before).then_some(options)
+}
+
+/// Where a byte offset falls, as a person finds it: the line, the column, and the start of the
+/// line (cut short, so a long value is not echoed back whole).
+fn where_in(document: &str, offset: usize) -> String {
+    let offset = offset.min(document.len());
+    let before = document.get(..offset).unwrap_or(document);
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[start..].chars().count() + 1;
+    let text = document[start..].lines().next().unwrap_or("");
+    format!(
+        " (line {line}, column {column}: {})",
+        oppsync_support::input::shown(text)
+    )
 }

@@ -221,9 +221,23 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             // Marketo may differ from what was recorded (a superseded write, a resync): write
             // even a plan whose hash matches.
             let force = force || state.rewrite;
-            let (result, outcome) = match plan {
-                Err(error) => (TransformResult::Failed(error.clone()), Transformed::Failed { error }),
-                Ok(plan) => {
+            let quarantined = state.unreadable.as_ref().filter(|_| !state.rewrite).map(|reason| {
+                sync_error(
+                    "transform",
+                    "unreadable-state",
+                    format!(
+                        "{reason}; `oppsync resync {}` plans and writes it afresh from Dynamics",
+                        claim.id
+                    ),
+                )
+            });
+            let (result, outcome) = match (quarantined, plan) {
+                // Part of its stored state cannot be read (edited by hand, damaged): failed with
+                // the reason, so the run goes on; a resync (`rewrite`) writes it afresh.
+                (Some(error), _) | (None, Err(error)) => {
+                    (TransformResult::Failed(error.clone()), Transformed::Failed { error })
+                }
+                (None, Ok(plan)) => {
                     let written = state.written.as_ref();
                     let unchanged = written.is_some_and(|w| w.hash == plan.hash) && plan.role_deletions.is_empty();
                     match &plan.action {

@@ -21,7 +21,7 @@ pub mod dynamodb;
 pub mod sqlite;
 
 pub use dynamodb::DynamoStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{FileProblem, SCHEMA_VERSION, SqliteStore};
 
 /// Unix time in milliseconds.
 pub type Millis = i64;
@@ -234,6 +234,11 @@ pub struct OpportunityState {
     /// may hold them (a timeout, a crash, a lost claim), so later plans delete against
     /// `written.roles` ∪ these. Cleared by the next completed write, whose `written` covers them.
     pub planned: Vec<WrittenRole>,
+    /// Why part of the stored state (the plan, what was written, the planned roles) could not
+    /// be read back, if it could not: that part reads as absent. The transformer quarantines
+    /// such a record as failed with this reason, unless a resync asked for it to be written
+    /// afresh, so that one bad item never stops the run.
+    pub unreadable: Option<String>,
     pub created_at: Millis,
     pub updated_at: Millis,
     /// When it entered its current status (oldest pending, error ledger's "last try").
@@ -322,6 +327,8 @@ pub enum StateError {
     },
     #[error("the SQLite state store {path}: {message}")]
     Sqlite { path: String, message: String },
+    #[error("the state file {path}: {problem}. Fix: {}", problem.fix())]
+    File { path: String, problem: sqlite::FileProblem },
     #[error(
         "stored state for {key} cannot be read: {reason}; it was written by an incompatible version or edited by hand"
     )]
@@ -341,6 +348,27 @@ impl StateError {
             _ => false,
         }
     }
+}
+
+/// Reads one stored part leniently: a part that cannot be decoded reads as absent, and why
+/// joins `unreadable`.
+pub(crate) fn lenient<T>(what: &str, decoded: Result<Option<T>, String>, unreadable: &mut Option<String>) -> Option<T> {
+    match decoded {
+        Ok(value) => value,
+        Err(why) => {
+            let reason = format!("the stored {what} cannot be read ({why})");
+            *unreadable = Some(match unreadable.take() {
+                Some(earlier) => format!("{earlier}; {reason}"),
+                None => reason,
+            });
+            None
+        }
+    }
+}
+
+/// Where stored JSON broke, never what it holds (a plan holds emails).
+pub(crate) fn json_fault(e: &serde_json::Error) -> String {
+    format!("{:?} error at line {}, column {}", e.classify(), e.line(), e.column())
 }
 
 /// The minute bucket completions are counted in.

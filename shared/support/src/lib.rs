@@ -1,8 +1,11 @@
 //! The small helpers more than one oppsync crate needs, written once: the jittered exponential
 //! backoff both API clients wait with, and the civil-date arithmetic the pipeline (Marketo's
-//! quota day) and the Dataverse simulator (`modifiedon`) share, without a date crate.
+//! quota day) and the Dataverse simulator (`modifiedon`) share, without a date crate; and the
+//! checks every entry point applies to values from outside ([`input`]).
 
 use std::time::Duration;
+
+pub mod input;
 
 /// Capped exponential backoff with jitter: between half and all of base × 2^(attempt-1), at
 /// most `cap`. Half is fixed so a throttled client never retries at once; half is random so

@@ -151,21 +151,86 @@ async fn a_query_dataverse_rejects_is_a_typed_error_with_its_code() {
 
 #[tokio::test]
 async fn settings_refuse_plain_http_to_a_real_host() {
-    let err = DataverseSettings::new("http://contoso.crm.dynamics.com", "t", "c", Secret::from("s"), None).unwrap_err();
+    const CLIENT: &str = "0b1c2d3e-0000-4000-8000-000000000001";
+    let err =
+        DataverseSettings::new("http://contoso.crm.dynamics.com", "t", CLIENT, Secret::from("s"), None).unwrap_err();
     assert!(err.to_string().contains("https://"), "{err}");
     let ok = DataverseSettings::new(
         "https://contoso.crm4.dynamics.com",
-        "tenant",
-        "c",
+        "contoso.onmicrosoft.com",
+        CLIENT,
         Secret::from("s"),
         None,
     )
     .unwrap();
     assert_eq!(
         ok.token_url.as_str(),
-        "https://login.microsoftonline.com/tenant/oauth2/v2.0/token"
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
     );
     assert!(!format!("{ok:?}").contains("\"s\""));
+}
+
+/// The rows: every value is checked for its shape where it enters, with the name, a
+/// short prefix and the fix; a tenant id cannot change the token URL's path.
+#[tokio::test]
+async fn settings_check_each_value_for_its_shape() {
+    const CLIENT: &str = "0b1c2d3e-0000-4000-8000-000000000001";
+    const URL: &str = "https://contoso.crm.dynamics.com";
+    let long = format!("https://contoso.crm.dynamics.com/{}", "x".repeat(5_000));
+    for (url, tenant, client, secret, problem) in [
+        (
+            URL,
+            "../../evil.example/x",
+            CLIENT,
+            "s",
+            "DYNAMICS_TENANT_ID `../../evil.example/x` is not a GUID",
+        ),
+        (URL, "tenant", CLIENT, "s", "DYNAMICS_TENANT_ID `tenant` is not a GUID"),
+        (
+            URL,
+            "00000000-0000-4000-8000-00000000a11c",
+            "my-app",
+            "s",
+            "DYNAMICS_CLIENT_ID `my-app` is not a GUID",
+        ),
+        (
+            URL,
+            "00000000-0000-4000-8000-00000000a11c",
+            CLIENT,
+            "",
+            "DYNAMICS_CLIENT_SECRET is empty",
+        ),
+        (
+            URL,
+            "00000000-0000-4000-8000-00000000a11c",
+            CLIENT,
+            "top\u{1b}secret",
+            "DYNAMICS_CLIENT_SECRET holds a control character",
+        ),
+        (
+            "https://contoso\u{7}.crm.dynamics.com",
+            "t",
+            CLIENT,
+            "s",
+            "DYNAMICS_URL `https://contoso\\u{7}.crm.dynamics.com` holds a control character",
+        ),
+        (&long, "t", CLIENT, "s", "DYNAMICS_URL is 5033 characters long"),
+        (
+            "https://me:pw@contoso.crm.dynamics.com",
+            "t",
+            CLIENT,
+            "s",
+            "DYNAMICS_URL holds a user name or password",
+        ),
+    ] {
+        let err = DataverseSettings::new(url, tenant, client, Secret::from(secret), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(problem) && err.contains("Fix:"), "{problem}: {err}");
+        assert!(err.len() < 400, "the value is echoed whole: {err}");
+        assert!(!err.contains("secret") || problem.contains("SECRET"), "{err}");
+        assert!(!err.contains("top") && !err.contains("pw@"), "{err}");
+    }
 }
 
 #[tokio::test]

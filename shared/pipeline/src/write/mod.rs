@@ -227,7 +227,17 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         }
                     }),
                     None => {
-                        let error = sync_error("write", "no-plan", "a ready record without a stored plan; resync it");
+                        let error = match &state.unreadable {
+                            Some(reason) => sync_error(
+                                "write",
+                                "unreadable-state",
+                                format!(
+                                    "{reason}; `oppsync resync {}` plans and writes it afresh from Dynamics",
+                                    claim.id
+                                ),
+                            ),
+                            None => sync_error("write", "no-plan", "a ready record without a stored plan; resync it"),
+                        };
                         let failed = WriteResult::Failed {
                             error: error.clone(),
                             written: None,

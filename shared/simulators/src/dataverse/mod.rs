@@ -89,7 +89,7 @@ impl Default for DataverseConfig {
     fn default() -> Self {
         DataverseConfig {
             tenant_id: "00000000-0000-4000-8000-00000000a11c".into(),
-            client_id: "sim-dataverse-client".into(),
+            client_id: "00000000-0000-4000-8000-00000000c11e".into(),
             client_secret: "sim-dataverse-secret".into(),
             token_ttl: Duration::from_secs(3599),
             max_page_size: 5000,

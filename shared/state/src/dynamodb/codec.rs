@@ -108,26 +108,20 @@ pub(super) fn encode_blob(name: &str, json: String, what: &str) -> Result<(Strin
     Ok((format!("{name}_z"), AttributeValue::B(Blob::new(packed))))
 }
 
-pub(super) fn decode_blob<T: serde::de::DeserializeOwned>(
-    item: &Item,
-    name: &str,
-    key: &str,
-) -> Result<Option<T>, StateError> {
-    let corrupt = |reason: String| StateError::Corrupt {
-        key: key.to_owned(),
-        reason,
-    };
+/// One stored part, as `<name>_json` text or a deflated `<name>_z` blob; why it cannot be
+/// decoded, if it cannot.
+pub(super) fn decode_blob<T: serde::de::DeserializeOwned>(item: &Item, name: &str) -> Result<Option<T>, String> {
     if let Some(text) = get_s(item, &format!("{name}_json")) {
-        return serde_json::from_str(text).map(Some).map_err(|e| corrupt(e.to_string()));
+        return serde_json::from_str(text).map(Some).map_err(|e| crate::json_fault(&e));
     }
     match item.get(&format!("{name}_z")).and_then(|v| v.as_b().ok()) {
         None => Ok(None),
         Some(blob) => {
             let bytes = miniz_oxide::inflate::decompress_to_vec_with_limit(blob.as_ref(), 64 << 20)
-                .map_err(|e| corrupt(format!("{name}_z does not inflate: {e:?}")))?;
+                .map_err(|e| format!("{name}_z does not inflate: {:?}", e.status))?;
             serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|e| corrupt(e.to_string()))
+                .map_err(|e| crate::json_fault(&e))
         }
     }
 }
@@ -145,6 +139,14 @@ pub(super) fn read_state(item: &Item) -> Result<OpportunityState, StateError> {
     let status = get_s(item, attr::STATUS)
         .and_then(Status::parse)
         .ok_or_else(|| corrupt("missing or unknown status"))?;
+    let mut unreadable = None;
+    let plan = crate::lenient("plan", decode_blob(item, attr::PLAN), &mut unreadable);
+    let written = crate::lenient(
+        "record of what was written",
+        decode_blob(item, attr::WRITTEN),
+        &mut unreadable,
+    );
+    let planned = crate::lenient("planned roles", decode_blob(item, attr::PLANNED), &mut unreadable);
     Ok(OpportunityState {
         id,
         status,
@@ -155,8 +157,8 @@ pub(super) fn read_state(item: &Item) -> Result<OpportunityState, StateError> {
             .copied()
             .unwrap_or(false),
         modified_on: get_s(item, attr::MODIFIED_ON).map(str::to_owned),
-        plan: decode_blob(item, attr::PLAN, &key)?,
-        written: decode_blob(item, attr::WRITTEN, &key)?,
+        plan,
+        written,
         attempts: get_n(item, attr::ATTEMPTS).unwrap_or(0).try_into().unwrap_or(u32::MAX),
         last_error: get_s(item, attr::ERR_CODE).map(|code| SyncError {
             operation: get_s(item, attr::ERR_OP).unwrap_or_default().to_owned(),
@@ -173,7 +175,8 @@ pub(super) fn read_state(item: &Item) -> Result<OpportunityState, StateError> {
             .and_then(|v| v.as_bool().ok())
             .copied()
             .unwrap_or(false),
-        planned: decode_blob(item, attr::PLANNED, &key)?.unwrap_or_default(),
+        planned: planned.unwrap_or_default(),
+        unreadable,
     })
 }
 

@@ -24,20 +24,18 @@ pub(super) fn read_state(row: &Row<'_>) -> Result<OpportunityState, StateError> 
     let written: Option<String> = row.get(6).map_err(sql)?;
     let error_code: Option<String> = row.get(9).map_err(sql)?;
     let planned: Option<String> = row.get(17).map_err(sql)?;
+    let mut unreadable = None;
+    let plan = crate::lenient("plan", part(plan), &mut unreadable);
+    let written = crate::lenient("record of what was written", part(written), &mut unreadable);
+    let planned = crate::lenient("planned roles", part(planned), &mut unreadable);
     Ok(OpportunityState {
         id: OpportunityId::parse(&id).map_err(|e| corrupt(&id, e))?,
         status: Status::parse(&status).ok_or_else(|| corrupt(&id, format!("unknown status `{status}`")))?,
         version: row.get(2).map_err(sql)?,
         deleted: row.get(3).map_err(sql)?,
         modified_on: row.get(4).map_err(sql)?,
-        plan: plan
-            .map(|p| serde_json::from_str(&p))
-            .transpose()
-            .map_err(|e| corrupt(&id, e))?,
-        written: written
-            .map(|w| serde_json::from_str(&w))
-            .transpose()
-            .map_err(|e| corrupt(&id, e))?,
+        plan,
+        written,
         attempts: row.get(7).map_err(sql)?,
         last_error: match error_code {
             Some(code) => Some(SyncError {
@@ -53,12 +51,16 @@ pub(super) fn read_state(row: &Row<'_>) -> Result<OpportunityState, StateError> 
         status_since: row.get(14).map_err(sql)?,
         retry_at: row.get(15).map_err(sql)?,
         rewrite: row.get(16).map_err(sql)?,
-        planned: planned
-            .map(|p| serde_json::from_str(&p))
-            .transpose()
-            .map_err(|e| corrupt(&id, e))?
-            .unwrap_or_default(),
+        planned: planned.unwrap_or_default(),
+        unreadable,
     })
+}
+
+/// One JSON column, decoded.
+fn part<T: serde::de::DeserializeOwned>(text: Option<String>) -> Result<Option<T>, String> {
+    text.map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| crate::json_fault(&e))
 }
 
 pub(super) fn get_state(conn: &Connection, id: OpportunityId) -> Result<Option<OpportunityState>, StateError> {

@@ -17,9 +17,12 @@ use crate::{
 };
 
 mod codec;
+mod file;
 mod store;
 
 use codec::*;
+use file::Found;
+pub use file::{FileProblem, SCHEMA_VERSION};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS cursors (
@@ -74,24 +77,79 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the state file at `path`.
+    /// Opens the state file at `path` for reading and writing, creating it if there is none.
+    /// A file that is not oppsync's, or that a newer oppsync wrote, is refused before anything
+    /// in it changes; one an older oppsync wrote is brought up to this schema.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StateError> {
         let path = path.as_ref().to_path_buf();
-        let err = |e: rusqlite::Error| StateError::Sqlite {
+        let refuse = |problem| StateError::File {
             path: path.display().to_string(),
-            message: format!(
-                "{e}; check that the directory exists and is writable, or choose another file with --state"
-            ),
+            problem,
         };
-        let conn = Connection::open(&path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
-        add_missing_columns(&conn).map_err(err)?;
+        let found = file::inspect(&path).map_err(refuse)?;
+        if let Found::Ours { version } = found {
+            if version > SCHEMA_VERSION {
+                return Err(refuse(FileProblem::Newer {
+                    found: version,
+                    known: SCHEMA_VERSION,
+                }));
+            }
+            if std::fs::metadata(&path).is_ok_and(|m| m.permissions().readonly()) {
+                return Err(refuse(FileProblem::ReadOnly));
+            }
+        }
+        let conn = Connection::open(&path).map_err(|e| refuse(file::classify(e)))?;
+        prepare(&conn, found).map_err(|e| refuse(file::classify(e)))?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             path: Arc::new(path),
+        })
+    }
+
+    /// Opens oppsync's state file at `path` for reading only: nothing is created or changed
+    /// (for `status`, `errors`, `plan`, `validate`). A missing file, another program's, or one
+    /// at another schema version is refused with the reason.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self, StateError> {
+        let path = path.as_ref().to_path_buf();
+        let refuse = |problem| StateError::File {
+            path: path.display().to_string(),
+            problem,
+        };
+        match file::inspect(&path).map_err(refuse)? {
+            Found::New => return Err(refuse(FileProblem::Missing)),
+            Found::Ours { version } if version > SCHEMA_VERSION => {
+                return Err(refuse(FileProblem::Newer {
+                    found: version,
+                    known: SCHEMA_VERSION,
+                }));
+            }
+            Found::Ours { version } if version < SCHEMA_VERSION => {
+                return Err(refuse(FileProblem::Older {
+                    found: version,
+                    known: SCHEMA_VERSION,
+                }));
+            }
+            Found::Ours { .. } => {}
+        }
+        let conn = file::open_untouched(&path).map_err(refuse)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path),
+        })
+    }
+
+    /// An empty state held in memory only: what a read-only command sees before the first
+    /// sync has written a file.
+    pub fn empty() -> Result<Self, StateError> {
+        let err = |e: rusqlite::Error| StateError::Sqlite {
+            path: ":memory:".into(),
+            message: e.to_string(),
+        };
+        let conn = Connection::open_in_memory().map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(PathBuf::from(":memory:")),
         })
     }
 
@@ -157,6 +215,37 @@ impl SqliteStore {
             message: format!("the store task stopped: {e}"),
         })?
     }
+}
+
+/// Makes a new or older file this schema's, marked as oppsync's. The mark is set with the
+/// tables, in one transaction, and checkpointed into the main file, so that the file is never
+/// left holding oppsync's tables without it.
+fn prepare(conn: &Connection, found: Found) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let current = matches!(found, Found::Ours { version } if version == SCHEMA_VERSION);
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let done = (|| {
+        conn.execute_batch(SCHEMA)?;
+        add_missing_columns(conn)?;
+        if !current {
+            conn.pragma_update(None, "application_id", file::APPLICATION_ID)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        Ok(())
+    })();
+    match done {
+        Ok(()) => conn.execute_batch("COMMIT")?,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+    }
+    if !current {
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    }
+    Ok(())
 }
 
 /// Brings a state file written by an older oppsync up to this schema (new columns only; rows

@@ -21,7 +21,7 @@ pub fn id(n: u128) -> OpportunityId {
     OpportunityId(Guid::from_u128(0x0b00_0000_0000_4000_8000_0000_0000_0000 | n))
 }
 
-fn change(n: u128, version: i64) -> PendingChange {
+pub fn change(n: u128, version: i64) -> PendingChange {
     PendingChange::upserted(id(n), version, Some("2026-11-20T10:00:00Z".into()))
 }
 

@@ -3,6 +3,7 @@
 
 mod conformance;
 mod dynamodb_only;
+mod files;
 mod stores;
 
 /// Instantiates every conformance test for both stores.
