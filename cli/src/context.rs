@@ -212,7 +212,7 @@ pub fn lock_exclusively(path: &Path) -> Result<(), CliError> {
             Ok(())
         }
         Err(std::fs::TryLockError::WouldBlock) => Err(CliError::Fatal(format!(
-            "another oppsync command is using the state {}; wait for it to finish (or use another --state)",
+            "another oppsync is using the state {}; wait for it to finish (or use another --state)",
             path.display()
         ))),
         Err(std::fs::TryLockError::Error(e)) => {

@@ -98,6 +98,21 @@ async fn bad_configuration_files_are_refused_with_the_key_and_the_fix() {
         missing.stderr.contains("/nonexistent/oppsync.toml") && missing.stderr.contains("Fix"),
         "{missing:?}"
     );
+    // Every problem of every section at once, not only each section's first (issue 19).
+    let many = config_file(
+        "[marketo]\ncalls_per_20s = \"fifty\"\nconcurrent_calls = -1\n[sync]\nbatch_size = \"lots\"\nmax_attempts = 1.5\nretries = 3\n",
+    );
+    let run = oppsync(&["sync", "--state", s(&state), "--config", s(&many)], &env).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    for key in [
+        "marketo.calls_per_20s",
+        "marketo.concurrent_calls",
+        "sync.batch_size",
+        "sync.max_attempts",
+        "sync.retries",
+    ] {
+        assert!(run.stderr.contains(key), "{key} is not named: {run:?}");
+    }
     // A long value is not echoed back whole.
     let long = config_file(&format!("[sync]\nbatch_size = \"{}\n", "x".repeat(200_000)));
     let run = oppsync(&["sync", "--state", s(&state), "--config", s(&long)], &env).await;

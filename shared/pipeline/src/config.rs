@@ -120,8 +120,18 @@ impl Config {
         let dataverse = DataverseOptions::from_toml(document)
             .map_err(|e| problems.extend(e))
             .ok();
-        let marketo = LimitsConfig::from_toml(document).map_err(|e| problems.extend(e)).ok();
-        let sync = sync_section(&table, &mut problems);
+        // A section with keys of the wrong type is reported key by key (serde stops at the
+        // first), so every problem in it is named at once.
+        let marketo = if each_key::<LimitsConfig>(&table, "marketo", MARKETO_KEYS, &mut problems) {
+            LimitsConfig::from_toml(document).map_err(|e| problems.extend(e)).ok()
+        } else {
+            None
+        };
+        let sync = if each_key::<SyncOptions>(&table, "sync", SYNC_KEYS, &mut problems) {
+            sync_section(&table, &mut problems)
+        } else {
+            None
+        };
         match (mapping, dataverse, marketo, sync) {
             (Some(mapping), Some(dataverse), Some(marketo), Some(sync)) if problems.is_empty() => Ok(Config {
                 mapping,
@@ -134,6 +144,41 @@ impl Config {
     }
 }
 
+const SYNC_KEYS: &str =
+    "batch_size, claim_ttl_seconds, lease_ttl_seconds, stuck_after_minutes, max_deletion_percent and max_attempts";
+const MARKETO_KEYS: &str = "calls_per_20s, concurrent_calls and daily_budget";
+
+/// Whether each key of `[section]` reads as part of `T` on its own; a problem per key that
+/// does not (a wrong type, an unknown key, a number out of its type's range).
+fn each_key<T: serde::de::DeserializeOwned>(
+    table: &toml::Table,
+    section: &str,
+    keys: &str,
+    problems: &mut Vec<String>,
+) -> bool {
+    let Some(value) = table.get(section) else {
+        return true;
+    };
+    let Some(entries) = value.as_table() else {
+        problems.push(format!(
+            "{section}: is not a table. Fix: write it as a [{section}] section"
+        ));
+        return false;
+    };
+    let before = problems.len();
+    for (key, value) in entries {
+        let one = toml::Table::from_iter([(key.clone(), value.clone())]);
+        if let Err(e) = toml::Value::Table(one).try_into::<T>() {
+            problems.push(format!(
+                "{section}.{}: {}. Fix: the keys are {keys}",
+                oppsync_support::input::shown(key).trim_matches('`'),
+                e.message().trim_end_matches('\n')
+            ));
+        }
+    }
+    problems.len() == before
+}
+
 fn sync_section(table: &toml::Table, problems: &mut Vec<String>) -> Option<SyncOptions> {
     let Some(section) = table.get("sync") else {
         return Some(SyncOptions::default());
@@ -141,10 +186,7 @@ fn sync_section(table: &toml::Table, problems: &mut Vec<String>) -> Option<SyncO
     let options: SyncOptions = match section.clone().try_into() {
         Ok(o) => o,
         Err(e) => {
-            problems.push(format!(
-                "sync: {}. Fix: the keys are batch_size, claim_ttl_seconds, lease_ttl_seconds, stuck_after_minutes, max_deletion_percent and max_attempts",
-                e.message()
-            ));
+            problems.push(format!("sync: {}. Fix: the keys are {SYNC_KEYS}", e.message()));
             return None;
         }
     };
