@@ -95,6 +95,10 @@ pub async fn run(args: ResyncArgs) -> Result<ExitCode, CliError> {
                 "error: {not_found} of the ids given are not in Dynamics and were never written by oppsync; nothing was sent for them"
             );
         }
+        // Refused credentials or a native-sync instance: fatal, as for `sync`.
+        if let (Some(stop), true) = (&report.stopped, report.stopped_for_good) {
+            return Err(CliError::Fatal(format!("Marketo: {stop}")));
+        }
         Ok(if failed > 0 || not_found > 0 || report.stopped.is_some() {
             ExitCode::from(1)
         } else {

@@ -126,6 +126,8 @@ pub struct ErrorsArgs {
 }
 
 pub async fn errors(args: ErrorsArgs) -> Result<ExitCode, CliError> {
+    // Read as every command reads it, so a wrong --config is named here too.
+    context::load_config(args.state.config.as_deref())?;
     let store = context::open_store(&args.state, Open::ReadOnly).await?;
     let failed = with_store!(store, |s| failed_records(&s).await)?;
     let needle = args.search.as_deref().map(str::to_lowercase);

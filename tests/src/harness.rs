@@ -23,6 +23,45 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A new, empty directory of its own under the temporary directory, so that what a test leaves
+/// in it can be listed.
+pub fn scratch_dir(prefix: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(unique(prefix));
+    std::fs::create_dir_all(&dir).expect("create a scratch directory");
+    dir
+}
+
+/// Every file in `dir` with its bytes, sorted by name: what "left untouched" compares.
+pub fn dir_contents(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .expect("list the scratch directory")
+        .filter_map(Result::ok)
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The opportunities table as the first oppsync wrote it: before `retry_at`, `rewrite` and
+/// `planned`, and before state files were marked.
+pub const FIRST_OPPORTUNITIES_TABLE: &str = "CREATE TABLE opportunities (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, version INTEGER NOT NULL,
+    deleted INTEGER NOT NULL, modified_on TEXT, plan TEXT, written TEXT,
+    written_version INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
+    err_operation TEXT, err_code TEXT, err_message TEXT,
+    claim_token INTEGER, claim_until INTEGER,
+    created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, status_since INTEGER NOT NULL);";
+
+/// A whole state file as an older, unmarked oppsync left it.
+pub const FIRST_STATE_SCHEMA: &str =
+    "CREATE TABLE cursors (source TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL, expires_at INTEGER NOT NULL);";
+
 pub struct Sims {
     pub dv: DataverseSim,
     pub mk: MarketoSim,

@@ -273,6 +273,58 @@ async fn wrong_credentials_name_the_system_and_change_nothing() {
     assert_eq!(queued, 1, "the change is kept for the next run: {after}");
     let fixed = oppsync(&["sync", "--state", s(&state)], &env).await;
     assert!(fixed.stdout.contains("1 written"), "{fixed:?}");
+
+    // The row: resync with refused credentials exited 1; it is the same fatal error.
+    let id = oppsync_simulators::dataverse::seed_id(0x0b00_0000, 1);
+    for (name, system) in [
+        ("DYNAMICS_CLIENT_SECRET", "Dynamics"),
+        ("MARKETO_CLIENT_SECRET", "Marketo"),
+    ] {
+        let run = oppsync(&["resync", &id, "--state", s(&state)], &with(&env, name, "wrong")).await;
+        assert_eq!(run.code, 3, "{name}: {run:?}");
+        assert!(
+            run.stderr.contains(system) && !run.stderr.contains("wrong"),
+            "{name}: {run:?}"
+        );
+    }
+}
+
+/// The rows: `sync` with Marketo unreachable exited 0 ("15 left for retry"), and
+/// `errors --config <garbage>` exited 0 without reading the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marketo_unreachable_leaves_the_records_queued_with_exit_4_and_errors_reads_its_config() {
+    let sims = sims().await;
+    sims.dv.seed(15, 45, Mix::Uniform);
+    let env = env_for(&sims);
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let state = state_path();
+    let run = oppsync(&["sync", "--state", s(&state)], &with(&env, "MARKETO_URL", &closed)).await;
+    assert_eq!(run.code, 4, "{run:?}");
+    assert!(
+        run.stdout.contains("15 left for retry") || run.stderr.contains("Marketo"),
+        "{run:?}"
+    );
+    let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
+    let queued = status["counts"]["pending"].as_u64().unwrap() + status["counts"]["ready"].as_u64().unwrap();
+    assert_eq!(
+        (queued, status["counts"]["failed"].as_u64().unwrap()),
+        (15, 0),
+        "{status}"
+    );
+    let fixed = oppsync(&["sync", "--state", s(&state)], &env).await;
+    assert_eq!(fixed.code, 0, "{fixed:?}");
+
+    for config in [
+        config_file("[sync\n"),
+        std::path::PathBuf::from("/nonexistent/oppsync.toml"),
+    ] {
+        let run = oppsync(&["errors", "--state", s(&state), "--config", s(&config)], &[]).await;
+        assert_eq!(run.code, 2, "{run:?}");
+        assert!(run.stderr.contains("Fix"), "{run:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,31 +6,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use oppsync_simulators::dataverse::{Mix, Table};
-use oppsync_tests::harness::{sims, unique};
+use oppsync_tests::harness::sims;
 
 use crate::common::*;
 
-/// A new directory of its own, so that what a command leaves in it can be listed.
 fn dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(unique("oppsync-cli-files"));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    oppsync_tests::harness::scratch_dir("state-files")
 }
 
-/// Every file in the directory with its bytes.
 fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap_or_default(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
+    oppsync_tests::harness::dir_contents(dir)
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -162,15 +147,12 @@ async fn an_older_state_file_is_named_and_upgraded_by_sync() {
     let old = dir.join("old.db");
     sqlite(
         &old,
-        "CREATE TABLE cursors (source TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at INTEGER NOT NULL);
-         CREATE TABLE leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL, expires_at INTEGER NOT NULL);
-         CREATE TABLE opportunities (
-            id TEXT PRIMARY KEY, status TEXT NOT NULL, version INTEGER NOT NULL,
-            deleted INTEGER NOT NULL, modified_on TEXT, plan TEXT, written TEXT,
-            written_version INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
-            err_operation TEXT, err_code TEXT, err_message TEXT,
-            claim_token INTEGER, claim_until INTEGER,
-            created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, status_since INTEGER NOT NULL);",
+        &format!(
+            "{}
+{}",
+            oppsync_tests::harness::FIRST_STATE_SCHEMA,
+            oppsync_tests::harness::FIRST_OPPORTUNITIES_TABLE
+        ),
     );
     let before = contents(&dir);
     let run = oppsync(&["status", "--state", s(&old)], &[]).await;

@@ -117,6 +117,8 @@ pub struct ResyncReport {
     pub dry_run: bool,
     pub records: Vec<ResyncRecord>,
     pub stopped: Option<String>,
+    /// See [`crate::WriteReport::stopped_for_good`].
+    pub stopped_for_good: bool,
 }
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
@@ -237,6 +239,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             }
             if let Some(stop) = written.stopped {
                 report.stopped = Some(stop);
+                report.stopped_for_good = written.stopped_for_good;
                 break;
             }
         }

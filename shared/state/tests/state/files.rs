@@ -5,27 +5,12 @@ use std::path::{Path, PathBuf};
 
 use oppsync_state::{FileProblem, SCHEMA_VERSION, SqliteStore, StateError, StateStore, Status};
 
-/// A new directory of its own, so that what a test leaves beside a file can be listed.
 fn dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(oppsync_tests::harness::unique("state-files"));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    oppsync_tests::harness::scratch_dir("state-files")
 }
 
-/// Every file in the directory with its bytes: what "untouched" compares.
 fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap_or_default(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
+    oppsync_tests::harness::dir_contents(dir)
 }
 
 fn problem(result: Result<SqliteStore, StateError>) -> FileProblem {
@@ -222,15 +207,12 @@ async fn an_unmarked_older_oppsync_file_is_upgraded_by_a_writer_only() {
     let path = dir.join("old.db");
     another_programs_database(
         &path,
-        "CREATE TABLE cursors (source TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at INTEGER NOT NULL);
-         CREATE TABLE leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL, expires_at INTEGER NOT NULL);
-         CREATE TABLE opportunities (
-            id TEXT PRIMARY KEY, status TEXT NOT NULL, version INTEGER NOT NULL,
-            deleted INTEGER NOT NULL, modified_on TEXT, plan TEXT, written TEXT,
-            written_version INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
-            err_operation TEXT, err_code TEXT, err_message TEXT,
-            claim_token INTEGER, claim_until INTEGER,
-            created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, status_since INTEGER NOT NULL);",
+        &format!(
+            "{}
+{}",
+            oppsync_tests::harness::FIRST_STATE_SCHEMA,
+            oppsync_tests::harness::FIRST_OPPORTUNITIES_TABLE
+        ),
     );
     let before = contents(&dir);
     assert_eq!(

@@ -86,16 +86,8 @@ async fn a_state_file_from_before_the_new_columns_opens_and_keeps_its_records() 
     let path = std::env::temp_dir().join(format!("{}.db", oppsync_tests::harness::unique("old-schema")));
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "CREATE TABLE opportunities (
-                id TEXT PRIMARY KEY, status TEXT NOT NULL, version INTEGER NOT NULL,
-                deleted INTEGER NOT NULL, modified_on TEXT, plan TEXT, written TEXT,
-                written_version INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
-                err_operation TEXT, err_code TEXT, err_message TEXT,
-                claim_token INTEGER, claim_until INTEGER,
-                created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, status_since INTEGER NOT NULL);",
-        )
-        .unwrap();
+        conn.execute_batch(oppsync_tests::harness::FIRST_OPPORTUNITIES_TABLE)
+            .unwrap();
         conn.execute(
             "INSERT INTO opportunities (id, status, version, deleted, attempts, created_at, updated_at, status_since)
              VALUES (?1, 'pending', 7, 0, 0, 1, 1, 1)",
