@@ -26,7 +26,7 @@ mod validate;
     name = "oppsync",
     version,
     about = "Keeps Marketo's opportunities in step with Dynamics 365",
-    after_help = "Exit codes: 0 done; 1 finished with failed records, stopped at the quota or budget, a resync id nobody knows, or a wrong end state; 2 bad arguments, configuration or environment, or a --state that is not oppsync's; 3 fatal error; 4 finished with records left for retry (still queued); 130 or 143 stopped by Ctrl-C or SIGTERM.\nResults go to stdout, logs to stderr (RUST_LOG=info for more, RUST_LOG=debug for each call)."
+    after_help = "Exit codes: 0 done; 1 finished with failed records, stopped at the quota or budget, a resync id nobody knows, or a wrong end state; 2 bad arguments, configuration or environment, or a --state that is not oppsync's; 3 fatal error (credentials, the preflight, an unusable state); 4 finished with records left for retry (still queued); 130 or 143 stopped by Ctrl-C or SIGTERM.\nResults go to stdout, logs to stderr (RUST_LOG=info for more, RUST_LOG=debug for each call)."
 )]
 struct Cli {
     #[command(subcommand)]

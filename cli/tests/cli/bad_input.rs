@@ -327,6 +327,49 @@ async fn marketo_unreachable_leaves_the_records_queued_with_exit_4_and_errors_re
     }
 }
 
+/// The row: a mapped field Marketo lacks failed every record with 1006 (no preflight
+/// before writing). The write now stops before its first record is sent, naming the field,
+/// with every record queued; once the mapping is fixed, `resync --all` writes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapped_field_marketo_lacks_stops_the_run_before_anything_is_sent() {
+    let sims = sims().await;
+    sims.dv.seed(12, 46, Mix::Uniform);
+    let env = env_for(&sims);
+    let state = state_path();
+    let config =
+        config_file("[[mapping.fields]]\nmarketo = \"dealRegion\"\ndataverse = \"description\"\ntype = \"string\"\n");
+    let run = oppsync(&["sync", "--state", s(&state), "--config", s(&config)], &env).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr.contains("no opportunity field dealRegion") && run.stderr.contains("Field Management"),
+        "{run:?}"
+    );
+    use oppsync_marketo::Operation as E;
+    let writes: u64 = [E::CompanySync, E::LeadSync, E::OpportunitySync, E::RoleSync]
+        .into_iter()
+        .map(|e| sims.mk.calls(e))
+        .sum();
+    assert_eq!(writes, 0, "nothing was sent");
+    assert_eq!(sims.mk.calls(E::OpportunityDescribe), 1, "one preflight");
+    let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
+    let queued = status["counts"]["pending"].as_u64().unwrap() + status["counts"]["ready"].as_u64().unwrap();
+    assert_eq!(
+        (queued, status["counts"]["failed"].as_u64().unwrap()),
+        (12, 0),
+        "{status}"
+    );
+    // Run again: stopped again before sending, no record failed (before, each failed with 1006).
+    let again = oppsync(&["sync", "--state", s(&state), "--config", s(&config)], &env).await;
+    assert_eq!(again.code, 3, "{again:?}");
+    assert_eq!(sims.mk.calls(E::OpportunitySync), 0);
+    let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
+    assert_eq!(status["counts"]["failed"], 0, "{status}");
+    // The mapping fixed: the plans made with the missing field are made again and written.
+    let fixed = oppsync(&["resync", "--all", "--state", s(&state)], &env).await;
+    assert_eq!(fixed.code, 0, "{fixed:?}");
+    assert_eq!(sims.mk.snapshot().opportunities.len(), 12);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_endpoint_is_a_clear_fatal_error() {
     let sims = sims().await;

@@ -108,6 +108,8 @@ pub struct Pipeline<S, D = DataverseClient, M = MarketoClient> {
     member: String,
     /// Whether the Marketo adapter counts its calls in the store (set at the first write).
     counted: Arc<std::sync::OnceLock<bool>>,
+    /// Set once Marketo's preflight passed in this process (checked before the first write).
+    preflown: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl<S, D, M> Pipeline<S, D, M> {
@@ -124,6 +126,7 @@ impl<S, D, M> Pipeline<S, D, M> {
             owner,
             companies: CompanyCache::default(),
             counted: Arc::default(),
+            preflown: Arc::default(),
         }
     }
 
@@ -144,8 +147,9 @@ impl<S, D, M> Pipeline<S, D, M> {
             owner: self.owner,
             companies: self.companies,
             member: self.member,
-            // The new adapter has not been given the ledger yet.
+            // The new adapter has not been given the ledger yet, nor been checked.
             counted: Arc::default(),
+            preflown: Arc::default(),
         }
     }
 
@@ -211,6 +215,7 @@ impl<S: Clone, D: Clone, M: Clone> Clone for Pipeline<S, D, M> {
             // A clone is the same process, on adapters that share their state.
             member: self.member.clone(),
             counted: self.counted.clone(),
+            preflown: self.preflown.clone(),
         }
     }
 }

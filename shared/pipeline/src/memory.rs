@@ -598,6 +598,16 @@ impl MarketoPort for MemoryMarketo {
 
     fn share_limits_with(&self, _sharers: usize) {}
 
+    /// The in-memory instance has every field and takes writes; the check is not a call.
+    fn preflight(
+        &self,
+        _fields: &[String],
+    ) -> impl Future<Output = Result<oppsync_marketo::Preflight, MarketoError>> + Send {
+        ready(Ok(oppsync_marketo::Preflight {
+            blocked: None,
+            missing_fields: Vec::new(),
+        }))
+    }
     fn calls_by_endpoint(&self) -> BTreeMap<&'static str, u64> {
         let mut counts = BTreeMap::new();
         for call in &guard(&self.0).holds.calls {

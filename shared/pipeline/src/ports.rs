@@ -10,7 +10,9 @@ use std::sync::Arc;
 use oppsync_dynamics::{ChangePage, DataverseClient, DataverseError, EntitySet, Watermark};
 use oppsync_mapping::dataverse::Related;
 use oppsync_mapping::{Opportunity, OpportunityId, RecordError};
-use oppsync_marketo::{CallLedger, LeadRecord, MarketoClient, MarketoError, RecordOutcome, RoleKey, RoleRecord};
+use oppsync_marketo::{
+    CallLedger, LeadRecord, MarketoClient, MarketoError, Preflight, RecordOutcome, RoleKey, RoleRecord,
+};
 use serde_json::Value;
 
 /// What the pipeline reads from Dynamics (read-only by construction: there is nothing to write
@@ -80,6 +82,9 @@ pub trait MarketoPort: Clone + Send + Sync + 'static {
         lookup_field: &str,
         leads: &[Value],
     ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send;
+    /// Whether the instance takes opportunity writes (not a native-CRM-sync instance) and has
+    /// every opportunity field in `fields`: the opportunity and role objects described.
+    fn preflight(&self, fields: &[String]) -> impl Future<Output = Result<Preflight, MarketoError>> + Send;
     /// Seeds today's count of calls made by other processes (the daily budget).
     fn set_calls_today(&self, calls: u64);
     /// Counts each call in `ledger` before it is sent; false when this adapter counts no calls
@@ -175,6 +180,10 @@ impl MarketoPort for MarketoClient {
     ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
         MarketoClient::create_leads(self, lookup_field, leads)
     }
+    async fn preflight(&self, fields: &[String]) -> Result<Preflight, MarketoError> {
+        let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+        MarketoClient::preflight(self, &fields).await
+    }
     fn set_calls_today(&self, calls: u64) {
         MarketoClient::set_calls_today(self, calls)
     }
@@ -256,6 +265,9 @@ impl MarketoPort for NoAccess {
         Err(no_marketo())
     }
     async fn create_leads(&self, _: &str, _: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        Err(no_marketo())
+    }
+    async fn preflight(&self, _: &[String]) -> Result<Preflight, MarketoError> {
         Err(no_marketo())
     }
     fn set_calls_today(&self, _: u64) {}

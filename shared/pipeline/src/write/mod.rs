@@ -130,6 +130,8 @@ pub(crate) enum Stop {
     Marketo(MarketoError),
     /// The invocation's time ran out.
     Deadline,
+    /// Marketo's preflight found the instance cannot take this configuration's writes.
+    Preflight(String),
 }
 
 impl Stop {
@@ -137,6 +139,46 @@ impl Stop {
         match self {
             Stop::Marketo(e) => e.to_string(),
             Stop::Deadline => "the writer's time ran out; unfinished records are written by the next run".into(),
+            Stop::Preflight(why) => why.clone(),
+        }
+    }
+}
+
+impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
+    /// Marketo's preflight, once per process before its first write: an instance that runs the
+    /// native CRM sync, or lacks a mapped field, stops the write before any record is sent (each
+    /// would fail alone, with 1018 or 1006). A preflight that could not be made (a timeout, the
+    /// credentials) is not a verdict: the write goes on and meets the cause itself, and the
+    /// next write checks again.
+    async fn preflight(&self) -> Option<Stop> {
+        if self.preflown.initialized() {
+            return None;
+        }
+        let fields: Vec<String> = self
+            .config
+            .mapping
+            .fields
+            .iter()
+            .map(|f| f.marketo.to_string())
+            .collect();
+        match self.marketo.preflight(&fields).await {
+            Ok(found) => {
+                if let Some(blocked) = found.blocked {
+                    return Some(Stop::Preflight(blocked));
+                }
+                if !found.missing_fields.is_empty() {
+                    return Some(Stop::Preflight(format!(
+                        "the instance has no opportunity field {}; nothing was sent. Fix: create the fields in Marketo (Admin > Field Management); or remove them from [mapping] and run `oppsync resync --all`, so that the plans already made are made again",
+                        found.missing_fields.join(", ")
+                    )));
+                }
+                let _ = self.preflown.set(());
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Marketo's preflight could not be made; writing");
+                None
+            }
         }
     }
 }
@@ -351,12 +393,22 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         }
         let before = self.marketo.calls_by_endpoint();
 
-        let stopped = self.write_steps(&mut works, fresh, deadline).await;
+        let stopped = match self.preflight().await {
+            Some(stop) => {
+                Self::stop_all(&mut works, &stop);
+                Some(stop)
+            }
+            None => self.write_steps(&mut works, fresh, deadline).await,
+        };
         crash::point("write.sent");
         if let Some(stop) = &stopped {
             tracing::warn!(reason = %stop.describe(), "Marketo writes stopped early; unfinished records stay ready");
             report.stopped = Some(stop.describe());
-            report.stopped_for_good = matches!(stop, Stop::Marketo(e) if e.disposition() == Disposition::Fix);
+            report.stopped_for_good = match stop {
+                Stop::Marketo(e) => e.disposition() == Disposition::Fix,
+                Stop::Preflight(_) => true,
+                Stop::Deadline => false,
+            };
         }
 
         let after = self.marketo.calls_by_endpoint();
@@ -594,6 +646,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let recorded = match stop {
             Stop::Marketo(e) => sync_error("write", e.code(), e.to_string()),
             Stop::Deadline => sync_error("write", DEADLINE_CODE, stop.describe()),
+            Stop::Preflight(why) => sync_error("write", "preflight", why.clone()),
         };
         for work in works.iter_mut() {
             work.pause(recorded.clone());

@@ -93,6 +93,9 @@ impl MarketoPort for Hooked {
         self.run("leads.sync").await;
         self.inner.create_leads(lookup_field, leads).await
     }
+    async fn preflight(&self, fields: &[String]) -> Result<oppsync_marketo::Preflight, MarketoError> {
+        self.inner.preflight(fields).await
+    }
     fn set_calls_today(&self, calls: u64) {
         self.inner.set_calls_today(calls)
     }
