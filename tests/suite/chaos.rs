@@ -114,7 +114,12 @@ async fn sync_through(sims: &Sims, p: &oppsync_pipeline::Pipeline<oppsync_state:
 async fn run(chaos: Option<Chaos>, n: u64) -> (Sims, Held) {
     let sims = sims_with(chaos).await;
     sims.dv.seed(n, 77, Mix::Realistic);
-    let p = pipeline(&sims, sqlite(), Config::default());
+    // Batches of 60 make about five times the calls of 300, so a 10% fault rate lands on
+    // enough of them: at 300 a batch the writer makes so few calls that a CI run once drew
+    // only 4 faulted calls (about 14 are drawn at 60).
+    let mut config = Config::default();
+    config.sync.batch_size = 60;
+    let p = pipeline(&sims, sqlite(), config);
     sync_through(&sims, &p).await;
     change(&sims, 1);
     // Change tracking's window passes: the next poll reads everything again.
@@ -136,6 +141,10 @@ async fn with_10_percent_faults_on_both_sides_marketo_ends_exactly_as_without() 
     let (sims, chaotic) = run(Some(Chaos { rate: 0.10, seed: 2026 }), n).await;
     // The faults happened: the run is not vacuous.
     let (calls, records) = sims.mk.chaos_faults();
+    eprintln!(
+        "chaos faults: Dataverse {}, Marketo {calls} calls and {records} records",
+        sims.dv.chaos_faults()
+    );
     assert!(
         sims.dv.chaos_faults() >= 3,
         "Dataverse faults: {}",
