@@ -44,24 +44,33 @@ pub(super) fn opp_key(id: OpportunityId) -> AttributeValue {
     s(format!("opp#{id}"))
 }
 
-pub(super) fn dynamo_err<E, R>(operation: &'static str, e: SdkError<E, R>) -> StateError
+pub(super) fn dynamo_err<E>(
+    operation: &'static str,
+    e: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
+) -> StateError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     let code = e.code().unwrap_or_default().to_owned();
+    // A 5xx without a code (an HTML page from a proxy or an overloaded endpoint) is the
+    // service's trouble like InternalServerError: the next attempt may succeed.
+    let server_error = e
+        .raw_response()
+        .map(|r| r.status().as_u16())
+        .filter(|s| (500..600).contains(s));
     let retryable = matches!(
         e,
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
-    ) || matches!(
-        code.as_str(),
-        "ProvisionedThroughputExceededException"
-            | "ThrottlingException"
-            | "RequestLimitExceeded"
-            | "InternalServerError"
-            | "ServiceUnavailable"
-            | "TransactionConflictException"
-    );
+    ) || server_error.is_some()
+        || matches!(
+            code.as_str(),
+            "ProvisionedThroughputExceededException"
+                | "ThrottlingException"
+                | "RequestLimitExceeded"
+                | "InternalServerError"
+                | "ServiceUnavailable"
+                | "TransactionConflictException"
+        );
     // A service error says its code and message; the raw response adds nothing a user needs.
     let message = match (e.code(), e.message()) {
         (Some("ResourceNotFoundException"), _) => {
@@ -71,6 +80,9 @@ where
         }
         (Some(code), Some(message)) => format!("{code}: {message}"),
         (Some(code), None) => code.to_owned(),
+        (None, _) if let Some(status) = server_error => {
+            format!("HTTP {status} without DynamoDB's error body; the service or something in front of it failed")
+        }
         _ => DisplayErrorContext(&e).to_string(),
     };
     StateError::Dynamo {

@@ -78,6 +78,12 @@ impl DynamoStore {
             .timeout_config()
             .is_none_or(|t| t.operation_attempt_timeout().is_none());
         let mut config = client.config().to_builder();
+        // A client handed in without retries (a service config built by hand) gets the SDK's
+        // standard ones: throttling and 5xx answers are retried with backoff before a store
+        // call fails. An explicit choice, retries disabled included, is kept.
+        if client.config().retry_config().is_none() {
+            config = config.retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::standard());
+        }
         if unbounded {
             config = config.timeout_config(
                 aws_sdk_dynamodb::config::timeout::TimeoutConfig::builder()

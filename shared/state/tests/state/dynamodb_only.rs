@@ -195,3 +195,49 @@ async fn an_unreachable_endpoint_is_a_retryable_error_naming_the_operation() {
     assert!(err.is_retryable(), "{err}");
     assert!(err.to_string().contains("GetItem"), "{err}");
 }
+
+/// A DynamoDB endpoint that answers every request with an HTML 500 (as moto's server does when
+/// it breaks under load, and as a proxy in front of DynamoDB might): counts the requests.
+async fn failing_endpoint() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = socket.read(&mut buf).await;
+                let body = "<!doctype html><title>500 Internal Server Error</title>";
+                let answer = format!(
+                    "HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn a_server_error_without_a_code_is_retried_and_then_retryable() {
+    let (url, seen) = failing_endpoint().await;
+    // A client built without a retry configuration, as a caller may hand one in.
+    let config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("t", "t", None, None, "t"))
+        .endpoint_url(url)
+        .build();
+    let store = oppsync_state::DynamoStore::new(aws_sdk_dynamodb::Client::from_conf(config), "t");
+    let err = store.get(id(1)).await.unwrap_err();
+    // A 5xx is the service's trouble, not the request's: the next run may succeed.
+    assert!(err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("GetItem"), "{err}");
+    // And the store tried more than once before giving up.
+    let attempts = seen.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(attempts >= 3, "{attempts} attempts");
+}
