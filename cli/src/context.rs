@@ -302,3 +302,43 @@ pub fn describe(e: &oppsync_pipeline::PipelineError) -> String {
 pub fn fatal(e: oppsync_pipeline::PipelineError) -> CliError {
     CliError::Fatal(describe(&e))
 }
+
+/// Waits for Ctrl-C or SIGTERM; names the one that came.
+pub async fn interrupted() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
+/// Runs a command that writes until it ends or a signal stops it. Stopped, it exits 130
+/// (SIGINT) or 143 (SIGTERM) as a shell reports a process the signal killed, and says so: what
+/// it read stays queued, and it holds nothing a next run must wait for (with a SQLite state
+/// the next run frees its claims at once; on a DynamoDB table they lapse after the claim TTL).
+pub async fn stoppable(
+    command: &str,
+    run: impl std::future::Future<Output = Result<std::process::ExitCode, CliError>>,
+) -> Result<std::process::ExitCode, CliError> {
+    tokio::select! {
+        outcome = run => outcome,
+        signal = interrupted() => {
+            eprintln!("oppsync {command}: stopped by {signal}; what was read stays queued for the next run");
+            Ok(std::process::ExitCode::from(match signal { "SIGTERM" => 143, _ => 130 }))
+        }
+    }
+}

@@ -23,6 +23,7 @@ use oppsync_dynamics::{DataverseClient, DataverseSettings};
 use oppsync_marketo::{Limiter, LimiterSettings, MarketoClient, MarketoSettings};
 use oppsync_pipeline::{Config, DrainReport, Pipeline, Stage};
 use oppsync_simulators::dataverse::{DataverseConfig, Mix, Seeded, Table, seed_id};
+use oppsync_simulators::marketo::Snapshot;
 use oppsync_simulators::oracle::{self, Rules};
 use oppsync_simulators::{DataverseSim, MarketoConfig, MarketoSim};
 use oppsync_state::{SqliteStore, StateStore, Status};
@@ -90,7 +91,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     context::lock_exclusively(&state_path)?;
     let outcome = tokio::select! {
         outcome = demo(store.clone(), &dv, &mk, &seeded, &state_path, temporary, started) => outcome,
-        signal = interrupted() => {
+        signal = context::interrupted() => {
             eprintln!("oppsync demo: stopped by {signal}");
             Ok(ExitCode::from(match signal { "SIGTERM" => 143, _ => 130 }))
         }
@@ -123,29 +124,6 @@ fn refuse_used_state(path: &std::path::Path) -> Result<(), CliError> {
             path.display()
         ))),
         Err(e) => Err(context::state_file_error(e)),
-    }
-}
-
-/// Waits for Ctrl-C or SIGTERM; names the one that came.
-async fn interrupted() -> &'static str {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
     }
 }
 
@@ -196,24 +174,7 @@ async fn demo(
     println!();
     let incremental = round(&pipeline, dv, mk, "incremental sync", script.lines.len()).await?;
 
-    // The end state, by the rules.
-    let rules = Rules {
-        sync_filter: Some(SYNC_FILTER.into()),
-        ..Rules::default()
-    };
-    let expected = oracle::expected(dv, &rules);
-    let snapshot = mk.snapshot();
-    let mut diff = oracle::differences(&expected, &snapshot, &BTreeSet::from([script.excluded.clone()]));
-    let excluded_name = snapshot
-        .opportunities
-        .get(&script.excluded)
-        .and_then(|f| f.get("name").cloned());
-    if excluded_name != Some(json!(script.excluded_old_name)) {
-        diff.push(format!(
-            "opportunity {}: excluded by the sync filter, yet Marketo's name changed to {excluded_name:?}",
-            script.excluded
-        ));
-    }
+    let (expected, snapshot, diff) = judge(dv, mk, &script);
 
     let counts = pipeline
         .store()
@@ -237,6 +198,7 @@ async fn demo(
     println!("Total time: {:.1} s", started.elapsed().as_secs_f64());
 
     let failed = initial.failed + incremental.failed;
+    let code = exit_code(diff.len(), failed);
     if !diff.is_empty() {
         println!(
             "\nFAIL: Marketo differs from the rules in {} places; the first ones:",
@@ -245,11 +207,11 @@ async fn demo(
         for d in diff.iter().take(20) {
             println!("  {d}");
         }
-        return Ok(ExitCode::from(1));
+        return Ok(ExitCode::from(code));
     }
     if failed > 0 {
         println!("\nFAIL: {failed} records failed (run with RUST_LOG=warn to see why)");
-        return Ok(ExitCode::from(1));
+        return Ok(ExitCode::from(code));
     }
     println!(
         "\nPASS: Marketo matches Dynamics by the rules, record by record ({} opportunities, {} roles, {} companies checked).",
@@ -381,6 +343,35 @@ fn marketo_client(mk: &MarketoSim) -> Result<MarketoClient, CliError> {
 }
 
 /// What the scripted round changed, for the summary and the end-state check.
+/// Marketo's end state against the rules applied to what Dynamics holds: what was expected,
+/// what Marketo holds, and each difference (the record excluded by the sync filter must keep
+/// its old name).
+fn judge(dv: &DataverseSim, mk: &MarketoSim, script: &Script) -> (oracle::Expected, Snapshot, Vec<String>) {
+    let rules = Rules {
+        sync_filter: Some(SYNC_FILTER.into()),
+        ..Rules::default()
+    };
+    let expected = oracle::expected(dv, &rules);
+    let snapshot = mk.snapshot();
+    let mut diff = oracle::differences(&expected, &snapshot, &BTreeSet::from([script.excluded.clone()]));
+    let excluded_name = snapshot
+        .opportunities
+        .get(&script.excluded)
+        .and_then(|f| f.get("name").cloned());
+    if excluded_name != Some(json!(script.excluded_old_name)) {
+        diff.push(format!(
+            "opportunity {}: excluded by the sync filter, yet Marketo's name changed to {excluded_name:?}",
+            script.excluded
+        ));
+    }
+    (expected, snapshot, diff)
+}
+
+/// The demo's exit: 1 when Marketo differs from the rules or a record failed, else 0.
+fn exit_code(differences: usize, failed: u64) -> u8 {
+    u8::from(differences > 0 || failed > 0)
+}
+
 struct Script {
     lines: Vec<String>,
     excluded: String,
@@ -447,5 +438,30 @@ fn change_dynamics(dv: &DataverseSim, seeded: &Seeded) -> Script {
         lines,
         excluded,
         excluded_old_name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Exit 1 when the demo's end state differs from the rules: Dynamics changed after the
+    /// sync (as a lost write would leave it) is judged by the same comparison the demo makes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_demos_end_state_differs_from_the_rules_exits_1() {
+        let dv = DataverseSim::start(DataverseConfig::default()).await.unwrap();
+        let mk = MarketoSim::start(MarketoConfig::default()).await.unwrap();
+        let seeded = dv.seed(30, 5, Mix::Realistic);
+        let script = Script {
+            lines: vec![],
+            excluded: seeded.opportunities[0].clone(),
+            excluded_old_name: String::new(),
+        };
+        // Nothing was written: Marketo holds none of what the rules expect.
+        let (_, _, diff) = judge(&dv, &mk, &script);
+        assert!(diff.len() > 30, "{diff:?}");
+        assert_eq!(exit_code(diff.len(), 0), 1);
+        assert_eq!(exit_code(0, 2), 1);
+        assert_eq!(exit_code(0, 0), 0);
     }
 }

@@ -1,10 +1,12 @@
 //! `oppsync`: the sync on your machine. `demo` runs the whole pipeline against the built-in
 //! Dataverse and Marketo simulators on an embedded SQLite store.
 //!
-//! Exit codes: 0 done; 1 the run finished but something is wrong (a record failed, writing
-//! stopped at the quota or budget, or the demo's Marketo end state differs from the rules); 2 bad
-//! arguments or configuration; 3 a fatal error (an endpoint, credentials, the state store); 4 the
-//! run finished with records left for retry (still queued; the output says why).
+//! Exit codes (README's table, each case held by a test in cli/tests/cli/exit_codes.rs): 0 done;
+//! 1 the run finished but something is wrong (a record failed, writing stopped at the quota or
+//! budget, a resync id nobody knows, the demo's end state differs from the rules); 2 bad
+//! arguments, configuration, environment or a --state that is not oppsync's; 3 a fatal error
+//! (credentials, the preflight, Dynamics unreachable, the state store); 4 the run finished with
+//! records left for retry (still queued; the output says why); 130 or 143 stopped by a signal.
 
 use std::process::ExitCode;
 
@@ -110,9 +112,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
-            Command::Sync(args) => sync::run(args).await,
+            Command::Sync(args) => context::stoppable("sync", sync::run(args)).await,
             Command::Plan(args) => plan::run(args).await,
-            Command::Resync(args) => resync::run(args).await,
+            Command::Resync(args) => context::stoppable("resync", resync::run(args)).await,
             Command::Status(args) => status::status(args).await,
             Command::Errors(args) => status::errors(args).await,
             Command::Validate(args) => validate::run(args).await,

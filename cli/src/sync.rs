@@ -20,12 +20,15 @@ pub struct SyncArgs {
     /// Run one cycle and exit (the default).
     #[arg(long, conflicts_with = "every")]
     pub once: bool,
-    /// Run a cycle, then again every DURATION (like 30s, 5m, 1h), until stopped.
+    /// Run a cycle, then again every DURATION (like 30s, 5m, 1h; at most 24h), until stopped.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub every: Option<Duration>,
 }
 
-/// `30s`, `5m`, `1h`, or a number of seconds.
+/// The longest `--every`: a day.
+const MAX_EVERY_SECONDS: u64 = 24 * 3600;
+
+/// `30s`, `5m`, `1h`, or a number of seconds, at most a day.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
@@ -35,14 +38,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("`{text}` is not a duration; write it like 30s, 5m or 1h"))?;
-    let seconds = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
         _ => return Err(format!("`{text}`: unknown unit `{unit}`; use s, m or h")),
     };
+    let seconds = n.saturating_mul(scale);
     if seconds == 0 {
         return Err("the interval must be at least 1s".into());
+    }
+    if seconds > MAX_EVERY_SECONDS {
+        return Err(format!(
+            "`{}` is longer than a day; for cycles further apart, run `oppsync sync --once` from cron or a timer",
+            oppsync_support::input::shown(text)
+        ));
     }
     Ok(Duration::from_secs(seconds))
 }

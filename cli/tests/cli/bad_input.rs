@@ -424,6 +424,9 @@ async fn bad_arguments_are_refused_by_the_parser() {
         vec!["demo", "--opportunities", "5"],
         vec!["demo", "--opportunities", "many"],
         vec!["sync", "--every", "soon"],
+        // Overflowed the seconds (a panic in a debug build, a wrapped interval in a release one).
+        vec!["sync", "--every", "99999999999999999h"],
+        vec!["sync", "--every", "99999999999999999999999"],
         vec!["sync", "--once", "--every", "5m"],
         vec!["sync", "--state", "a.db", "--table", "t"],
         vec!["errors", "--export", "xml"],
@@ -431,6 +434,7 @@ async fn bad_arguments_are_refused_by_the_parser() {
         let run = oppsync(&args, &[]).await;
         assert_eq!(run.code, 2, "{args:?}: {run:?}");
         assert!(!run.stderr.is_empty(), "{args:?}");
+        assert!(!run.stderr.contains("panicked"), "{args:?}: {run:?}");
     }
 }
 

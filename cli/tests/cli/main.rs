@@ -7,4 +7,5 @@ mod bad_input;
 mod commands;
 mod common;
 mod crash;
+mod exit_codes;
 mod state_files;
