@@ -80,3 +80,60 @@ pub fn config_file(text: &str) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// What a long-running command did before a signal stopped it.
+pub struct Stopped {
+    /// The exit code (None if the signal killed it without one).
+    pub code: Option<i32>,
+    /// The first line of stdout starting with the awaited prefix.
+    pub line: Option<String>,
+    pub stderr: String,
+}
+
+/// Starts `oppsync args…` with exactly `env` in `cwd`, waits (up to a minute) for a stdout line
+/// starting with `prefix` (the end of `sync`'s first cycle: "sync: "), then sends `signal`
+/// ("INT", "TERM") and waits for it to end.
+pub async fn run_then_signal(
+    args: &[&str],
+    env: &[(String, String)],
+    cwd: &std::path::Path,
+    prefix: &'static str,
+    signal: &str,
+) -> Stopped {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_oppsync"));
+    command
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .envs(env.iter().cloned())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with(prefix))
+    });
+    let line = tokio::time::timeout(std::time::Duration::from_secs(60), line)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    let pid = child.id().to_string();
+    let killed = Command::new("kill")
+        .args([format!("-{signal}").as_str(), pid.as_str()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    Stopped {
+        code: out.status.code(),
+        line,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

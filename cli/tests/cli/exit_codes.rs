@@ -3,7 +3,6 @@
 //! added to the README without a test here, or a test for a case the README dropped, fails.
 
 use std::path::Path;
-use std::time::Duration;
 
 use oppsync_marketo::Operation as E;
 use oppsync_simulators::MarketoFault;
@@ -308,45 +307,29 @@ async fn sync_stopped_by_a_signal_says_so_exits_130_or_143_and_the_next_run_goes
     let (sims, env, state) = synced_state(10, 65).await;
     for (signal, code) in [("INT", 130), ("TERM", 143)] {
         change_amounts(&sims, 3);
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_oppsync"));
-        command
-            .args(["sync", "--every", "1h", "--state", s(&state)])
-            .env_clear()
-            .envs(env.clone())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = command.spawn().unwrap();
-        // Stopped once its first cycle is done (its summary printed) and it waits for the next.
-        let stdout = child.stdout.take().unwrap();
-        let summary = tokio::task::spawn_blocking(move || {
-            use std::io::BufRead;
-            std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .find(|l| l.starts_with("sync: "))
-        });
-        let summary = tokio::time::timeout(Duration::from_secs(60), summary)
-            .await
-            .expect("the first cycle never ended")
-            .unwrap();
+        let cwd = std::env::temp_dir();
+        let stopped = run_then_signal(
+            &["sync", "--every", "1h", "--state", s(&state)],
+            &env,
+            &cwd,
+            "sync: ",
+            signal,
+        )
+        .await;
+        // Stopped once its first cycle was done and it waited for the next.
         assert!(
-            summary.as_deref().is_some_and(|l| l.contains("3 written")),
-            "{summary:?}"
+            stopped.line.as_deref().is_some_and(|l| l.contains("3 written")),
+            "{:?} {}",
+            stopped.line,
+            stopped.stderr
         );
-        let pid = child.id().to_string();
-        let killed = std::process::Command::new("kill")
-            .args([format!("-{signal}").as_str(), pid.as_str()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-            .await
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(code), "SIG{signal}: {stderr}");
+        assert_eq!(stopped.code, Some(code), "SIG{signal}: {}", stopped.stderr);
         assert!(
-            stderr.contains(&format!("oppsync sync: stopped by SIG{signal}")),
-            "{stderr}"
+            stopped
+                .stderr
+                .contains(&format!("oppsync sync: stopped by SIG{signal}")),
+            "{}",
+            stopped.stderr
         );
     }
     // The lock and the lease died with it: the next run starts at once.

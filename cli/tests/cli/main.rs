@@ -8,4 +8,5 @@ mod commands;
 mod common;
 mod crash;
 mod exit_codes;
+mod readme;
 mod state_files;
