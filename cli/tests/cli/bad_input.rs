@@ -2,7 +2,7 @@
 //! and the state as it was.
 
 use oppsync_simulators::dataverse::Mix;
-use oppsync_tests::harness::sims;
+use oppsync_tests::harness::{assert_marketo_matches_dynamics, sims};
 use serde_json::Value;
 
 use crate::common::*;
@@ -539,4 +539,60 @@ async fn no_email_name_or_secret_reaches_a_log_line_or_the_error_ledger() {
         personal.len(),
         leaked.iter().take(3).collect::<Vec<_>>()
     );
+}
+
+/// The row: a garbage stored cursor was blamed on Dataverse ("not OData JSON") and
+/// stopped every run. A cursor that cannot be read is only a lost bookmark: the run reads the
+/// tables afresh (as after an expired token) and goes on. A cursor of another environment means
+/// the state belongs to another Dynamics: refused, named, with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_stored_cursor_is_read_afresh_and_another_environments_is_refused() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(12, 47, Mix::Uniform);
+    let env = env_for(&sims);
+    let (state, _) = synced_state(&env).await;
+    let set_cursors = |value: &str| {
+        let conn = rusqlite::Connection::open(&state).unwrap();
+        let n = conn
+            .execute(
+                "UPDATE cursors SET value = ?1 WHERE source IN ('opportunities', 'connections')",
+                [value],
+            )
+            .unwrap();
+        assert_eq!(n, 2);
+    };
+    set_cursors("garbage \u{1b}[31m not a link");
+    sims.dv.upsert(
+        oppsync_simulators::dataverse::Table::Opportunities,
+        &seeded.opportunities[3],
+        serde_json::json!({"estimatedvalue": 31337}),
+        &[],
+    );
+    let run = oppsync(&["sync", "--state", s(&state)], &env).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(!run.stderr.contains("OData"), "{run:?}");
+    assert!(
+        run.stderr.contains("stored change-tracking cursor") && run.stderr.contains("reading"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains('\u{1b}'), "the value is not echoed raw: {run:?}");
+    assert_marketo_matches_dynamics(&sims);
+    // Read afresh, the cursor is good again: the next run reads only changes.
+    let run = oppsync(&["sync", "--state", s(&state)], &env).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("sync: 0 changes read"), "{run:?}");
+
+    set_cursors("https://other.crm.dynamics.com/api/data/v9.2/opportunities?$deltatoken=919042");
+    let requests = sims.dv.requests();
+    let run = oppsync(&["sync", "--state", s(&state)], &env).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr.contains("other.crm.dynamics.com")
+            && run.stderr.contains("another Dynamics environment")
+            && run.stderr.contains("Fix"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("deltatoken"), "{run:?}");
+    // Nothing was read from Dataverse with the foreign link.
+    assert!(sims.dv.requests() - requests <= 1, "{}", sims.dv.requests() - requests);
 }

@@ -53,6 +53,26 @@ impl Watermark {
 }
 
 impl DataverseClient {
+    /// The stored cursor as a URL of this environment; `None` (with a warning) when it is not
+    /// a URL at all, an error when it points at another host: the state was synced from
+    /// another Dynamics environment, and reading on would mix two organisations' records.
+    fn stored_cursor(&self, set: EntitySet, link: &str) -> Result<Option<Url>, DataverseError> {
+        let Ok(url) = Url::parse(link) else {
+            tracing::warn!(
+                table = set.name(),
+                "the stored change-tracking cursor cannot be read (not a link); reading the whole table again"
+            );
+            return Ok(None);
+        };
+        if !self.is_ours(&url) {
+            return Err(DataverseError::ForeignCursor {
+                stored: link_host(&url),
+                configured: self.host().to_owned(),
+            });
+        }
+        Ok(Some(url))
+    }
+
     /// Reads one page of changes. `cursor` is what the previous page returned (a next link or
     /// a delta link); `None` starts a full read. An expired delta token starts a full read too,
     /// flagged `full_resync`.
@@ -68,11 +88,16 @@ impl DataverseClient {
         // versions only; the transform reads the rows again, annotated.
         let prefer = ["odata.track-changes", page_pref.as_str()];
         let full_read = self.entity_url(set, &[("$select", select.join(","))])?;
-        let delta_read = cursor.is_some_and(is_delta_link);
-        let (body, full_resync) = match cursor {
-            Some(link) => {
-                let url = Url::parse(link)
-                    .map_err(|_| DataverseError::Decode(format!("stored cursor `{link}` is not a URL")))?;
+        let stored = match cursor {
+            Some(link) => self.stored_cursor(set, link)?,
+            None => None,
+        };
+        let delta_read = stored.as_ref().is_some_and(|url| is_delta_link(url.as_str()));
+        let (body, full_resync) = match (cursor, stored) {
+            // A stored cursor that cannot be read is a lost bookmark, not Dataverse's fault:
+            // the table is read afresh, as after an expired token (deletions found by a scan).
+            (Some(_), None) => (self.get(full_read.clone(), &prefer).await?, true),
+            (_, Some(url)) => {
                 match self.get(url, &prefer).await {
                     Ok(body) => (body, false),
                     Err(DataverseError::ChangeTokenExpired) => {
@@ -85,7 +110,7 @@ impl DataverseClient {
                     Err(e) => return Err(e),
                 }
             }
-            None => (self.get(full_read.clone(), &prefer).await?, false),
+            (None, None) => (self.get(full_read.clone(), &prefer).await?, false),
         };
         let mut rows = Vec::new();
         let mut deleted = Vec::new();
@@ -138,6 +163,13 @@ impl DataverseClient {
                 (full_read.to_string(), true)
             }
         };
+        // A link to another host is refused when Dataverse gives it, before it is stored: a
+        // stored cursor of another host then means only a state of another environment.
+        if let Ok(url) = Url::parse(&cursor)
+            && !self.is_ours(&url)
+        {
+            return Err(DataverseError::ForeignLink(link_host(&url)));
+        }
         Ok(ChangePage {
             rows,
             deleted,
@@ -255,4 +287,9 @@ pub fn contacts_touched(connection_rows: &[Value]) -> BTreeSet<ContactId> {
         }
     }
     out
+}
+
+/// A link's host as messages show it (the path and query may carry anything).
+pub(crate) fn link_host(url: &Url) -> String {
+    oppsync_support::input::shown(url.host_str().unwrap_or("a link without a host"))
 }

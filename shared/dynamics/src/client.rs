@@ -125,13 +125,24 @@ impl DataverseClient {
         Ok(token)
     }
 
+    /// Whether `url` is on this environment (scheme, host and port): the only place the
+    /// bearer token is sent.
+    pub(crate) fn is_ours(&self, url: &Url) -> bool {
+        let ours = &self.settings.environment;
+        url.host_str() == ours.host_str()
+            && url.port_or_known_default() == ours.port_or_known_default()
+            && url.scheme() == ours.scheme()
+    }
+
+    /// This environment's host, as DYNAMICS_URL names it.
+    pub(crate) fn host(&self) -> &str {
+        self.settings.environment.host_str().unwrap_or_default()
+    }
+
     /// GETs one URL of the environment, with retries; returns the JSON body.
     pub(crate) async fn get(&self, url: Url, prefer: &[&str]) -> Result<Value, DataverseError> {
-        if url.host_str() != self.settings.environment.host_str()
-            || url.port_or_known_default() != self.settings.environment.port_or_known_default()
-            || url.scheme() != self.settings.environment.scheme()
-        {
-            return Err(DataverseError::ForeignLink(url.to_string()));
+        if !self.is_ours(&url) {
+            return Err(DataverseError::ForeignLink(crate::changes::link_host(&url)));
         }
         let mut refreshed = false;
         let mut attempt = 0;

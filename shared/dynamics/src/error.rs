@@ -31,6 +31,10 @@ pub enum DataverseError {
     #[error("refusing to follow a link to another host: {0}")]
     ForeignLink(String),
     #[error(
+        "the state's stored change-tracking cursor belongs to Dataverse at {stored}, not {configured}: this state was synced from another Dynamics environment. Fix: give this environment its own --state (or table), or set DYNAMICS_URL back to {stored}"
+    )]
+    ForeignCursor { stored: String, configured: String },
+    #[error(
         "Dataverse answered HTTP {status}, a redirect to {to}; oppsync follows no redirects. Set DYNAMICS_URL to the environment's own URL (Power Platform admin center > Environments > Environment URL)"
     )]
     Redirected { status: u16, to: String },
