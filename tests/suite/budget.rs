@@ -54,37 +54,37 @@ fn config(n: usize) -> Config {
     Config::from_toml(&format!("[sync]\nbatch_size = {n}\n"), "test").unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_writers_on_one_store_share_the_calls_at_once() {
-    let sims = slow_marketo().await;
-    sims.dv.seed(1200, 11, Mix::Uniform);
-    let store = sqlite();
-    let a = Pipeline::new(
-        store.clone(),
-        dataverse(&sims),
-        writer(&sims, 40_000),
-        config(60),
-        unique("a"),
-    );
-    let b = Pipeline::new(
-        store.clone(),
-        dataverse(&sims),
-        writer(&sims, 40_000),
-        config(60),
-        unique("b"),
-    );
-    loop {
-        if a.poll(None).await.unwrap().caught_up {
-            break;
-        }
-    }
-    // Both writers count themselves in before either writes.
+/// Two pipelines on one store, each with its own Marketo client; Dynamics polled to the end.
+async fn two_writers<S: StateStore + Clone>(
+    sims: &Sims,
+    store: &S,
+    client: impl Fn() -> MarketoClient,
+    batch: usize,
+) -> (Pipeline<S>, Pipeline<S>) {
+    let pipeline = |name: &str| Pipeline::new(store.clone(), dataverse(sims), client(), config(batch), unique(name));
+    let (a, b) = (pipeline("a"), pipeline("b"));
+    while !a.poll(None).await.unwrap().caught_up {}
+    (a, b)
+}
+
+/// Both writers count themselves in before either writes, then drain at once; both write and
+/// nothing fails.
+async fn both_write<S: StateStore + Clone>(a: &Pipeline<S>, b: &Pipeline<S>) {
     a.share_budget().await;
     b.share_budget().await;
     let (ra, rb) = tokio::join!(a.drain(|_, _| {}), b.drain(|_, _| {}));
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
     assert_eq!(ra.failed + rb.failed, 0, "{ra:?} {rb:?}");
     assert!(ra.written > 0 && rb.written > 0, "both wrote: {ra:?} {rb:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_writers_on_one_store_share_the_calls_at_once() {
+    let sims = slow_marketo().await;
+    sims.dv.seed(1200, 11, Mix::Uniform);
+    let store = sqlite();
+    let (a, b) = two_writers(&sims, &store, || writer(&sims, 40_000), 60).await;
+    both_write(&a, &b).await;
     // Each took half of the 4 calls at once: never more than 4 in flight in all (each alone
     // keeps 4 busy, so 8 without the sharing).
     let peak = sims.mk.concurrency_high_water();
@@ -100,25 +100,7 @@ async fn two_writers_together_stop_at_the_days_budget() {
     sims.dv.seed(120, 12, Mix::Uniform);
     let store = dynamo().await;
     let budget = 5;
-    let a = Pipeline::new(
-        store.clone(),
-        dataverse(&sims),
-        writer(&sims, budget),
-        config(6),
-        unique("a"),
-    );
-    let b = Pipeline::new(
-        store.clone(),
-        dataverse(&sims),
-        writer(&sims, budget),
-        config(6),
-        unique("b"),
-    );
-    loop {
-        if a.poll(None).await.unwrap().caught_up {
-            break;
-        }
-    }
+    let (a, b) = two_writers(&sims, &store, || writer(&sims, budget), 6).await;
     let (ra, rb) = tokio::join!(a.drain(|_, _| {}), b.drain(|_, _| {}));
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
     // The sync needs 8 calls and each writer may make 5 a day on its own; together they make
@@ -154,31 +136,8 @@ async fn two_writers_on_dynamodb_hold_the_calls_per_window_together() {
         window: Duration::from_secs(2),
         concurrency: 4,
     };
-    let a = Pipeline::new(
-        store.clone(),
-        dataverse(&sims),
-        writer_with(&sims, limits, 40_000),
-        config(1),
-        unique("a"),
-    );
-    let b = Pipeline::new(
-        store.clone(),
-        dataverse(&sims),
-        writer_with(&sims, limits, 40_000),
-        config(1),
-        unique("b"),
-    );
-    loop {
-        if a.poll(None).await.unwrap().caught_up {
-            break;
-        }
-    }
-    a.share_budget().await;
-    b.share_budget().await;
-    let (ra, rb) = tokio::join!(a.drain(|_, _| {}), b.drain(|_, _| {}));
-    let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    assert_eq!(ra.failed + rb.failed, 0, "{ra:?} {rb:?}");
-    assert!(ra.written > 0 && rb.written > 0, "both wrote: {ra:?} {rb:?}");
+    let (a, b) = two_writers(&sims, &store, || writer_with(&sims, limits, 40_000), 1).await;
+    both_write(&a, &b).await;
     // Enough calls that the window mattered: many windows' worth.
     let calls = sims.mk.rest_calls();
     eprintln!("{calls} calls, refused {} x606", sims.mk.refused("606"));

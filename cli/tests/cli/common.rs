@@ -122,12 +122,7 @@ pub async fn run_then_signal(
         .ok()
         .and_then(Result::ok)
         .flatten();
-    let pid = child.id().to_string();
-    let killed = Command::new("kill")
-        .args([format!("-{signal}").as_str(), pid.as_str()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    send_signal(&child, signal);
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();
@@ -136,4 +131,13 @@ pub async fn run_then_signal(
         line,
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Sends `signal` ("INT", "TERM") to a child process.
+pub fn send_signal(child: &std::process::Child, signal: &str) {
+    let killed = Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill -{signal} failed");
 }

@@ -276,12 +276,7 @@ async fn a_stopped_demo_cleans_up_and_holds_no_lease() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(recorded(&file), "the demo never recorded a change");
-        let pid = child.id().to_string();
-        let killed = std::process::Command::new("kill")
-            .args([format!("-{signal}").as_str(), pid.as_str()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
+        send_signal(&child, signal);
         let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
             .await
             .unwrap();

@@ -97,19 +97,17 @@ impl DataverseClient {
             // A stored cursor that cannot be read is a lost bookmark, not Dataverse's fault:
             // the table is read afresh, as after an expired token (deletions found by a scan).
             (Some(_), None) => (self.get(full_read.clone(), &prefer).await?, true),
-            (_, Some(url)) => {
-                match self.get(url, &prefer).await {
-                    Ok(body) => (body, false),
-                    Err(DataverseError::ChangeTokenExpired) => {
-                        tracing::warn!(
-                            table = set.name(),
-                            "change-tracking token expired; reading the whole table again"
-                        );
-                        (self.get(full_read.clone(), &prefer).await?, true)
-                    }
-                    Err(e) => return Err(e),
+            (_, Some(url)) => match self.get(url, &prefer).await {
+                Ok(body) => (body, false),
+                Err(DataverseError::ChangeTokenExpired) => {
+                    tracing::warn!(
+                        table = set.name(),
+                        "change-tracking token expired; reading the whole table again"
+                    );
+                    (self.get(full_read.clone(), &prefer).await?, true)
                 }
-            }
+                Err(e) => return Err(e),
+            },
             (None, None) => (self.get(full_read.clone(), &prefer).await?, false),
         };
         let mut rows = Vec::new();

@@ -93,9 +93,7 @@ async fn a_next_link_to_another_host_is_refused() {
     assert!(matches!(err, DataverseError::ForeignLink(_)), "{err}");
     assert!(err.to_string().contains("127.0.0.1"), "{err}");
     let before = sim.requests();
-    let _ = client
-        .changes(EntitySet::Opportunities, OPPORTUNITY_SELECT, None)
-        .await;
+    let _ = client.changes(EntitySet::Opportunities, OPPORTUNITY_SELECT, None).await;
     assert_eq!(sim.requests(), before + 1, "only the first page was read");
 }
 
