@@ -100,7 +100,7 @@ pub fn moto_endpoint() -> String {
     std::env::var("OPPSYNC_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
         panic!(
             "OPPSYNC_DYNAMODB_ENDPOINT is not set. The DynamoDB tests run against moto's server, which \
-             scripts/test installs and starts; run scripts/test, or start `moto_server -H 127.0.0.1 -p 5000` \
+             scripts/test installs and starts; run scripts/test, or start `.venv/bin/python scripts/moto_server.py 127.0.0.1 5000` \
              and set OPPSYNC_DYNAMODB_ENDPOINT=http://127.0.0.1:5000"
         )
     })
