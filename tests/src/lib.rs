@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 pub mod canned;
+pub mod coldstart;
 pub mod harness;
 pub mod stream;
 pub mod template;

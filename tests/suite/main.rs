@@ -5,6 +5,7 @@ mod api_docs;
 mod bad_input;
 mod budget;
 mod chaos;
+mod coldstart;
 mod e2e;
 mod lambda_events;
 mod lambda_flow;

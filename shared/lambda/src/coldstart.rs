@@ -315,6 +315,7 @@ pub async fn build_with<D: Access, M: Access>(
         config.dataverse.log();
     }
     let secrets = aws_sdk_secretsmanager::Client::new(aws);
+    let fetching = std::time::Instant::now();
     let dynamics = match D::SYSTEM {
         Some(system) => Some(read_secret(&secrets, &env.dynamics_secret_arn, system).await?),
         None => None,
@@ -323,6 +324,9 @@ pub async fn build_with<D: Access, M: Access>(
         Some(system) => Some(read_secret(&secrets, &env.marketo_secret_arn, system).await?),
         None => None,
     };
+    // The one network round trip of a cold start, logged apart so init is measured without it
+    // (docs/PERFORMANCE.md, cold start).
+    tracing::info!(secrets_ms = fetching.elapsed().as_secs_f64() * 1000.0, "secrets read");
     let dataverse = D::open(dynamics.as_deref(), &config, env)?;
     let marketo = M::open(marketo.as_deref(), &config, env)?;
     Ok(Pipeline::new(

@@ -329,9 +329,17 @@ where
     F: Fn(Arc<Pipeline<DynamoStore, D, M>>, LambdaEvent<Value>) -> Fut,
     Fut: Future<Output = Result<Handled<T>, HandlerError>>,
 {
+    let started = std::time::Instant::now();
     init_logging();
     let pipeline = match coldstart::from_process_env::<D, M>().await {
-        Ok(p) => Arc::new(p),
+        Ok(p) => {
+            tracing::info!(
+                function,
+                init_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "cold start done"
+            );
+            Arc::new(p)
+        }
         Err(e) => {
             tracing::error!(error = %e, "cold start failed");
             report_init_error(&e).await;
