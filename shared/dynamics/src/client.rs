@@ -4,6 +4,12 @@
 use super::*;
 use secrecy::ExposeSecret;
 
+/// The largest page oppsync reads: 5,000 annotated rows are a few MB; an answer past this is
+/// not Dataverse's page, and is refused before it is held whole.
+pub(crate) const MAX_PAGE_BYTES: usize = 64 * 1024 * 1024;
+/// The largest token answer (a few KB in practice).
+const MAX_TOKEN_BYTES: usize = 1024 * 1024;
+
 /// The client. Cheap to clone; clones share the token, the limit and the counters.
 #[derive(Clone)]
 pub struct DataverseClient {
@@ -92,7 +98,9 @@ impl DataverseClient {
                 timeout: e.is_timeout(),
             })?;
         let status = response.status();
-        let text = response.text().await.unwrap_or_default();
+        let text = oppsync_support::body_capped(response, MAX_TOKEN_BYTES)
+            .await
+            .unwrap_or_default();
         if !status.is_success() {
             let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             let detail = v["error_description"]
@@ -194,7 +202,17 @@ impl DataverseClient {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_owned();
-            let text = response.text().await.unwrap_or_default();
+            let text = match oppsync_support::body_capped(response, MAX_PAGE_BYTES).await {
+                Ok(text) => text,
+                Err(oppsync_support::BodyError::TooLarge { .. }) => {
+                    return Err(DataverseError::TooLarge {
+                        cap_mb: MAX_PAGE_BYTES / (1024 * 1024),
+                        page_size: self.settings.page_size,
+                    });
+                }
+                // A connection lost mid-answer: read again, like any transient failure.
+                Err(oppsync_support::BodyError::Read(..)) => String::new(),
+            };
             if !status.is_success() {
                 // The expired version stamp, recognised by its code or its message whatever the
                 // status (the Web API's status for it is not documented).

@@ -40,6 +40,10 @@ pub enum DataverseError {
     Redirected { status: u16, to: String },
     #[error("Dataverse answered something that is not OData JSON: {0}")]
     Decode(String),
+    #[error(
+        "Dataverse answered more than {cap_mb} MB for one page of {page_size} rows; nothing of it was read. Fix: lower [dataverse] page_size"
+    )]
+    TooLarge { cap_mb: usize, page_size: u32 },
     #[error("cannot reach Dataverse: {message}")]
     Transport { message: String, timeout: bool },
     #[error("{0}")]

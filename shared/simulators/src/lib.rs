@@ -5,6 +5,7 @@ pub mod chaos;
 pub mod dataverse;
 pub mod marketo;
 pub mod oracle;
+pub mod oversized;
 mod query;
 
 pub use chaos::Chaos;

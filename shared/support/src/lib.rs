@@ -7,6 +7,36 @@ use std::time::Duration;
 
 pub mod input;
 
+/// A response body read up to a cap: an answer larger than any the APIs give is refused as it
+/// passes the cap (by its Content-Length before a byte is read), never held whole.
+pub async fn body_capped(mut response: reqwest::Response, cap: usize) -> Result<String, BodyError> {
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(BodyError::TooLarge { cap });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| BodyError::Read(error_without_urls(&e, "reading the answer failed"), e.is_timeout()))?
+    {
+        if body.len() + chunk.len() > cap {
+            return Err(BodyError::TooLarge { cap });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Why a body was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("an answer over {} MB, not read", cap / (1024 * 1024))]
+    TooLarge { cap: usize },
+    /// The connection failed while reading (the message without URLs; whether it timed out).
+    #[error("{0}")]
+    Read(String, bool),
+}
+
 /// Capped exponential backoff with jitter: between half and all of base × 2^(attempt-1), at
 /// most `cap`. Half is fixed so a throttled client never retries at once; half is random so
 /// many clients spread out.

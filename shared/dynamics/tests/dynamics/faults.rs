@@ -273,3 +273,26 @@ async fn no_request_but_get_ever_leaves_the_client() {
     assert_eq!(status.as_u16(), 405);
     assert_eq!(sim.non_get_requests(), 1);
 }
+
+#[tokio::test]
+async fn an_answer_past_the_page_cap_is_refused_before_it_is_held_whole() {
+    use oppsync_simulators::oversized::{Oversized, serve};
+    let sim = sim().await;
+    let (tenant, id, secret) = sim.credentials();
+    for how in [Oversized::Announced, Oversized::Streamed] {
+        let url = serve(how).await;
+        let settings =
+            DataverseSettings::new(&url, &tenant, &id, Secret::from(secret.clone()), Some(&sim.token_url())).unwrap();
+        let client = DataverseClient::new(settings).unwrap();
+        let err = client
+            .changes(EntitySet::Opportunities, OPPORTUNITY_SELECT, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DataverseError::TooLarge { .. }), "{how:?}: {err}");
+        assert!(!err.is_retryable(), "the same page would be as large");
+        assert!(
+            err.to_string().contains("64 MB") && err.to_string().contains("page_size"),
+            "{err}"
+        );
+    }
+}

@@ -30,6 +30,11 @@ use records::{batches, match_results};
 pub const MAX_BATCH: usize = 300;
 /// Marketo's body limit (1 MB), less room for the envelope.
 const MAX_BODY: usize = 1_048_576 - 4_096;
+/// The largest answer read: 300 records' results are tens of KB; past this it is not Marketo's
+/// envelope, and is refused before it is held whole.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+/// The largest identity answer (a token and its lifetime: well under 1 KB).
+const MAX_IDENTITY_ANSWER: usize = 64 * 1024;
 /// Marketo's URL limit (8 KB), less a margin.
 const MAX_URL: usize = 8 * 1024 - 256;
 /// Retries of throttled and transient failures before giving up.
@@ -231,10 +236,19 @@ impl MarketoClient {
             access_token: String,
             expires_in: u64,
         }
-        let text = response
-            .text()
+        let text = oppsync_support::body_capped(response, MAX_IDENTITY_ANSWER)
             .await
-            .map_err(|e| transport(Operation::Identity.name(), &e))?;
+            .map_err(|e| match e {
+                oppsync_support::BodyError::Read(message, timeout) => MarketoError::Transport {
+                    endpoint: Operation::Identity.name(),
+                    message,
+                    timeout,
+                },
+                e => MarketoError::Decode {
+                    endpoint: Operation::Identity.name(),
+                    preview: e.to_string(),
+                },
+            })?;
         let issued: Issued = serde_json::from_str(&text).map_err(|_| MarketoError::Decode {
             endpoint: Operation::Identity.name(),
             // Never echo an identity body: it may hold a token.
@@ -386,7 +400,22 @@ impl MarketoClient {
                 status: status.as_u16(),
             });
         }
-        let text = response.text().await.map_err(|e| transport(request.endpoint, &e))?;
+        let text = match oppsync_support::body_capped(response, MAX_ANSWER).await {
+            Ok(text) => text,
+            Err(oppsync_support::BodyError::Read(message, timeout)) => {
+                return Err(MarketoError::Transport {
+                    endpoint: request.endpoint,
+                    message,
+                    timeout,
+                });
+            }
+            Err(e @ oppsync_support::BodyError::TooLarge { .. }) => {
+                return Err(MarketoError::Decode {
+                    endpoint: request.endpoint,
+                    preview: e.to_string(),
+                });
+            }
+        };
         let envelope: Envelope = serde_json::from_str(&text).map_err(|_| MarketoError::Decode {
             endpoint: request.endpoint,
             preview: text.chars().take(120).collect(),

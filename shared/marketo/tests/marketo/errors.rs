@@ -152,3 +152,23 @@ async fn an_unreachable_instance_is_a_transport_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn an_answer_past_the_cap_is_refused_before_it_is_held_whole() {
+    use oppsync_simulators::oversized::{Oversized, serve};
+    for how in [Oversized::Announced, Oversized::Streamed] {
+        let url = serve(how).await;
+        let settings =
+            oppsync_marketo::MarketoSettings::new(&url, "id", oppsync_marketo::Secret::from("s".to_owned())).unwrap();
+        let client = oppsync_marketo::MarketoClient::new(
+            settings,
+            oppsync_marketo::Limiter::new(oppsync_marketo::LimiterSettings::default()),
+            1000,
+        )
+        .unwrap()
+        .with_backoff_base(std::time::Duration::from_millis(5));
+        let err = client.sync_opportunities(&[opportunity(1)]).await.unwrap_err();
+        assert!(matches!(err, MarketoError::Decode { .. }), "{how:?}: {err}");
+        assert!(err.to_string().contains("over 16 MB"), "{err}");
+    }
+}
