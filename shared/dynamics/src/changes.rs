@@ -237,12 +237,17 @@ impl DataverseClient {
     pub async fn all_ids(&self, set: EntitySet) -> Result<BTreeSet<String>, DataverseError> {
         let page_pref = self.page_pref();
         let url = self.entity_url(set, &[("$select", set.key().to_owned())])?;
-        let rows = self.all_pages(url, &[page_pref.as_str()]).await?;
-        Ok(rows
-            .iter()
-            .filter_map(|row| row[set.key()].as_str())
-            .map(str::to_ascii_lowercase)
-            .collect())
+        // Page by page: a million rows as JSON would be gigabytes; their ids are tens of MB.
+        let mut ids = BTreeSet::new();
+        self.each_page(url, &[page_pref.as_str()], |page| {
+            ids.extend(
+                page.iter()
+                    .filter_map(|row| row[set.key()].as_str())
+                    .map(str::to_ascii_lowercase),
+            );
+        })
+        .await?;
+        Ok(ids)
     }
 }
 

@@ -297,14 +297,26 @@ impl DataverseClient {
     }
 
     /// GETs `url` and every page after it (following `@odata.nextLink`); returns all rows.
-    pub(crate) async fn all_pages(&self, mut url: Url, prefer: &[&str]) -> Result<Vec<Value>, DataverseError> {
+    pub(crate) async fn all_pages(&self, url: Url, prefer: &[&str]) -> Result<Vec<Value>, DataverseError> {
         let mut rows = Vec::new();
+        self.each_page(url, prefer, |page| rows.extend(page)).await?;
+        Ok(rows)
+    }
+
+    /// GETs `url` and every page after it, handing each page's rows to `visit` as it comes: a
+    /// whole-table read holds one page at a time, not the table.
+    pub(crate) async fn each_page(
+        &self,
+        mut url: Url,
+        prefer: &[&str],
+        mut visit: impl FnMut(Vec<Value>),
+    ) -> Result<(), DataverseError> {
         loop {
             let path = url.path().to_owned();
-            let body = self.get(url, prefer).await?;
+            let mut body = self.get(url, prefer).await?;
             // Absent is not empty: zero rows would plan deletes for a whole batch.
-            match body.get("value") {
-                Some(Value::Array(values)) => rows.extend(values.iter().cloned()),
+            match body.get_mut("value").map(Value::take) {
+                Some(Value::Array(values)) => visit(values),
                 _ => {
                     return Err(DataverseError::Decode(format!(
                         "a collection answer without its `value` array (from {path})"
@@ -313,7 +325,7 @@ impl DataverseClient {
             }
             match body["@odata.nextLink"].as_str() {
                 Some(next) => url = Url::parse(next).map_err(|_| DataverseError::Decode(next.to_owned()))?,
-                None => return Ok(rows),
+                None => return Ok(()),
             }
         }
     }
