@@ -11,6 +11,9 @@ pub struct StreamReader {
     arn: String,
     /// Each open shard's next iterator.
     iterators: Vec<String>,
+    /// Each shard's last sequence number read: a page that brings nothing newer ends the read,
+    /// so an iterator that does not advance cannot loop forever.
+    last: Vec<u128>,
 }
 
 impl StreamReader {
@@ -28,6 +31,7 @@ impl StreamReader {
             endpoint: endpoint.to_owned(),
             arn,
             iterators: Vec::new(),
+            last: Vec::new(),
         };
         let stream = reader.call("DescribeStream", json!({"StreamArn": reader.arn})).await;
         let shards = stream["StreamDescription"]["Shards"]
@@ -43,6 +47,7 @@ impl StreamReader {
                 )
                 .await;
             reader.iterators.push(it["ShardIterator"].as_str().unwrap().to_owned());
+            reader.last.push(0);
         }
         reader
     }
@@ -64,10 +69,18 @@ impl StreamReader {
                     self.iterators[i] = next.to_owned();
                 }
                 let records = page["Records"].as_array().cloned().unwrap_or_default();
-                if records.is_empty() {
+                let sequence = |r: &Value| {
+                    r["dynamodb"]["SequenceNumber"]
+                        .as_str()
+                        .and_then(|n| n.parse::<u128>().ok())
+                        .unwrap_or(0)
+                };
+                let fresh: Vec<Value> = records.into_iter().filter(|r| sequence(r) > self.last[i]).collect();
+                if fresh.is_empty() {
                     break;
                 }
-                for mut r in records {
+                for mut r in fresh {
+                    self.last[i] = self.last[i].max(sequence(&r));
                     r["eventSourceARN"] = json!(self.arn);
                     out.push(r);
                 }
