@@ -98,11 +98,15 @@ async fn sync_through(sims: &Sims, p: &oppsync_pipeline::Pipeline<oppsync_state:
         let caught_up = matches!(&polled, Ok(r) if r.caught_up);
         let drained = p.drain(|_, _| {}).await;
         let counts = p.store().counts().await.unwrap();
-        assert_eq!(
-            counts.get(Status::Failed),
-            0,
-            "a fault failed a record for good: {counts:?}"
-        );
+        if counts.get(Status::Failed) > 0 {
+            let failed = p.store().list(Status::Failed, 10, None).await.unwrap();
+            let why: Vec<_> = failed
+                .items
+                .iter()
+                .map(|s| (s.id, s.attempts, s.last_error.clone()))
+                .collect();
+            panic!("a fault failed a record for good: {counts:?}: {why:?}");
+        }
         if caught_up && drained.is_ok() && counts.get(Status::Pending) + counts.get(Status::Ready) == 0 {
             return;
         }

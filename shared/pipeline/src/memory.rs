@@ -311,6 +311,8 @@ pub struct MarketoHolds {
     pub leads: BTreeMap<i64, Map<String, Value>>,
     /// Operation names (`opportunities.sync`, `leads.query`, …), one per call, in order.
     pub calls: Vec<&'static str>,
+    /// The records of each `roles.sync` call, in order.
+    pub role_writes: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -320,6 +322,8 @@ struct MarketoData {
     /// Records refused by key (externalOpportunityId, externalCompanyId, email, or
     /// "opportunity|lead|role"), with the 1xxx code they are skipped with.
     refuse: HashMap<String, &'static str>,
+    /// The next role records written are skipped with this code, this many of them.
+    refuse_roles: (u32, &'static str),
     /// Runs while the next lead upsert is in flight (see [`MemoryMarketo::during_next_lead_upsert`]).
     in_flight: Option<Interleaved>,
 }
@@ -370,6 +374,13 @@ impl MemoryMarketo {
         id
     }
 
+    /// An opportunity a Marketo user deleted, with its roles.
+    pub fn remove_opportunity(&self, external_id: &str) {
+        let mut d = guard(&self.0);
+        d.holds.opportunities.remove(external_id);
+        d.holds.roles.retain(|k, _| k.external_opportunity_id != external_id);
+    }
+
     /// A lead deleted in Marketo (by a user, or merged away), with its roles.
     pub fn remove_lead(&self, id: i64) {
         let mut d = guard(&self.0);
@@ -384,6 +395,11 @@ impl MemoryMarketo {
     /// duplicate leads.
     pub fn during_next_lead_upsert(&self, work: Interleaved) {
         guard(&self.0).in_flight = Some(work);
+    }
+
+    /// The next `n` role records written (in any call) are skipped with `code`.
+    pub fn refuse_next_roles(&self, n: u32, code: &'static str) {
+        guard(&self.0).refuse_roles = (n, code);
     }
 
     /// Every write of the record with `key` is skipped with `code`.
@@ -460,9 +476,15 @@ impl MarketoPort for MemoryMarketo {
     ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
         let mut d = guard(&self.0);
         d.holds.calls.push("roles.sync");
+        d.holds.role_writes.push(roles.len());
         let mut outcomes = Vec::with_capacity(roles.len());
         for role in roles {
             let k = &role.key;
+            if d.refuse_roles.0 > 0 {
+                d.refuse_roles.0 -= 1;
+                outcomes.push(skipped(d.refuse_roles.1, "Refused"));
+                continue;
+            }
             // Opportunity-roles page: the opportunity and the lead must exist.
             if !d.holds.opportunities.contains_key(&k.external_opportunity_id) {
                 outcomes.push(skipped("1013", "Opportunity not found"));

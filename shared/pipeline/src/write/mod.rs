@@ -102,6 +102,9 @@ pub(crate) struct Work {
     /// Hashes of the planned roles now in Marketo as planned.
     pub(crate) in_marketo: BTreeSet<u64>,
     pub(crate) company_done: bool,
+    /// The opportunity is in Marketo as planned (written by this try, or unchanged since the
+    /// last): a retry need not send it again.
+    pub(crate) opportunity_done: bool,
     pub(crate) touched: bool,
     pub(crate) answers: Vec<Answer>,
 }
@@ -264,6 +267,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                             soft_error: None,
                             replaced: Vec::new(),
                             company_done: false,
+                            opportunity_done: false,
                             touched: false,
                             answers: Vec::new(),
                         }
@@ -530,9 +534,14 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             roles: roles.clone(),
             deleted,
             at: self.now(),
-            // Only a complete write says what Marketo holds part by part.
+            // A complete write says what Marketo holds part by part; a partial one what got
+            // through, so a retry sends only the rest.
             sent: match &work.parts {
-                Some(parts) if complete && !deleted => Some(parts.sent(&work.in_marketo)),
+                Some(parts) if !deleted => Some(if complete {
+                    parts.sent(&work.in_marketo)
+                } else {
+                    parts.partly_sent(work)
+                }),
                 _ => None,
             },
         };

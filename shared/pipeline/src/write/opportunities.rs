@@ -29,6 +29,9 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
 
         // Only opportunities whose fields changed since the record's last write.
         let sending = |w: &Work| w.ok() && matches!(w.plan.action, Action::Upsert(_)) && w.sends_opportunity();
+        for work in works.iter_mut() {
+            work.opportunity_done = !work.sends_opportunity();
+        }
         let records: Vec<Value> = works
             .iter()
             .filter(|w| sending(w))
@@ -53,6 +56,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                             work.fail(error, retryable);
                         } else {
                             work.touched = true;
+                            work.opportunity_done = true;
                             if outcome.marketo_id.is_some() {
                                 work.guid = outcome.marketo_id.clone();
                             }
@@ -183,6 +187,10 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         // user deleted it): the next try sends everything.
                         if outcome.code() == Some(NOT_FOUND) && !work.sends_opportunity() {
                             retryable = true;
+                            // Its roles went with it: the next try sends the opportunity and
+                            // every role.
+                            work.opportunity_done = false;
+                            work.in_marketo.clear();
                         }
                         // A remembered lead Marketo no longer has (deleted, merged away): forget
                         // it, and the next try finds or creates the contact's lead again.

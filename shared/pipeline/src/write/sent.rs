@@ -11,6 +11,10 @@ fn hash<T: Serialize + ?Sized>(value: &T) -> u64 {
     xxhash_rust::xxh3::xxh3_64(&serde_json::to_vec(value).unwrap_or_default())
 }
 
+/// The hash of a part that is not in Marketo as planned (a 64-bit hash of a part being 0 is a
+/// one-in-2^64 chance, and would cost one part one unneeded send).
+const NOT_SENT: u64 = 0;
+
 /// A plan's parts, hashed.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Parts {
@@ -46,6 +50,25 @@ impl Parts {
                     (key, hash(&(r.contact, &r.role, r.is_primary, lead_key(r.contact))))
                 })
                 .collect(),
+        }
+    }
+
+    /// What a write that stopped part way left in Marketo: the parts it got through (or found
+    /// there as planned); a part that did not get through gets a hash no part has, so the next
+    /// try sends it.
+    pub(crate) fn partly_sent(&self, work: &Work) -> Sent {
+        Sent {
+            opportunity: if work.opportunity_done {
+                self.opportunity
+            } else {
+                NOT_SENT
+            },
+            company: if work.company_done {
+                self.company
+            } else {
+                self.company.map(|_| NOT_SENT)
+            },
+            roles: work.in_marketo.iter().copied().collect(),
         }
     }
 

@@ -504,3 +504,60 @@ async fn the_sweep_skips_a_recently_touched_record_instead_of_stopping_at_it() {
     let b_state = store.get(b).await.unwrap().unwrap();
     assert_eq!(b_state.updated_at, now);
 }
+
+/// A write that got part of a record into Marketo (some roles refused with a code that may
+/// pass) sends only the rest the next time: a record with many roles would otherwise send them
+/// all on every try, and under a steady rate of such refusals never get through (the chaos run
+/// failed a record with many roles after 10 tries).
+#[tokio::test]
+async fn a_retry_after_a_partial_write_sends_only_what_did_not_get_through() {
+    let (dv, mk) = (dataverse(&[6]), MemoryMarketo::default());
+    let p = pipeline(&dv, &mk);
+    mk.refuse_next_roles(1, "1014");
+    let report = sync(&p).await;
+    assert_eq!((report.written, report.failed), (1, 0), "{report:?}");
+    let holds = mk.holds();
+    let roles = holds.role_writes.clone();
+    assert!(roles.len() == 2 && roles[0] > 1, "{roles:?}");
+    // The retry: the one refused role, and no opportunity again.
+    assert_eq!(roles[1], 1, "{roles:?}");
+    assert_eq!(
+        holds.calls.iter().filter(|c| **c == "opportunities.sync").count(),
+        1,
+        "{:?}",
+        holds.calls
+    );
+    assert_eq!(status(&p, 6).await, Status::Synced);
+}
+
+/// A Marketo user deleted an opportunity oppsync wrote; then only a stakeholder changes in
+/// Dynamics. The role is refused (1013, its opportunity is gone), and the retry sends the
+/// opportunity and every role again, not only what changed.
+#[tokio::test]
+async fn an_opportunity_deleted_in_marketo_is_written_again_with_all_its_roles() {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let (dv, mk) = (dataverse(&[6]), MemoryMarketo::default());
+    let clock = std::sync::Arc::new(AtomicI64::new(1_800_000_000_000));
+    let now = clock.clone();
+    let p = pipeline(&dv, &mk).with_clock(std::sync::Arc::new(move || now.load(Ordering::Relaxed)));
+    sync(&p).await;
+    let roles = mk.holds().roles.clone();
+    mk.remove_opportunity(&o(6));
+    let edsger = "e0000000-0000-4000-8000-000000000010";
+    let row = rows("connections.json")
+        .into_iter()
+        .find(|c| c["connectionid"] == edsger)
+        .unwrap();
+    dv.delete_connection(edsger);
+    dv.delete_connection("e0000000-0000-4000-8000-000000000011");
+    sync(&p).await;
+    dv.upsert_connection(row);
+    for _ in 0..3 {
+        sync(&p).await;
+        clock.fetch_add(3_600_000, Ordering::Relaxed);
+    }
+    assert_eq!(status(&p, 6).await, Status::Synced);
+    let holds = mk.holds();
+    assert!(holds.opportunities.contains_key(&o(6)), "the opportunity is back");
+    assert_eq!(holds.roles, roles, "every role is back");
+}
