@@ -313,11 +313,13 @@ impl MarketoClient {
         // Native CRM sync makes the opportunity API read-only (opportunities page) or disabled
         // (lead-database page) and the role API unavailable (opportunity-roles page); how a
         // disabled API answers is not documented, so 1018, 603 and 610 all count.
-        let description = match self.describe(true).await {
+        // Both at once: at seconds a call, the preflight costs one round trip, not two.
+        let (opportunity, role) = tokio::join!(self.describe(true), self.describe(false));
+        let description = match opportunity {
             Ok(d) => d,
             Err(e) => return unavailable(&e).map(blocked).ok_or(e),
         };
-        if let Err(e) = self.describe(false).await {
+        if let Err(e) = role {
             return unavailable(&e).map(blocked).ok_or(e);
         }
         let missing_fields = opportunity_fields
