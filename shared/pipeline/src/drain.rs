@@ -1,6 +1,9 @@
 //! The drain: transform and write, batch by batch, until nothing is left that this run can make
 //! progress on (the local runner's loop), with what was left for retry and why.
 
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+
 use super::*;
 
 /// What a drain (transform and write until nothing is left) did.
@@ -41,11 +44,40 @@ pub(crate) const DRAIN_WRITE_ATTEMPTS: u32 = 3;
 /// with ten).
 pub(crate) const DRAIN_WRITE_GROUP: usize = 10;
 
+/// What the transform tells the write beside it: records made ready since the write last
+/// looked, and whether the transform has finished its pass.
+#[derive(Default)]
+struct Handover {
+    ready: AtomicUsize,
+    done: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Handover {
+    /// Until a whole write group is ready or the transform's pass is over.
+    async fn wait_for(&self, group: usize) {
+        while !self.done.load(Relaxed) && self.ready.load(Relaxed) < group {
+            self.wake.notified().await;
+        }
+    }
+    fn add(&self, ready: usize) {
+        self.ready.fetch_add(ready, Relaxed);
+        self.wake.notify_one();
+    }
+    fn finish(&self) {
+        self.done.store(true, Relaxed);
+        self.wake.notify_one();
+    }
+}
+
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
-    /// Transforms every pending record and writes every ready one, batch by batch, until none
-    /// is left that this run can make progress on. `progress` hears of each finished batch.
-    pub async fn drain(&self, mut progress: impl FnMut(Stage, usize)) -> Result<DrainReport, PipelineError> {
-        let batch = self.config.sync.batch_size;
+    /// Transforms every pending record and writes every ready one, until none is left that this
+    /// run can make progress on. The write runs beside the transform, a group at a time (ten
+    /// batches, so calls stay full), so an initial sync writes from its first group on instead
+    /// of after its last; Marketo's preflight is made while the first group is read.
+    /// `progress` hears of each finished batch.
+    pub async fn drain(&self, progress: impl FnMut(Stage, usize)) -> Result<DrainReport, PipelineError> {
+        let progress = Mutex::new(progress);
         let mut report = DrainReport::default();
         let mut write_attempts: HashMap<OpportunityId, u32> = HashMap::new();
         // The last retryable error of each record not (yet) written.
@@ -64,106 +96,181 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             report
         };
         loop {
-            let mut moved = false;
-            // Transform: always from the oldest pending; past pages only when the first holds
-            // nothing this run can claim.
-            let mut page: Option<String> = None;
-            loop {
-                let listed = self.store.list(Status::Pending, batch, page.as_deref()).await?;
-                if listed.items.is_empty() {
-                    break;
-                }
-                let ids: Vec<OpportunityId> = listed.items.iter().map(|s| s.id).collect();
-                let done = self.transform(&ids, false).await?;
-                let claimed = done
-                    .records
-                    .iter()
-                    .filter(|r| !matches!(r.result, Transformed::NotClaimed))
-                    .count();
-                for r in &done.records {
-                    match r.result {
-                        Transformed::Ready { .. } => report.transformed += 1,
-                        Transformed::Unchanged | Transformed::Filtered | Transformed::Kept => report.unchanged += 1,
-                        Transformed::Failed { .. } => report.failed += 1,
-                        _ => {}
-                    }
-                }
-                report.metrics.merge(done.metrics);
-                progress(Stage::Transform, claimed);
-                if claimed > 0 {
-                    moved = true;
-                    page = None;
-                } else {
-                    match listed.next {
-                        Some(next) => page = Some(next),
-                        None => break,
-                    }
-                }
+            let handover = Handover::default();
+            let (transformed, written) = tokio::join!(
+                async {
+                    let pass = self.transform_pass(&handover, &progress).await;
+                    handover.finish();
+                    pass
+                },
+                self.write_pass(&handover, &progress, &mut write_attempts, &mut left),
+            );
+            let (transform_moved, transformed) = transformed?;
+            let (write_moved, written) = written?;
+            report.transformed += transformed.transformed;
+            report.unchanged += transformed.unchanged;
+            report.failed += transformed.failed + written.failed;
+            report.written += written.written;
+            report.retried += written.retried;
+            report.metrics.merge(transformed.metrics);
+            report.metrics.merge(written.metrics);
+            if written.stopped.is_some() {
+                report.stopped = written.stopped;
+                report.stopped_for_good = written.stopped_for_good;
+                return Ok(finish(report, left));
             }
-            // Write: the same, skipping records this drain has already tried enough.
-            let mut page: Option<String> = None;
-            loop {
-                let listed = self
-                    .store
-                    .list(Status::Ready, batch * DRAIN_WRITE_GROUP, page.as_deref())
-                    .await?;
-                if listed.items.is_empty() {
-                    break;
-                }
-                let ids: Vec<OpportunityId> = listed
-                    .items
-                    .iter()
-                    .map(|s| s.id)
-                    .filter(|id| write_attempts.get(id).copied().unwrap_or(0) < DRAIN_WRITE_ATTEMPTS)
-                    .collect();
-                let done = if ids.is_empty() {
-                    WriteReport::default()
-                } else {
-                    // No backoff: the drain bounds its own attempts and is not re-triggered.
-                    self.write_batch(&ids, false, None, false).await?
-                };
-                let mut claimed = 0;
-                for r in &done.records {
-                    match &r.result {
-                        Wrote::Synced | Wrote::Deleted => {
-                            report.written += 1;
-                            left.remove(&r.id);
-                        }
-                        Wrote::Failed { .. } => {
-                            report.failed += 1;
-                            left.remove(&r.id);
-                        }
-                        Wrote::Retry { error } => {
-                            report.retried += 1;
-                            *write_attempts.entry(r.id).or_default() += 1;
-                            left.insert(r.id, error.clone());
-                        }
-                        _ => {}
-                    }
-                    if !matches!(r.result, Wrote::NotClaimed) {
-                        claimed += 1;
-                    }
-                }
-                report.metrics.merge(done.metrics);
-                progress(Stage::Write, claimed);
-                if let Some(stop) = done.stopped {
-                    report.stopped = Some(stop);
-                    report.stopped_for_good = done.stopped_for_good;
-                    return Ok(finish(report, left));
-                }
-                if claimed > 0 {
-                    moved = true;
-                    page = None;
-                } else {
-                    match listed.next {
-                        Some(next) => page = Some(next),
-                        None => break,
-                    }
-                }
-            }
-            if !moved {
+            if !transform_moved && !write_moved {
                 return Ok(finish(report, left));
             }
         }
+    }
+
+    /// One pass of the transform: always from the oldest pending; past pages only when the
+    /// first holds nothing this run can claim. Whether it moved anything, and what it did.
+    async fn transform_pass(
+        &self,
+        handover: &Handover,
+        progress: &Mutex<impl FnMut(Stage, usize)>,
+    ) -> Result<(bool, DrainReport), PipelineError> {
+        let batch = self.config.sync.batch_size;
+        let mut report = DrainReport::default();
+        let mut moved = false;
+        let mut page: Option<String> = None;
+        loop {
+            let listed = self.store.list(Status::Pending, batch, page.as_deref()).await?;
+            if listed.items.is_empty() {
+                break;
+            }
+            let ids: Vec<OpportunityId> = listed.items.iter().map(|s| s.id).collect();
+            let done = self.transform(&ids, false).await?;
+            let claimed = done
+                .records
+                .iter()
+                .filter(|r| !matches!(r.result, Transformed::NotClaimed))
+                .count();
+            let mut ready = 0;
+            for r in &done.records {
+                match r.result {
+                    Transformed::Ready { .. } => {
+                        report.transformed += 1;
+                        ready += 1;
+                    }
+                    Transformed::Unchanged | Transformed::Filtered | Transformed::Kept => report.unchanged += 1,
+                    Transformed::Failed { .. } => report.failed += 1,
+                    _ => {}
+                }
+            }
+            report.metrics.merge(done.metrics);
+            (progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner))(Stage::Transform, claimed);
+            handover.add(ready);
+            if claimed > 0 {
+                moved = true;
+                page = None;
+            } else {
+                match listed.next {
+                    Some(next) => page = Some(next),
+                    None => break,
+                }
+            }
+        }
+        Ok((moved, report))
+    }
+
+    /// One pass of the write beside the transform: a group of ready records at a time, once a
+    /// whole group is ready or the transform's pass is over, skipping records this drain has
+    /// already tried enough. Ends when the transform has finished and no ready record is left
+    /// that it can make progress on, or when Marketo stops the run.
+    async fn write_pass(
+        &self,
+        handover: &Handover,
+        progress: &Mutex<impl FnMut(Stage, usize)>,
+        write_attempts: &mut HashMap<OpportunityId, u32>,
+        left: &mut HashMap<OpportunityId, SyncError>,
+    ) -> Result<(bool, DrainReport), PipelineError> {
+        let group = self.config.sync.batch_size * DRAIN_WRITE_GROUP;
+        let mut report = DrainReport::default();
+        let mut moved = false;
+        if self.anything_to_write().await? {
+            report.metrics.merge(self.preflight_early().await);
+        }
+        let mut page: Option<String> = None;
+        loop {
+            handover.wait_for(group).await;
+            // Whatever was ready is looked at now; only records made ready after this wake the
+            // write before the transform's pass is over.
+            let finished = handover.done.load(Relaxed);
+            handover.ready.store(0, Relaxed);
+            let listed = self.store.list(Status::Ready, group, page.as_deref()).await?;
+            if listed.items.is_empty() {
+                if finished {
+                    break;
+                }
+                page = None;
+                continue;
+            }
+            let ids: Vec<OpportunityId> = listed
+                .items
+                .iter()
+                .map(|s| s.id)
+                .filter(|id| write_attempts.get(id).copied().unwrap_or(0) < DRAIN_WRITE_ATTEMPTS)
+                .collect();
+            let done = if ids.is_empty() {
+                WriteReport::default()
+            } else {
+                // No backoff: the drain bounds its own attempts and is not re-triggered.
+                self.write_batch(&ids, false, None, false).await?
+            };
+            let mut claimed = 0;
+            for r in &done.records {
+                match &r.result {
+                    Wrote::Synced | Wrote::Deleted => {
+                        report.written += 1;
+                        left.remove(&r.id);
+                    }
+                    Wrote::Failed { .. } => {
+                        report.failed += 1;
+                        left.remove(&r.id);
+                    }
+                    Wrote::Retry { error } => {
+                        report.retried += 1;
+                        *write_attempts.entry(r.id).or_default() += 1;
+                        left.insert(r.id, error.clone());
+                    }
+                    _ => {}
+                }
+                if !matches!(r.result, Wrote::NotClaimed) {
+                    claimed += 1;
+                }
+            }
+            report.metrics.merge(done.metrics);
+            (progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner))(Stage::Write, claimed);
+            if let Some(stop) = done.stopped {
+                report.stopped = Some(stop);
+                report.stopped_for_good = done.stopped_for_good;
+                return Ok((moved, report));
+            }
+            if claimed > 0 {
+                moved = true;
+                page = None;
+            } else {
+                match listed.next {
+                    Some(next) => page = Some(next),
+                    None if finished => break,
+                    // Nothing here this drain may write; wait for what the transform makes ready.
+                    None => page = None,
+                }
+            }
+        }
+        Ok((moved, report))
+    }
+
+    /// Whether a drain has anything that may reach Marketo (a preflight for nothing costs calls).
+    async fn anything_to_write(&self) -> Result<bool, PipelineError> {
+        for status in [Status::Pending, Status::Ready] {
+            if !self.store.list(status, 1, None).await?.items.is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }

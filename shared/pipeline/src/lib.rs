@@ -108,8 +108,9 @@ pub struct Pipeline<S, D = DataverseClient, M = MarketoClient> {
     member: String,
     /// Whether the Marketo adapter counts its calls in the store (set at the first write).
     counted: Arc<std::sync::OnceLock<bool>>,
-    /// Set once Marketo's preflight passed in this process (checked before the first write).
-    preflown: Arc<tokio::sync::OnceCell<()>>,
+    /// Marketo's preflight verdict in this process: made while Dataverse is read or, failing
+    /// that, before the first write; the lock makes one check of callers that come together.
+    preflight: Arc<tokio::sync::Mutex<write::Verdict>>,
 }
 
 impl<S, D, M> Pipeline<S, D, M> {
@@ -126,7 +127,7 @@ impl<S, D, M> Pipeline<S, D, M> {
             owner,
             companies: CompanyCache::default(),
             counted: Arc::default(),
-            preflown: Arc::default(),
+            preflight: Arc::default(),
         }
     }
 
@@ -149,7 +150,7 @@ impl<S, D, M> Pipeline<S, D, M> {
             member: self.member,
             // The new adapter has not been given the ledger yet, nor been checked.
             counted: Arc::default(),
-            preflown: Arc::default(),
+            preflight: Arc::default(),
         }
     }
 
@@ -215,7 +216,7 @@ impl<S: Clone, D: Clone, M: Clone> Clone for Pipeline<S, D, M> {
             // A clone is the same process, on adapters that share their state.
             member: self.member.clone(),
             counted: self.counted.clone(),
-            preflown: self.preflown.clone(),
+            preflight: self.preflight.clone(),
         }
     }
 }

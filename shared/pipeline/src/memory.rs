@@ -43,6 +43,9 @@ struct Tables {
     /// how many more times.
     failing: BTreeMap<&'static str, u32>,
     requests: u64,
+    /// A batch read of opportunities that waits for a signal: how many reads before it, and
+    /// the signal (see [`MemoryDataverse::hold_read`]).
+    held_read: Option<(u32, Arc<tokio::sync::Notify>)>,
 }
 
 impl Tables {
@@ -94,6 +97,12 @@ impl MemoryDataverse {
             ..Tables::default()
         };
         MemoryDataverse(Arc::new(Mutex::new(t)))
+    }
+
+    /// The batch read of opportunities after the next `reads` waits until `signal` is given,
+    /// as a slow Dataverse would: work that should run meanwhile shows that it does.
+    pub fn hold_read(&self, reads: u32, signal: Arc<tokio::sync::Notify>) {
+        guard(&self.0).held_read = Some((reads, signal));
     }
 
     /// Creates or replaces an opportunity row; the change feed reports it.
@@ -254,15 +263,30 @@ impl DataversePort for MemoryDataverse {
         _select: &[&str],
     ) -> impl Future<Output = Result<Vec<Value>, DataverseError>> + Send {
         let mut t = guard(&self.0);
-        if let Err(e) = t.request("opportunities") {
-            return ready(Err(e));
-        }
-        let rows = ids
+        let refused = t.request("opportunities").err();
+        let rows: Vec<Value> = ids
             .iter()
             .filter(|id| !t.hidden.contains(&id.to_string()))
             .filter_map(|id| t.opportunities.get(&id.to_string()).cloned())
             .collect();
-        ready(Ok(rows))
+        let wait = match &mut t.held_read {
+            Some((0, signal)) => {
+                let signal = signal.clone();
+                t.held_read = None;
+                Some(signal)
+            }
+            Some((reads, _)) => {
+                *reads -= 1;
+                None
+            }
+            None => None,
+        };
+        async move {
+            if let Some(signal) = wait {
+                signal.notified().await;
+            }
+            refused.map_or(Ok(rows), Err)
+        }
     }
 
     fn opportunity_exists(&self, id: OpportunityId) -> impl Future<Output = Result<bool, DataverseError>> + Send {
@@ -326,6 +350,8 @@ struct MarketoData {
     refuse_roles: (u32, &'static str),
     /// Runs while the next lead upsert is in flight (see [`MemoryMarketo::during_next_lead_upsert`]).
     in_flight: Option<Interleaved>,
+    /// Signals given when an operation is called (see [`MemoryMarketo::signal_on`]).
+    signals: Vec<(&'static str, Arc<tokio::sync::Notify>)>,
 }
 
 /// Work that runs at a chosen point inside a call, as another process would meanwhile.
@@ -397,6 +423,17 @@ impl MemoryMarketo {
         guard(&self.0).in_flight = Some(work);
     }
 
+    /// Gives `signal` each time `operation` (`opportunities.sync`, `preflight`, …) is called.
+    pub fn signal_on(&self, operation: &'static str, signal: Arc<tokio::sync::Notify>) {
+        guard(&self.0).signals.push((operation, signal));
+    }
+
+    fn signal(d: &MarketoData, operation: &str) {
+        for (_, signal) in d.signals.iter().filter(|(o, _)| *o == operation) {
+            signal.notify_one();
+        }
+    }
+
     /// The next `n` role records written (in any call) are skipped with `code`.
     pub fn refuse_next_roles(&self, n: u32, code: &'static str) {
         guard(&self.0).refuse_roles = (n, code);
@@ -416,6 +453,7 @@ impl MemoryMarketo {
     ) -> Vec<RecordOutcome> {
         let mut d = guard(&self.0);
         d.holds.calls.push(operation);
+        Self::signal(&d, operation);
         let mut outcomes = Vec::with_capacity(records.len());
         for record in records {
             let key = text(record, key_field);
@@ -625,6 +663,7 @@ impl MarketoPort for MemoryMarketo {
         &self,
         _fields: &[String],
     ) -> impl Future<Output = Result<oppsync_marketo::Preflight, MarketoError>> + Send {
+        Self::signal(&guard(&self.0), "preflight");
         ready(Ok(oppsync_marketo::Preflight {
             blocked: None,
             missing_fields: Vec::new(),

@@ -147,16 +147,104 @@ impl Stop {
     }
 }
 
+/// The day's Marketo count as a run of calls began.
+pub(crate) struct Budgeted {
+    day: String,
+    counted: bool,
+    before: BTreeMap<&'static str, u64>,
+}
+
+/// What Marketo's preflight found, as this process knows it.
+#[derive(Debug, Default)]
+pub(crate) enum Verdict {
+    /// Not checked, or the check could not be made (a timeout, the credentials).
+    #[default]
+    Unknown,
+    Passed,
+    /// The instance cannot take this configuration's writes; the next write stops on it.
+    Blocked(String),
+}
+
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// Marketo's preflight, once per process before its first write: an instance that runs the
     /// native CRM sync, or lacks a mapped field, stops the write before any record is sent (each
     /// would fail alone, with 1018 or 1006). A preflight that could not be made (a timeout, the
     /// credentials) is not a verdict: the write goes on and meets the cause itself, and the
-    /// next write checks again.
+    /// next write checks again; so does the write after a stop, so a fixed instance is noticed.
     async fn preflight(&self) -> Option<Stop> {
-        if self.preflown.initialized() {
-            return None;
+        let mut verdict = self.preflight.lock().await;
+        if matches!(*verdict, Verdict::Unknown) {
+            *verdict = self.check_marketo().await;
         }
+        match std::mem::take(&mut *verdict) {
+            Verdict::Passed => {
+                *verdict = Verdict::Passed;
+                None
+            }
+            Verdict::Blocked(why) => Some(Stop::Preflight(why)),
+            Verdict::Unknown => None,
+        }
+    }
+
+    /// The preflight ahead of the write, while Dataverse is read: at seconds a Marketo call it
+    /// is one round trip, which this way costs nothing unless the reads are shorter. Its
+    /// verdict waits for the first write.
+    /// Its describes are counted against the day's budget like any call; the metrics say so.
+    pub(crate) async fn preflight_early(&self) -> Metrics {
+        let mut metrics = Metrics::default();
+        let mut verdict = self.preflight.lock().await;
+        if !matches!(*verdict, Verdict::Unknown) {
+            return metrics;
+        }
+        let budget = match self.open_budget().await {
+            Ok(b) => b,
+            Err(e) => {
+                // Left to the write, which meets the store's trouble itself.
+                tracing::warn!(error = %e, "could not read the day's Marketo calls; the preflight waits for the write");
+                return metrics;
+            }
+        };
+        *verdict = self.check_marketo().await;
+        if let Err(e) = self.close_budget(budget, &mut metrics).await {
+            tracing::warn!(error = %e, "could not count the preflight's calls in the day's budget");
+        }
+        metrics
+    }
+
+    /// Before calls to Marketo: the day's count so far, from the store unless the adapter
+    /// counts each call there itself (the budget holds across processes), and the calls made.
+    async fn open_budget(&self) -> Result<Budgeted, StateError> {
+        let day = time::marketo_day(self.now());
+        let counted = self.share_budget().await;
+        if !counted {
+            let used = self.store.marketo_calls(&day).await?;
+            self.marketo.set_calls_today(used);
+        }
+        Ok(Budgeted {
+            day,
+            counted,
+            before: self.marketo.calls_by_endpoint(),
+        })
+    }
+
+    /// After them: the calls made since [`Self::open_budget`], counted in `metrics` and, unless
+    /// the adapter did, in the day's count in the store.
+    async fn close_budget(&self, budget: Budgeted, metrics: &mut Metrics) -> Result<u64, StateError> {
+        let mut calls = 0;
+        for (endpoint, n) in &self.marketo.calls_by_endpoint() {
+            let delta = n - budget.before.get(endpoint).copied().unwrap_or(0);
+            if delta > 0 {
+                calls += delta;
+                metrics.count(format!("MarketoCalls.{endpoint}"), delta);
+            }
+        }
+        if calls > 0 && !budget.counted {
+            self.store.add_marketo_calls(&budget.day, calls).await?;
+        }
+        Ok(calls)
+    }
+
+    async fn check_marketo(&self) -> Verdict {
         let fields: Vec<String> = self
             .config
             .mapping
@@ -165,22 +253,17 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             .map(|f| f.marketo.to_string())
             .collect();
         match self.marketo.preflight(&fields).await {
-            Ok(found) => {
-                if let Some(blocked) = found.blocked {
-                    return Some(Stop::Preflight(blocked));
-                }
-                if !found.missing_fields.is_empty() {
-                    return Some(Stop::Preflight(format!(
-                        "the instance has no opportunity field {}; nothing was sent. Fix: create the fields in Marketo (Admin > Field Management); or remove them from [mapping] and run `oppsync resync --all`, so that the plans already made are made again",
-                        found.missing_fields.join(", ")
-                    )));
-                }
-                let _ = self.preflown.set(());
-                None
-            }
+            Ok(found) => match found.blocked {
+                Some(blocked) => Verdict::Blocked(blocked),
+                None if !found.missing_fields.is_empty() => Verdict::Blocked(format!(
+                    "the instance has no opportunity field {}; nothing was sent. Fix: create the fields in Marketo (Admin > Field Management); or remove them from [mapping] and run `oppsync resync --all`, so that the plans already made are made again",
+                    found.missing_fields.join(", ")
+                )),
+                None => Verdict::Passed,
+            },
             Err(e) => {
                 tracing::debug!(error = %e, "Marketo's preflight could not be made; writing");
-                None
+                Verdict::Unknown
             }
         }
     }
@@ -389,13 +472,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let fail = |e: StateError, completed: &BTreeSet<OpportunityId>| (PipelineError::from(e), completed.clone());
         // The budget holds across processes: each call is taken from the day's count in the
         // store before it is sent, and the rate and calls at once are shared among the writers.
-        let day = time::marketo_day(self.now());
-        let counted = self.share_budget().await;
-        if !counted {
-            let used = self.store.marketo_calls(&day).await.map_err(|e| fail(e, &completed))?;
-            self.marketo.set_calls_today(used);
-        }
-        let before = self.marketo.calls_by_endpoint();
+        let budget = self.open_budget().await.map_err(|e| fail(e, &completed))?;
 
         let stopped = match self.preflight().await {
             Some(stop) => {
@@ -415,22 +492,10 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             };
         }
 
-        let after = self.marketo.calls_by_endpoint();
-        let mut calls = 0;
-        for (endpoint, n) in &after {
-            let delta = n - before.get(endpoint).copied().unwrap_or(0);
-            if delta > 0 {
-                calls += delta;
-                report.metrics.count(format!("MarketoCalls.{endpoint}"), delta);
-            }
-        }
-        report.marketo_calls = calls;
-        if calls > 0 && !counted {
-            self.store
-                .add_marketo_calls(&day, calls)
-                .await
-                .map_err(|e| fail(e, &completed))?;
-        }
+        report.marketo_calls = self
+            .close_budget(budget, &mut report.metrics)
+            .await
+            .map_err(|e| fail(e, &completed))?;
 
         // Every outcome decided first, then recorded together.
         let decided: Vec<(WriteResult, Wrote)> = works.iter().map(|work| self.finish(work, backoff)).collect();

@@ -561,3 +561,57 @@ async fn an_opportunity_deleted_in_marketo_is_written_again_with_all_its_roles()
     assert!(holds.opportunities.contains_key(&o(6)), "the opportunity is back");
     assert_eq!(holds.roles, roles, "every role is back");
 }
+
+/// The drain, timed by what waits for what: `dv`'s batch read after `reads` others waits for
+/// `mk` to be called with `operation`. A drain that made the call only after its reads would
+/// wait forever; 20 s is that forever (the drain takes milliseconds).
+async fn drain_while_read_waits_for(
+    dv: &MemoryDataverse,
+    mk: &MemoryMarketo,
+    config: Config,
+    reads: u32,
+    operation: &'static str,
+) -> DrainReport {
+    let p = Pipeline::new(sqlite(), dv.clone(), mk.clone(), config, "memory-test");
+    assert!(p.poll(None).await.unwrap().caught_up);
+    let signal = std::sync::Arc::new(tokio::sync::Notify::new());
+    mk.signal_on(operation, signal.clone());
+    dv.hold_read(reads, signal);
+    tokio::time::timeout(std::time::Duration::from_secs(20), p.drain(|_, _| {}))
+        .await
+        .unwrap_or_else(|_| panic!("the drain waited for its reads before calling {operation}"))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn marketos_preflight_is_made_while_dataverse_is_read() {
+    // At seconds a Marketo call, the preflight after the reads would be a round trip of its own.
+    let (dv, mk) = (dataverse(&[1, 3]), MemoryMarketo::default());
+    let report = drain_while_read_waits_for(&dv, &mk, Config::default(), 0, "preflight").await;
+    assert_eq!((report.written, report.failed), (2, 0), "{report:?}");
+}
+
+#[tokio::test]
+async fn a_drain_writes_its_first_group_while_later_records_are_read() {
+    // Twelve opportunities a batch at a time: the first ten (a write group) are written while
+    // the eleventh is read; before, every pending record was transformed before any write.
+    let dv = dataverse(&[1]);
+    let template = rows("opportunities.json")
+        .into_iter()
+        .find(|r| r["opportunityid"] == o(1).as_str())
+        .unwrap();
+    for n in 101..=111 {
+        let mut row = template.clone();
+        row["opportunityid"] = json!(o(n));
+        dv.upsert_opportunity(row);
+    }
+    let mk = MemoryMarketo::default();
+    let mut config = Config::default();
+    config.sync.batch_size = 1;
+    let report = drain_while_read_waits_for(&dv, &mk, config, 10, "opportunities.sync").await;
+    assert_eq!((report.written, report.failed), (12, 0), "{report:?}");
+    assert_eq!(mk.holds().opportunities.len(), 12);
+    // Two write groups: ten, then the two read after.
+    let opportunity_calls = mk.holds().calls.iter().filter(|c| **c == "opportunities.sync").count();
+    assert_eq!(opportunity_calls, 2);
+}
