@@ -53,6 +53,11 @@ struct Handover {
     wake: tokio::sync::Notify,
 }
 
+/// Tells the caller's progress of a finished batch (the transform and the write take turns).
+fn tell(progress: &Mutex<impl FnMut(Stage, usize)>, stage: Stage, n: usize) {
+    (progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner))(stage, n);
+}
+
 impl Handover {
     /// Until a whole write group is ready or the transform's pass is over.
     async fn wait_for(&self, group: usize) {
@@ -161,7 +166,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 }
             }
             report.metrics.merge(done.metrics);
-            (progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner))(Stage::Transform, claimed);
+            tell(progress, Stage::Transform, claimed);
             handover.add(ready);
             if claimed > 0 {
                 moved = true;
@@ -243,7 +248,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 }
             }
             report.metrics.merge(done.metrics);
-            (progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner))(Stage::Write, claimed);
+            tell(progress, Stage::Write, claimed);
             if let Some(stop) = done.stopped {
                 report.stopped = Some(stop);
                 report.stopped_for_good = done.stopped_for_good;

@@ -53,19 +53,7 @@ pub use resync::{ResyncRecord, ResyncReport, ResyncRequest, ResyncTarget, Writte
 pub use transform::{Planned, TransformRecord, TransformReport, Transformed};
 pub use write::{Answer, WriteRecord, WriteReport, Wrote};
 
-/// Store calls a batch sends at once: on DynamoDB each claim and completion is a round trip of
-/// several milliseconds, and one after another they would put a batch's length on its critical
-/// path.
-pub(crate) const STORE_CONCURRENCY: usize = 16;
-
-/// Runs independent store calls [`STORE_CONCURRENCY`] at once; the answers come in order.
-pub(crate) async fn overlapped<F: std::future::Future>(calls: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    use futures_util::StreamExt;
-    futures_util::stream::iter(calls)
-        .buffered(STORE_CONCURRENCY)
-        .collect()
-        .await
-}
+pub(crate) use oppsync_state::overlapped;
 
 /// The lease the poller holds while it reads a window of changes.
 pub const POLL_LEASE: &str = "poller";

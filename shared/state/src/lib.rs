@@ -313,7 +313,7 @@ pub struct Page<T> {
 }
 
 /// What went wrong in the store.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StateError {
     #[error(
         "the lease `{0}` is no longer held by this poller (it expired or another poller took it); nothing was moved"
@@ -374,6 +374,20 @@ pub(crate) fn json_fault(e: &serde_json::Error) -> String {
 /// The minute bucket completions are counted in.
 pub fn minute_of(now: Millis) -> i64 {
     now.div_euclid(60_000)
+}
+
+/// Store calls a batch sends at once: on DynamoDB each claim and completion is a round trip of
+/// several milliseconds, and one after another they would put a batch's length on its critical
+/// path.
+pub const STORE_CONCURRENCY: usize = 16;
+
+/// Runs independent store calls [`STORE_CONCURRENCY`] at once; the answers come in order.
+pub async fn overlapped<F: std::future::Future>(calls: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    use futures_util::StreamExt;
+    futures_util::stream::iter(calls)
+        .buffered(STORE_CONCURRENCY)
+        .collect()
+        .await
 }
 
 /// The sync-state store. Every method is one atomic step; every guard is checked by the store
@@ -495,6 +509,18 @@ pub trait StateStore: Send + Sync + Clone + 'static {
         now: Millis,
     ) -> impl Future<Output = Result<Option<(Claim, OpportunityState)>, StateError>> + Send;
 
+    /// [`Self::claim`] for each of `ids`, answering in order; a store that can take them in
+    /// one request does.
+    fn claim_many(
+        &self,
+        ids: Vec<OpportunityId>,
+        from: Status,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> impl Future<Output = Vec<Result<Option<(Claim, OpportunityState)>, StateError>>> + Send {
+        overlapped(ids.into_iter().map(move |id| self.claim(id, from, ttl_ms, now)))
+    }
+
     /// Ends a transform claim.
     fn complete_transform(
         &self,
@@ -511,6 +537,20 @@ pub trait StateStore: Send + Sync + Clone + 'static {
         result: WriteResult,
         now: Millis,
     ) -> impl Future<Output = Result<Completion, StateError>> + Send;
+
+    /// [`Self::complete_write`] for each write, answering in order; a store that can record
+    /// them in one request does.
+    fn complete_writes(
+        &self,
+        writes: Vec<(Claim, WriteResult)>,
+        now: Millis,
+    ) -> impl Future<Output = Vec<Result<Completion, StateError>>> + Send {
+        overlapped(
+            writes
+                .into_iter()
+                .map(move |(claim, result)| async move { self.complete_write(&claim, result, now).await }),
+        )
+    }
 
     fn get(&self, id: OpportunityId) -> impl Future<Output = Result<Option<OpportunityState>, StateError>> + Send;
 

@@ -421,7 +421,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         // Owned arguments: a future borrowing the iterator's items is not `Send` for every
         // lifetime, which a Lambda handler's future must be.
         let owned: Vec<OpportunityId> = ids.to_vec();
-        let answers = overlapped(owned.into_iter().map(|id| self.store.claim(id, from, ttl, now))).await;
+        let answers = self.store.claim_many(owned, from, ttl, now).await;
         let mut out = Vec::with_capacity(ids.len());
         let mut failed = None;
         for (id, answer) in ids.iter().zip(answers) {
@@ -505,12 +505,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             .zip(&decided)
             .map(|(work, (result, _))| (work.claim.clone(), result.clone()))
             .collect();
-        let completions = overlapped(
-            owned
-                .into_iter()
-                .map(|(claim, result)| async move { self.store.complete_write(&claim, result, now).await }),
-        )
-        .await;
+        let completions = self.store.complete_writes(owned, now).await;
         let mut failed: Option<StateError> = None;
         let mut recorded = Vec::with_capacity(completions.len());
         for (work, completion) in works.iter().zip(completions) {

@@ -351,37 +351,43 @@ impl StateStore for SqliteStore {
         now: Millis,
     ) -> Result<Option<(Claim, OpportunityState)>, StateError> {
         self.run(move |c| {
-            let token = new_token();
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql)?;
-            let n = tx
-                .execute(
-                    "UPDATE opportunities SET claim_token = ?3, claim_until = ?4, updated_at = ?5
-                     WHERE id = ?1 AND status = ?2 AND (claim_until IS NULL OR claim_until <= ?5)
-                       AND (retry_at IS NULL OR retry_at <= ?5)",
-                    params![id.to_string(), from.as_str(), token, now + ttl_ms, now],
-                )
-                .map_err(sql)?;
-            let result = if n == 1 {
-                let state =
-                    get_state(&tx, id)?.ok_or_else(|| corrupt(id.to_string(), "vanished inside a transaction"))?;
-                Some((
-                    Claim {
-                        id,
-                        version: state.version,
-                        token,
-                        until: now + ttl_ms,
-                    },
-                    state,
-                ))
-            } else {
-                None
-            };
+            let result = claim_in(&tx, id, from, ttl_ms, now)?;
             tx.commit().map_err(sql)?;
             Ok(result)
         })
         .await
+    }
+
+    /// One transaction for them all: on a local file a transaction each costs more than the
+    /// claim itself (a write group's 3,000 claims took about half a second).
+    async fn claim_many(
+        &self,
+        ids: Vec<OpportunityId>,
+        from: Status,
+        ttl_ms: i64,
+        now: Millis,
+    ) -> Vec<Result<Option<(Claim, OpportunityState)>, StateError>> {
+        let n = ids.len();
+        let done = self
+            .run(move |c| {
+                let tx = c
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(sql)?;
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    out.push(claim_in(&tx, id, from, ttl_ms, now)?);
+                }
+                tx.commit().map_err(sql)?;
+                Ok(out)
+            })
+            .await;
+        match done {
+            Ok(out) => out.into_iter().map(Ok).collect(),
+            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+        }
     }
 
     async fn complete_transform(
@@ -438,49 +444,37 @@ impl StateStore for SqliteStore {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql)?;
-            let id = claim.id.to_string();
-            let (status, written, error) = result.parts();
-            let attempts_delta = result.attempts_delta();
-            let retry_at = result.retry_at();
-            let synced = matches!(result, WriteResult::Synced(_));
-            if let Some(w) = written {
-                record_written(&tx, &id, w)?;
-            }
-            let n = tx
-                .execute(
-                    "UPDATE opportunities SET status = ?4,
-                         attempts = CASE WHEN ?5 IS NULL THEN 0 ELSE attempts + ?5 END,
-                         err_operation = ?6, err_code = ?7, err_message = ?8,
-                         claim_token = NULL, claim_until = NULL, updated_at = ?9,
-                         status_since = CASE WHEN status = ?4 THEN status_since ELSE ?9 END,
-                         retry_at = ?10, rewrite = CASE WHEN ?11 THEN 0 ELSE rewrite END, planned = NULL
-                     WHERE id = ?1 AND claim_token = ?2 AND version = ?3",
-                    params![
-                        id,
-                        claim.token,
-                        claim.version,
-                        status.as_str(),
-                        attempts_delta,
-                        error.map(|e| e.operation.clone()),
-                        error.map(|e| e.code.clone()),
-                        error.map(|e| e.message.clone()),
-                        now,
-                        retry_at,
-                        synced
-                    ],
-                )
-                .map_err(sql)?;
-            if n == 1 && matches!(status, Status::Synced | Status::Deleted) {
-                count_completion(&tx, now)?;
-            }
+            let completion = complete_write_in(&tx, &claim, result, now)?;
             tx.commit().map_err(sql)?;
-            Ok(if n == 1 {
-                Completion::Completed
-            } else {
-                Completion::Superseded
-            })
+            Ok(completion)
         })
         .await
+    }
+
+    /// One transaction for them all, as [`Self::claim_many`].
+    async fn complete_writes(
+        &self,
+        writes: Vec<(Claim, WriteResult)>,
+        now: Millis,
+    ) -> Vec<Result<Completion, StateError>> {
+        let n = writes.len();
+        let done = self
+            .run(move |c| {
+                let tx = c
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(sql)?;
+                let mut out = Vec::with_capacity(writes.len());
+                for (claim, result) in writes {
+                    out.push(complete_write_in(&tx, &claim, result, now)?);
+                }
+                tx.commit().map_err(sql)?;
+                Ok(out)
+            })
+            .await;
+        match done {
+            Ok(out) => out.into_iter().map(Ok).collect(),
+            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+        }
     }
 
     async fn get(&self, id: OpportunityId) -> Result<Option<OpportunityState>, StateError> {
@@ -722,4 +716,89 @@ impl StateStore for SqliteStore {
         let rows: Vec<Vec<SqlValue>> = keys.iter().map(|k| vec![SqlValue::Text(k.clone())]).collect();
         self.execute_all("DELETE FROM leads WHERE key = ?1", rows).await
     }
+}
+
+/// [`StateStore::claim`] inside a transaction.
+fn claim_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: OpportunityId,
+    from: Status,
+    ttl_ms: i64,
+    now: Millis,
+) -> Result<Option<(Claim, OpportunityState)>, StateError> {
+    let token = new_token();
+    let n = tx
+        .prepare_cached(
+            "UPDATE opportunities SET claim_token = ?3, claim_until = ?4, updated_at = ?5
+             WHERE id = ?1 AND status = ?2 AND (claim_until IS NULL OR claim_until <= ?5)
+               AND (retry_at IS NULL OR retry_at <= ?5)",
+        )
+        .and_then(|mut update| update.execute(params![id.to_string(), from.as_str(), token, now + ttl_ms, now]))
+        .map_err(sql)?;
+    let result = if n == 1 {
+        let state = get_state(tx, id)?.ok_or_else(|| corrupt(id.to_string(), "vanished inside a transaction"))?;
+        Some((
+            Claim {
+                id,
+                version: state.version,
+                token,
+                until: now + ttl_ms,
+            },
+            state,
+        ))
+    } else {
+        None
+    };
+    Ok(result)
+}
+
+/// [`StateStore::complete_write`] inside a transaction.
+fn complete_write_in(
+    tx: &rusqlite::Transaction<'_>,
+    claim: &Claim,
+    result: WriteResult,
+    now: Millis,
+) -> Result<Completion, StateError> {
+    let id = claim.id.to_string();
+    let (status, written, error) = result.parts();
+    let attempts_delta = result.attempts_delta();
+    let retry_at = result.retry_at();
+    let synced = matches!(result, WriteResult::Synced(_));
+    if let Some(w) = written {
+        record_written(tx, &id, w)?;
+    }
+    let n = tx
+        .prepare_cached(
+            "UPDATE opportunities SET status = ?4,
+                 attempts = CASE WHEN ?5 IS NULL THEN 0 ELSE attempts + ?5 END,
+                 err_operation = ?6, err_code = ?7, err_message = ?8,
+                 claim_token = NULL, claim_until = NULL, updated_at = ?9,
+                 status_since = CASE WHEN status = ?4 THEN status_since ELSE ?9 END,
+                 retry_at = ?10, rewrite = CASE WHEN ?11 THEN 0 ELSE rewrite END, planned = NULL
+             WHERE id = ?1 AND claim_token = ?2 AND version = ?3",
+        )
+        .and_then(|mut update| {
+            update.execute(params![
+                id,
+                claim.token,
+                claim.version,
+                status.as_str(),
+                attempts_delta,
+                error.map(|e| e.operation.clone()),
+                error.map(|e| e.code.clone()),
+                error.map(|e| e.message.clone()),
+                now,
+                retry_at,
+                synced
+            ])
+        })
+        .map_err(sql)?;
+    if n == 1 && matches!(status, Status::Synced | Status::Deleted) {
+        count_completion(tx, now)?;
+    }
+    Ok(if n == 1 {
+        Completion::Completed
+    } else {
+        Completion::Superseded
+    })
 }
