@@ -1019,3 +1019,58 @@ pub async fn a_lock_is_taken_once_until_it_expires<S: StateStore>(store: S) {
     store.unlock(&keys(&["lead#c"]), TTL, T0 + 1).await.unwrap();
     assert_eq!(store.lock(&keys(&["lead#c"]), TTL, T0 + 3).await.unwrap(), vec![false]);
 }
+
+/// GIVEN a group of records, one held by another worker and one unknown
+/// WHEN they are claimed and completed together (a write group's requests)
+/// THEN each answers as its own claim and completion would, in order: the held and the unknown
+/// are not claimed, a stale completion is superseded, the rest are recorded.
+pub async fn a_group_is_claimed_and_completed_as_each_would_be_alone<S: StateStore>(store: S) {
+    for n in 1..=4 {
+        to_ready(&store, n, 7, T0).await;
+    }
+    let (held, _) = store.claim(id(3), Status::Ready, TTL, T0 + 1).await.unwrap().unwrap();
+    let ids = vec![id(1), id(2), id(3), id(9), id(4)];
+    let claimed: Vec<_> = store
+        .claim_many(ids, Status::Ready, TTL, T0 + 2)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let taken: Vec<bool> = claimed.iter().map(Option::is_some).collect();
+    assert_eq!(taken, [true, true, false, false, true]);
+    let claims: Vec<_> = claimed.into_iter().flatten().map(|(claim, _)| claim).collect();
+    assert_eq!(claims.iter().map(|c| c.id).collect::<Vec<_>>(), [id(1), id(2), id(4)]);
+    // A newer version of 2 arrives meanwhile: its write is superseded, the others complete.
+    store.mark_pending(&[change(2, 8)], T0 + 3).await.unwrap();
+    let w = written(7, vec![role(1, "Champion", 101)]);
+    let mut writes: Vec<(oppsync_state::Claim, WriteResult)> = claims
+        .iter()
+        .map(|c| (c.clone(), WriteResult::Synced(w.clone())))
+        .collect();
+    writes.push((held, WriteResult::Synced(w.clone())));
+    let done: Vec<Completion> = store
+        .complete_writes(writes, T0 + 4)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        done,
+        [
+            Completion::Completed,
+            Completion::Superseded,
+            Completion::Completed,
+            Completion::Completed
+        ]
+    );
+    for (n, status) in [
+        (1, Status::Synced),
+        (2, Status::Pending),
+        (3, Status::Synced),
+        (4, Status::Synced),
+    ] {
+        let state = store.get(id(n)).await.unwrap().unwrap();
+        assert_eq!(state.status, status, "record {n}");
+        assert_eq!(state.written, Some(w.clone()), "record {n}: what was written is kept");
+    }
+}

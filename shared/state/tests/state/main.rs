@@ -63,6 +63,7 @@ for_both_stores!(
     a_claim_is_renewed_only_while_held_and_a_released_one_is_free_at_once,
     planned_roles_are_recorded_under_the_claim_and_cleared_by_the_completed_write,
     a_lock_is_taken_once_until_it_expires,
+    a_group_is_claimed_and_completed_as_each_would_be_alone,
 );
 
 /// The local command holds an OS lock on its state file, so what a dead run left (claims,
