@@ -29,6 +29,17 @@ pub enum Watermark {
     ModifiedOn { at: String, seen: Vec<(String, i64)> },
 }
 
+/// One page of a watermark read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatermarkPage {
+    /// Rows changed after the read's watermark (current state, as `$select`ed, annotated).
+    pub rows: Vec<Value>,
+    /// The read's watermark moved past this page's rows.
+    pub reached: Watermark,
+    /// The link to the next page; `None` when this page is the last.
+    pub next: Option<String>,
+}
+
 impl Watermark {
     /// The further of two watermarks of one strategy (a read from an earlier point must not move
     /// the watermark back); rows seen at an equal `modifiedon` are merged.
@@ -178,35 +189,65 @@ impl DataverseClient {
     }
 
     /// Reads rows changed after a watermark, following every page; returns them and the next
-    /// watermark.
+    /// watermark. (The poll reads page by page with [`DataverseClient::watermark_page`].)
     pub async fn watermark_changes(
         &self,
         set: EntitySet,
         select: &[&str],
         watermark: &Watermark,
     ) -> Result<(Vec<Value>, Watermark), DataverseError> {
-        let (filter, order) = match watermark {
-            Watermark::Version(v) => (format!("versionnumber gt {v}"), "versionnumber asc"),
-            Watermark::ModifiedOn { at, .. } => (format!("modifiedon ge {at}"), "modifiedon asc"),
-        };
-        let mut select: Vec<&str> = select.to_vec();
-        select.extend(["versionnumber", "modifiedon"]);
-        select.sort_unstable();
-        select.dedup();
+        let mut rows = Vec::new();
+        let mut reached = watermark.clone();
+        let mut link = None;
+        loop {
+            let page = self.watermark_page(set, select, watermark, link.as_deref()).await?;
+            rows.extend(page.rows);
+            reached = page.reached.later(reached);
+            match page.next {
+                Some(next) => link = Some(next),
+                None => return Ok((rows, reached)),
+            }
+        }
+    }
+
+    /// One page of the rows changed after `from`: the first page when `link` is `None`, else
+    /// the page `link` (a previous page's `next`) names. Rows `from` already saw are dropped.
+    pub async fn watermark_page(
+        &self,
+        set: EntitySet,
+        select: &[&str],
+        from: &Watermark,
+        link: Option<&str>,
+    ) -> Result<WatermarkPage, DataverseError> {
         let page_pref = self.page_pref();
         let prefer = [page_pref.as_str(), ANNOTATIONS];
-        let url = self.entity_url(
-            set,
-            &[
-                ("$select", select.join(",")),
-                ("$filter", filter),
-                ("$orderby", order.into()),
-            ],
-        )?;
-        let mut rows = self.all_pages(url, &prefer).await?;
+        let url = match link {
+            Some(link) => {
+                Url::parse(link).map_err(|_| DataverseError::Decode("a next link that is not a URL".into()))?
+            }
+            None => {
+                let (filter, order) = match from {
+                    Watermark::Version(v) => (format!("versionnumber gt {v}"), "versionnumber asc"),
+                    Watermark::ModifiedOn { at, .. } => (format!("modifiedon ge {at}"), "modifiedon asc"),
+                };
+                let mut select: Vec<&str> = select.to_vec();
+                select.extend(["versionnumber", "modifiedon"]);
+                select.sort_unstable();
+                select.dedup();
+                self.entity_url(
+                    set,
+                    &[
+                        ("$select", select.join(",")),
+                        ("$filter", filter),
+                        ("$orderby", order.into()),
+                    ],
+                )?
+            }
+        };
+        let (mut rows, next) = self.one_page(url, &prefer).await?;
         let version = |r: &Value| r["versionnumber"].as_i64().unwrap_or(0);
         let id = |r: &Value| r[set.key()].as_str().unwrap_or("").to_owned();
-        let next = match watermark {
+        let reached = match from {
             Watermark::Version(v) => Watermark::Version(rows.iter().map(version).max().unwrap_or(*v).max(*v)),
             Watermark::ModifiedOn { at, seen } => {
                 rows.retain(|r| !seen.contains(&(id(r), version(r))));
@@ -216,21 +257,24 @@ impl DataverseClient {
                     .max()
                     .map(str::to_owned)
                     .unwrap_or_else(|| at.clone());
-                let mut at_newest: Vec<(String, i64)> = rows
+                let at_newest: Vec<(String, i64)> = rows
                     .iter()
                     .filter(|r| r["modifiedon"].as_str() == Some(newest.as_str()))
                     .map(|r| (id(r), version(r)))
                     .collect();
-                if newest == *at {
-                    at_newest.extend(seen.iter().cloned());
-                }
+                // Equal stamps merge their seen rows, so `from`'s are kept when nothing is newer.
                 Watermark::ModifiedOn {
                     at: newest,
                     seen: at_newest,
                 }
+                .later(from.clone())
             }
         };
-        Ok((rows, next))
+        Ok(WatermarkPage {
+            rows,
+            reached,
+            next: next.map(String::from),
+        })
     }
 
     /// Every id in a table (a watermark strategy's periodic scan for deletions).

@@ -312,22 +312,37 @@ impl DataverseClient {
         mut visit: impl FnMut(Vec<Value>),
     ) -> Result<(), DataverseError> {
         loop {
-            let path = url.path().to_owned();
-            let mut body = self.get(url, prefer).await?;
-            // Absent is not empty: zero rows would plan deletes for a whole batch.
-            match body.get_mut("value").map(Value::take) {
-                Some(Value::Array(values)) => visit(values),
-                _ => {
-                    return Err(DataverseError::Decode(format!(
-                        "a collection answer without its `value` array (from {path})"
-                    )));
-                }
-            }
-            match body["@odata.nextLink"].as_str() {
-                Some(next) => url = Url::parse(next).map_err(|_| DataverseError::Decode(next.to_owned()))?,
+            let (rows, next) = self.one_page(url, prefer).await?;
+            visit(rows);
+            match next {
+                Some(next) => url = next,
                 None => return Ok(()),
             }
         }
+    }
+
+    /// GETs one page of a collection: its rows and the link to the next page, if any.
+    pub(crate) async fn one_page(
+        &self,
+        url: Url,
+        prefer: &[&str],
+    ) -> Result<(Vec<Value>, Option<Url>), DataverseError> {
+        let path = url.path().to_owned();
+        let mut body = self.get(url, prefer).await?;
+        // Absent is not empty: zero rows would plan deletes for a whole batch.
+        let rows = match body.get_mut("value").map(Value::take) {
+            Some(Value::Array(values)) => values,
+            _ => {
+                return Err(DataverseError::Decode(format!(
+                    "a collection answer without its `value` array (from {path})"
+                )));
+            }
+        };
+        let next = match body["@odata.nextLink"].as_str() {
+            Some(next) => Some(Url::parse(next).map_err(|_| DataverseError::Decode(next.to_owned()))?),
+            None => None,
+        };
+        Ok((rows, next))
     }
 
     pub(crate) fn page_pref(&self) -> String {

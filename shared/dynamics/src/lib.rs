@@ -46,7 +46,7 @@ mod options;
 mod related;
 mod settings;
 
-pub use changes::{ChangePage, Watermark, contacts_touched, opportunities_touched};
+pub use changes::{ChangePage, Watermark, WatermarkPage, contacts_touched, opportunities_touched};
 pub use client::DataverseClient;
 pub use error::DataverseError;
 use error::{odata_error, redirect_host};

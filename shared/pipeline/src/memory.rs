@@ -8,7 +8,7 @@ use std::future::{Future, ready};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use oppsync_dynamics::{ChangePage, DataverseError, EntitySet, Watermark};
+use oppsync_dynamics::{ChangePage, DataverseError, EntitySet, Watermark, WatermarkPage};
 use oppsync_mapping::dataverse::Related;
 use oppsync_mapping::{Opportunity, OpportunityId, RecordError};
 use oppsync_marketo::{LeadRecord, MarketoError, Reason, RecordOutcome, RecordStatus, RoleKey, RoleRecord};
@@ -238,15 +238,20 @@ impl DataversePort for MemoryDataverse {
         }))
     }
 
-    fn watermark_changes(
+    fn watermark_page(
         &self,
         set: EntitySet,
         _select: &[&str],
-        _watermark: &Watermark,
-    ) -> impl Future<Output = Result<(Vec<Value>, Watermark), DataverseError>> + Send {
+        _from: &Watermark,
+        _link: Option<&str>,
+    ) -> impl Future<Output = Result<WatermarkPage, DataverseError>> + Send {
         let mut t = guard(&self.0);
         t.requests += 1;
-        ready(Ok((Self::rows(&t, set), Watermark::Version(0))))
+        ready(Ok(WatermarkPage {
+            rows: Self::rows(&t, set),
+            reached: Watermark::Version(0),
+            next: None,
+        }))
     }
 
     fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<String>, DataverseError>> + Send {

@@ -45,6 +45,11 @@ pub(crate) struct WatermarkCursor {
     /// reads from the one `watermark_overlap_seconds` ago. Absent in cursors from before.
     #[serde(default)]
     pub(crate) history: Vec<(Millis, Watermark)>,
+    /// Where a read that stopped partway (the run's deadline, an error) had reached: the next
+    /// poll goes on from here instead of starting the read over, so a first poll of a large
+    /// table is recorded a page at a time and always moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reading: Option<Watermark>,
 }
 
 /// At most this many history entries (one a poll) are kept, whatever the overlap.
@@ -114,7 +119,10 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let mut marked_now: BTreeSet<OpportunityId> = BTreeSet::new();
         let done = match self.config.dataverse.change_detection {
             ChangeDetection::ChangeTracking => self.poll_tracked(&mut lease, deadline, report, &mut marked_now).await?,
-            _ => self.poll_watermark(&mut lease, report, &mut marked_now).await?,
+            _ => {
+                self.poll_watermark(&mut lease, deadline, report, &mut marked_now)
+                    .await?
+            }
         };
         report.caught_up = done;
         if done {
@@ -237,6 +245,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     pub(crate) async fn poll_watermark(
         &self,
         lease: &mut Lease,
+        deadline: Option<Instant>,
         report: &mut PollReport,
         marked_now: &mut BTreeSet<OpportunityId>,
     ) -> Result<bool, PipelineError> {
@@ -244,59 +253,100 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             (Source::Opportunities, EntitySet::Opportunities),
             (Source::Connections, EntitySet::Connections),
         ] {
-            let stored = self.store.cursor(source).await?;
-            let cursor = match stored {
-                Some(c) => serde_json::from_str::<WatermarkCursor>(&c.value).map_err(|e| StateError::Corrupt {
-                    key: format!("cursor {}", source.as_str()),
-                    reason: format!(
-                        "{e}; a cursor from another change-detection strategy? Reset it with a full resync"
-                    ),
-                })?,
-                None => WatermarkCursor {
-                    watermark: self.first_watermark(),
-                    polls: 0,
-                    history: Vec::new(),
-                },
-            };
-            let now = self.now();
+            let mut cursor = self.watermark_cursor(source).await?;
             let overlap_ms = i64::from(self.config.dataverse.watermark_overlap_seconds) * 1000;
-            let mut cursor = cursor;
             let columns: Vec<&str> = if source == Source::Opportunities {
                 vec!["opportunityid"]
             } else {
                 CONNECTION_SELECT.to_vec()
             };
             // Read from where the watermark stood a while ago: a row committed after the last
-            // read with an earlier stamp is read now; the ones read before are stale marks.
-            let from = cursor.read_from(now, overlap_ms);
-            let (rows, next) = self.dataverse.watermark_changes(set, &columns, &from).await?;
-            match source {
-                Source::Opportunities => {
-                    report.opportunity_changes += rows.len() as u64;
-                    self.record_opportunity_changes(&rows, &[], report, marked_now).await?;
+            // read with an earlier stamp is read now; the ones read before are stale marks. A
+            // read that stopped partway goes on from where it reached.
+            let from = match cursor.reading.clone() {
+                Some(reached) => reached,
+                None => cursor.read_from(self.now(), overlap_ms),
+            };
+            let mut reached = from.clone();
+            let mut link: Option<String> = None;
+            loop {
+                if Self::out_of_time(deadline) {
+                    return Ok(false);
                 }
-                _ => {
-                    report.connection_changes += rows.len() as u64;
-                    self.record_connection_changes(&rows, &[], report, marked_now).await?;
+                let page = self
+                    .dataverse
+                    .watermark_page(set, &columns, &from, link.as_deref())
+                    .await?;
+                match source {
+                    Source::Opportunities => {
+                        report.opportunity_changes += page.rows.len() as u64;
+                        self.record_opportunity_changes(&page.rows, &[], report, marked_now)
+                            .await?;
+                    }
+                    _ => {
+                        report.connection_changes += page.rows.len() as u64;
+                        self.record_connection_changes(&page.rows, &[], report, marked_now)
+                            .await?;
+                    }
                 }
+                crash::point("poll.recorded");
+                reached = page.reached.later(reached);
+                self.renew(lease).await?;
+                let Some(next) = page.next else { break };
+                // Recorded up to `reached`: a stop from here on goes on from it.
+                cursor.reading = Some(reached.clone());
+                self.store_watermark(lease, source, &cursor).await?;
+                crash::point("poll.cursor");
+                link = Some(next);
             }
             let polls = cursor.polls + 1;
             let due = source == Source::Opportunities && polls >= self.config.dataverse.full_scan_every;
-            self.renew(lease).await?;
             if due {
                 // Stored before the count resets with the cursor, so no stop can lose it.
                 self.owe_deletion_scan(lease).await?;
             }
-            cursor.advance(next, now, overlap_ms);
+            cursor.reading = None;
+            cursor.advance(reached, self.now(), overlap_ms);
             cursor.polls = if due { 0 } else { polls };
-            let value = serde_json::to_string(&cursor).map_err(|e| StateError::Corrupt {
-                key: "cursor".into(),
-                reason: e.to_string(),
-            })?;
-            self.store.advance_cursor(lease, source, &value, self.now()).await?;
+            self.store_watermark(lease, source, &cursor).await?;
+            crash::point("poll.cursor");
         }
         self.pay_deletion_scan(lease, report, marked_now).await?;
         Ok(true)
+    }
+
+    /// A watermark strategy's stored cursor, or the one before every row.
+    async fn watermark_cursor(&self, source: Source) -> Result<WatermarkCursor, PipelineError> {
+        match self.store.cursor(source).await? {
+            Some(c) => Ok(
+                serde_json::from_str::<WatermarkCursor>(&c.value).map_err(|e| StateError::Corrupt {
+                    key: format!("cursor {}", source.as_str()),
+                    reason: format!(
+                        "{e}; a cursor from another change-detection strategy? Reset it with a full resync"
+                    ),
+                })?,
+            ),
+            None => Ok(WatermarkCursor {
+                watermark: self.first_watermark(),
+                polls: 0,
+                history: Vec::new(),
+                reading: None,
+            }),
+        }
+    }
+
+    async fn store_watermark(
+        &self,
+        lease: &Lease,
+        source: Source,
+        cursor: &WatermarkCursor,
+    ) -> Result<(), PipelineError> {
+        let value = serde_json::to_string(cursor).map_err(|e| StateError::Corrupt {
+            key: "cursor".into(),
+            reason: e.to_string(),
+        })?;
+        self.store.advance_cursor(lease, source, &value, self.now()).await?;
+        Ok(())
     }
 
     pub(crate) async fn record_opportunity_changes(
@@ -465,56 +515,65 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             } else {
                 CONNECTION_SELECT
             };
-            let stored = self.store.cursor(source).await?.map(|c| c.value);
-            let (rows, deleted) = match self.config.dataverse.change_detection {
+            // Page by page: what a page names is kept as ids, not rows.
+            match self.config.dataverse.change_detection {
                 ChangeDetection::ChangeTracking => {
-                    let (mut rows, mut deleted) = (Vec::new(), Vec::new());
-                    let mut cursor = stored;
+                    let mut cursor = self.store.cursor(source).await?.map(|c| c.value);
                     loop {
                         let page = self.dataverse.changes(set, columns, cursor.as_deref()).await?;
-                        rows.extend(page.rows);
-                        deleted.extend(page.deleted);
+                        self.peeked(source, &page.rows, &page.deleted, &mut ids).await?;
                         cursor = Some(page.cursor);
                         if page.caught_up {
                             break;
                         }
                     }
-                    (rows, deleted)
                 }
                 _ => {
-                    let watermark = match stored {
-                        Some(text) => {
-                            serde_json::from_str::<WatermarkCursor>(&text)
-                                .map_err(|e| StateError::Corrupt {
-                                    key: format!("cursor {}", source.as_str()),
-                                    reason: e.to_string(),
-                                })?
-                                .watermark
+                    let cursor = self.watermark_cursor(source).await?;
+                    let from = cursor.reading.unwrap_or(cursor.watermark);
+                    let mut link = None;
+                    loop {
+                        let page = self
+                            .dataverse
+                            .watermark_page(set, columns, &from, link.as_deref())
+                            .await?;
+                        self.peeked(source, &page.rows, &[], &mut ids).await?;
+                        match page.next {
+                            Some(next) => link = Some(next),
+                            None => break,
                         }
-                        None => self.first_watermark(),
-                    };
-                    (
-                        self.dataverse.watermark_changes(set, columns, &watermark).await?.0,
-                        Vec::new(),
-                    )
-                }
-            };
-            match source {
-                Source::Opportunities => {
-                    ids.extend(
-                        rows.iter()
-                            .filter_map(|r| r["opportunityid"].as_str())
-                            .chain(deleted.iter().map(String::as_str))
-                            .filter_map(|t| OpportunityId::parse(t).ok()),
-                    );
-                }
-                _ => {
-                    ids.extend(oppsync_dynamics::opportunities_touched(&rows));
-                    ids.extend(self.store.linked_opportunities(&deleted).await?);
+                    }
                 }
             }
         }
         Ok(ids)
+    }
+
+    /// The opportunities one page of changes names (`peek`).
+    async fn peeked(
+        &self,
+        source: Source,
+        rows: &[Value],
+        deleted: &[String],
+        ids: &mut BTreeSet<OpportunityId>,
+    ) -> Result<(), PipelineError> {
+        match source {
+            Source::Opportunities => {
+                ids.extend(
+                    rows.iter()
+                        .filter_map(|r| r["opportunityid"].as_str())
+                        .chain(deleted.iter().map(String::as_str))
+                        .filter_map(|t| OpportunityId::parse(t).ok()),
+                );
+            }
+            _ => {
+                ids.extend(oppsync_dynamics::opportunities_touched(rows));
+                if !deleted.is_empty() {
+                    ids.extend(self.store.linked_opportunities(deleted).await?);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Requeues open records nobody has touched for `stuck_after_minutes`: a worker died, a
@@ -596,6 +655,7 @@ mod tests {
             watermark: Watermark::Version(0),
             polls: 0,
             history: Vec::new(),
+            reading: None,
         };
         assert_eq!(cursor.read_from(0, overlap), Watermark::Version(0), "nothing kept yet");
         for poll in 1..=10_i64 {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 
-use oppsync_dynamics::{ChangePage, DataverseClient, DataverseError, EntitySet, Watermark};
+use oppsync_dynamics::{ChangePage, DataverseClient, DataverseError, EntitySet, Watermark, WatermarkPage};
 use oppsync_mapping::dataverse::Related;
 use oppsync_mapping::{Opportunity, OpportunityId, RecordError};
 use oppsync_marketo::{
@@ -25,13 +25,14 @@ pub trait DataversePort: Clone + Send + Sync + 'static {
         select: &[&str],
         cursor: Option<&str>,
     ) -> impl Future<Output = Result<ChangePage, DataverseError>> + Send;
-    /// Rows changed after a watermark, and the next watermark.
-    fn watermark_changes(
+    /// One page of the rows changed after a watermark (`link`: a previous page's `next`).
+    fn watermark_page(
         &self,
         set: EntitySet,
         select: &[&str],
-        watermark: &Watermark,
-    ) -> impl Future<Output = Result<(Vec<Value>, Watermark), DataverseError>> + Send;
+        from: &Watermark,
+        link: Option<&str>,
+    ) -> impl Future<Output = Result<WatermarkPage, DataverseError>> + Send;
     /// Every id in a table (the deletion scan).
     fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<String>, DataverseError>> + Send;
     /// Opportunities by id, annotated, with the attributes in `select`.
@@ -105,13 +106,14 @@ impl DataversePort for DataverseClient {
     ) -> impl Future<Output = Result<ChangePage, DataverseError>> + Send {
         DataverseClient::changes(self, set, select, cursor)
     }
-    fn watermark_changes(
+    fn watermark_page(
         &self,
         set: EntitySet,
         select: &[&str],
-        watermark: &Watermark,
-    ) -> impl Future<Output = Result<(Vec<Value>, Watermark), DataverseError>> + Send {
-        DataverseClient::watermark_changes(self, set, select, watermark)
+        from: &Watermark,
+        link: Option<&str>,
+    ) -> impl Future<Output = Result<WatermarkPage, DataverseError>> + Send {
+        DataverseClient::watermark_page(self, set, select, from, link)
     }
     fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<String>, DataverseError>> + Send {
         DataverseClient::all_ids(self, set)
@@ -220,12 +222,13 @@ impl DataversePort for NoAccess {
     async fn changes(&self, _: EntitySet, _: &[&str], _: Option<&str>) -> Result<ChangePage, DataverseError> {
         Err(DataverseError::Settings(NO_DYNAMICS.into()))
     }
-    async fn watermark_changes(
+    async fn watermark_page(
         &self,
         _: EntitySet,
         _: &[&str],
         _: &Watermark,
-    ) -> Result<(Vec<Value>, Watermark), DataverseError> {
+        _: Option<&str>,
+    ) -> Result<WatermarkPage, DataverseError> {
         Err(DataverseError::Settings(NO_DYNAMICS.into()))
     }
     async fn all_ids(&self, _: EntitySet) -> Result<BTreeSet<String>, DataverseError> {

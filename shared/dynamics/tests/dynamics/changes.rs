@@ -181,6 +181,44 @@ async fn a_modifiedon_watermark_uses_ge_and_drops_only_what_it_already_saw() {
     assert_eq!(rows.len(), 1);
 }
 
+/// A watermark read stopped after its first page goes on from where that page reached: the
+/// rest, each row once, none of the first page again. For both watermarks.
+#[tokio::test]
+async fn a_watermark_read_resumed_from_where_its_first_page_reached_reads_exactly_the_rest() {
+    for start in [
+        Watermark::Version(0),
+        Watermark::ModifiedOn {
+            at: "2026-01-01T00:00:00Z".into(),
+            seen: vec![],
+        },
+    ] {
+        let sim = sim().await;
+        let seeded = sim.seed(20, 1, Mix::Uniform);
+        let client = client(&sim, 7);
+        let first = client
+            .watermark_page(EntitySet::Opportunities, OPPORTUNITY_SELECT, &start, None)
+            .await
+            .unwrap();
+        assert_eq!(first.rows.len(), 7, "{start:?}");
+        assert!(first.next.is_some(), "{start:?}: more pages follow");
+        let (rest, _) = client
+            .watermark_changes(EntitySet::Opportunities, OPPORTUNITY_SELECT, &first.reached)
+            .await
+            .unwrap();
+        assert_eq!(rest.len(), 13, "{start:?}: the rest, none of the first page again");
+        let mut ids: Vec<&str> = first
+            .rows
+            .iter()
+            .chain(&rest)
+            .map(|r| r["opportunityid"].as_str().unwrap())
+            .collect();
+        ids.sort_unstable();
+        let mut expected: Vec<&str> = seeded.opportunities.iter().map(String::as_str).collect();
+        expected.sort_unstable();
+        assert_eq!(ids, expected, "{start:?}: every row exactly once");
+    }
+}
+
 #[tokio::test]
 async fn a_full_id_scan_finds_what_a_watermark_cannot_see_deleted() {
     let sim = sim().await;

@@ -31,37 +31,45 @@ async fn a_poller_that_finds_the_lease_taken_reads_nothing() {
 }
 
 /// GIVEN a backfill larger than one invocation's time WHEN the deadline cuts the poll
-/// THEN the cursor holds what was recorded and the next poll reads only the rest.
+/// THEN the cursor holds what was recorded and the next poll reads only the rest. For change
+/// tracking and both watermarks (a watermark read keeps where its pages reached, so a first
+/// poll of a large table is recorded page by page and never starts over).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_cut_by_the_deadline_continues_from_its_checkpoint() {
-    let sims = sims().await;
-    sims.dv.seed(100, 2, Mix::Uniform);
-    sims.dv.configure(|c| c.max_page_size = 10);
-    let mut config = Config::default();
-    config.dataverse.page_size = 10;
-    let p = pipeline(&sims, sqlite(), config);
-    // The second to fourth requests are slow, so the deadline falls after a page or two.
-    for n in 2..=4 {
-        sims.dv.inject(n, DataverseFault::Delay(Duration::from_millis(600)));
+    for strategy in ["change_tracking", "versionnumber", "modifiedon"] {
+        let sims = sims().await;
+        sims.dv.seed(100, 2, Mix::Uniform);
+        sims.dv.configure(|c| c.max_page_size = 10);
+        let config = format!("[dataverse]\nchange_detection = \"{strategy}\"\npage_size = 10\n");
+        let p = pipeline(&sims, sqlite(), Config::from_toml(&config, "test").unwrap());
+        // The second to fourth requests are slow, so the deadline falls after a page or two.
+        for n in 2..=4 {
+            sims.dv.inject(n, DataverseFault::Delay(Duration::from_millis(600)));
+        }
+        let first = p.poll(Some(Instant::now() + Duration::from_secs(1))).await.unwrap();
+        assert!(!first.caught_up, "{strategy}: {first:?}");
+        assert!(
+            first.opportunity_changes > 0 && first.opportunity_changes < 100,
+            "{strategy}: {first:?}"
+        );
+        assert_eq!(
+            p.store().counts().await.unwrap().get(Status::Pending),
+            first.opportunity_changes,
+            "{strategy}"
+        );
+        let second = p.poll(None).await.unwrap();
+        assert!(second.caught_up, "{strategy}: {second:?}");
+        assert_eq!(
+            first.opportunity_changes + second.opportunity_changes,
+            100,
+            "{strategy}: the second poll continued; it did not start over"
+        );
+        assert_eq!(
+            p.store().counts().await.unwrap().get(Status::Pending),
+            100,
+            "{strategy}"
+        );
     }
-    let first = p.poll(Some(Instant::now() + Duration::from_secs(1))).await.unwrap();
-    assert!(!first.caught_up, "{first:?}");
-    assert!(
-        first.opportunity_changes > 0 && first.opportunity_changes < 100,
-        "{first:?}"
-    );
-    assert_eq!(
-        p.store().counts().await.unwrap().get(Status::Pending),
-        first.opportunity_changes
-    );
-    let second = p.poll(None).await.unwrap();
-    assert!(second.caught_up, "{second:?}");
-    assert_eq!(
-        first.opportunity_changes + second.opportunity_changes,
-        100,
-        "the second poll continued; it did not start over"
-    );
-    assert_eq!(p.store().counts().await.unwrap().get(Status::Pending), 100);
 }
 
 /// GIVEN a synced opportunity WHEN it is saved in Dynamics with nothing Marketo cares about
