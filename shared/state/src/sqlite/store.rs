@@ -350,19 +350,10 @@ impl StateStore for SqliteStore {
         ttl_ms: i64,
         now: Millis,
     ) -> Result<Option<(Claim, OpportunityState)>, StateError> {
-        self.run(move |c| {
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql)?;
-            let result = claim_in(&tx, id, from, ttl_ms, now)?;
-            tx.commit().map_err(sql)?;
-            Ok(result)
-        })
-        .await
+        self.in_transaction(move |tx| claim_in(tx, id, from, ttl_ms, now)).await
     }
 
-    /// One transaction for them all: on a local file a transaction each costs more than the
-    /// claim itself (a write group's 3,000 claims took about half a second).
+    /// One transaction for them all ([`SqliteStore::each_in_transaction`]).
     async fn claim_many(
         &self,
         ids: Vec<OpportunityId>,
@@ -370,24 +361,8 @@ impl StateStore for SqliteStore {
         ttl_ms: i64,
         now: Millis,
     ) -> Vec<Result<Option<(Claim, OpportunityState)>, StateError>> {
-        let n = ids.len();
-        let done = self
-            .run(move |c| {
-                let tx = c
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(sql)?;
-                let mut out = Vec::with_capacity(ids.len());
-                for id in ids {
-                    out.push(claim_in(&tx, id, from, ttl_ms, now)?);
-                }
-                tx.commit().map_err(sql)?;
-                Ok(out)
-            })
-            .await;
-        match done {
-            Ok(out) => out.into_iter().map(Ok).collect(),
-            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
-        }
+        self.each_in_transaction(ids, move |tx, id| claim_in(tx, id, from, ttl_ms, now))
+            .await
     }
 
     async fn complete_transform(
@@ -440,41 +415,20 @@ impl StateStore for SqliteStore {
 
     async fn complete_write(&self, claim: &Claim, result: WriteResult, now: Millis) -> Result<Completion, StateError> {
         let claim = claim.clone();
-        self.run(move |c| {
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql)?;
-            let completion = complete_write_in(&tx, &claim, result, now)?;
-            tx.commit().map_err(sql)?;
-            Ok(completion)
-        })
-        .await
+        self.in_transaction(move |tx| complete_write_in(tx, &claim, result, now))
+            .await
     }
 
-    /// One transaction for them all, as [`Self::claim_many`].
+    /// One transaction for them all ([`SqliteStore::each_in_transaction`]).
     async fn complete_writes(
         &self,
         writes: Vec<(Claim, WriteResult)>,
         now: Millis,
     ) -> Vec<Result<Completion, StateError>> {
-        let n = writes.len();
-        let done = self
-            .run(move |c| {
-                let tx = c
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(sql)?;
-                let mut out = Vec::with_capacity(writes.len());
-                for (claim, result) in writes {
-                    out.push(complete_write_in(&tx, &claim, result, now)?);
-                }
-                tx.commit().map_err(sql)?;
-                Ok(out)
-            })
-            .await;
-        match done {
-            Ok(out) => out.into_iter().map(Ok).collect(),
-            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
-        }
+        self.each_in_transaction(writes, move |tx, (claim, result)| {
+            complete_write_in(tx, &claim, result, now)
+        })
+        .await
     }
 
     async fn get(&self, id: OpportunityId) -> Result<Option<OpportunityState>, StateError> {
