@@ -15,11 +15,18 @@ pub struct ResyncArgs {
     #[command(flatten)]
     pub state: StateArgs,
     /// The opportunities' ids (GUIDs).
-    #[arg(value_name = "OPPORTUNITY_ID", required_unless_present = "all")]
+    #[arg(value_name = "OPPORTUNITY_ID", required_unless_present_any = ["all", "failed", "modified_since"])]
     pub ids: Vec<String>,
     /// Every opportunity in Dynamics (reports only the records that need attention).
-    #[arg(long, conflicts_with = "ids")]
+    #[arg(long, conflicts_with_all = ["ids", "failed", "modified_since"])]
     pub all: bool,
+    /// Every record that failed (`oppsync errors` lists them): a replay once the cause is fixed.
+    #[arg(long, conflicts_with_all = ["ids", "modified_since"])]
+    pub failed: bool,
+    /// Every opportunity changed in Dynamics at or after this UTC time (YYYY-MM-DD or
+    /// YYYY-MM-DDTHH:MM:SSZ); reports only the records that need attention.
+    #[arg(long, value_name = "DATE", conflicts_with = "ids")]
+    pub modified_since: Option<String>,
     /// Plan and report, write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -33,6 +40,8 @@ pub async fn run(args: ResyncArgs) -> Result<ExitCode, CliError> {
     let request = ResyncRequest {
         opportunity_ids: args.ids.clone(),
         all: args.all,
+        failed: args.failed,
+        modified_since: args.modified_since.clone(),
         dry_run: args.dry_run,
     };
     let target = request.target().map_err(CliError::Usage)?;
@@ -49,6 +58,16 @@ pub async fn run(args: ResyncArgs) -> Result<ExitCode, CliError> {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
         } else {
+            let what = match (args.failed, &args.modified_since) {
+                (true, _) => " (failed)".to_owned(),
+                (_, Some(since)) => format!(" (changed in Dynamics since {})", since.trim()),
+                _ => String::new(),
+            };
+            println!(
+                "{} records to resync{what}{}",
+                report.targeted,
+                if args.dry_run { "; a dry run writes nothing" } else { "" }
+            );
             for r in &report.records {
                 let outcome = match (&r.transform, &r.write) {
                     _ if r.not_found => Some(

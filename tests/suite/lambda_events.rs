@@ -213,6 +213,15 @@ async fn resync_requests_are_checked_before_anything_is_read_or_written() {
         (json!({"ids": [opp(1)]}), "unknown field `ids`"),
         (json!({"opportunityIds": opp(1)}), "invalid type"),
         (json!({"all": "yes"}), "invalid type"),
+        (json!({"failed": true, "all": true}), "not both"),
+        (json!({"failed": true, "modifiedSince": "2026-11-01"}), "not both"),
+        (json!({"failed": "yes"}), "invalid type"),
+        (json!({"modifiedSince": "yesterday"}), "YYYY-MM-DD"),
+        (json!({"modifiedSince": "2026-02-30"}), "YYYY-MM-DD"),
+        (
+            json!({"modifiedSince": "2026-11-01T00:00:00Z' or 1 eq 1"}),
+            "YYYY-MM-DD",
+        ),
         (json!("resync everything"), "invalid type"),
     ];
     for (payload, names) in cases {
@@ -288,4 +297,82 @@ fn the_partial_batch_response_has_the_shape_lambda_reads() {
     response.batch_item_failures.push(failure);
     let json = serde_json::to_value(&response).unwrap();
     assert_eq!(json["batchItemFailures"][0]["itemIdentifier"], "13021600000000001597");
+}
+
+/// GIVEN opportunities synced and then two changed in Dynamics WHEN the resync function is
+/// asked for what changed since the first change THEN a dry run takes exactly those two and
+/// writes nothing, and the resync writes them; a date before everything takes every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_of_what_changed_since_a_time_takes_exactly_those_opportunities() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(8, 14, oppsync_simulators::dataverse::Mix::Uniform);
+    let p = pipeline(&sims, sqlite(), Config::default());
+    oppsync_tests::harness::sync(&p).await;
+    let (a, b) = (seeded.opportunities[2].clone(), seeded.opportunities[5].clone());
+    let table = oppsync_simulators::dataverse::Table::Opportunities;
+    sims.dv.upsert(table, &a, json!({"name": "Changed A"}), &[]);
+    let since = sims.dv.row(table, &a).unwrap().attributes["modifiedon"].clone();
+    sims.dv.upsert(table, &b, json!({"name": "Changed B"}), &[]);
+    let calls = sims.mk.rest_calls();
+    let dry = oppsync_lambda::resync(&p, json!({"modifiedSince": since, "dryRun": true}))
+        .await
+        .unwrap();
+    let report = serde_json::to_value(&dry.response).unwrap();
+    assert_eq!(report["targeted"], 2, "{report}");
+    let mut named: Vec<&str> = report["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    named.sort_unstable();
+    let mut expected = vec![a.as_str(), b.as_str()];
+    expected.sort_unstable();
+    assert_eq!(named, expected);
+    assert_eq!(sims.mk.rest_calls(), calls, "a dry run makes no Marketo call");
+    let run = oppsync_lambda::resync(&p, json!({"modifiedSince": since}))
+        .await
+        .unwrap();
+    assert_eq!(run.response.targeted, 2);
+    assert_eq!(sims.mk.snapshot().opportunities[&a]["name"], json!("Changed A"));
+    assert_eq!(sims.mk.snapshot().opportunities[&b]["name"], json!("Changed B"));
+    let everything = oppsync_lambda::resync(&p, json!({"modifiedSince": "2026-01-01", "dryRun": true}))
+        .await
+        .unwrap();
+    assert_eq!(everything.response.targeted, 8);
+}
+
+/// GIVEN records Marketo refused for good WHEN the cause is fixed and the resync function is
+/// asked for the failed ones THEN a dry run counts them and writes nothing, and the replay
+/// writes each, leaving nothing failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_failed_records_counts_them_first_and_writes_each_again() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(6, 15, oppsync_simulators::dataverse::Mix::Uniform);
+    for n in [1, 4] {
+        sims.mk.skip_record(&seeded.opportunities[n], "1003", 1);
+    }
+    let p = pipeline(&sims, sqlite(), Config::default());
+    oppsync_tests::harness::sync(&p).await;
+    assert_eq!(p.store().counts().await.unwrap().get(Status::Failed), 2);
+    let calls = sims.mk.rest_calls();
+    let dry = oppsync_lambda::resync(&p, json!({"failed": true, "dryRun": true}))
+        .await
+        .unwrap();
+    assert_eq!((dry.response.targeted, dry.response.records.len()), (2, 2));
+    assert_eq!(sims.mk.rest_calls(), calls, "a dry run makes no Marketo call");
+    assert_eq!(p.store().counts().await.unwrap().get(Status::Failed), 2);
+    let replay = oppsync_lambda::resync(&p, json!({"failed": true})).await.unwrap();
+    let report = serde_json::to_value(&replay.response).unwrap();
+    assert_eq!(report["targeted"], 2);
+    for record in report["records"].as_array().unwrap() {
+        assert_eq!(record["write"]["outcome"], "synced", "{report}");
+    }
+    let counts = p.store().counts().await.unwrap();
+    assert_eq!(
+        (counts.get(Status::Failed), counts.get(Status::Synced)),
+        (0, 6),
+        "{counts:?}"
+    );
+    oppsync_tests::harness::assert_marketo_matches_dynamics(&sims);
 }

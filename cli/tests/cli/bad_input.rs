@@ -227,6 +227,20 @@ async fn resync_ids_must_be_guids_and_an_injection_never_reaches_dataverse() {
     }
     let neither = oppsync(&["resync", "--state", s(&state)], &env).await;
     assert_eq!(neither.code, 2, "{neither:?}");
+    for bad in [
+        "yesterday",
+        "2026-13-01",
+        "2026-02-30",
+        "2026-11-01T24:00:00Z",
+        "2026-11-01 08:00:00",
+        "2026-11-01T00:00:00Z' or 1 eq 1",
+    ] {
+        let run = oppsync(&["resync", "--modified-since", bad, "--state", s(&state)], &env).await;
+        assert_eq!(run.code, 2, "{bad}: {run:?}");
+        assert!(run.stderr.contains("YYYY-MM-DD"), "{bad}: {run:?}");
+    }
+    let both = oppsync(&["resync", "--failed", "--all", "--state", s(&state)], &env).await;
+    assert_eq!(both.code, 2, "{both:?}");
     assert_eq!(sims.dv.requests(), requests, "no bad id reached Dataverse");
     assert_eq!(snapshot(&state).await, before);
 }

@@ -137,6 +137,25 @@ async fn a_permanent_failure_exits_1_and_is_in_the_searchable_exportable_error_l
     )
     .await;
     assert_eq!(json.json().as_array().unwrap().len(), 1);
+    // The cause is fixed: a dry run counts the failed records and writes nothing; the replay
+    // writes each, and the ledger is empty.
+    sims.mk.clear_faults();
+    let calls = sims.mk.rest_calls();
+    let dry = oppsync(&["resync", "--failed", "--dry-run", "--state", s(&state)], &env).await;
+    assert_eq!(dry.code, 0, "{dry:?}");
+    assert!(
+        dry.stdout
+            .starts_with("1 records to resync (failed); a dry run writes nothing")
+            && dry.stdout.contains(&bad),
+        "{dry:?}"
+    );
+    assert_eq!(sims.mk.rest_calls(), calls, "a dry run makes no Marketo call");
+    let replay = oppsync(&["resync", "--failed", "--state", s(&state)], &env).await;
+    assert_eq!(replay.code, 0, "{replay:?}");
+    assert!(replay.stdout.contains(&format!("{bad} synced")), "{replay:?}");
+    let after = oppsync(&["errors", "--export", "json", "--state", s(&state)], &[]).await;
+    assert_eq!(after.json(), json!([]), "nothing failed is left");
+    assert_marketo_matches_dynamics(&sims);
     let none = oppsync(
         &[
             "errors",

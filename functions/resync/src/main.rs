@@ -1,5 +1,6 @@
-//! The ad hoc resync: invoked directly with `{"opportunityIds": [...], "dryRun": false}` or
-//! `{"all": true}`; transforms and writes those records now, whatever their cursor or hash,
+//! The ad hoc resync: invoked directly with `{"opportunityIds": [...], "dryRun": false}`,
+//! `{"all": true}`, `{"failed": true}` (a replay of every failed record) or
+//! `{"modifiedSince": "2026-11-01"}`; transforms and writes those records now, whatever their cursor or hash,
 //! and returns a per-record report (the plan, what was written before, Marketo's answers).
 
 #[tokio::main]

@@ -281,13 +281,14 @@ pub async fn poll<S: StateStore, D: DataversePort, M: MarketoPort>(
     })
 }
 
-/// The resync function: `{"opportunityIds": [...], "dryRun": false}` or `{"all": true}`.
+/// The resync function: `{"opportunityIds": [...], "dryRun": false}`, `{"all": true}`,
+/// `{"failed": true}` or `{"modifiedSince": "2026-11-01"}`.
 pub async fn resync<S: StateStore, D: DataversePort, M: MarketoPort>(
     pipeline: &Pipeline<S, D, M>,
     payload: Value,
 ) -> Result<Handled<ResyncReport>, HandlerError> {
     let bad = |problem: String| HandlerError::BadEvent {
-        expected: r#"a resync request ({"opportunityIds": ["<guid>", ...], "dryRun": false} or {"all": true})"#,
+        expected: r#"a resync request ({"opportunityIds": ["<guid>", ...], "dryRun": false}, {"all": true}, {"failed": true} or {"modifiedSince": "YYYY-MM-DD"})"#,
         problem,
     };
     let request: ResyncRequest = serde_json::from_value(payload).map_err(|e| bad(e.to_string()))?;

@@ -49,7 +49,7 @@ use error::{skip_error, sync_error};
 pub use metrics::Metrics;
 pub use poll::PollReport;
 pub use ports::{DataversePort, MarketoPort, NoAccess};
-pub use resync::{ResyncRecord, ResyncReport, ResyncRequest, ResyncTarget, WrittenSummary};
+pub use resync::{ResyncRecord, ResyncReport, ResyncRequest, ResyncTarget, Since, WrittenSummary};
 pub use transform::{Planned, TransformRecord, TransformReport, Transformed};
 pub use write::{Answer, WriteRecord, WriteReport, Wrote};
 

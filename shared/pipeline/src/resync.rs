@@ -3,14 +3,22 @@
 
 use super::*;
 
-/// The resync function's input.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// The resync function's input: exactly one of `opportunityIds`, `all`, `failed` and
+/// `modifiedSince`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ResyncRequest {
     #[serde(default)]
     pub opportunity_ids: Vec<String>,
     #[serde(default)]
     pub all: bool,
+    /// Every record the state holds as failed (a replay once the cause is fixed).
+    #[serde(default)]
+    pub failed: bool,
+    /// Every opportunity Dynamics changed at or after this time (`YYYY-MM-DD` or
+    /// `YYYY-MM-DDTHH:MM:SSZ`, UTC).
+    #[serde(default)]
+    pub modified_since: Option<String>,
     #[serde(default)]
     pub dry_run: bool,
 }
@@ -20,38 +28,107 @@ pub struct ResyncRequest {
 pub enum ResyncTarget {
     Ids(Vec<OpportunityId>),
     All,
+    /// The records the state holds as failed.
+    Failed,
+    /// The opportunities Dynamics changed at or after this time.
+    ModifiedSince(Since),
+}
+
+/// A UTC time to read changes from, as Dataverse's `$filter` takes it (`2026-11-01T00:00:00Z`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since(String);
+
+impl Since {
+    /// `YYYY-MM-DD` (midnight UTC) or `YYYY-MM-DDTHH:MM:SSZ`; anything else is refused, so
+    /// nothing but a timestamp reaches a Dataverse query.
+    pub fn parse(text: &str) -> Result<Since, String> {
+        let text = text.trim();
+        let refuse = || {
+            format!(
+                "modified since `{}`: not a UTC date or time; give YYYY-MM-DD (midnight UTC) or YYYY-MM-DDTHH:MM:SSZ, e.g. 2026-11-01 or 2026-11-01T08:30:00Z",
+                oppsync_support::input::shown(text)
+            )
+        };
+        let full = match text.len() {
+            10 => format!("{text}T00:00:00Z"),
+            20 => text.to_owned(),
+            _ => return Err(refuse()),
+        };
+        let b = full.as_bytes();
+        let digits = |range: std::ops::Range<usize>| -> Option<i64> {
+            let part = full.get(range)?;
+            part.bytes().all(|c| c.is_ascii_digit()).then(|| part.parse().ok())?
+        };
+        let shape = b[4] == b'-' && b[7] == b'-' && b[10] == b'T' && b[13] == b':' && b[16] == b':' && b[19] == b'Z';
+        let (Some(y), Some(m), Some(d), Some(h), Some(min), Some(sec)) = (
+            digits(0..4),
+            digits(5..7),
+            digits(8..10),
+            digits(11..13),
+            digits(14..16),
+            digits(17..19),
+        ) else {
+            return Err(refuse());
+        };
+        // A day that does not exist (2026-02-30) comes back as another one.
+        let real_day = oppsync_support::civil_from_days(oppsync_support::days_from_civil(y, m, d)) == (y, m, d);
+        if !shape || !(1..=12).contains(&m) || !real_day || h > 23 || min > 59 || sec > 59 {
+            return Err(refuse());
+        }
+        Ok(Since(full))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl ResyncRequest {
-    /// Checks the request: ids are GUIDs (nothing else reaches a Dataverse query), and exactly
-    /// one of `opportunityIds` and `all` is given.
+    /// Checks the request: ids are GUIDs and a time is a time (nothing else reaches a Dataverse
+    /// query), and exactly one target is given.
     pub fn target(&self) -> Result<ResyncTarget, String> {
-        match (self.all, self.opportunity_ids.is_empty()) {
-            (true, false) => Err("give either \"opportunityIds\" or \"all\": true, not both".into()),
-            (false, true) => {
-                Err("nothing to resync: give \"opportunityIds\": [\"<guid>\", ...] or \"all\": true".into())
+        let given = usize::from(!self.opportunity_ids.is_empty())
+            + usize::from(self.all)
+            + usize::from(self.failed)
+            + usize::from(self.modified_since.is_some());
+        if given > 1 {
+            return Err(
+                "give one of \"opportunityIds\", \"all\": true, \"failed\": true and \"modifiedSince\", not both (or more) at once"
+                    .into(),
+            );
+        }
+        if self.all {
+            return Ok(ResyncTarget::All);
+        }
+        if self.failed {
+            return Ok(ResyncTarget::Failed);
+        }
+        if let Some(since) = &self.modified_since {
+            return Since::parse(since).map(ResyncTarget::ModifiedSince);
+        }
+        if self.opportunity_ids.is_empty() {
+            return Err(
+                "nothing to resync: give \"opportunityIds\": [\"<guid>\", ...], \"all\": true, \"failed\": true or \"modifiedSince\": \"YYYY-MM-DD\""
+                    .into(),
+            );
+        }
+        let mut ids = Vec::new();
+        let mut bad = Vec::new();
+        for text in &self.opportunity_ids {
+            match OpportunityId::parse(text.trim()) {
+                Ok(id) => ids.push(id),
+                Err(_) => bad.push(text.chars().take(80).collect::<String>()),
             }
-            (true, true) => Ok(ResyncTarget::All),
-            (false, false) => {
-                let mut ids = Vec::new();
-                let mut bad = Vec::new();
-                for text in &self.opportunity_ids {
-                    match OpportunityId::parse(text.trim()) {
-                        Ok(id) => ids.push(id),
-                        Err(_) => bad.push(text.chars().take(80).collect::<String>()),
-                    }
-                }
-                if bad.is_empty() {
-                    ids.sort();
-                    ids.dedup();
-                    Ok(ResyncTarget::Ids(ids))
-                } else {
-                    Err(format!(
-                        "not opportunity ids (GUIDs like 6f1c3b2a-5d4e-4f60-8a7b-9c0d1e2f3a4b): {}",
-                        bad.iter().map(|b| format!("`{b}`")).collect::<Vec<_>>().join(", ")
-                    ))
-                }
-            }
+        }
+        if bad.is_empty() {
+            ids.sort();
+            ids.dedup();
+            Ok(ResyncTarget::Ids(ids))
+        } else {
+            Err(format!(
+                "not opportunity ids (GUIDs like 6f1c3b2a-5d4e-4f60-8a7b-9c0d1e2f3a4b): {}",
+                bad.iter().map(|b| format!("`{b}`")).collect::<Vec<_>>().join(", ")
+            ))
         }
     }
 }
@@ -115,6 +192,8 @@ impl From<&Written> for WrittenSummary {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ResyncReport {
     pub dry_run: bool,
+    /// How many records the request named or found (the failed ones, those changed since).
+    pub targeted: u64,
     pub records: Vec<ResyncRecord>,
     pub stopped: Option<String>,
     /// See [`crate::WriteReport::stopped_for_good`].
@@ -126,7 +205,9 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// their cursor or hash. A dry run plans them and changes nothing.
     #[tracing::instrument(skip_all, name = "resync", fields(dry_run))]
     pub async fn resync(&self, target: ResyncTarget, dry_run: bool) -> Result<ResyncReport, PipelineError> {
-        let all = target == ResyncTarget::All;
+        // Records found in Dynamics are reported when they need attention; records named (by
+        // id, or as failed) are reported whatever happened.
+        let all = matches!(target, ResyncTarget::All | ResyncTarget::ModifiedSince(_));
         let ids: Vec<OpportunityId> = match target {
             ResyncTarget::Ids(ids) => ids,
             ResyncTarget::All => self
@@ -136,9 +217,12 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 .iter()
                 .filter_map(|t| OpportunityId::parse(t).ok())
                 .collect(),
+            ResyncTarget::Failed => self.failed_ids().await?,
+            ResyncTarget::ModifiedSince(since) => self.modified_since(&since).await?,
         };
         let mut report = ResyncReport {
             dry_run,
+            targeted: ids.len() as u64,
             ..ResyncReport::default()
         };
         for chunk in ids.chunks(self.config.sync.batch_size) {
@@ -244,5 +328,78 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             }
         }
         Ok(report)
+    }
+
+    /// Every record the state holds as failed, page by page.
+    async fn failed_ids(&self) -> Result<Vec<OpportunityId>, PipelineError> {
+        let mut ids = Vec::new();
+        let mut page: Option<String> = None;
+        loop {
+            let listed = self.store.list(Status::Failed, 1000, page.as_deref()).await?;
+            ids.extend(listed.items.iter().map(|state| state.id));
+            match listed.next {
+                Some(next) => page = Some(next),
+                None => return Ok(ids),
+            }
+        }
+    }
+
+    /// Every opportunity Dynamics changed at or after `since`, page by page (ids only).
+    async fn modified_since(&self, since: &Since) -> Result<Vec<OpportunityId>, PipelineError> {
+        let from = Watermark::ModifiedOn {
+            at: since.as_str().to_owned(),
+            seen: Vec::new(),
+        };
+        let mut ids = Vec::new();
+        let mut link: Option<String> = None;
+        loop {
+            let page = self
+                .dataverse
+                .watermark_page(EntitySet::Opportunities, &["opportunityid"], &from, link.as_deref())
+                .await?;
+            ids.extend(
+                page.rows
+                    .iter()
+                    .filter_map(|r| r["opportunityid"].as_str())
+                    .filter_map(|t| OpportunityId::parse(t).ok()),
+            );
+            match page.next {
+                Some(next) => link = Some(next),
+                None => break,
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_since_is_a_utc_date_or_time_that_exists() {
+        assert_eq!(Since::parse("2026-11-01").unwrap().as_str(), "2026-11-01T00:00:00Z");
+        assert_eq!(
+            Since::parse(" 2026-11-01T08:30:59Z ").unwrap().as_str(),
+            "2026-11-01T08:30:59Z"
+        );
+        assert_eq!(Since::parse("2028-02-29").unwrap().as_str(), "2028-02-29T00:00:00Z");
+        for bad in [
+            "2026-02-29",
+            "2026-00-10",
+            "2026-11-31",
+            "2026-11-01T08:60:00Z",
+            "2026-11-01T08:30:00+01:00",
+            "2026/11/01",
+            "+026-11-01",
+            "2026-11-01T08:30:00z",
+            "",
+            "2026-11-0é",
+        ] {
+            let e = Since::parse(bad).unwrap_err();
+            assert!(e.contains("YYYY-MM-DD"), "{bad}: {e}");
+        }
     }
 }
