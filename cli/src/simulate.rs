@@ -31,6 +31,9 @@ pub struct SimulateArgs {
     /// Every customer and stakeholder case instead of the benchmark's uniform shape.
     #[arg(long)]
     pub realistic: bool,
+    /// An account customer and no stakeholders each (`bench --lean`).
+    #[arg(long, conflicts_with = "realistic")]
+    pub lean: bool,
     /// Marketo's rate window in milliseconds (Marketo: 20000).
     #[arg(long, default_value_t = 20_000)]
     pub window_ms: u64,
@@ -68,7 +71,11 @@ pub async fn run(args: SimulateArgs) -> Result<ExitCode, CliError> {
     })
     .await
     .map_err(io)?;
-    let mix = if args.realistic { Mix::Realistic } else { Mix::Uniform };
+    let mix = match (args.realistic, args.lean) {
+        (true, _) => Mix::Realistic,
+        (_, true) => Mix::Lean,
+        _ => Mix::Uniform,
+    };
     let seeded = dv.seed(args.opportunities, args.seed, mix);
     let (tenant, client, secret) = dv.credentials();
     println!(
