@@ -36,8 +36,16 @@ async fn a_poller_that_finds_the_lease_taken_reads_nothing() {
 /// poll of a large table is recorded page by page and never starts over).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_cut_by_the_deadline_continues_from_its_checkpoint() {
-    for strategy in ["change_tracking", "versionnumber", "modifiedon"] {
+    // The last case stamps every row in one second (a bulk import): the read goes on inside a
+    // `modifiedon` tie larger than a page, dropping only the rows it already saw.
+    for (strategy, writes_per_second) in [
+        ("change_tracking", 1),
+        ("versionnumber", 1),
+        ("modifiedon", 1),
+        ("modifiedon", 1_000_000),
+    ] {
         let sims = sims().await;
+        sims.dv.configure(|c| c.writes_per_second = writes_per_second);
         sims.dv.seed(100, 2, Mix::Uniform);
         sims.dv.configure(|c| c.max_page_size = 10);
         let config = format!("[dataverse]\nchange_detection = \"{strategy}\"\npage_size = 10\n");
@@ -69,6 +77,20 @@ async fn a_backfill_cut_by_the_deadline_continues_from_its_checkpoint() {
             100,
             "{strategy}"
         );
+        let stamps: std::collections::BTreeSet<String> = sims
+            .dv
+            .rows(Table::Opportunities)
+            .iter()
+            .map(|(_, row)| row.attributes["modifiedon"].to_string())
+            .collect();
+        assert_eq!(stamps.len() == 1, writes_per_second > 1, "{strategy}: {stamps:?}");
+        // A change after the read, in the same second when rows share one, is still seen. (It
+        // is pending already, so it is marked as a newer version: one marked, none stale.)
+        let changed = seed_id(0x0b00_0000, 42);
+        sims.dv
+            .upsert(Table::Opportunities, &changed, json!({"estimatedvalue": 7.0}), &[]);
+        let third = p.poll(None).await.unwrap();
+        assert_eq!(third.marked, 1, "{strategy}: {third:?}");
     }
 }
 
