@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use oppsync_dynamics::{ChangeDetection, DataverseClient, EntitySet};
+use oppsync_mapping::convert::Source;
 use oppsync_marketo::{Limiter, MarketoClient};
 use oppsync_pipeline::Config;
 use oppsync_state::{FileProblem, SCHEMA_VERSION, StateError};
@@ -33,6 +34,11 @@ impl Checks {
     fn fail(&mut self, name: &str, problem: impl Into<String>, fix: &str) {
         self.0
             .push(json!({"check": name, "ok": false, "problem": problem.into(), "fix": fix}));
+    }
+    /// Not a failure (the exit stays 0), but likely not what the user wants, with the fix.
+    fn warn(&mut self, name: &str, warning: impl Into<String>, fix: &str) {
+        self.0
+            .push(json!({"check": name, "ok": true, "warning": warning.into(), "fix": fix}));
     }
     fn skip(&mut self, name: &str, why: &str) {
         self.0.push(json!({"check": name, "ok": null, "detail": why}));
@@ -88,6 +94,12 @@ pub async fn run(args: ValidateArgs) -> Result<ExitCode, CliError> {
     } else {
         for c in &checks.0 {
             match c["ok"].as_bool() {
+                Some(true) if c.get("warning").is_some() => println!(
+                    "WARN  {}: {}\n      Fix: {}",
+                    c["check"].as_str().unwrap_or(""),
+                    c["warning"].as_str().unwrap_or(""),
+                    c["fix"].as_str().unwrap_or("")
+                ),
                 Some(true) => println!(
                     "PASS  {}: {}",
                     c["check"].as_str().unwrap_or(""),
@@ -147,6 +159,7 @@ async fn dataverse_checks(checks: &mut Checks, client: &DataverseClient, config:
             ),
         }
     }
+    currency_check(checks, client, config).await;
     if config.dataverse.change_detection != ChangeDetection::ChangeTracking {
         checks.skip(
             "Dynamics change tracking",
@@ -165,6 +178,43 @@ async fn dataverse_checks(checks: &mut Checks, client: &DataverseClient, config:
             ),
             Err(e) => checks.fail(&name, format!("Dynamics: {e}"), "give the application user read access to table metadata"),
         }
+    }
+}
+
+/// Marketo holds one currency: when opportunities use several, an amount mapped from
+/// `estimatedvalue` (each opportunity's own currency) mixes them; `estimatedvalue_base` is the
+/// amount in the organisation's base currency.
+async fn currency_check(checks: &mut Checks, client: &DataverseClient, config: &Config) {
+    let name = "Dynamics currencies";
+    let amount_from = config
+        .mapping
+        .fields
+        .iter()
+        .find(|f| &*f.marketo == "amount")
+        .map(|f| match &f.source {
+            Source::Attribute(a) => a.to_string(),
+            Source::Derived => "a derived value".into(),
+        });
+    match (client.opportunity_currencies().await, amount_from.as_deref()) {
+        (Ok(found), _) if found.len() < 2 => checks.pass(name, "opportunities use one transaction currency"),
+        (Ok(_), Some("estimatedvalue")) => checks.warn(
+            name,
+            "opportunities use more than one transaction currency, and amount is mapped from estimatedvalue, each in its own currency; Marketo holds one, so amounts of different currencies would sit side by side",
+            "to write every amount in the organisation's base currency, add [[mapping.fields]] with marketo = \"amount\", dataverse = \"estimatedvalue_base\", type = \"decimal\" (README, Currency)",
+        ),
+        (Ok(_), Some(from)) => checks.pass(
+            name,
+            format!("opportunities use more than one transaction currency; amount is mapped from {from}"),
+        ),
+        (Ok(_), None) => checks.pass(
+            name,
+            "opportunities use more than one transaction currency; amount is not written",
+        ),
+        (Err(e), _) => checks.fail(
+            name,
+            format!("Dynamics: {e}"),
+            "give the application user's security role organization-level Read on opportunity",
+        ),
     }
 }
 

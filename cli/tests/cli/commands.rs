@@ -326,6 +326,57 @@ async fn validate_passes_against_good_systems_and_names_each_problem_with_its_fi
     );
 }
 
+/// GIVEN opportunities in two transaction currencies WHEN validate runs on the default mapping
+/// (amount from estimatedvalue) THEN it warns and names the base-currency mapping, without
+/// failing; with that mapping it passes, and a sync writes each amount in the base currency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_currencies_are_reported_and_the_base_currency_amount_can_be_mapped() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(6, 37, Mix::Uniform);
+    let env = env_for(&sims);
+    let one = oppsync(&["validate", "--state", s(&state_path())], &env).await;
+    assert!(
+        one.stdout
+            .contains("PASS  Dynamics currencies: opportunities use one transaction currency"),
+        "{one:?}"
+    );
+    // One opportunity in euros: 1,000 EUR is 1,100 in the base currency.
+    let euro = &seeded.opportunities[2];
+    sims.dv.upsert(
+        Table::Opportunities,
+        euro,
+        json!({"_transactioncurrencyid_value": "7c000000-0000-4000-8000-000000000002",
+               "estimatedvalue": 1000, "estimatedvalue_base": 1100}),
+        &[],
+    );
+    let several = oppsync(&["validate", "--state", s(&state_path())], &env).await;
+    assert_eq!(several.code, 0, "a warning does not fail validate: {several:?}");
+    assert!(
+        several
+            .stdout
+            .contains("WARN  Dynamics currencies: opportunities use more than one transaction currency")
+            && several.stdout.contains("estimatedvalue_base"),
+        "{several:?}"
+    );
+    let config = config_file(
+        "[[mapping.fields]]\nmarketo = \"amount\"\ndataverse = \"estimatedvalue_base\"\ntype = \"decimal\"\n",
+    );
+    let mapped = oppsync(&["validate", "--config", s(&config), "--state", s(&state_path())], &env).await;
+    assert!(
+        mapped.stdout.contains("PASS  Dynamics currencies")
+            && mapped.stdout.contains("mapped from estimatedvalue_base"),
+        "{mapped:?}"
+    );
+    let state = state_path();
+    let run = oppsync(&["sync", "--config", s(&config), "--state", s(&state)], &env).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let amount = |id: &str| sims.mk.snapshot().opportunities[id]["amount"].as_f64();
+    assert_eq!(amount(euro), Some(1100.0), "the base-currency amount");
+    let other = &seeded.opportunities[0];
+    let base = sims.dv.row(Table::Opportunities, other).unwrap().attributes["estimatedvalue_base"].as_f64();
+    assert_eq!(amount(other), base);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_on_a_dynamodb_table() {
     let sims = sims().await;

@@ -356,6 +356,40 @@ impl DataverseClient {
         self.get(url, &[]).await.map(|_| ())
     }
 
+    /// The transaction currencies opportunities use: none, or the first two found. Two
+    /// requests of one row each, whatever the table's size (`ne null` is said outright, so the
+    /// answer does not rest on how `ne` treats a null).
+    pub async fn opportunity_currencies(&self) -> Result<Vec<String>, DataverseError> {
+        const CURRENCY: &str = "_transactioncurrencyid_value";
+        let mut found: Vec<String> = Vec::new();
+        for _ in 0..2 {
+            let mut filter = format!("{CURRENCY} ne null");
+            for id in &found {
+                filter.push_str(&format!(" and {CURRENCY} ne {id}"));
+            }
+            let url = self.entity_url(
+                EntitySet::Opportunities,
+                &[
+                    ("$select", CURRENCY.to_owned()),
+                    ("$filter", filter),
+                    ("$top", "1".to_owned()),
+                ],
+            )?;
+            let (rows, _) = self.one_page(url, &[]).await?;
+            // Only a GUID goes back into the next filter.
+            match rows
+                .first()
+                .and_then(|r| r[CURRENCY].as_str())
+                .map(|t| oppsync_support::input::guid(CURRENCY, t, ""))
+            {
+                Some(Ok(id)) => found.push(id),
+                Some(Err(_)) => return Err(DataverseError::Decode(format!("{CURRENCY} that is not a GUID"))),
+                None => break,
+            }
+        }
+        Ok(found)
+    }
+
     /// Whether a row exists, read by its key (`{set}({id})`): a 404 says it does not. This
     /// confirms a row a batch read did not return before anything is deleted for it.
     pub async fn exists(&self, set: EntitySet, id: &str) -> Result<bool, DataverseError> {

@@ -152,3 +152,33 @@ async fn a_row_is_confirmed_by_its_key_and_a_404_says_it_is_gone() {
             .unwrap()
     );
 }
+
+/// Whether a null matches `ne 'x'` is left open by the Filter rows page: the currency check
+/// says `ne null` outright, so an opportunity without a currency is not a second currency,
+/// and it takes two one-row requests whatever the table's size.
+#[tokio::test]
+async fn the_currencies_in_use_are_found_in_two_requests_and_a_missing_one_is_not_counted() {
+    let sim = sim().await;
+    let seeded = sim.seed(30, 4, Mix::Uniform);
+    let client = client(&sim, 5000);
+    sim.upsert(
+        Table::Opportunities,
+        &seeded.opportunities[3],
+        json!({"_transactioncurrencyid_value": null}),
+        &[],
+    );
+    let before = sim.requests();
+    let found = client.opportunity_currencies().await.unwrap();
+    assert_eq!(found, vec![oppsync_simulators::dataverse::SEED_CURRENCY.to_owned()]);
+    assert_eq!(sim.requests() - before, 2);
+    let euro = "7c000000-0000-4000-8000-000000000002";
+    sim.upsert(
+        Table::Opportunities,
+        &seeded.opportunities[7],
+        json!({"_transactioncurrencyid_value": euro}),
+        &[],
+    );
+    let found = client.opportunity_currencies().await.unwrap();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(found.contains(&euro.to_owned()));
+}

@@ -37,7 +37,7 @@ mod odata;
 mod seed;
 mod server;
 
-pub use seed::{Mix, SEED_ROLES, Seeded, seed_id};
+pub use seed::{Mix, SEED_CURRENCY, SEED_ROLES, Seeded, seed_id};
 use server::routes;
 
 const API: &str = "/api/data/v9.2/";

@@ -24,6 +24,9 @@ pub(super) enum Condition {
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Op {
     Eq,
+    /// Filter rows page: `ne`. Whether a null matches `ne 'x'` is not stated; the simulator
+    /// matches only non-null values (SQL's reading), so a client must say `ne null` to be sure.
+    Ne,
     Ge,
     Gt,
 }
@@ -63,6 +66,7 @@ pub(super) fn parse_filter(text: &str) -> Result<Vec<Condition>, String> {
         };
         let op = match *op {
             "eq" => Op::Eq,
+            "ne" => Op::Ne,
             "ge" => Op::Ge,
             "gt" => Op::Gt,
             other => return Err(format!("operator `{other}` is not supported here")),
@@ -174,6 +178,13 @@ pub(super) fn matches(g: &Inner, row: &Row, conditions: &[Condition]) -> bool {
                 Op::Eq => match (&actual, value) {
                     (Value::String(a), Value::String(b)) => a.eq_ignore_ascii_case(b),
                     (a, b) => a == b,
+                },
+                Op::Ne => match (&actual, value) {
+                    (Value::Null, Value::Null) => false,
+                    (a, Value::Null) => !a.is_null(),
+                    (Value::Null, _) => false,
+                    (Value::String(a), Value::String(b)) => !a.eq_ignore_ascii_case(b),
+                    (a, b) => a != b,
                 },
                 Op::Ge | Op::Gt => {
                     let ordering = match (&actual, value) {

@@ -13,6 +13,9 @@ pub const SEED_ROLES: [(u64, &str, i64); 6] = [
     (6, "Friend", 3),
 ];
 
+/// The transaction currency of every seeded opportunity (the organisation's base currency).
+pub const SEED_CURRENCY: &str = "7c000000-0000-4000-8000-000000000001";
+
 /// GUIDs the generator uses, readable by table.
 pub fn seed_id(prefix: u32, n: u64) -> String {
     format!("{prefix:08x}-0000-4000-8000-{n:012}")
@@ -115,15 +118,18 @@ impl DataverseSim {
             };
             let status = [1, 3, 5][state as usize];
             let region = ["EMEA", "AMER", "APAC"][rand(3) as usize];
+            let amount = 1000 + rand(100_000) as i64;
+            // One currency, the organisation's base: the amount in base currency is the amount.
             let mut attrs = json!({
                 "name": format!("Opportunity {o}"), "description": format!("Generated opportunity {o}"),
-                "estimatedvalue": 1000 + rand(100_000) as i64, "closeprobability": rand(101) as i64,
+                "estimatedvalue": amount, "estimatedvalue_base": amount,
+                "_transactioncurrencyid_value": SEED_CURRENCY, "closeprobability": rand(101) as i64,
                 "estimatedclosedate": "2026-12-31", "actualclosedate": if state == 0 { Value::Null } else { json!("2026-11-01") },
                 "statecode": state, "statuscode": status,
                 "new_region": region,
                 "_customerid_value": Value::Null, "_parentaccountid_value": Value::Null, "_parentcontactid_value": Value::Null,
             });
-            let mut lookups = vec![];
+            let mut lookups = vec![("_transactioncurrencyid_value", "transactioncurrency")];
             match kind {
                 0 => {
                     attrs["_customerid_value"] = json!(account);
