@@ -531,22 +531,37 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 _ => {
                     let cursor = self.watermark_cursor(source).await?;
                     let from = cursor.reading.unwrap_or(cursor.watermark);
-                    let mut link = None;
-                    loop {
-                        let page = self
-                            .dataverse
-                            .watermark_page(set, columns, &from, link.as_deref())
-                            .await?;
-                        self.peeked(source, &page.rows, &[], &mut ids).await?;
-                        match page.next {
-                            Some(next) => link = Some(next),
-                            None => break,
-                        }
-                    }
+                    self.each_watermark_page(set, columns, &from, |rows| match source {
+                        Source::Opportunities => ids.extend(opportunity_ids(&rows)),
+                        _ => ids.extend(oppsync_dynamics::opportunities_touched(&rows)),
+                    })
+                    .await?;
                 }
             }
         }
         Ok(ids)
+    }
+
+    /// Every page of a watermark read from `from`, each handed to `visit` as it comes.
+    pub(crate) async fn each_watermark_page(
+        &self,
+        set: EntitySet,
+        columns: &[&str],
+        from: &Watermark,
+        mut visit: impl FnMut(Vec<Value>),
+    ) -> Result<(), PipelineError> {
+        let mut link: Option<String> = None;
+        loop {
+            let page = self
+                .dataverse
+                .watermark_page(set, columns, from, link.as_deref())
+                .await?;
+            visit(page.rows);
+            match page.next {
+                Some(next) => link = Some(next),
+                None => return Ok(()),
+            }
+        }
     }
 
     /// The opportunities one page of changes names (`peek`).
@@ -559,12 +574,8 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     ) -> Result<(), PipelineError> {
         match source {
             Source::Opportunities => {
-                ids.extend(
-                    rows.iter()
-                        .filter_map(|r| r["opportunityid"].as_str())
-                        .chain(deleted.iter().map(String::as_str))
-                        .filter_map(|t| OpportunityId::parse(t).ok()),
-                );
+                ids.extend(opportunity_ids(rows));
+                ids.extend(deleted.iter().filter_map(|t| OpportunityId::parse(t).ok()));
             }
             _ => {
                 ids.extend(oppsync_dynamics::opportunities_touched(rows));
@@ -642,6 +653,13 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         }
         Ok(woken)
     }
+}
+
+/// The valid `opportunityid`s of opportunity rows.
+pub(crate) fn opportunity_ids(rows: &[Value]) -> impl Iterator<Item = OpportunityId> + '_ {
+    rows.iter()
+        .filter_map(|r| r["opportunityid"].as_str())
+        .filter_map(|t| OpportunityId::parse(t).ok())
 }
 
 #[cfg(test)]

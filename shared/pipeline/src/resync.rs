@@ -351,23 +351,10 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             seen: Vec::new(),
         };
         let mut ids = Vec::new();
-        let mut link: Option<String> = None;
-        loop {
-            let page = self
-                .dataverse
-                .watermark_page(EntitySet::Opportunities, &["opportunityid"], &from, link.as_deref())
-                .await?;
-            ids.extend(
-                page.rows
-                    .iter()
-                    .filter_map(|r| r["opportunityid"].as_str())
-                    .filter_map(|t| OpportunityId::parse(t).ok()),
-            );
-            match page.next {
-                Some(next) => link = Some(next),
-                None => break,
-            }
-        }
+        self.each_watermark_page(EntitySet::Opportunities, &["opportunityid"], &from, |rows| {
+            ids.extend(poll::opportunity_ids(&rows));
+        })
+        .await?;
         ids.sort();
         ids.dedup();
         Ok(ids)
