@@ -42,8 +42,8 @@ async fn plan<S: StateStore>(pipeline: &Pipeline<S>, all: bool, json_out: bool) 
             .all_ids(EntitySet::Opportunities)
             .await
             .map_err(|e| CliError::Fatal(format!("Dynamics: {e}")))?
-            .iter()
-            .filter_map(|t| OpportunityId::parse(t).ok())
+            .into_iter()
+            .map(OpportunityId)
             .collect()
     } else {
         let mut ids = pipeline.peek().await.map_err(fatal)?;

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use oppsync_mapping::dataverse::{ParentCustomer, Related, Table};
-use oppsync_mapping::{ContactId, Opportunity, OpportunityId, RecordError};
+use oppsync_mapping::{ContactId, Guid, Opportunity, OpportunityId, RecordError};
 use reqwest::{StatusCode, Url};
 use serde_json::Value;
 use tokio::sync::{Mutex, Semaphore};

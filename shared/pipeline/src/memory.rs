@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use oppsync_dynamics::{ChangePage, DataverseError, EntitySet, Watermark, WatermarkPage};
 use oppsync_mapping::dataverse::Related;
-use oppsync_mapping::{Opportunity, OpportunityId, RecordError};
+use oppsync_mapping::{Guid, Opportunity, OpportunityId, RecordError};
 use oppsync_marketo::{LeadRecord, MarketoError, Reason, RecordOutcome, RecordStatus, RoleKey, RoleRecord};
 use serde_json::{Map, Value, json};
 
@@ -254,12 +254,15 @@ impl DataversePort for MemoryDataverse {
         }))
     }
 
-    fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<String>, DataverseError>> + Send {
+    fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<Guid>, DataverseError>> + Send {
         let mut t = guard(&self.0);
         if let Err(e) = t.request("all_ids") {
             return ready(Err(e));
         }
-        ready(Ok(Self::rows(&t, set).iter().map(|r| key_of(set, r)).collect()))
+        ready(Ok(Self::rows(&t, set)
+            .iter()
+            .filter_map(|r| Guid::parse(&key_of(set, r)).ok())
+            .collect()))
     }
 
     fn opportunities(

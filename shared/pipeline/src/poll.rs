@@ -482,7 +482,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let present = self.dataverse.all_ids(EntitySet::Opportunities).await?;
         let gone: Vec<PendingChange> = known
             .into_iter()
-            .filter(|id| !present.contains(&id.to_string()))
+            .filter(|id| !present.contains(&id.0))
             .map(PendingChange::deleted)
             .collect();
         let limit = self.config.sync.max_deletion_percent as usize;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use oppsync_dynamics::{ChangePage, DataverseClient, DataverseError, EntitySet, Watermark, WatermarkPage};
 use oppsync_mapping::dataverse::Related;
-use oppsync_mapping::{Opportunity, OpportunityId, RecordError};
+use oppsync_mapping::{Guid, Opportunity, OpportunityId, RecordError};
 use oppsync_marketo::{
     CallLedger, LeadRecord, MarketoClient, MarketoError, Preflight, RecordOutcome, RoleKey, RoleRecord,
 };
@@ -34,7 +34,7 @@ pub trait DataversePort: Clone + Send + Sync + 'static {
         link: Option<&str>,
     ) -> impl Future<Output = Result<WatermarkPage, DataverseError>> + Send;
     /// Every id in a table (the deletion scan).
-    fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<String>, DataverseError>> + Send;
+    fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<Guid>, DataverseError>> + Send;
     /// Opportunities by id, annotated, with the attributes in `select`.
     fn opportunities(
         &self,
@@ -115,7 +115,7 @@ impl DataversePort for DataverseClient {
     ) -> impl Future<Output = Result<WatermarkPage, DataverseError>> + Send {
         DataverseClient::watermark_page(self, set, select, from, link)
     }
-    fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<String>, DataverseError>> + Send {
+    fn all_ids(&self, set: EntitySet) -> impl Future<Output = Result<BTreeSet<Guid>, DataverseError>> + Send {
         DataverseClient::all_ids(self, set)
     }
     fn opportunities(
@@ -231,7 +231,7 @@ impl DataversePort for NoAccess {
     ) -> Result<WatermarkPage, DataverseError> {
         Err(DataverseError::Settings(NO_DYNAMICS.into()))
     }
-    async fn all_ids(&self, _: EntitySet) -> Result<BTreeSet<String>, DataverseError> {
+    async fn all_ids(&self, _: EntitySet) -> Result<BTreeSet<Guid>, DataverseError> {
         Err(DataverseError::Settings(NO_DYNAMICS.into()))
     }
     async fn opportunities(&self, _: &[OpportunityId], _: &[&str]) -> Result<Vec<Value>, DataverseError> {

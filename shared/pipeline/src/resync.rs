@@ -214,8 +214,8 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 .dataverse
                 .all_ids(EntitySet::Opportunities)
                 .await?
-                .iter()
-                .filter_map(|t| OpportunityId::parse(t).ok())
+                .into_iter()
+                .map(OpportunityId)
                 .collect(),
             ResyncTarget::Failed => self.failed_ids().await?,
             ResyncTarget::ModifiedSince(since) => self.modified_since(&since).await?,

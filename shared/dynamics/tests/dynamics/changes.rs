@@ -227,7 +227,7 @@ async fn a_full_id_scan_finds_what_a_watermark_cannot_see_deleted() {
     sim.delete(Table::Opportunities, &seeded.opportunities[2]);
     let ids = client.all_ids(EntitySet::Opportunities).await.unwrap();
     assert_eq!(ids.len(), 11);
-    assert!(!ids.contains(&seeded.opportunities[2]));
+    assert!(!ids.contains(&oppsync_mapping::Guid::parse(&seeded.opportunities[2]).unwrap()));
 }
 
 #[tokio::test]
