@@ -171,23 +171,33 @@ impl<S, D, M> Pipeline<S, D, M> {
 /// many opportunities; without this it would be upserted again in every batch that mentions it.
 /// A company whose name changed is written again. Resync bypasses it.
 #[derive(Clone, Default)]
-pub struct CompanyCache(Arc<Mutex<HashMap<AccountId, Option<String>>>>);
+pub struct CompanyCache(Arc<Mutex<HashMap<AccountId, u64>>>);
 
-/// Past this many companies the cache starts over (a bound on memory, not a correctness limit).
-const COMPANY_CACHE_MAX: usize = 200_000;
+/// Past this many companies the cache starts over: a bound on memory (an id and a hash of the
+/// name each, about 32 MB when full), not a correctness limit. At 200,000 names a million
+/// opportunities' 500,000 companies were each written twice (1.33x the minimum calls).
+const COMPANY_CACHE_MAX: usize = 1_000_000;
 
 impl CompanyCache {
     fn holds(&self, id: AccountId, name: &Option<String>) -> bool {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&id) == Some(name)
+        map.get(&id) == Some(&Self::name_hash(name))
     }
 
-    fn remember(&self, id: AccountId, name: Option<String>) {
+    fn remember(&self, id: AccountId, name: &Option<String>) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= COMPANY_CACHE_MAX {
             map.clear();
         }
-        map.insert(id, name);
+        map.insert(id, Self::name_hash(name));
+    }
+
+    /// The name as the cache keeps it: a rename changes it (a 64-bit collision aside).
+    fn name_hash(name: &Option<String>) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut hasher);
+        hasher.finish()
     }
 }
 
@@ -224,5 +234,26 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
 
     fn opportunity_select(&self) -> Vec<String> {
         self.config.mapping.opportunity_attributes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A million opportunities name 500,000 companies: each is written once, so the cache
+    /// holds at least that many, and a rename is written again.
+    #[test]
+    fn the_company_cache_holds_half_a_million_companies_and_sees_a_rename() {
+        let cache = CompanyCache::default();
+        let id = |n: u128| AccountId::parse(&format!("a0000000-0000-4000-8000-{n:012}")).unwrap();
+        let name = |n: u128| Some(format!("Account {n}"));
+        for n in 0..500_000u128 {
+            cache.remember(id(n), &name(n));
+        }
+        assert!(cache.holds(id(0), &name(0)) && cache.holds(id(499_999), &name(499_999)));
+        assert!(!cache.holds(id(0), &Some("Renamed".into())));
+        assert!(!cache.holds(id(0), &None));
+        assert!(!cache.holds(id(500_000), &name(500_000)));
     }
 }

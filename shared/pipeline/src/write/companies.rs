@@ -68,7 +68,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 work.company_done = true;
                 work.touched = true;
                 if let Action::Upsert(Desired { company: Some(c), .. }) = &work.plan.action {
-                    self.companies.remember(c.external_company_id, c.name.clone());
+                    self.companies.remember(c.external_company_id, &c.name);
                 }
             }
         }
