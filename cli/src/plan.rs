@@ -49,19 +49,7 @@ async fn plan<S: StateStore>(pipeline: &Pipeline<S>, all: bool, json_out: bool) 
         let mut ids = pipeline.peek().await.map_err(fatal)?;
         // Recorded but not yet written: a poll already ran.
         for status in [Status::Pending, Status::Ready] {
-            let mut page = None;
-            loop {
-                let listed = pipeline
-                    .store()
-                    .list(status, 1000, page.as_deref())
-                    .await
-                    .map_err(|e| CliError::Fatal(format!("state store: {e}")))?;
-                ids.extend(listed.items.iter().map(|s| s.id));
-                match listed.next {
-                    Some(next) => page = Some(next),
-                    None => break,
-                }
-            }
+            ids.extend(pipeline.ids_in(status, |_| true).await.map_err(fatal)?);
         }
         ids
     };

@@ -468,15 +468,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             if status == Status::Deleted {
                 continue;
             }
-            let mut page: Option<String> = None;
-            loop {
-                let listed = self.store.list(status, 1000, page.as_deref()).await?;
-                known.extend(listed.items.into_iter().filter(|s| !s.deleted).map(|s| s.id));
-                match listed.next {
-                    Some(next) => page = Some(next),
-                    None => break,
-                }
-            }
+            known.extend(self.ids_in(status, |s| !s.deleted).await?);
         }
         let known_count = known.len();
         let present = self.dataverse.all_ids(EntitySet::Opportunities).await?;
@@ -540,6 +532,24 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             }
         }
         Ok(ids)
+    }
+
+    /// The ids of the records in `status` that `keep` keeps, read from the store page by page.
+    pub async fn ids_in(
+        &self,
+        status: Status,
+        keep: impl Fn(&OpportunityState) -> bool,
+    ) -> Result<Vec<OpportunityId>, PipelineError> {
+        let mut ids = Vec::new();
+        let mut page: Option<String> = None;
+        loop {
+            let listed = self.store.list(status, 1000, page.as_deref()).await?;
+            ids.extend(listed.items.iter().filter(|s| keep(s)).map(|s| s.id));
+            match listed.next {
+                Some(next) => page = Some(next),
+                None => return Ok(ids),
+            }
+        }
     }
 
     /// Every page of a watermark read from `from`, each handed to `visit` as it comes.

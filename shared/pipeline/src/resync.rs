@@ -217,7 +217,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 .into_iter()
                 .map(OpportunityId)
                 .collect(),
-            ResyncTarget::Failed => self.failed_ids().await?,
+            ResyncTarget::Failed => self.ids_in(Status::Failed, |_| true).await?,
             ResyncTarget::ModifiedSince(since) => self.modified_since(&since).await?,
         };
         let mut report = ResyncReport {
@@ -328,20 +328,6 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             }
         }
         Ok(report)
-    }
-
-    /// Every record the state holds as failed, page by page.
-    async fn failed_ids(&self) -> Result<Vec<OpportunityId>, PipelineError> {
-        let mut ids = Vec::new();
-        let mut page: Option<String> = None;
-        loop {
-            let listed = self.store.list(Status::Failed, 1000, page.as_deref()).await?;
-            ids.extend(listed.items.iter().map(|state| state.id));
-            match listed.next {
-                Some(next) => page = Some(next),
-                None => return Ok(ids),
-            }
-        }
     }
 
     /// Every opportunity Dynamics changed at or after `since`, page by page (ids only).
