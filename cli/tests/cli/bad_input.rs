@@ -310,10 +310,9 @@ async fn marketo_unreachable_leaves_the_records_queued_with_exit_4_and_errors_re
     let sims = sims().await;
     sims.dv.seed(15, 45, Mix::Uniform);
     let env = env_for(&sims);
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    // Port 1 (tcpmux): outside the ephemeral range, so no other test's server can be there
+    // (a port bound and freed could be taken by one, which then answered 404).
+    let closed = "http://127.0.0.1:1".to_owned();
     let state = state_path();
     let run = oppsync(&["sync", "--state", s(&state)], &with(&env, "MARKETO_URL", &closed)).await;
     assert_eq!(run.code, 4, "{run:?}");
@@ -339,6 +338,38 @@ async fn marketo_unreachable_leaves_the_records_queued_with_exit_4_and_errors_re
         assert_eq!(run.code, 2, "{run:?}");
         assert!(run.stderr.contains("Fix"), "{run:?}");
     }
+}
+
+/// A MARKETO_URL that reaches a web server but not Marketo (a wrong host: its identity path
+/// answers 404) is a setup error like refused credentials: exit 3, the message names
+/// MARKETO_URL, and no record is failed for it (it failed all 15 with "identity HTTP 404").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marketo_url_that_is_not_marketo_stops_with_exit_3_and_fails_no_record() {
+    let sims = sims().await;
+    sims.dv.seed(15, 46, Mix::Uniform);
+    let env = env_for(&sims);
+    let state = state_path();
+    // The Dataverse simulator is a web server without Marketo's identity endpoint.
+    let run = oppsync(
+        &["sync", "--state", s(&state)],
+        &with(&env, "MARKETO_URL", &sims.dv.url()),
+    )
+    .await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr.contains("MARKETO_URL") && run.stderr.contains("404"),
+        "{run:?}"
+    );
+    let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
+    let queued = status["counts"]["pending"].as_u64().unwrap() + status["counts"]["ready"].as_u64().unwrap();
+    assert_eq!(
+        (queued, status["counts"]["failed"].as_u64().unwrap()),
+        (15, 0),
+        "{status}"
+    );
+    let fixed = oppsync(&["sync", "--state", s(&state)], &env).await;
+    assert_eq!(fixed.code, 0, "{fixed:?}");
+    assert_marketo_matches_dynamics(&sims);
 }
 
 /// The row: a mapped field Marketo lacks failed every record with 1006 (no preflight
@@ -388,10 +419,9 @@ async fn a_mapped_field_marketo_lacks_stops_the_run_before_anything_is_sent() {
 async fn an_unreachable_endpoint_is_a_clear_fatal_error() {
     let sims = sims().await;
     let env = env_for(&sims);
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    // Port 1 (tcpmux): outside the ephemeral range, so no other test's server can be there
+    // (a port bound and freed could be taken by one, which then answered 404).
+    let closed = "http://127.0.0.1:1".to_owned();
     let state = state_path();
     let run = oppsync(
         &["sync", "--state", s(&state)],

@@ -68,6 +68,11 @@ const CASES: &[(&str, &str, &str)] = &[
     ),
     (
         "3",
+        "a MARKETO_URL that is not a Marketo instance",
+        "a_marketo_url_that_is_not_marketo_stops_with_exit_3_and_fails_no_record",
+    ),
+    (
+        "3",
         "an instance that runs Marketo's native CRM sync",
         "an_instance_running_the_native_crm_sync_stops_sync_before_any_write",
     ),

@@ -94,6 +94,12 @@ pub enum MarketoError {
         "Marketo refused the client credentials (HTTP {status} from the identity endpoint); check MARKETO_CLIENT_ID and MARKETO_CLIENT_SECRET against the LaunchPoint service"
     )]
     Auth { status: u16 },
+    /// The identity path answered as a web server without it would (404, 405, 410…): the URL
+    /// reaches something, but not a Marketo instance.
+    #[error(
+        "MARKETO_URL does not reach a Marketo instance (HTTP {status} from its /identity/oauth/token); set it to the REST API endpoint without /rest, from Admin > Web Services (https://<munchkin id>.mktorest.com)"
+    )]
+    NotMarketo { status: u16 },
     #[error("Marketo {endpoint}: HTTP {status}{}", if *status == 413 { " (request body over 1 MB)" } else if *status == 414 { " (URL over 8 KB)" } else { "" })]
     Http { endpoint: &'static str, status: u16 },
     #[error("Marketo {endpoint}: error {code}: {message}")]
@@ -136,7 +142,7 @@ pub enum MarketoError {
 impl MarketoError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            MarketoError::Auth { .. } => ErrorClass::Permanent,
+            MarketoError::Auth { .. } | MarketoError::NotMarketo { .. } => ErrorClass::Permanent,
             MarketoError::Http { status, .. } => match status {
                 502 => ErrorClass::Throttled,
                 500..=599 => ErrorClass::Transient,
@@ -154,8 +160,8 @@ impl MarketoError {
     /// What this failure means for the records of the call: see [`Disposition`].
     pub fn disposition(&self) -> Disposition {
         match self {
-            // Refused credentials do not pass by themselves.
-            MarketoError::Auth { .. } => Disposition::Fix,
+            // Refused credentials and a wrong URL do not pass by themselves.
+            MarketoError::Auth { .. } | MarketoError::NotMarketo { .. } => Disposition::Fix,
             other => other.class().into(),
         }
     }
@@ -168,7 +174,7 @@ impl MarketoError {
             | MarketoError::ResultMismatch { endpoint, .. }
             | MarketoError::Transport { endpoint, .. }
             | MarketoError::Decode { endpoint, .. } => Some(endpoint),
-            MarketoError::Auth { .. } => Some(crate::Operation::Identity.name()),
+            MarketoError::Auth { .. } | MarketoError::NotMarketo { .. } => Some(crate::Operation::Identity.name()),
             _ => None,
         }
     }
@@ -177,7 +183,9 @@ impl MarketoError {
     pub fn code(&self) -> String {
         match self {
             MarketoError::Api { code, .. } => code.clone(),
-            MarketoError::Http { status, .. } | MarketoError::Auth { status } => format!("HTTP {status}"),
+            MarketoError::Http { status, .. } | MarketoError::Auth { status } | MarketoError::NotMarketo { status } => {
+                format!("HTTP {status}")
+            }
             MarketoError::QuotaExhausted => "607".into(),
             MarketoError::CrmEnabled => "1018".into(),
             MarketoError::BudgetExhausted { .. } => "budget".into(),
@@ -207,6 +215,7 @@ mod tests {
             (MarketoError::QuotaExhausted, Disposition::Wait),
             (MarketoError::BudgetExhausted { used: 1, budget: 1 }, Disposition::Wait),
             (MarketoError::Auth { status: 401 }, Disposition::Fix),
+            (MarketoError::NotMarketo { status: 404 }, Disposition::Fix),
             (MarketoError::CrmEnabled, Disposition::Fix),
             (api("603"), Disposition::Fail),
             (api("1003"), Disposition::Fail),

@@ -225,6 +225,14 @@ impl MarketoClient {
                 status: status.as_u16(),
             });
         }
+        // Any other refusal but a timeout or throttling means the host is not a Marketo
+        // instance: a setup error, not a reason to fail records.
+        if status.is_client_error() && status != StatusCode::REQUEST_TIMEOUT && status != StatusCode::TOO_MANY_REQUESTS
+        {
+            return Err(MarketoError::NotMarketo {
+                status: status.as_u16(),
+            });
+        }
         if !status.is_success() {
             return Err(MarketoError::Http {
                 endpoint: Operation::Identity.name(),
