@@ -172,6 +172,11 @@ pub fn assert_marketo_matches_dynamics(sims: &Sims) {
     // The oracle must have something to compare: a seeded run has roles and companies.
     assert!(!expected.roles.is_empty() && !expected.companies.is_empty());
     let diff = oracle::differences(&expected, &sims.mk.snapshot(), &Default::default());
+    assert_eq!(
+        sims.mk.lead_key_races(),
+        0,
+        "two Sync Leads calls in flight carried one lead key (Adobe's leads page: duplicate leads)"
+    );
     assert!(
         diff.is_empty(),
         "{} differences, first ones:\n{}",

@@ -48,8 +48,8 @@ fn writer_with(sims: &Sims, limits: LimiterSettings, daily: u64) -> MarketoClien
         .with_backoff_base(Duration::from_millis(5))
 }
 
-/// Batches of `n`: a drain writes ten at once, so with a tenth of the records each, both
-/// writers find ready records at once.
+/// Batches of `n`: a drain writes ten at once, in two writes at a time, so with a twentieth of
+/// the records each, both writers find ready records at once.
 fn config(n: usize) -> Config {
     Config::from_toml(&format!("[sync]\nbatch_size = {n}\n"), "test").unwrap()
 }
@@ -83,7 +83,7 @@ async fn two_writers_on_one_store_share_the_calls_at_once() {
     let sims = slow_marketo().await;
     sims.dv.seed(1200, 11, Mix::Uniform);
     let store = sqlite();
-    let (a, b) = two_writers(&sims, &store, || writer(&sims, 40_000), 60).await;
+    let (a, b) = two_writers(&sims, &store, || writer(&sims, 40_000), 30).await;
     both_write(&a, &b).await;
     // Each took half of the 4 calls at once: never more than 4 in flight in all (each alone
     // keeps 4 busy, so 8 without the sharing).

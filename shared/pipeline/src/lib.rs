@@ -99,6 +99,13 @@ pub struct Pipeline<S, D = DataverseClient, M = MarketoClient> {
     /// Marketo's preflight verdict in this process: made while Dataverse is read or, failing
     /// that, before the first write; the lock makes one check of callers that come together.
     preflight: Arc<tokio::sync::Mutex<write::Verdict>>,
+    /// Held by a write for its companies and leads: two writes in one process overlap (one's
+    /// opportunities and roles beside the next one's companies and leads), but never send the
+    /// same company or lead at once, and the second finds what the first created.
+    front: Arc<tokio::sync::Mutex<()>>,
+    /// The Marketo adapter's calls already counted in a report, so writes that overlap each
+    /// count their calls once (none before the first write).
+    accounted: Arc<Mutex<Option<BTreeMap<&'static str, u64>>>>,
 }
 
 impl<S, D, M> Pipeline<S, D, M> {
@@ -116,6 +123,8 @@ impl<S, D, M> Pipeline<S, D, M> {
             companies: CompanyCache::default(),
             counted: Arc::default(),
             preflight: Arc::default(),
+            front: Arc::default(),
+            accounted: Arc::default(),
         }
     }
 
@@ -139,6 +148,8 @@ impl<S, D, M> Pipeline<S, D, M> {
             // The new adapter has not been given the ledger yet, nor been checked.
             counted: Arc::default(),
             preflight: Arc::default(),
+            front: self.front,
+            accounted: Arc::default(),
         }
     }
 
@@ -215,6 +226,8 @@ impl<S: Clone, D: Clone, M: Clone> Clone for Pipeline<S, D, M> {
             member: self.member.clone(),
             counted: self.counted.clone(),
             preflight: self.preflight.clone(),
+            front: self.front.clone(),
+            accounted: self.accounted.clone(),
         }
     }
 }

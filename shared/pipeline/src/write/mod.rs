@@ -151,7 +151,6 @@ impl Stop {
 pub(crate) struct Budgeted {
     day: String,
     counted: bool,
-    before: BTreeMap<&'static str, u64>,
 }
 
 /// What Marketo's preflight found, as this process knows it.
@@ -220,19 +219,28 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             let used = self.store.marketo_calls(&day).await?;
             self.marketo.set_calls_today(used);
         }
-        Ok(Budgeted {
-            day,
-            counted,
-            before: self.marketo.calls_by_endpoint(),
-        })
+        self.accounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| self.marketo.calls_by_endpoint());
+        Ok(Budgeted { day, counted })
     }
 
-    /// After them: the calls made since [`Self::open_budget`], counted in `metrics` and, unless
-    /// the adapter did, in the day's count in the store.
+    /// After them: the calls made since the last close (of this write, or of one that
+    /// overlapped it), counted in `metrics` and, unless the adapter did, in the day's count in
+    /// the store. Overlapping writes each count a call once; which of them counts it does not
+    /// matter to a drain, which adds them up.
     async fn close_budget(&self, budget: Budgeted, metrics: &mut Metrics) -> Result<u64, StateError> {
         let mut calls = 0;
-        for (endpoint, n) in &self.marketo.calls_by_endpoint() {
-            let delta = n - budget.before.get(endpoint).copied().unwrap_or(0);
+        let now = self.marketo.calls_by_endpoint();
+        let before = self
+            .accounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(now.clone())
+            .unwrap_or_default();
+        for (endpoint, n) in &now {
+            let delta = n.saturating_sub(before.get(endpoint).copied().unwrap_or(0));
             if delta > 0 {
                 calls += delta;
                 metrics.count(format!("MarketoCalls.{endpoint}"), delta);
@@ -777,19 +785,36 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     async fn run_steps(&self, works: &mut [Work], fresh: bool, deadline: Option<Instant>) -> Option<Stop> {
         let upserting = |w: &Work| matches!(w.plan.action, Action::Upsert(_));
         let deleting = |w: &Work| matches!(w.plan.action, Action::Delete) || !w.plan.role_deletions.is_empty();
-        if Self::out_of_time(deadline) {
-            return Some(Stop::Deadline);
-        }
-        if let Some(stop) = self.write_companies(works, fresh).await {
-            return Some(Stop::Marketo(stop));
-        }
-        if Self::out_of_time(deadline) {
-            return Some(Stop::Deadline);
-        }
-        if let Err(e) = self.recheck_claims(works, upserting).await {
-            tracing::warn!(error = %e, "could not re-check claims; the write goes on under them");
-        }
-        if let Some(stop) = self.write_opportunities_and_roles(works, deadline).await {
+        let leads = {
+            // Companies and leads one write at a time in this process (see `front`); the
+            // opportunities and roles overlap the next write's.
+            let _front = self.front.lock().await;
+            if Self::out_of_time(deadline) {
+                return Some(Stop::Deadline);
+            }
+            if let Some(stop) = self.write_companies(works, fresh).await {
+                return Some(Stop::Marketo(stop));
+            }
+            if Self::out_of_time(deadline) {
+                return Some(Stop::Deadline);
+            }
+            if let Err(e) = self.recheck_claims(works, upserting).await {
+                tracing::warn!(error = %e, "could not re-check claims; the write goes on under them");
+            }
+            match self.resolve_leads(works).await {
+                Ok(leads) => leads,
+                Err(e) => {
+                    let affected = works
+                        .iter_mut()
+                        .filter(|w| w.ok() && matches!(&w.plan.action, Action::Upsert(d) if !d.roles.is_empty()));
+                    if let Some(stop) = Self::call_failed(e, Operation::LeadQuery.name(), affected) {
+                        return Some(Stop::Marketo(stop));
+                    }
+                    Resolved::default()
+                }
+            }
+        };
+        if let Some(stop) = self.write_opportunities_and_roles(works, leads, deadline).await {
             return Some(stop);
         }
         if Self::out_of_time(deadline) {

@@ -8,25 +8,14 @@ use super::*;
 const LEAD_GONE_CODES: [&str; 2] = ["1004", "1013"];
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
+    /// The opportunities, then their roles (on the leads already resolved: a role needs its
+    /// lead's id).
     pub(crate) async fn write_opportunities_and_roles(
         &self,
         works: &mut [Work],
+        leads: Resolved,
         deadline: Option<Instant>,
     ) -> Option<Stop> {
-        // Leads first: a role needs its lead's id.
-        let leads = match self.resolve_leads(works).await {
-            Ok(l) => l,
-            Err(e) => {
-                let affected = works
-                    .iter_mut()
-                    .filter(|w| w.ok() && matches!(&w.plan.action, Action::Upsert(d) if !d.roles.is_empty()));
-                if let Some(stop) = Self::call_failed(e, Operation::LeadQuery.name(), affected) {
-                    return Some(Stop::Marketo(stop));
-                }
-                Resolved::default()
-            }
-        };
-
         // Only opportunities whose fields changed since the record's last write.
         let sending = |w: &Work| w.ok() && matches!(w.plan.action, Action::Upsert(_)) && w.sends_opportunity();
         for work in works.iter_mut() {

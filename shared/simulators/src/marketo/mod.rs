@@ -21,7 +21,7 @@
 //! switches to the other plausible shapes the client must also survive. Each such choice is
 //! marked "unconfirmed" and listed in docs/API-FIDELITY.md.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -314,6 +314,12 @@ struct Counters {
     /// Calls and records failed by `chaos`.
     chaos_calls: u64,
     chaos_records: u64,
+    /// Sync Leads calls in flight by the lookup keys they carry (`field\0value`).
+    lead_keys_in_flight: HashMap<String, usize>,
+    /// Lead keys a Sync Leads call carried while another call in flight carried them too.
+    lead_key_races: u64,
+    /// Each answered REST call: its operation, when it was admitted and when it ended.
+    call_log: Vec<(Operation, Instant, Instant)>,
 }
 
 #[derive(Default)]
@@ -475,6 +481,17 @@ impl MarketoSim {
     }
 
     /// The most REST calls in flight at once.
+    /// Lead keys sent while another Sync Leads call carrying the same key was in flight (each
+    /// one made a duplicate lead: see `leads::lead_sync`).
+    pub fn lead_key_races(&self) -> u64 {
+        lock(&self.inner).counters.lead_key_races
+    }
+
+    /// Every answered REST call: its operation, when it was admitted and when it ended.
+    pub fn call_log(&self) -> Vec<(Operation, Instant, Instant)> {
+        lock(&self.inner).counters.call_log.clone()
+    }
+
     pub fn concurrency_high_water(&self) -> usize {
         lock(&self.inner).counters.high_water
     }

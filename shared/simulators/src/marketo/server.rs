@@ -107,13 +107,58 @@ pub(super) fn skipped(seq: usize, code: &str, message: &str) -> Value {
     json!({"seq": seq, "status": "skipped", "reasons": [{"code": code, "message": message}]})
 }
 
-/// Releases the in-flight slot when the request ends, however it ends.
-pub(super) struct InFlight(Arc<Mutex<Inner>>);
+/// Releases the in-flight slot (and the lead keys it carries) when the request ends, however
+/// it ends, and logs the call.
+pub(super) struct InFlight {
+    inner: Arc<Mutex<Inner>>,
+    endpoint: Operation,
+    admitted: Instant,
+    lead_keys: Vec<String>,
+}
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut inner = lock(&self.0);
-        inner.counters.in_flight = inner.counters.in_flight.saturating_sub(1);
+        let mut inner = lock(&self.inner);
+        let c = &mut inner.counters;
+        c.in_flight = c.in_flight.saturating_sub(1);
+        for key in &self.lead_keys {
+            if let Some(n) = c.lead_keys_in_flight.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    c.lead_keys_in_flight.remove(key);
+                }
+            }
+        }
+        c.call_log.push((self.endpoint, self.admitted, Instant::now()));
     }
+}
+
+/// The lookup keys of a Sync Leads body (`field\0value`, emails lowercased), as the race check
+/// counts them.
+fn lead_keys(body: &[u8]) -> Vec<String> {
+    let Ok(body) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    let field = body.get("lookupField").and_then(Value::as_str).unwrap_or("email");
+    let mut keys: Vec<String> = body
+        .get("input")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get(field).and_then(Value::as_str))
+        .map(|v| lead_key(field, v))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+pub(super) fn lead_key(field: &str, value: &str) -> String {
+    let value = if field == "email" {
+        value.to_ascii_lowercase()
+    } else {
+        value.to_owned()
+    };
+    format!("{field}\0{value}")
 }
 
 /// One REST call, after routing: admission, faults, then the object module that answers it.
@@ -199,9 +244,32 @@ pub(super) async fn handle(
         g.counters.daily += 1;
         g.counters.in_flight += 1;
         g.counters.high_water = g.counters.high_water.max(g.counters.in_flight);
-        g.config.latency
+        // Adobe's leads page: concurrent upserts with one key value can create duplicate
+        // leads. The strictest reading: a call that carries a key another call in flight
+        // carries creates a new lead for it (see `lead_sync`).
+        let keys = if endpoint == Operation::LeadSync {
+            lead_keys(&body)
+        } else {
+            Vec::new()
+        };
+        let mut raced = HashSet::new();
+        for key in &keys {
+            let n = g.counters.lead_keys_in_flight.entry(key.clone()).or_default();
+            if *n > 0 {
+                raced.insert(key.clone());
+            }
+            *n += 1;
+        }
+        g.counters.lead_key_races += raced.len() as u64;
+        (g.config.latency, keys, raced)
     };
-    let _slot = InFlight(Arc::clone(&inner));
+    let (latency, keys, raced) = latency;
+    let _slot = InFlight {
+        inner: Arc::clone(&inner),
+        endpoint,
+        admitted: Instant::now(),
+        lead_keys: keys,
+    };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
@@ -279,7 +347,7 @@ pub(super) async fn handle(
         Operation::RoleSync => input().map(|b| role_sync(g, &b)),
         Operation::RoleDelete => input().map(|b| delete(g, &b, Kind::Role)),
         Operation::CompanySync => input().map(|b| company_sync(g, &b)),
-        Operation::LeadSync => input().map(|b| lead_sync(g, &b)),
+        Operation::LeadSync => input().map(|b| lead_sync(g, &b, &raced)),
         Operation::OpportunityQuery => Ok(query_by(g, &read_params(), Kind::Opportunity)),
         Operation::CompanyQuery => Ok(query_by(g, &read_params(), Kind::Company)),
         Operation::LeadQuery => Ok(lead_query(g, &read_params())),
