@@ -18,6 +18,7 @@ mod demo;
 mod plan;
 mod progress;
 mod resync;
+mod sandbox;
 mod simulate;
 mod status;
 mod sync;
@@ -65,6 +66,10 @@ enum Command {
     /// against the minimum possible, Dataverse requests, peak memory; then a 1% incremental
     /// round. `--limits` enforces Marketo's real limits at the default budget.
     Bench(bench::BenchArgs),
+    /// Runs the Dataverse and Marketo simulators on loopback until stopped and prints the
+    /// `export` lines that point every command at them, to try `validate`, `plan`, `sync`,
+    /// `resync`, `status` and `errors` without a real system; changes are typed in its terminal.
+    Sandbox(sandbox::SandboxArgs),
     /// The simulators in a process of their own (used by `bench`).
     #[command(hide = true)]
     Simulate(simulate::SimulateArgs),
@@ -93,7 +98,7 @@ fn main() -> ExitCode {
     // The demo's seeded data holds bad rows on purpose (contacts without email, …): their
     // warnings are noise there, and `RUST_LOG=warn` brings them back.
     init_logging(match cli.command {
-        Command::Demo(_) | Command::Bench(_) | Command::Simulate(_) => "error",
+        Command::Demo(_) | Command::Bench(_) | Command::Simulate(_) | Command::Sandbox(_) => "error",
         _ => "warn",
     });
     // The SQLite store works on one connection, so more than a few blocking threads only wait;
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
             Command::Validate(args) => validate::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
+            Command::Sandbox(args) => sandbox::run(args).await,
         }
     });
     match result {

@@ -13,7 +13,9 @@ async fn every_command_has_help_and_the_exit_codes_are_documented() {
     let top = oppsync(&["--help"], &[]).await;
     assert_eq!(top.code, 0, "{top:?}");
     assert!(top.stdout.contains("Exit codes"), "{top:?}");
-    for command in ["demo", "sync", "plan", "resync", "status", "errors", "validate"] {
+    for command in [
+        "demo", "sync", "plan", "resync", "status", "errors", "validate", "sandbox",
+    ] {
         let run = oppsync(&[command, "--help"], &[]).await;
         assert_eq!(run.code, 0, "{command}: {run:?}");
         assert!(run.stdout.contains("Usage: oppsync"), "{command}: {run:?}");

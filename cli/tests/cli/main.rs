@@ -9,4 +9,5 @@ mod common;
 mod crash;
 mod exit_codes;
 mod readme;
+mod sandbox;
 mod state_files;
