@@ -148,7 +148,30 @@ fn delta(after: &Value, before: &Value, endpoint: &str, what: &str) -> u64 {
     after[what][endpoint].as_u64().unwrap_or(0) - before[what][endpoint].as_u64().unwrap_or(0)
 }
 
+/// Runs the bench until it ends or a signal stops it; stopped, its simulators and its state
+/// file go with it (a killed bench once left a 237 MB state file behind).
 pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
+    tokio::select! {
+        // The signal first: its handler is in place before the bench's first (blocking) steps.
+        biased;
+        signal = crate::context::interrupted() => {
+            eprintln!("oppsync bench: stopped by {signal}; its simulators and state file are removed");
+            Ok(ExitCode::from(match signal { "SIGTERM" => 143, _ => 130 }))
+        }
+        outcome = measure(args) => outcome,
+    }
+}
+
+/// The bench's state file, removed however the run ends (done, an error, a signal).
+struct BenchState(std::path::PathBuf);
+
+impl Drop for BenchState {
+    fn drop(&mut self) {
+        crate::context::remove_state(&self.0);
+    }
+}
+
+async fn measure(args: BenchArgs) -> Result<ExitCode, CliError> {
     if args.opportunities < 300 {
         return Err(CliError::Usage("--opportunities must be at least 300".into()));
     }
@@ -192,8 +215,9 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         u64::MAX,
     )
     .map_err(|e| CliError::Fatal(e.to_string()))?;
-    let state = std::env::temp_dir().join(format!("oppsync-bench-{}.db", std::process::id()));
-    let store = SqliteStore::open(&state).map_err(|e| CliError::Fatal(e.to_string()))?;
+    // Declared before the store, so the store is closed before the file is removed.
+    let state = BenchState(std::env::temp_dir().join(format!("oppsync-bench-{}.db", std::process::id())));
+    let store = SqliteStore::open(&state.0).map_err(|e| CliError::Fatal(e.to_string()))?;
     let pipeline = Pipeline::new(store, dataverse, marketo, config, "oppsync-bench");
     let n = args.opportunities;
     eprintln!(
@@ -352,7 +376,6 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     if let Some(p) = peak {
         println_or_err(args.json, &format!("Peak memory: {:.0} MB", p as f64 / 1_048_576.0));
     }
-    crate::context::remove_state(&state);
     let differences = after["differences"].as_u64().unwrap_or(u64::MAX);
     if args.json {
         println!("{report}");

@@ -499,3 +499,43 @@ async fn plan_and_sync_with_a_version_watermark_instead_of_change_tracking() {
     assert!(sync.stdout.contains("1 written"), "{sync:?}");
     assert_marketo_matches_dynamics(&sims);
 }
+
+/// A bench stopped by Ctrl-C says so, exits 130 and leaves no state file behind (a killed
+/// bench once left a 237 MB one in the temporary directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bench_stopped_by_ctrl_c_removes_its_state_file() {
+    let tmp = oppsync_tests::harness::scratch_dir("oppsync-bench-stop");
+    let bench_files = {
+        let tmp = tmp.clone();
+        move || -> Vec<String> {
+            std::fs::read_dir(&tmp)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("oppsync-bench-"))
+                .collect()
+        }
+    };
+    // Two seconds a Marketo call: still writing when it is stopped.
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_oppsync"));
+    command
+        .args(["bench", "--opportunities", "300", "--limits", "--latency-ms", "2000"])
+        .env_clear()
+        .env("TMPDIR", &tmp)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let child = command.spawn().unwrap();
+    let started = std::time::Instant::now();
+    while bench_files().is_empty() {
+        assert!(started.elapsed().as_secs() < 60, "the bench made no state file");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    send_signal(&child, "INT");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("oppsync bench: stopped by SIGINT"), "{stderr}");
+    assert_eq!(bench_files(), Vec::<String>::new(), "{stderr}");
+}
