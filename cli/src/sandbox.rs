@@ -3,7 +3,7 @@
 //! from the sandbox's own terminal. Nothing in it reaches a real system.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -80,17 +80,8 @@ pub async fn run(args: SandboxArgs) -> Result<ExitCode, CliError> {
         exports.join("\n"),
     ));
 
-    // Commands come on a blocking thread; the servers keep running on the runtime. A closed
-    // stdin (the sandbox run in the background) ends the commands, not the simulators.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(4);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.blocking_send(line).is_err() {
-                break;
-            }
-        }
-    });
+    // A closed stdin (the sandbox run in the background) ends the commands, not the simulators.
+    let mut rx = crate::simulate::stdin_lines();
     let mut commands_open = true;
     let mut round = 0u64;
     loop {

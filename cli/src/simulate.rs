@@ -87,16 +87,7 @@ pub async fn run(args: SimulateArgs) -> Result<ExitCode, CliError> {
         })
     );
     let _ = std::io::stdout().flush();
-    // Commands come on a blocking thread; the servers keep running on the runtime.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(4);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.blocking_send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut rx = stdin_lines();
     let mut round = 0u64;
     // What Marketo held at the last `stats`: the honest minimum is counted from it.
     let mut last = mk.snapshot();
@@ -132,6 +123,21 @@ pub async fn run(args: SimulateArgs) -> Result<ExitCode, CliError> {
         let _ = std::io::stdout().flush();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The lines typed on stdin, read on a thread of their own so the simulators keep answering
+/// on the runtime; the channel closes when stdin does.
+pub fn stdin_lines() -> tokio::sync::mpsc::Receiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(4);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 fn stats(dv: &DataverseSim, mk: &MarketoSim, snapshot: &Snapshot, last: &Snapshot) -> Value {

@@ -22,6 +22,13 @@ async fn snapshot(state: &std::path::Path) -> Value {
     serde_json::json!({"counts": v["counts"], "cursors": [v["cursors"]["opportunities"]["updated"], v["cursors"]["connections"]["updated"]]})
 }
 
+/// Records still queued (pending or ready) and records failed, as `status` counts them.
+async fn queued_and_failed(state: &std::path::Path) -> (u64, u64) {
+    let status = oppsync(&["status", "--json", "--state", s(state)], &[]).await.json();
+    let count = |k: &str| status["counts"][k].as_u64().unwrap();
+    (count("pending") + count("ready"), count("failed"))
+}
+
 fn with(env: &[(String, String)], name: &str, value: &str) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = env.iter().filter(|(k, _)| k != name).cloned().collect();
     env.push((name.to_owned(), value.to_owned()));
@@ -320,13 +327,7 @@ async fn marketo_unreachable_leaves_the_records_queued_with_exit_4_and_errors_re
         run.stdout.contains("15 left for retry") || run.stderr.contains("Marketo"),
         "{run:?}"
     );
-    let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
-    let queued = status["counts"]["pending"].as_u64().unwrap() + status["counts"]["ready"].as_u64().unwrap();
-    assert_eq!(
-        (queued, status["counts"]["failed"].as_u64().unwrap()),
-        (15, 0),
-        "{status}"
-    );
+    assert_eq!(queued_and_failed(&state).await, (15, 0));
     let fixed = oppsync(&["sync", "--state", s(&state)], &env).await;
     assert_eq!(fixed.code, 0, "{fixed:?}");
 
@@ -360,13 +361,7 @@ async fn a_marketo_url_that_is_not_marketo_stops_with_exit_3_and_fails_no_record
         run.stderr.contains("MARKETO_URL") && run.stderr.contains("404"),
         "{run:?}"
     );
-    let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
-    let queued = status["counts"]["pending"].as_u64().unwrap() + status["counts"]["ready"].as_u64().unwrap();
-    assert_eq!(
-        (queued, status["counts"]["failed"].as_u64().unwrap()),
-        (15, 0),
-        "{status}"
-    );
+    assert_eq!(queued_and_failed(&state).await, (15, 0));
     let fixed = oppsync(&["sync", "--state", s(&state)], &env).await;
     assert_eq!(fixed.code, 0, "{fixed:?}");
     assert_marketo_matches_dynamics(&sims);
