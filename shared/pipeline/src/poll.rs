@@ -55,16 +55,50 @@ pub(crate) struct WatermarkCursor {
 /// At most this many history entries (one a poll) are kept, whatever the overlap.
 const WATERMARK_HISTORY_MAX: usize = 1_000;
 
+/// A `modifiedon` watermark keeps at most this many rows seen at its second (about 50 KB as
+/// JSON); a larger tie (a bulk import) is read again from its second's start instead, which
+/// records nothing twice (each row is already at its version). Unbounded, a 5,000-row tie made
+/// a 480 KB cursor, past DynamoDB's 400 KB item limit.
+const WATERMARK_SEEN_MAX: usize = 1_000;
+
 impl WatermarkCursor {
+    /// The cursor as stored: bounded whatever the ties. The history's watermarks keep no rows:
+    /// one at the watermark's second reads with the watermark's rows, an older one is where an
+    /// overlapping re-read starts, which re-reads on from there anyway.
+    fn bounded(&self) -> WatermarkCursor {
+        let cap = |w: &Watermark, keep: usize| match w {
+            Watermark::ModifiedOn { at, seen } if seen.len() > keep => Watermark::ModifiedOn {
+                at: at.clone(),
+                seen: Vec::new(),
+            },
+            other => other.clone(),
+        };
+        WatermarkCursor {
+            watermark: cap(&self.watermark, WATERMARK_SEEN_MAX),
+            polls: self.polls,
+            history: self.history.iter().map(|(at, w)| (*at, cap(w, 0))).collect(),
+            reading: self.reading.as_ref().map(|w| cap(w, WATERMARK_SEEN_MAX)),
+        }
+    }
+
     /// Where a poll at `now` reads from: the newest watermark at least `overlap_ms` old, else
     /// the oldest one kept.
+    /// A history entry at the watermark's own second reads as the watermark, with the rows it
+    /// has seen there (stored history keeps none: see [`WatermarkCursor::bounded`]).
     pub(crate) fn read_from(&self, now: Millis, overlap_ms: i64) -> Watermark {
-        self.history
+        let from = self
+            .history
             .iter()
             .rev()
             .find(|(at, _)| *at <= now - overlap_ms)
             .or(self.history.first())
-            .map_or_else(|| self.watermark.clone(), |(_, w)| w.clone())
+            .map_or_else(|| self.watermark.clone(), |(_, w)| w.clone());
+        match (&from, &self.watermark) {
+            (Watermark::ModifiedOn { at: a, .. }, Watermark::ModifiedOn { at: b, .. }) if a == b => {
+                self.watermark.clone()
+            }
+            _ => from,
+        }
     }
 
     /// Records where the watermark stands now, and forgets what no later read can start from.
@@ -341,7 +375,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         source: Source,
         cursor: &WatermarkCursor,
     ) -> Result<(), PipelineError> {
-        let value = serde_json::to_string(cursor).map_err(|e| StateError::Corrupt {
+        let value = serde_json::to_string(&cursor.bounded()).map_err(|e| StateError::Corrupt {
             key: "cursor".into(),
             reason: e.to_string(),
         })?;

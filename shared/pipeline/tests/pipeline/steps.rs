@@ -7,7 +7,7 @@ use oppsync_marketo::Operation as E;
 use oppsync_pipeline::{Config, POLL_LEASE};
 use oppsync_simulators::dataverse::{DataverseFault, Mix, Table, seed_id};
 use oppsync_simulators::marketo::Fault;
-use oppsync_state::{StateStore, Status};
+use oppsync_state::{Source, StateStore, Status};
 use oppsync_tests::harness::*;
 use serde_json::json;
 
@@ -92,6 +92,37 @@ async fn a_backfill_cut_by_the_deadline_continues_from_its_checkpoint() {
         let third = p.poll(None).await.unwrap();
         assert_eq!(third.marked, 1, "{strategy}: {third:?}");
     }
+}
+
+/// GIVEN 5,000 opportunities stamped in one `modifiedon` second (a bulk import) WHEN a
+/// `modifiedon` watermark polls them THEN every one is recorded, the stored cursor stays small
+/// (it listed every row of the tie, twice: about 480 KB, past DynamoDB's 400 KB item limit, so
+/// the poller could never store its cursor there again), and a change in the same second after
+/// the read is still seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_import_in_one_second_keeps_the_watermark_cursor_small() {
+    let sims = sims().await;
+    sims.dv.configure(|c| c.writes_per_second = 1_000_000);
+    sims.dv.seed(5_000, 9, Mix::Lean);
+    let config = "[dataverse]\nchange_detection = \"modifiedon\"\n";
+    let p = pipeline(&sims, sqlite(), Config::from_toml(config, "test").unwrap());
+    let first = p.poll(None).await.unwrap();
+    assert!(first.caught_up, "{first:?}");
+    assert_eq!(p.store().counts().await.unwrap().get(Status::Pending), 5_000);
+    let cursor = p.store().cursor(Source::Opportunities).await.unwrap().unwrap();
+    assert!(
+        cursor.value.len() < 64 * 1024,
+        "the cursor holds {} bytes (DynamoDB items hold at most 400 KB)",
+        cursor.value.len()
+    );
+    // Read again, nothing new is marked (the tie's rows are at their versions already).
+    let again = p.poll(None).await.unwrap();
+    assert_eq!(again.marked, 0, "{again:?}");
+    let changed = seed_id(0x0b00_0000, 4_321);
+    sims.dv
+        .upsert(Table::Opportunities, &changed, json!({"estimatedvalue": 7.0}), &[]);
+    let third = p.poll(None).await.unwrap();
+    assert_eq!(third.marked, 1, "{third:?}");
 }
 
 /// GIVEN a synced opportunity WHEN it is saved in Dynamics with nothing Marketo cares about
