@@ -59,6 +59,9 @@ enum Command {
     /// The Sync Errors view: failed records with the operation, code and message; searchable,
     /// exportable as CSV or JSON.
     Errors(status::ErrorsArgs),
+    /// The run history, newest first: each sync cycle, resync and Lambda invocation with its
+    /// counts, Marketo calls and why it stopped (kept [sync] run_history_days).
+    Runs(status::RunsArgs),
     /// Checks the configuration, the environment, both sets of credentials, Dataverse change
     /// tracking and Marketo's preflight, each with pass or fail and the fix.
     Validate(validate::ValidateArgs),
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
             Command::Resync(args) => context::stoppable("resync", resync::run(args)).await,
             Command::Status(args) => status::status(args).await,
             Command::Errors(args) => status::errors(args).await,
+            Command::Runs(args) => status::runs(args).await,
             Command::Validate(args) => validate::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,

@@ -46,8 +46,23 @@ pub async fn run(args: ResyncArgs) -> Result<ExitCode, CliError> {
     };
     let target = request.target().map_err(CliError::Usage)?;
     with_pipeline!(&args.state, |pipeline| {
+        let started = pipeline.now();
         let report = pipeline.resync(target, args.dry_run).await;
         pipeline.leave_budget().await;
+        // A dry run changes nothing, so it is not a run of the sync.
+        if !args.dry_run {
+            let times = oppsync_pipeline::RunTimes {
+                command: "resync",
+                started,
+                ended: pipeline.now(),
+            };
+            pipeline
+                .record_run(match &report {
+                    Ok(r) => times.resync(r),
+                    Err(e) => times.failed(e),
+                })
+                .await;
+        }
         let report = report.map_err(fatal)?;
         let failed = report
             .records

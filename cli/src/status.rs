@@ -1,11 +1,11 @@
-//! `oppsync status` and `oppsync errors`: the Sync Status and Sync Errors views, read from the
-//! state alone (no call to Dynamics or Marketo).
+//! `oppsync status`, `oppsync errors` and `oppsync runs`: the Sync Status and Sync Errors views
+//! and the run history, read from the state alone (no call to Dynamics or Marketo).
 
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use oppsync_pipeline::{Config, time};
-use oppsync_state::{OpportunityState, Source, StateStore, Status};
+use oppsync_state::{OpportunityState, Run, Source, StateStore, Status};
 use serde_json::{Value, json};
 
 use crate::CliError;
@@ -61,8 +61,57 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode, CliError> {
             view["marketo"]["calls_today"],
             view["marketo"]["daily_budget"]
         );
+        match serde_json::from_value::<Run>(view["last_run"].clone()) {
+            Ok(run) => println!("Last run: {}", run_line(&run)),
+            Err(_) => println!("Last run: none recorded"),
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// How many runs to list, newest first.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub limit: u64,
+    /// One JSON array on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `oppsync runs`: the run history, newest first.
+pub async fn runs(args: RunsArgs) -> Result<ExitCode, CliError> {
+    let store = context::open_store(&args.state, Open::ReadOnly).await?;
+    let limit = args.limit as usize;
+    let runs = with_store!(store, |s| s.runs(limit, now_ms()).await.map_err(store_err))?;
+    if args.json {
+        println!("{}", json!(runs));
+    } else if runs.is_empty() {
+        println!(
+            "no runs recorded yet (each `oppsync sync` cycle, `oppsync resync` and Lambda invocation records one)"
+        );
+    } else {
+        for run in &runs {
+            println!("{}", run_line(run));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One run on one line: when (UTC), how long, what, the counts, why it stopped.
+fn run_line(run: &Run) -> String {
+    let when = time::format_utc(run.started);
+    let seconds = (run.ended - run.started).max(0) as f64 / 1000.0;
+    let mut line = format!(
+        "{when} {} {seconds:.1} s: {} read, {} written, {} unchanged, {} failed, {} left for retry, {} Marketo calls",
+        run.command, run.read, run.written, run.unchanged, run.failed, run.left_for_retry, run.marketo_calls
+    );
+    if let Some(stop) = &run.stopped {
+        line.push_str(&format!("; stopped: {stop}"));
+    }
+    line
 }
 
 fn age(seconds: i64) -> String {
@@ -97,6 +146,7 @@ pub async fn status_view<S: StateStore>(store: &S, config: &Config, now: i64) ->
     }
     let day = time::marketo_day(now);
     let calls = store.marketo_calls(&day).await.map_err(store_err)?;
+    let last_run = store.runs(1, now).await.map_err(store_err)?.into_iter().next();
     Ok(json!({
         "counts": by_status,
         "total": counts.total(),
@@ -104,6 +154,7 @@ pub async fn status_view<S: StateStore>(store: &S, config: &Config, now: i64) ->
         "last_hour_completed": last_hour,
         "cursors": cursors,
         "marketo": {"day": day, "calls_today": calls, "daily_budget": config.marketo.daily_budget},
+        "last_run": last_run,
     }))
 }
 

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use oppsync_pipeline::{DrainReport, Pipeline};
-use oppsync_state::{StateStore, Status};
+use oppsync_pipeline::{DrainReport, Pipeline, RunTimes};
+use oppsync_state::{Run, StateStore, Status};
 
 use crate::CliError;
 use crate::context::{StateArgs, fatal};
@@ -94,6 +94,20 @@ pub async fn cycle<S: StateStore>(pipeline: &Pipeline<S>) -> Result<ExitCode, Cl
     let report = pipeline.drain(|_, _| {}).await;
     // Done writing: the other processes on this table take the whole budget again.
     pipeline.leave_budget().await;
+    let times = RunTimes {
+        command: "sync",
+        started: since,
+        ended: pipeline.now(),
+    };
+    pipeline
+        .record_run(match &report {
+            Ok(r) => times.drain(changes, r),
+            Err(e) => Run {
+                read: changes,
+                ..times.failed(e)
+            },
+        })
+        .await;
     let report: DrainReport = report.map_err(fatal)?;
     println!(
         "sync: {changes} changes read; {} written, {} unchanged or filtered, {} failed, {} left for retry; {:.1} s",

@@ -208,6 +208,20 @@ async fn the_functions_sync_dynamics_into_marketo_over_the_real_stream() {
     assert_marketo_matches_dynamics(&sims);
     assert_eq!(sims.mk.calls(E::OpportunitySync), 2, "⌈450/300⌉ opportunity calls");
     assert!(d.redelivered.is_empty(), "nothing failed: {:?}", d.redelivered);
+    // Each invocation is in the run history: the poller's reads, the transformers' plans, the
+    // writers' writes and every Marketo call.
+    let runs = d.pipeline.store().runs(1000, d.pipeline.now()).await.unwrap();
+    let sum = |command: &str, f: fn(&oppsync_state::Run) -> u64| {
+        runs.iter().filter(|r| r.command == command).map(f).sum::<u64>()
+    };
+    assert_eq!(sum("poller", |r| r.read), 450, "{runs:?}");
+    assert_eq!(
+        sum("transformer", |r| r.unchanged) + sum("writer", |r| r.written),
+        450,
+        "{runs:?}"
+    );
+    assert_eq!(sum("writer", |r| r.marketo_calls), sims.mk.rest_calls(), "{runs:?}");
+    assert!(runs.iter().all(|r| r.ended >= r.started && r.failed == 0), "{runs:?}");
 
     // The incremental round.
     let o = |n: u64| seed_id(0x0b00_0000, n);

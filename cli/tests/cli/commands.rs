@@ -539,3 +539,70 @@ async fn a_bench_stopped_by_ctrl_c_removes_its_state_file() {
     assert!(stderr.contains("oppsync bench: stopped by SIGINT"), "{stderr}");
     assert_eq!(bench_files(), Vec::<String>::new(), "{stderr}");
 }
+
+/// GIVEN two sync cycles (the second with a change and a record Marketo rejects), a resync and
+/// a dry run WHEN `oppsync runs` is asked THEN it lists the three runs that changed something,
+/// newest first, each with its counts and Marketo calls; `status` shows the last; a
+/// `run_history_days` outside 1..=3650 is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_lists_each_sync_cycle_and_resync_newest_first() {
+    let sims = sims().await;
+    let seeded = sims.dv.seed(20, 33, Mix::Uniform);
+    let env = env_for(&sims);
+    let state = state_path();
+    assert_eq!(oppsync(&["sync", "--state", s(&state)], &env).await.code, 0);
+    let (changed, rejected) = (&seeded.opportunities[3], &seeded.opportunities[4]);
+    for id in [changed, rejected] {
+        sims.dv
+            .upsert(Table::Opportunities, id, json!({"estimatedvalue": 31.5}), &[]);
+    }
+    sims.mk.skip_record(rejected, "1003", 1);
+    let calls_before = sims.mk.rest_calls();
+    assert_eq!(oppsync(&["sync", "--state", s(&state)], &env).await.code, 1);
+    let second_calls = sims.mk.rest_calls() - calls_before;
+    let dry = oppsync(&["resync", "--failed", "--dry-run", "--state", s(&state)], &env).await;
+    assert_eq!(dry.code, 0, "{dry:?}");
+    assert_eq!(
+        oppsync(&["resync", "--failed", "--state", s(&state)], &env).await.code,
+        0
+    );
+
+    let runs = oppsync(&["runs", "--json", "--state", s(&state)], &[]).await.json();
+    let runs = runs.as_array().unwrap();
+    let shape: Vec<(&str, u64, u64, u64)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r["command"].as_str().unwrap(),
+                r["read"].as_u64().unwrap(),
+                r["written"].as_u64().unwrap(),
+                r["failed"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [("resync", 1, 1, 0), ("sync", 2, 1, 1), ("sync", 20, 20, 0)],
+        "{runs:?}"
+    );
+    assert_eq!(runs[1]["marketo_calls"].as_u64(), Some(second_calls), "{runs:?}");
+    assert!(runs[0]["started"].as_i64() >= runs[1]["ended"].as_i64(), "{runs:?}");
+    let text = oppsync(&["runs", "--limit", "1", "--state", s(&state)], &[]).await;
+    assert_eq!(text.stdout.lines().count(), 1, "{text:?}");
+    assert!(
+        text.stdout.contains(" resync ") && text.stdout.contains("1 written"),
+        "{text:?}"
+    );
+    let status = oppsync(&["status", "--state", s(&state)], &[]).await;
+    assert!(
+        status.stdout.contains("Last run: ") && status.stdout.contains(" resync "),
+        "{status:?}"
+    );
+    let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
+    assert_eq!(status["last_run"]["command"], "resync", "{status}");
+
+    let config = config_file("[sync]\nrun_history_days = 0\n");
+    let refused = oppsync(&["sync", "--state", s(&state), "--config", s(&config)], &env).await;
+    assert_eq!(refused.code, 2, "{refused:?}");
+    assert!(refused.stderr.contains("sync.run_history_days"), "{refused:?}");
+}

@@ -14,9 +14,8 @@ fn readme() -> String {
 }
 
 /// The commands that take the state and configuration flags, as the README says it.
-const STATE_FLAGS_SENTENCE: &str =
-    "`sync`, `plan`, `resync`, `status`, `errors` and `validate` take `--state` or `--table`, and `--config FILE`";
-const TAKE_STATE_FLAGS: &[&str] = &["sync", "plan", "resync", "status", "errors", "validate"];
+const STATE_FLAGS_SENTENCE: &str = "`sync`, `plan`, `resync`, `status`, `errors`, `runs` and `validate` take `--state` or `--table`, and `--config FILE`";
+const TAKE_STATE_FLAGS: &[&str] = &["sync", "plan", "resync", "status", "errors", "runs", "validate"];
 
 fn flags_in(text: &str) -> BTreeSet<String> {
     text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))

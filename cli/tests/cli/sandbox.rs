@@ -23,6 +23,7 @@ const WALKTHROUGH: &[&str] = &[
     "oppsync errors",
     "oppsync resync --failed",
     "oppsync status",
+    "oppsync runs",
     "stats",
 ];
 
@@ -178,6 +179,11 @@ async fn the_readmes_sandbox_walkthrough_runs_as_written() {
     assert!(!errors.stdout.contains(&id), "{errors:?}");
     let status = run(&["status"]).await;
     assert_eq!(status.code, 0, "{status:?}");
+    assert!(status.stdout.contains("Last run: "), "{status:?}");
+    let runs = run(&["runs"]).await;
+    assert_eq!(runs.code, 0, "{runs:?}");
+    // Two sync cycles and two resyncs.
+    assert_eq!(runs.stdout.lines().count(), 4, "{runs:?}");
 
     let stats = sandbox.type_line("stats", |l| l.starts_with("Differences from the rules"));
     assert_eq!(stats.last().unwrap(), "Differences from the rules: 0", "{stats:?}");

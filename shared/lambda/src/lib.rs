@@ -13,6 +13,7 @@ use oppsync_mapping::OpportunityId;
 use oppsync_marketo::MarketoClient;
 use oppsync_pipeline::{
     DataversePort, MarketoPort, Metrics, NoAccess, Pipeline, PipelineError, PollReport, ResyncReport, ResyncRequest,
+    RunTimes,
 };
 use oppsync_state::{DynamoStore, StateStore, Status};
 use serde::Serialize;
@@ -173,8 +174,20 @@ pub async fn transform<S: StateStore, D: DataversePort, M: MarketoPort>(
         });
     }
     let requests_before = pipeline.dataverse().requests();
+    let started = pipeline.now();
     let result = pipeline.transform(&ids, false).await;
     metrics.count("DataverseCalls", pipeline.dataverse().requests() - requests_before);
+    let times = RunTimes {
+        command: "transformer",
+        started,
+        ended: pipeline.now(),
+    };
+    pipeline
+        .record_run(match &result {
+            Ok(report) => times.transform(report),
+            Err(e) => times.failed(e),
+        })
+        .await;
     let response = match result {
         Ok(report) => {
             metrics.merge(report.metrics);
@@ -217,7 +230,20 @@ pub async fn write<S: StateStore, D: DataversePort, M: MarketoPort>(
         });
     }
     let stop_at = deadline.checked_sub(Duration::from_secs(60)).unwrap_or(deadline);
-    match pipeline.write_until(&ids, Some(stop_at)).await {
+    let started = pipeline.now();
+    let result = pipeline.write_until(&ids, Some(stop_at)).await;
+    let times = RunTimes {
+        command: "writer",
+        started,
+        ended: pipeline.now(),
+    };
+    pipeline
+        .record_run(match &result {
+            Ok(report) => times.write(report),
+            Err(e) => times.failed(e),
+        })
+        .await;
+    match result {
         Ok(report) => {
             if let Some(stop) = &report.stopped {
                 tracing::warn!(reason = %stop, "Marketo writes stopped; unfinished records wait in the state");
@@ -262,7 +288,23 @@ pub async fn poll<S: StateStore, D: DataversePort, M: MarketoPort>(
     }
     let margin = Duration::from_secs(60);
     let stop_at = deadline.checked_sub(margin).unwrap_or(deadline);
-    let report = pipeline.poll(Some(stop_at)).await?;
+    let started = pipeline.now();
+    let result = pipeline.poll(Some(stop_at)).await;
+    let times = RunTimes {
+        command: "poller",
+        started,
+        ended: pipeline.now(),
+    };
+    // A poll another poller's lease turned away did nothing: not a run.
+    if !result.as_ref().is_ok_and(|r| r.busy) {
+        pipeline
+            .record_run(match &result {
+                Ok(report) => times.poll(report),
+                Err(e) => times.failed(e),
+            })
+            .await;
+    }
+    let report = result?;
     let mut metrics = Metrics::default();
     metrics.count("OpportunityChanges", report.opportunity_changes);
     metrics.count("ConnectionChanges", report.connection_changes);
@@ -293,7 +335,23 @@ pub async fn resync<S: StateStore, D: DataversePort, M: MarketoPort>(
     };
     let request: ResyncRequest = serde_json::from_value(payload).map_err(|e| bad(e.to_string()))?;
     let target = request.target().map_err(bad)?;
-    let report = pipeline.resync(target, request.dry_run).await?;
+    let started = pipeline.now();
+    let result = pipeline.resync(target, request.dry_run).await;
+    // A dry run changes nothing, so it is not a run of the sync.
+    if !request.dry_run {
+        let times = RunTimes {
+            command: "resync-function",
+            started,
+            ended: pipeline.now(),
+        };
+        pipeline
+            .record_run(match &result {
+                Ok(report) => times.resync(report),
+                Err(e) => times.failed(e),
+            })
+            .await;
+    }
+    let report = result?;
     let mut metrics = Metrics::default();
     metrics.count("OpportunitiesResynced", report.records.len() as u64);
     Ok(Handled {

@@ -28,6 +28,8 @@ pub struct SyncOptions {
     /// error in the ledger (waits between attempts double from 30 s up to 15 minutes). Stops
     /// that are not the record's fault (quota, budget, credentials, the deadline) do not count.
     pub max_attempts: u32,
+    /// How long the run history (`oppsync runs`) keeps each run.
+    pub run_history_days: u32,
 }
 
 impl Default for SyncOptions {
@@ -39,6 +41,7 @@ impl Default for SyncOptions {
             stuck_after_minutes: 15,
             max_deletion_percent: 20,
             max_attempts: 10,
+            run_history_days: 30,
         }
     }
 }
@@ -144,8 +147,7 @@ impl Config {
     }
 }
 
-const SYNC_KEYS: &str =
-    "batch_size, claim_ttl_seconds, lease_ttl_seconds, stuck_after_minutes, max_deletion_percent and max_attempts";
+const SYNC_KEYS: &str = "batch_size, claim_ttl_seconds, lease_ttl_seconds, stuck_after_minutes, max_deletion_percent, max_attempts and run_history_days";
 const MARKETO_KEYS: &str = "calls_per_20s, concurrent_calls and daily_budget";
 
 /// Whether each key of `[section]` reads as part of `T` on its own; a problem per key that
@@ -225,6 +227,12 @@ fn sync_section(table: &toml::Table, problems: &mut Vec<String>) -> Option<SyncO
         problems.push(format!(
             "sync.max_attempts: {} is outside 1..=100. Fix: how many retryable write failures a record may have before it fails for good; 10 is the default",
             options.max_attempts
+        ));
+    }
+    if !(1..=3650).contains(&options.run_history_days) {
+        problems.push(format!(
+            "sync.run_history_days: {} is outside 1..=3650. Fix: how many days `oppsync runs` keeps each run; 30 is the default",
+            options.run_history_days
         ));
     }
     (problems.len() == before).then_some(options)

@@ -38,6 +38,7 @@ pub mod metrics;
 mod poll;
 pub mod ports;
 mod resync;
+mod runs;
 pub mod time;
 mod transform;
 mod write;
@@ -50,6 +51,7 @@ pub use metrics::Metrics;
 pub use poll::PollReport;
 pub use ports::{DataversePort, MarketoPort, NoAccess};
 pub use resync::{ResyncRecord, ResyncReport, ResyncRequest, ResyncTarget, Since, WrittenSummary};
+pub use runs::RunTimes;
 pub use transform::{Planned, TransformRecord, TransformReport, Transformed};
 pub use write::{Answer, WriteRecord, WriteReport, Wrote};
 
@@ -228,6 +230,17 @@ impl<S: Clone, D: Clone, M: Clone> Clone for Pipeline<S, D, M> {
             preflight: self.preflight.clone(),
             front: self.front.clone(),
             accounted: self.accounted.clone(),
+        }
+    }
+}
+
+impl<S: StateStore, D, M> Pipeline<S, D, M> {
+    /// Adds a run to the run history, kept `[sync] run_history_days`. Best effort: a run the
+    /// store cannot record is logged and never fails the run itself.
+    pub async fn record_run(&self, run: oppsync_state::Run) {
+        let keep_ms = i64::from(self.config.sync.run_history_days) * 86_400_000;
+        if let Err(e) = self.store.record_run(&run, keep_ms).await {
+            tracing::warn!(error = %e, command = %run.command, "could not record the run in the run history");
         }
     }
 }

@@ -26,6 +26,15 @@ impl Metrics {
         self.millis.entry(name.into()).or_default().push(ms);
     }
 
+    /// Marketo calls counted (every `MarketoCalls.<operation>`).
+    pub fn marketo_calls(&self) -> u64 {
+        self.counts
+            .iter()
+            .filter(|(name, _)| name.starts_with("MarketoCalls."))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     pub fn merge(&mut self, other: Metrics) {
         for (k, v) in other.counts {
             self.count(k, v);

@@ -198,6 +198,11 @@ pub struct ResyncReport {
     pub stopped: Option<String>,
     /// See [`crate::WriteReport::stopped_for_good`].
     pub stopped_for_good: bool,
+    /// Records written (or deleted) in Marketo, reported in `records` or not (`--all` reports
+    /// only those that need attention).
+    pub written: u64,
+    /// Marketo calls made.
+    pub marketo_calls: u64,
 }
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
@@ -295,6 +300,12 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             } else {
                 self.write_batch(&ready, true, None, false).await?
             };
+            report.marketo_calls += written.marketo_calls;
+            report.written += written
+                .records
+                .iter()
+                .filter(|r| matches!(r.result, Wrote::Synced | Wrote::Deleted))
+                .count() as u64;
             let mut writes: HashMap<OpportunityId, WriteRecord> =
                 written.records.into_iter().map(|r| (r.id, r)).collect();
             for t in transformed.records {

@@ -14,6 +14,14 @@ pub fn marketo_day(now: Millis) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// A moment as `2026-11-25T08:30:00Z` (UTC, seconds): how the run history shows it.
+pub fn format_utc(at: Millis) -> String {
+    let seconds = at.div_euclid(1000);
+    let (y, m, d) = civil_from_days(seconds.div_euclid(86_400));
+    let s = seconds.rem_euclid(86_400);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
+}
+
 /// Parses Dataverse's `modifiedon` (`2026-11-20T10:00:00Z`, seconds precision, UTC).
 pub fn parse_utc(text: &str) -> Option<Millis> {
     let b = text.as_bytes();
@@ -45,6 +53,14 @@ mod tests {
         assert_eq!(marketo_day(midnight_utc), "2026-11-24");
         assert_eq!(marketo_day(midnight_utc + 6 * 3_600_000 - 1), "2026-11-24");
         assert_eq!(marketo_day(midnight_utc + 6 * 3_600_000), "2026-11-25");
+    }
+
+    #[test]
+    fn a_formatted_moment_parses_back() {
+        for text in ["1970-01-01T00:00:01Z", "2026-11-25T08:30:59Z", "2000-02-29T23:59:00Z"] {
+            let at = parse_utc(text).unwrap_or_default();
+            assert_eq!(format_utc(at + 999), text);
+        }
     }
 
     #[test]

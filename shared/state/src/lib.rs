@@ -292,6 +292,29 @@ pub enum Completion {
     Superseded,
 }
 
+/// One run of the sync (a `sync` cycle, a `resync`, a Lambda invocation), as the run history
+/// keeps it: counts and the stop reason, never a record's data.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// What ran: `sync`, `resync`, or the Lambda function (`poller`, `transformer`, `writer`,
+    /// `resync-function`).
+    pub command: String,
+    pub started: Millis,
+    pub ended: Millis,
+    /// Changes read from Dynamics.
+    pub read: u64,
+    pub written: u64,
+    /// Planned and found to be what Marketo holds already, or filtered out.
+    pub unchanged: u64,
+    pub failed: u64,
+    /// Left queued for a later run (a retryable failure, the deadline, a stop).
+    pub left_for_retry: u64,
+    pub marketo_calls: u64,
+    /// Why the run stopped early, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
+}
+
 /// Items by status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts(pub BTreeMap<Status, u64>);
@@ -614,6 +637,13 @@ pub trait StateStore: Send + Sync + Clone + 'static {
 
     /// Forgets remembered leads (Marketo no longer has them: deleted, merged away).
     fn forget_leads(&self, keys: &[String]) -> impl Future<Output = Result<(), StateError>> + Send;
+
+    /// Adds a run to the run history, kept `keep_ms` after it ended; runs past their time are
+    /// removed (SQLite: at the next record; DynamoDB: by the table's TTL).
+    fn record_run(&self, run: &Run, keep_ms: i64) -> impl Future<Output = Result<(), StateError>> + Send;
+
+    /// The newest `limit` runs still kept, newest first.
+    fn runs(&self, limit: usize, now: Millis) -> impl Future<Output = Result<Vec<Run>, StateError>> + Send;
 }
 
 /// A claim token that no other claim in this or another process will draw.

@@ -306,6 +306,12 @@ impl StateStore for Hooks {
     async fn forget_leads(&self, keys: &[String]) -> Result<(), StateError> {
         self.inner.forget_leads(keys).await
     }
+    async fn record_run(&self, run: &oppsync_state::Run, keep_ms: i64) -> Result<(), StateError> {
+        self.inner.record_run(run, keep_ms).await
+    }
+    async fn runs(&self, limit: usize, now: i64) -> Result<Vec<oppsync_state::Run>, StateError> {
+        self.inner.runs(limit, now).await
+    }
     async fn take_marketo_call(&self, day: &str, budget: u64) -> Result<Option<u64>, StateError> {
         self.inner.take_marketo_call(day, budget).await
     }

@@ -6,7 +6,8 @@
 //!   `open`, so the pending and failed views never scan the table.
 //! - `cursor#<source>`, `lease#<name>`, `calls#<day>` (Marketo calls, atomic ADD),
 //!   `done#<minute>` (completions, for throughput), `lock#<key>` (short-lived locks, removed by
-//!   the table's TTL on `expire_at_s`).
+//!   the table's TTL on `expire_at_s`), `run#<started>#<token>` (the run history, in the `open`
+//!   index under `q = run`, removed by the TTL after `[sync] run_history_days`).
 //!
 //! Plans and written-role sets over 64 KB are stored deflated as Binary (`plan_z`, `written_z`; small ones as `plan_json`, `written_json`) to
 //! stay well under the 400 KB item limit; one that is still over 350 KB compressed is refused
@@ -28,7 +29,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::{
-    Claim, Completion, Counts, Cursor, Lease, MarkOutcome, Millis, OpportunityState, Page, PendingChange, Source,
+    Claim, Completion, Counts, Cursor, Lease, MarkOutcome, Millis, OpportunityState, Page, PendingChange, Run, Source,
     StateError, StateStore, Status, SyncError, TransformResult, WriteResult, Written, minute_of, new_token,
 };
 
@@ -48,6 +49,8 @@ pub const AWAITS_WRITE: &str = "write";
 
 /// The sparse index over open items.
 pub const OPEN_INDEX: &str = "open";
+/// The index partition of the run history (`q` of `run#…` items).
+const RUN_QUEUE: &str = "run";
 /// Blobs above this are stored deflated.
 const COMPRESS_ABOVE: usize = 64 * 1024;
 /// The most a stored blob may take, leaving room for the rest of the item under 400 KB.

@@ -765,6 +765,67 @@ impl StateStore for DynamoStore {
         self.get_links(connections).await
     }
 
+    async fn record_run(&self, run: &Run, keep_ms: i64) -> Result<(), StateError> {
+        let json = serde_json::to_string(run).map_err(|e| StateError::Corrupt {
+            key: "run".into(),
+            reason: e.to_string(),
+        })?;
+        self.count_write();
+        // In the sparse index under `q = run`, newest last by `since`; the table's TTL removes
+        // it after its time. An update that creates its item: every function's role may update.
+        self.client
+            .update_item()
+            .table_name(&*self.table)
+            .key("pk", s(format!("run#{:013}#{:x}", run.started.max(0), new_token())))
+            .update_expression("SET q = :q, since = :since, run_json = :run, expire_at_s = :expire")
+            .expression_attribute_values(":q", s(RUN_QUEUE))
+            .expression_attribute_values(":since", n(run.started))
+            .expression_attribute_values(":run", s(json))
+            .expression_attribute_values(":expire", n(run.ended.saturating_add(keep_ms) / 1000))
+            .send()
+            .await
+            .map_err(|e| dynamo_err("UpdateItem (run)", e))?;
+        Ok(())
+    }
+
+    async fn runs(&self, limit: usize, now: Millis) -> Result<Vec<Run>, StateError> {
+        let mut out = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&*self.table)
+                .index_name(OPEN_INDEX)
+                .key_condition_expression("q = :q")
+                .expression_attribute_values(":q", s(RUN_QUEUE))
+                .scan_index_forward(false)
+                .limit(limit.clamp(1, 1000) as i32)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| dynamo_err("Query (runs)", e))?;
+            for item in page.items.unwrap_or_default() {
+                // The TTL removes expired items within days, not at once.
+                if get_n(&item, "expire_at_s").is_some_and(|at| at < now / 1000) {
+                    continue;
+                }
+                let text = get_s(&item, "run_json").unwrap_or_default();
+                out.push(serde_json::from_str(text).map_err(|e| StateError::Corrupt {
+                    key: "run".into(),
+                    reason: e.to_string(),
+                })?);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+            match page.last_evaluated_key {
+                Some(key) => start = Some(key),
+                None => return Ok(out),
+            }
+        }
+    }
+
     async fn remember_leads(&self, leads: &[(String, i64)]) -> Result<(), StateError> {
         self.put_leads(leads).await
     }

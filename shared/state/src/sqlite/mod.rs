@@ -12,7 +12,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::{
-    Claim, Completion, Counts, Cursor, Lease, MarkOutcome, Millis, OpportunityState, Page, PendingChange, Source,
+    Claim, Completion, Counts, Cursor, Lease, MarkOutcome, Millis, OpportunityState, Page, PendingChange, Run, Source,
     StateError, StateStore, Status, SyncError, TransformResult, WriteResult, Written, minute_of, new_token,
 };
 
@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS links (connection TEXT PRIMARY KEY, opportunity TEXT 
 CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS leads (key TEXT PRIMARY KEY, lead_id INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS budget_members (member TEXT PRIMARY KEY, until INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, started INTEGER NOT NULL, keep_until INTEGER NOT NULL,
+    run TEXT NOT NULL);
 ";
 
 const COLUMNS: &str = "id, status, version, deleted, modified_on, plan, written, attempts, \

@@ -670,6 +670,51 @@ impl StateStore for SqliteStore {
         let rows: Vec<Vec<SqlValue>> = keys.iter().map(|k| vec![SqlValue::Text(k.clone())]).collect();
         self.execute_all("DELETE FROM leads WHERE key = ?1", rows).await
     }
+
+    async fn record_run(&self, run: &Run, keep_ms: i64) -> Result<(), StateError> {
+        let json = serde_json::to_string(run).map_err(|e| StateError::Corrupt {
+            key: "run".into(),
+            reason: e.to_string(),
+        })?;
+        let (started, ended) = (run.started, run.ended);
+        self.in_transaction(move |t| {
+            t.execute("DELETE FROM runs WHERE keep_until < ?1", params![ended])
+                .map_err(sql)?;
+            t.execute(
+                "INSERT INTO runs (started, keep_until, run) VALUES (?1, ?2, ?3)",
+                params![started, ended.saturating_add(keep_ms), json],
+            )
+            .map_err(sql)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn runs(&self, limit: usize, now: Millis) -> Result<Vec<Run>, StateError> {
+        self.run(move |c| {
+            let mut stmt = match c
+                .prepare("SELECT run FROM runs WHERE keep_until >= ?1 ORDER BY started DESC, id DESC LIMIT ?2")
+            {
+                Ok(stmt) => stmt,
+                // A file an older oppsync wrote, opened read-only, has no run history yet.
+                Err(e) if e.to_string().contains("no such table") => return Ok(Vec::new()),
+                Err(e) => return Err(sql(e)),
+            };
+            let rows = stmt
+                .query_map(params![now, limit as i64], |r| r.get::<_, String>(0))
+                .map_err(sql)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let text = row.map_err(sql)?;
+                out.push(serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+                    key: "run".into(),
+                    reason: e.to_string(),
+                })?);
+            }
+            Ok(out)
+        })
+        .await
+    }
 }
 
 /// [`StateStore::claim`] inside a transaction.

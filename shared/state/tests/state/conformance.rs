@@ -8,7 +8,7 @@ use oppsync_mapping::{
     plan_upsert,
 };
 use oppsync_state::{
-    Completion, MarkOutcome, PendingChange, Source, StateError, StateStore, Status, SyncError, TransformResult,
+    Completion, MarkOutcome, PendingChange, Run, Source, StateError, StateStore, Status, SyncError, TransformResult,
     WriteResult, Written,
 };
 use serde_json::json;
@@ -1073,4 +1073,36 @@ pub async fn a_group_is_claimed_and_completed_as_each_would_be_alone<S: StateSto
         assert_eq!(state.status, status, "record {n}");
         assert_eq!(state.written, Some(w.clone()), "record {n}: what was written is kept");
     }
+}
+
+/// GIVEN runs recorded over time WHEN the history is read THEN the newest come first, `limit`
+/// holds, and a run past its keeping time is gone.
+pub async fn the_run_history_lists_the_newest_runs_first_and_forgets_old_ones(store: impl StateStore) {
+    let day = 86_400_000;
+    let t0 = 1_800_000_000_000;
+    let run = |k: i64, written: u64| Run {
+        command: "sync".into(),
+        started: t0 + k * 60_000,
+        ended: t0 + k * 60_000 + 5_000,
+        read: written + 1,
+        written,
+        marketo_calls: 3,
+        stopped: (k == 2).then(|| "Marketo's daily API quota is spent (607)".to_owned()),
+        ..Run::default()
+    };
+    assert!(store.runs(10, t0).await.unwrap().is_empty());
+    for k in 0..3 {
+        store.record_run(&run(k, k as u64 * 10), 30 * day).await.unwrap();
+    }
+    let runs = store.runs(10, t0 + day).await.unwrap();
+    assert_eq!(runs, vec![run(2, 20), run(1, 10), run(0, 0)]);
+    assert_eq!(store.runs(2, t0 + day).await.unwrap(), vec![run(2, 20), run(1, 10)]);
+    // 31 days on, a new run is recorded and the three old ones are past their time.
+    let late = Run {
+        started: t0 + 31 * day,
+        ended: t0 + 31 * day + 1_000,
+        ..run(0, 7)
+    };
+    store.record_run(&late, 30 * day).await.unwrap();
+    assert_eq!(store.runs(10, t0 + 31 * day + 2_000).await.unwrap(), vec![late]);
 }

@@ -29,6 +29,7 @@ macro_rules! for_both_stores {
 }
 
 for_both_stores!(
+    the_run_history_lists_the_newest_runs_first_and_forgets_old_ones,
     a_cursor_starts_empty_and_moves_only_under_the_lease,
     a_lease_cannot_be_taken_while_held_and_expires_by_itself,
     a_poller_whose_lease_expired_cannot_move_the_cursor_or_renew,
