@@ -51,16 +51,8 @@ pub async fn run(args: ResyncArgs) -> Result<ExitCode, CliError> {
         pipeline.leave_budget().await;
         // A dry run changes nothing, so it is not a run of the sync.
         if !args.dry_run {
-            let times = oppsync_pipeline::RunTimes {
-                command: "resync",
-                started,
-                ended: pipeline.now(),
-            };
             pipeline
-                .record_run(match &report {
-                    Ok(r) => times.resync(r),
-                    Err(e) => times.failed(e),
-                })
+                .record_outcome("resync", started, &report, oppsync_pipeline::RunTimes::resync)
                 .await;
         }
         let report = report.map_err(fatal)?;

@@ -177,16 +177,8 @@ pub async fn transform<S: StateStore, D: DataversePort, M: MarketoPort>(
     let started = pipeline.now();
     let result = pipeline.transform(&ids, false).await;
     metrics.count("DataverseCalls", pipeline.dataverse().requests() - requests_before);
-    let times = RunTimes {
-        command: "transformer",
-        started,
-        ended: pipeline.now(),
-    };
     pipeline
-        .record_run(match &result {
-            Ok(report) => times.transform(report),
-            Err(e) => times.failed(e),
-        })
+        .record_outcome("transformer", started, &result, RunTimes::transform)
         .await;
     let response = match result {
         Ok(report) => {
@@ -232,16 +224,8 @@ pub async fn write<S: StateStore, D: DataversePort, M: MarketoPort>(
     let stop_at = deadline.checked_sub(Duration::from_secs(60)).unwrap_or(deadline);
     let started = pipeline.now();
     let result = pipeline.write_until(&ids, Some(stop_at)).await;
-    let times = RunTimes {
-        command: "writer",
-        started,
-        ended: pipeline.now(),
-    };
     pipeline
-        .record_run(match &result {
-            Ok(report) => times.write(report),
-            Err(e) => times.failed(e),
-        })
+        .record_outcome("writer", started, &result, RunTimes::write)
         .await;
     match result {
         Ok(report) => {
@@ -290,18 +274,10 @@ pub async fn poll<S: StateStore, D: DataversePort, M: MarketoPort>(
     let stop_at = deadline.checked_sub(margin).unwrap_or(deadline);
     let started = pipeline.now();
     let result = pipeline.poll(Some(stop_at)).await;
-    let times = RunTimes {
-        command: "poller",
-        started,
-        ended: pipeline.now(),
-    };
     // A poll another poller's lease turned away did nothing: not a run.
     if !result.as_ref().is_ok_and(|r| r.busy) {
         pipeline
-            .record_run(match &result {
-                Ok(report) => times.poll(report),
-                Err(e) => times.failed(e),
-            })
+            .record_outcome("poller", started, &result, RunTimes::poll)
             .await;
     }
     let report = result?;
@@ -339,16 +315,8 @@ pub async fn resync<S: StateStore, D: DataversePort, M: MarketoPort>(
     let result = pipeline.resync(target, request.dry_run).await;
     // A dry run changes nothing, so it is not a run of the sync.
     if !request.dry_run {
-        let times = RunTimes {
-            command: "resync-function",
-            started,
-            ended: pipeline.now(),
-        };
         pipeline
-            .record_run(match &result {
-                Ok(report) => times.resync(report),
-                Err(e) => times.failed(e),
-            })
+            .record_outcome("resync-function", started, &result, RunTimes::resync)
             .await;
     }
     let report = result?;

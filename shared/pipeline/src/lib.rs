@@ -243,6 +243,27 @@ impl<S: StateStore, D, M> Pipeline<S, D, M> {
             tracing::warn!(error = %e, command = %run.command, "could not record the run in the run history");
         }
     }
+
+    /// Records `command`, begun at `started` and ending now: its report as `made` reads it, or
+    /// the error that ended it as the stop reason.
+    pub async fn record_outcome<T, E: std::fmt::Display>(
+        &self,
+        command: &'static str,
+        started: Millis,
+        outcome: &Result<T, E>,
+        made: impl FnOnce(&RunTimes, &T) -> oppsync_state::Run,
+    ) {
+        let times = RunTimes {
+            command,
+            started,
+            ended: self.now(),
+        };
+        self.record_run(match outcome {
+            Ok(report) => made(&times, report),
+            Err(e) => times.failed(e),
+        })
+        .await;
+    }
 }
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
