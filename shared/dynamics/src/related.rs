@@ -86,7 +86,8 @@ impl DataverseClient {
 
     /// Everything the mapping needs for a batch of opportunities, in a handful of requests:
     /// active opportunity→contact connections with their roles expanded, the contacts (customers
-    /// and stakeholders), and the accounts (customers and the contacts' parents).
+    /// and stakeholders), the accounts (customers and the contacts' parents), and the owners
+    /// that are users (when `_ownerid_value` was selected: sales persons are synced).
     pub async fn related(&self, opportunities: &[Opportunity]) -> Result<(Related, Vec<RecordError>), DataverseError> {
         let opportunity_ids: Vec<String> = opportunities.iter().map(|o| o.id.to_string()).collect();
         let connections = self
@@ -133,7 +134,24 @@ impl DataverseClient {
                 contact_ids.insert(id.to_ascii_lowercase());
             }
         }
+        // Owners: users, or lookups without their table (read as users; a team is not one).
+        let user_ids: BTreeSet<String> = opportunities
+            .iter()
+            .filter_map(|o| o.owner)
+            .filter(|owner| !matches!(owner.table, Some(Table::Team) | Some(Table::Other)))
+            .map(|owner| owner.id.to_string())
+            .collect();
+        let user_ids: Vec<String> = user_ids.into_iter().collect();
         let contact_ids: Vec<String> = contact_ids.into_iter().collect();
+        // The owners are read beside the contacts: one round trip for both.
+        let users = self.read_in(
+            EntitySet::SystemUsers,
+            "systemuserid",
+            &user_ids,
+            &["systemuserid", "internalemailaddress", "firstname", "lastname"],
+            None,
+            None,
+        );
         let contacts = self
             .read_in(
                 EntitySet::Contacts,
@@ -148,8 +166,8 @@ impl DataverseClient {
                 ],
                 None,
                 None,
-            )
-            .await?;
+            );
+        let (contacts, users) = tokio::try_join!(contacts, users)?;
         for c in &contacts {
             if let Ok(contact) = oppsync_mapping::Contact::from_json(c.clone()) {
                 match contact.parent {
@@ -174,7 +192,9 @@ impl DataverseClient {
                 None,
             )
             .await?;
-        Ok(Related::from_json(accounts, contacts, Vec::new(), connections))
+        let (mut related, mut rejected) = Related::from_json(accounts, contacts, Vec::new(), connections);
+        rejected.extend(related.add_users(users));
+        Ok((related, rejected))
     }
 
     /// Reads opportunities by id (a resync of named records).

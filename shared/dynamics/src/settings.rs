@@ -15,6 +15,7 @@ pub enum EntitySet {
     Contacts,
     Connections,
     ConnectionRoles,
+    SystemUsers,
 }
 
 impl EntitySet {
@@ -25,6 +26,7 @@ impl EntitySet {
             EntitySet::Contacts => "contacts",
             EntitySet::Connections => "connections",
             EntitySet::ConnectionRoles => "connectionroles",
+            EntitySet::SystemUsers => "systemusers",
         }
     }
     /// The table's logical name (EntityDefinitions' `LogicalName`).
@@ -35,6 +37,7 @@ impl EntitySet {
             EntitySet::Contacts => "contact",
             EntitySet::Connections => "connection",
             EntitySet::ConnectionRoles => "connectionrole",
+            EntitySet::SystemUsers => "systemuser",
         }
     }
     pub fn key(self) -> &'static str {
@@ -44,6 +47,7 @@ impl EntitySet {
             EntitySet::Contacts => "contactid",
             EntitySet::Connections => "connectionid",
             EntitySet::ConnectionRoles => "connectionroleid",
+            EntitySet::SystemUsers => "systemuserid",
         }
     }
 }

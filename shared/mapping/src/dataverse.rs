@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::ids::{AccountId, ContactId, Guid, GuidError, OpportunityId};
+use crate::ids::{AccountId, ContactId, Guid, GuidError, OpportunityId, UserId};
 
 /// Suffix of the formatted-value annotation (option set labels, lookup names, formatted money).
 pub const FORMATTED_VALUE: &str = "@OData.Community.Display.V1.FormattedValue";
@@ -65,6 +65,10 @@ pub enum Table {
     Account,
     Contact,
     Opportunity,
+    /// `systemuser`: a user (an owner).
+    User,
+    /// `team`: a team (an owner).
+    Team,
     Other,
 }
 
@@ -74,6 +78,8 @@ impl Table {
             "account" => Table::Account,
             "contact" => Table::Contact,
             "opportunity" => Table::Opportunity,
+            "systemuser" => Table::User,
+            "team" => Table::Team,
             _ => Table::Other,
         }
     }
@@ -173,6 +179,8 @@ pub struct Opportunity {
     pub customer: CustomerFields,
     /// `statecode`: 0 Open, 1 Won, 2 Lost.
     pub state: Option<i64>,
+    /// `ownerid`: a user or a team; read when sales persons are synced.
+    pub owner: Option<LookupRef>,
     pub attributes: Map<String, Value>,
 }
 
@@ -193,6 +201,8 @@ impl Opportunity {
             modified_on: attributes.get("modifiedon").and_then(Value::as_str).map(str::to_owned),
             customer,
             state: read_i64(&attributes, "statecode"),
+            // A malformed owner costs the sales person (a plan warning), not the record.
+            owner: read_lookup(&attributes, E, "_ownerid_value").ok().flatten(),
             attributes,
         })
     }
@@ -224,6 +234,43 @@ impl Account {
         Ok(Account {
             id: AccountId(require_guid(&map, E, "accountid")?),
             name: map.get("name").and_then(Value::as_str).map(str::to_owned),
+        })
+    }
+}
+
+/// A user row (`systemuserid`, `internalemailaddress`, `firstname`, `lastname`): an owner, who
+/// becomes a Marketo sales person.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SystemUser {
+    pub id: UserId,
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+}
+
+/// Personal data stays out of logs: the id only.
+impl std::fmt::Debug for SystemUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SystemUser").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl SystemUser {
+    pub fn from_json(value: Value) -> Result<Self, RecordError> {
+        const E: &str = "systemuser";
+        let map = into_object(value, E)?;
+        let text = |k: &str| {
+            map.get(k)
+                .and_then(Value::as_str)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        Ok(SystemUser {
+            id: UserId(require_guid(&map, E, "systemuserid")?),
+            email: text("internalemailaddress"),
+            first_name: text("firstname"),
+            last_name: text("lastname"),
         })
     }
 }
@@ -399,6 +446,8 @@ pub struct Related {
     pub contacts: HashMap<ContactId, Contact>,
     pub roles: HashMap<Guid, ConnectionRole>,
     pub stakeholders: HashMap<OpportunityId, Vec<StakeholderLink>>,
+    /// Owners that are users, read when sales persons are synced.
+    pub users: HashMap<UserId, SystemUser>,
 }
 
 impl Related {
@@ -412,6 +461,22 @@ impl Related {
 
     pub fn add_contact(&mut self, contact: Contact) {
         self.contacts.insert(contact.id, contact);
+    }
+
+    pub fn add_user(&mut self, user: SystemUser) {
+        self.users.insert(user.id, user);
+    }
+
+    /// Parses `systemusers` rows; the rows that cannot be used are returned.
+    pub fn add_users(&mut self, rows: Vec<Value>) -> Vec<RecordError> {
+        let mut rejected = Vec::new();
+        for v in rows {
+            match SystemUser::from_json(v) {
+                Ok(u) => self.add_user(u),
+                Err(e) => rejected.push(e),
+            }
+        }
+        rejected
     }
 
     pub fn add_role(&mut self, role: ConnectionRole) {

@@ -154,6 +154,11 @@ entity_id!(
     /// `contact.contactid`; a contact becomes a Marketo lead.
     ContactId
 );
+entity_id!(
+    /// `systemuser.systemuserid`; an opportunity's owner, and the Marketo sales person's
+    /// `externalSalesPersonId` (stable when the user's email changes).
+    UserId
+);
 
 #[cfg(test)]
 mod tests {

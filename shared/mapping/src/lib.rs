@@ -24,9 +24,9 @@ pub mod plan;
 pub mod rules;
 
 pub use config::{ConfigError, ConfigErrors, LeadMatch, Mapping, MappingConfig};
-pub use dataverse::{Account, Connection, ConnectionRole, Contact, Opportunity, RecordError, Related};
-pub use ids::{AccountId, ContactId, Guid, GuidError, OpportunityId};
+pub use dataverse::{Account, Connection, ConnectionRole, Contact, Opportunity, RecordError, Related, SystemUser};
+pub use ids::{AccountId, ContactId, Guid, GuidError, OpportunityId, UserId};
 pub use plan::{
-    Action, Change, Company, Desired, Lead, Plan, PlanHash, Role, Warning, WrittenRole, plan_change, plan_delete,
+    Action, Change, Company, Desired, Lead, Plan, PlanHash, Role, SalesPerson, Warning, WrittenRole, plan_change, plan_delete,
     plan_upsert,
 };

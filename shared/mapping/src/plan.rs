@@ -11,8 +11,8 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use crate::config::{LeadMatch, Mapping};
 use crate::convert::FieldOutcome;
-use crate::dataverse::{Opportunity, Related};
-use crate::ids::{AccountId, ContactId, OpportunityId};
+use crate::dataverse::{Opportunity, Related, Table};
+use crate::ids::{AccountId, ContactId, OpportunityId, UserId};
 use crate::rules::{apply_customer_rules, potential_customer, stakeholder_roles};
 
 /// Marketo's length for the opportunity role's `role` field.
@@ -59,6 +59,26 @@ pub struct Company {
     pub name: Option<String>,
 }
 
+/// A Marketo sales person, upserted by `externalSalesPersonId` before the opportunity that
+/// names it: the opportunity's owner when the owner is a user.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SalesPerson {
+    pub external_sales_person_id: UserId,
+    /// `None` when the user could not be read (a warning says so) or has none.
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+}
+
+/// Personal data stays out of logs: the id only.
+impl fmt::Debug for SalesPerson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SalesPerson")
+            .field("external_sales_person_id", &self.external_sales_person_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A contact that a role needs as a Marketo lead.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Lead {
@@ -89,6 +109,10 @@ pub struct WrittenRole {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Desired {
     pub company: Option<Company>,
+    /// The owner as a sales person (`[mapping] sales_persons`). Absent from the stored form
+    /// when there is none, so plans made without sales persons keep their hashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sales_person: Option<SalesPerson>,
     /// Marketo opportunity fields, `externalOpportunityId` and `externalCompanyId` included.
     pub opportunity: BTreeMap<String, Value>,
     pub leads: Vec<Lead>,
@@ -285,6 +309,19 @@ pub fn plan_upsert(
         outcome.account.map_or(Value::Null, |a| Value::String(a.to_string())),
     );
 
+    let sales_person = if mapping.sales_persons {
+        let person = sales_person_for(opportunity, related, &mut warnings);
+        fields.insert(
+            crate::config::EXTERNAL_SALES_PERSON_ID.to_owned(),
+            person
+                .as_ref()
+                .map_or(Value::Null, |p| Value::String(p.external_sales_person_id.to_string())),
+        );
+        person
+    } else {
+        None
+    };
+
     // Roles by (contact, role name); the customer role is primary and wins a tie.
     // Contacts whose roles cannot be known now (the contact or its connection role could not be
     // read): what was written for them is kept, not deleted, until they can be read.
@@ -350,6 +387,7 @@ pub fn plan_upsert(
 
     let action = Action::Upsert(Desired {
         company,
+        sales_person,
         opportunity: fields,
         leads: leads.into_values().collect(),
         roles,
@@ -361,6 +399,54 @@ pub fn plan_upsert(
         action,
         role_deletions,
         warnings,
+    }
+}
+
+/// The owner rule: an opportunity owned by a user gets that user as its sales person; one owned
+/// by a team gets none (a Marketo sales person is a person, and a team has no one email), so
+/// its `externalSalesPersonId` is emptied and a warning names the team.
+fn sales_person_for(opportunity: &Opportunity, related: &Related, warnings: &mut Vec<Warning>) -> Option<SalesPerson> {
+    let field = crate::config::EXTERNAL_SALES_PERSON_ID;
+    let Some(owner) = opportunity.owner else {
+        if opportunity.attribute("_ownerid_value").is_some_and(|v| !v.is_null()) {
+            warnings.push(Warning::new(
+                field,
+                "the owner (_ownerid_value) is not a GUID; the opportunity has no sales person",
+            ));
+        }
+        return None;
+    };
+    let user = UserId(owner.id);
+    match owner.table {
+        Some(Table::Team) => {
+            warnings.push(Warning::new(
+                field,
+                format!("the owner is team {}; a team is not a sales person, so the opportunity has none in Marketo (assign a user in Dynamics to give it one)", owner.id),
+            ));
+            None
+        }
+        Some(Table::User) | None if related.users.contains_key(&user) || owner.table.is_some() => {
+            let record = related.users.get(&user);
+            if record.is_none() {
+                warnings.push(Warning::new(
+                    field,
+                    format!("user {user} could not be read; the sales person is upserted without an email or a name"),
+                ));
+            }
+            Some(SalesPerson {
+                external_sales_person_id: user,
+                email: record.and_then(|u| u.email.clone()).filter(|e| is_email(e)),
+                first_name: record.and_then(|u| u.first_name.clone()),
+                last_name: record.and_then(|u| u.last_name.clone()),
+            })
+        }
+        _ => {
+            warnings.push(Warning::new(
+                field,
+                format!("the owner {} is neither a readable user nor a team; the opportunity has no sales person", owner.id),
+            ));
+            None
+        }
     }
 }
 

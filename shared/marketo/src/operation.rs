@@ -18,6 +18,9 @@ pub enum Operation {
     RoleDescribe,
     CompanySync,
     CompanyQuery,
+    SalesPersonSync,
+    SalesPersonQuery,
+    SalesPersonDescribe,
     LeadQuery,
     LeadSync,
     Usage,
@@ -25,10 +28,13 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation, in the order reports list them.
-    pub const ALL: [Operation; 14] = [
+    pub const ALL: [Operation; 17] = [
         Operation::Identity,
         Operation::CompanySync,
         Operation::CompanyQuery,
+        Operation::SalesPersonSync,
+        Operation::SalesPersonQuery,
+        Operation::SalesPersonDescribe,
         Operation::LeadQuery,
         Operation::LeadSync,
         Operation::OpportunitySync,
@@ -56,6 +62,9 @@ impl Operation {
             Operation::RoleDescribe => "roles.describe",
             Operation::CompanySync => "companies.sync",
             Operation::CompanyQuery => "companies.query",
+            Operation::SalesPersonSync => "salespersons.sync",
+            Operation::SalesPersonQuery => "salespersons.query",
+            Operation::SalesPersonDescribe => "salespersons.describe",
             Operation::LeadQuery => "leads.query",
             Operation::LeadSync => "leads.sync",
             Operation::Usage => "stats.usage",

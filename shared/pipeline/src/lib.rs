@@ -17,8 +17,8 @@ use std::time::Instant;
 
 use oppsync_dynamics::{ChangeDetection, DataverseClient, DataverseError, EntitySet, Watermark};
 use oppsync_mapping::{
-    AccountId, Action, Change, ContactId, Desired, LeadMatch, Opportunity, OpportunityId, Plan, PlanHash, Related,
-    WrittenRole, plan_change,
+    Action, Change, ContactId, Desired, Guid, LeadMatch, Opportunity, OpportunityId, Plan, PlanHash, Related,
+    SalesPerson, WrittenRole, plan_change,
 };
 use oppsync_marketo::{Disposition, MarketoClient, MarketoError, Operation, RecordOutcome, RoleKey, RoleRecord};
 use oppsync_state::{
@@ -93,7 +93,9 @@ pub struct Pipeline<S, D = DataverseClient, M = MarketoClient> {
     /// Names this process in the lease.
     owner: String,
     /// Companies this process has upserted.
-    companies: CompanyCache,
+    companies: WrittenCache,
+    /// Sales persons this process has upserted.
+    sales_persons: WrittenCache,
     /// This process among the Marketo budget's members.
     member: String,
     /// Whether the Marketo adapter counts its calls in the store (set at the first write).
@@ -122,7 +124,8 @@ impl<S, D, M> Pipeline<S, D, M> {
             clock: system_clock(),
             member: budget::member_name(&owner),
             owner,
-            companies: CompanyCache::default(),
+            companies: WrittenCache::default(),
+            sales_persons: WrittenCache::default(),
             counted: Arc::default(),
             preflight: Arc::default(),
             front: Arc::default(),
@@ -146,6 +149,7 @@ impl<S, D, M> Pipeline<S, D, M> {
             clock: self.clock,
             owner: self.owner,
             companies: self.companies,
+            sales_persons: self.sales_persons,
             member: self.member,
             // The new adapter has not been given the ledger yet, nor been checked.
             counted: Arc::default(),
@@ -180,36 +184,42 @@ impl<S, D, M> Pipeline<S, D, M> {
     }
 }
 
-/// The companies this process has upserted, with the name written. A company is the account of
-/// many opportunities; without this it would be upserted again in every batch that mentions it.
-/// A company whose name changed is written again. Resync bypasses it.
+/// Records this process has upserted (companies, sales persons), by id, with a hash of what was
+/// written. A company is the account of many opportunities, a sales person the owner of many:
+/// without this each would be upserted again in every batch that mentions it. A record whose
+/// content changed (a renamed account, a user's new email) is written again. Resync bypasses it.
 #[derive(Clone, Default)]
-pub struct CompanyCache(Arc<Mutex<HashMap<AccountId, u64>>>);
+pub struct WrittenCache(Arc<Mutex<HashMap<Guid, u64>>>);
 
-/// Past this many companies the cache starts over: a bound on memory (an id and a hash of the
-/// name each, about 32 MB when full), not a correctness limit. At 200,000 names a million
-/// opportunities' 500,000 companies were each written twice (1.33x the minimum calls).
-const COMPANY_CACHE_MAX: usize = 1_000_000;
+/// Past this many records the cache starts over: a bound on memory (an id and a hash each,
+/// about 32 MB when full), not a correctness limit. At 200,000 names a million opportunities'
+/// 500,000 companies were each written twice (1.33x the minimum calls).
+const WRITTEN_CACHE_MAX: usize = 1_000_000;
 
-impl CompanyCache {
-    fn holds(&self, id: AccountId, name: &Option<String>) -> bool {
+impl WrittenCache {
+    fn holds<T: std::hash::Hash>(&self, id: Guid, content: &T) -> bool {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&id) == Some(&Self::name_hash(name))
+        map.get(&id) == Some(&Self::content_hash(content))
     }
 
-    fn remember(&self, id: AccountId, name: &Option<String>) {
+    fn remember<T: std::hash::Hash>(&self, id: Guid, content: &T) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= COMPANY_CACHE_MAX {
+        if map.len() >= WRITTEN_CACHE_MAX {
             map.clear();
         }
-        map.insert(id, Self::name_hash(name));
+        map.insert(id, Self::content_hash(content));
     }
 
-    /// The name as the cache keeps it: a rename changes it (a 64-bit collision aside).
-    fn name_hash(name: &Option<String>) -> u64 {
-        use std::hash::{Hash, Hasher};
+    /// Forgets a record (Marketo no longer has it: the next write sends it again).
+    fn forget(&self, id: Guid) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    /// The content as the cache keeps it: a change changes it (a 64-bit collision aside).
+    fn content_hash<T: std::hash::Hash>(content: &T) -> u64 {
+        use std::hash::Hasher;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        name.hash(&mut hasher);
+        content.hash(&mut hasher);
         hasher.finish()
     }
 }
@@ -224,6 +234,7 @@ impl<S: Clone, D: Clone, M: Clone> Clone for Pipeline<S, D, M> {
             clock: self.clock.clone(),
             owner: self.owner.clone(),
             companies: self.companies.clone(),
+            sales_persons: self.sales_persons.clone(),
             // A clone is the same process, on adapters that share their state.
             member: self.member.clone(),
             counted: self.counted.clone(),
@@ -287,20 +298,21 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use oppsync_mapping::AccountId;
 
     /// A million opportunities name 500,000 companies: each is written once, so the cache
     /// holds at least that many, and a rename is written again.
     #[test]
     fn the_company_cache_holds_half_a_million_companies_and_sees_a_rename() {
-        let cache = CompanyCache::default();
-        let id = |n: u128| AccountId::parse(&format!("a0000000-0000-4000-8000-{n:012}")).unwrap();
+        let cache = WrittenCache::default();
+        let id = |n: u128| AccountId::parse(&format!("a0000000-0000-4000-8000-{n:012}")).unwrap().0;
         let name = |n: u128| Some(format!("Account {n}"));
         for n in 0..500_000u128 {
             cache.remember(id(n), &name(n));
         }
         assert!(cache.holds(id(0), &name(0)) && cache.holds(id(499_999), &name(499_999)));
-        assert!(!cache.holds(id(0), &Some("Renamed".into())));
-        assert!(!cache.holds(id(0), &None));
+        assert!(!cache.holds(id(0), &Some("Renamed".to_owned())));
+        assert!(!cache.holds(id(0), &None::<String>));
         assert!(!cache.holds(id(500_000), &name(500_000)));
     }
 }

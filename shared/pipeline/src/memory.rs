@@ -28,6 +28,8 @@ struct Tables {
     contacts: Vec<Value>,
     roles: Vec<Value>,
     connections: BTreeMap<String, Value>,
+    /// Users (opportunity owners).
+    users: Vec<Value>,
     /// Changed (Some(row)) or deleted (None) since the last read, by table.
     changed: BTreeMap<EntitySet, BTreeMap<String, Option<Value>>>,
     read_once: BTreeSet<EntitySet>,
@@ -116,6 +118,14 @@ impl MemoryDataverse {
         t.opportunities.insert(id, row);
     }
 
+    /// Creates or replaces a user row (an owner).
+    pub fn upsert_user(&self, row: Value) {
+        let mut t = guard(&self.0);
+        let id = key_of(EntitySet::SystemUsers, &row);
+        t.users.retain(|u| key_of(EntitySet::SystemUsers, u) != id);
+        t.users.push(row);
+    }
+
     /// Replaces a contact row (a changed email, say). Contacts are not change-tracked by the
     /// pipeline: the change reaches Marketo with the next change to an opportunity naming it.
     pub fn upsert_contact(&self, row: Value) {
@@ -192,6 +202,7 @@ impl MemoryDataverse {
             EntitySet::Accounts => t.accounts.clone(),
             EntitySet::Contacts => t.contacts.clone(),
             EntitySet::ConnectionRoles => t.roles.clone(),
+            EntitySet::SystemUsers => t.users.clone(),
         }
     }
 }
@@ -317,12 +328,14 @@ impl DataversePort for MemoryDataverse {
                 .cloned()
                 .collect()
         };
-        ready(Ok(Related::from_json(
+        let (mut related, mut rejected) = Related::from_json(
             t.accounts.clone(),
             readable(EntitySet::Contacts, &t.contacts),
             readable(EntitySet::ConnectionRoles, &t.roles),
             t.connections.values().cloned().collect(),
-        )))
+        );
+        rejected.extend(related.add_users(readable(EntitySet::SystemUsers, &t.users)));
+        ready(Ok((related, rejected)))
     }
 
     fn requests(&self) -> u64 {
@@ -339,6 +352,8 @@ pub struct MarketoHolds {
     pub roles: BTreeMap<RoleKey, bool>,
     /// By externalCompanyId.
     pub companies: BTreeMap<String, Map<String, Value>>,
+    /// By externalSalesPersonId.
+    pub sales_persons: BTreeMap<String, Map<String, Value>>,
     /// By lead id.
     pub leads: BTreeMap<i64, Map<String, Value>>,
     /// Operation names (`opportunities.sync`, `leads.query`, …), one per call, in order.
@@ -413,6 +428,11 @@ impl MemoryMarketo {
         let mut d = guard(&self.0);
         d.holds.opportunities.remove(external_id);
         d.holds.roles.retain(|k, _| k.external_opportunity_id != external_id);
+    }
+
+    /// A sales person deleted in Marketo: opportunities naming it are refused with 718.
+    pub fn remove_sales_person(&self, external_id: &str) {
+        guard(&self.0).holds.sales_persons.remove(external_id);
     }
 
     /// A lead deleted in Marketo (by a user, or merged away), with its roles.
@@ -492,6 +512,23 @@ impl MarketoPort for MemoryMarketo {
         &self,
         records: &[Value],
     ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        // Error-codes page, 718: a call naming a sales person Marketo does not have fails whole.
+        {
+            let mut d = guard(&self.0);
+            let unknown = records.iter().any(|r| {
+                r.get("externalSalesPersonId")
+                    .and_then(Value::as_str)
+                    .is_some_and(|id| !d.holds.sales_persons.contains_key(id))
+            });
+            if unknown {
+                d.holds.calls.push("opportunities.sync");
+                return ready(Err(MarketoError::Api {
+                    endpoint: "opportunities.sync",
+                    code: "718".into(),
+                    message: "ExternalSalesPersonID not found".into(),
+                }));
+            }
+        }
         ready(Ok(self.upsert(
             "opportunities.sync",
             "externalOpportunityId",
@@ -570,6 +607,18 @@ impl MarketoPort for MemoryMarketo {
         ready(Ok(self.upsert("companies.sync", "externalCompanyId", records, |h| {
             &mut h.companies
         })))
+    }
+
+    fn sync_sales_persons(
+        &self,
+        records: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        ready(Ok(self.upsert(
+            "salespersons.sync",
+            "externalSalesPersonId",
+            records,
+            |h| &mut h.sales_persons,
+        )))
     }
 
     fn query_leads(

@@ -69,6 +69,11 @@ pub trait MarketoPort: Clone + Send + Sync + 'static {
         &self,
         records: &[Value],
     ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send;
+    /// Creates or updates sales persons (by externalSalesPersonId).
+    fn sync_sales_persons(
+        &self,
+        records: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send;
     /// Leads whose `field` is one of `values`.
     fn query_leads(
         &self,
@@ -167,6 +172,12 @@ impl MarketoPort for MarketoClient {
     ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
         MarketoClient::sync_companies(self, records)
     }
+    fn sync_sales_persons(
+        &self,
+        records: &[Value],
+    ) -> impl Future<Output = Result<Vec<RecordOutcome>, MarketoError>> + Send {
+        MarketoClient::sync_sales_persons(self, records)
+    }
     fn query_leads(
         &self,
         field: &str,
@@ -262,6 +273,9 @@ impl MarketoPort for NoAccess {
         Err(no_marketo())
     }
     async fn sync_companies(&self, _: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        Err(no_marketo())
+    }
+    async fn sync_sales_persons(&self, _: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
         Err(no_marketo())
     }
     async fn query_leads(&self, _: &str, _: &[String], _: &[&str]) -> Result<Vec<LeadRecord>, MarketoError> {

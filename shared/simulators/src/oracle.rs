@@ -16,6 +16,8 @@ pub struct Rules {
     pub stakeholder_categories: Vec<i64>,
     /// Attribute of the sync filter; only an explicit false excludes.
     pub sync_filter: Option<String>,
+    /// Owners that are users become sales persons (`[mapping] sales_persons`).
+    pub sales_persons: bool,
 }
 
 impl Default for Rules {
@@ -24,6 +26,7 @@ impl Default for Rules {
             customer_role: "Potential Customer".into(),
             stakeholder_categories: vec![1000],
             sync_filter: None,
+            sales_persons: true,
         }
     }
 }
@@ -34,6 +37,8 @@ pub struct ExpectedOpportunity {
     pub name: Option<String>,
     pub amount: Option<f64>,
     pub external_company_id: Option<String>,
+    /// The owner, when it is a user and sales persons are synced.
+    pub external_sales_person_id: Option<String>,
     pub is_closed: bool,
     pub is_won: bool,
     pub stage: &'static str,
@@ -49,6 +54,8 @@ pub struct Expected {
     pub roles: BTreeSet<ExpectedRole>,
     /// Companies the opportunities refer to: externalCompanyId → name.
     pub companies: BTreeMap<String, Option<String>>,
+    /// Sales persons the opportunities refer to: externalSalesPersonId → email (lowercase).
+    pub sales_persons: BTreeMap<String, Option<String>>,
 }
 
 fn text(row: &Row, key: &str) -> Option<String> {
@@ -69,6 +76,7 @@ pub fn expected(dv: &DataverseSim, rules: &Rules) -> Expected {
     let accounts: BTreeMap<String, Row> = dv.rows(Table::Accounts).into_iter().collect();
     let contacts: BTreeMap<String, Row> = dv.rows(Table::Contacts).into_iter().collect();
     let roles: BTreeMap<String, Row> = dv.rows(Table::ConnectionRoles).into_iter().collect();
+    let users: BTreeMap<String, Row> = dv.rows(Table::SystemUsers).into_iter().collect();
     let mut out = Expected::default();
     let contact_email = |id: &str| -> Option<String> {
         let email = text(contacts.get(id)?, "emailaddress1")?;
@@ -138,6 +146,17 @@ pub fn expected(dv: &DataverseSim, rules: &Rules) -> Expected {
             out.companies
                 .insert(account.clone(), accounts.get(account).and_then(|a| text(a, "name")));
         }
+        // The owner rule: a user is the sales person; a team is none.
+        let sales_person = text(&o, "_ownerid_value")
+            .filter(|_| rules.sales_persons && o.lookups.get("_ownerid_value") == Some(&"systemuser"));
+        if let Some(user) = &sales_person {
+            let email = users
+                .get(user)
+                .and_then(|u| text(u, "internalemailaddress"))
+                .filter(|e| valid_email(e))
+                .map(|e| e.trim().to_ascii_lowercase());
+            out.sales_persons.insert(user.clone(), email);
+        }
         let state = o.attributes.get("statecode").and_then(Value::as_i64).unwrap_or(0);
         out.opportunities.insert(
             id,
@@ -145,6 +164,7 @@ pub fn expected(dv: &DataverseSim, rules: &Rules) -> Expected {
                 name: text(&o, "name"),
                 amount: o.attributes.get("estimatedvalue").and_then(Value::as_f64),
                 external_company_id: company,
+                external_sales_person_id: sales_person,
                 is_closed: state != 0,
                 is_won: state == 1,
                 stage: match state {
@@ -178,7 +198,7 @@ pub fn differences(expected: &Expected, marketo: &Snapshot, ignore: &BTreeSet<St
         };
         let s = |k: &str| got.get(k).and_then(Value::as_str).map(str::to_owned);
         let b = |k: &str| got.get(k).and_then(Value::as_bool).unwrap_or(false);
-        let checks: [(&str, bool); 6] = [
+        let checks: [(&str, bool); 7] = [
             ("name", s("name") == want.name),
             (
                 "amount",
@@ -186,6 +206,10 @@ pub fn differences(expected: &Expected, marketo: &Snapshot, ignore: &BTreeSet<St
                     == want.amount.map(|a| (a * 100.0).round()),
             ),
             ("externalCompanyId", s("externalCompanyId") == want.external_company_id),
+            (
+                "externalSalesPersonId",
+                s("externalSalesPersonId") == want.external_sales_person_id,
+            ),
             ("isClosed", b("isClosed") == want.is_closed),
             ("isWon", b("isWon") == want.is_won),
             ("stage", s("stage").as_deref() == Some(want.stage)),
@@ -199,6 +223,7 @@ pub fn differences(expected: &Expected, marketo: &Snapshot, ignore: &BTreeSet<St
                         "name" => format!("{:?}", want.name),
                         "amount" => format!("{:?}", want.amount),
                         "externalCompanyId" => format!("{:?}", want.external_company_id),
+                        "externalSalesPersonId" => format!("{:?}", want.external_sales_person_id),
                         "isClosed" => want.is_closed.to_string(),
                         "isWon" => want.is_won.to_string(),
                         _ => want.stage.to_owned(),
@@ -255,6 +280,20 @@ pub fn differences(expected: &Expected, marketo: &Snapshot, ignore: &BTreeSet<St
                 out.push(format!("company {id}: name {:?}, expected {name:?}", c.get("company")))
             }
             Some(_) => {}
+        }
+    }
+    for (id, email) in &expected.sales_persons {
+        match marketo.sales_persons.get(id) {
+            None => out.push(format!("sales person {id}: missing in Marketo")),
+            Some(p) => {
+                let got = p
+                    .get("email")
+                    .and_then(Value::as_str)
+                    .map(|e| e.trim().to_ascii_lowercase());
+                if email.is_some() && &got != email {
+                    out.push(format!("sales person {id}: email differs from the owner's in Dynamics"));
+                }
+            }
         }
     }
     out

@@ -198,6 +198,9 @@ pub struct Sent {
     pub opportunity: u64,
     /// The company record, when there is one.
     pub company: Option<u64>,
+    /// The sales person record, when there is one (absent in what older versions stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sales_person: Option<u64>,
     /// Each role (its contact, role name, primary flag and the contact's lead key), sorted.
     pub roles: Vec<u64>,
 }

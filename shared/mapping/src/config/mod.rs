@@ -36,6 +36,10 @@ pub struct MappingConfig {
     pub leads: LeadsConfig,
     #[serde(default)]
     pub deletes: DeletesConfig,
+    /// Each opportunity's owner (a Dynamics user) becomes a Marketo sales person, and the
+    /// opportunity carries its `externalSalesPersonId`, as the native sync does.
+    #[serde(default = "yes")]
+    pub sales_persons: bool,
 }
 
 fn yes() -> bool {
@@ -52,6 +56,7 @@ impl Default for MappingConfig {
             roles: RolesConfig::default(),
             leads: LeadsConfig::default(),
             deletes: DeletesConfig::default(),
+            sales_persons: true,
         }
     }
 }
@@ -208,6 +213,8 @@ pub struct Mapping {
     pub create_missing_leads: bool,
     pub delete_opportunities: bool,
     pub delete_roles: bool,
+    /// Owners become sales persons (`[mapping] sales_persons`).
+    pub sales_persons: bool,
 }
 
 impl Default for Mapping {
@@ -224,6 +231,8 @@ impl Default for Mapping {
 pub const EXTERNAL_OPPORTUNITY_ID: &str = "externalOpportunityId";
 /// Set by the Potential Customer rules, not by field selection.
 pub const EXTERNAL_COMPANY_ID: &str = "externalCompanyId";
+/// Set by the owner rule when sales persons are synced.
+pub const EXTERNAL_SALES_PERSON_ID: &str = "externalSalesPersonId";
 
 /// The most `[[mapping.fields]]` entries a configuration may have.
 pub const MAX_FIELDS: usize = 200;
@@ -377,6 +386,15 @@ impl MappingConfig {
             );
         }
         rules.sort_by(|a, b| a.marketo.cmp(&b.marketo));
+        for (i, field) in self.fields.iter().enumerate() {
+            if self.sales_persons && field.marketo.eq_ignore_ascii_case(EXTERNAL_SALES_PERSON_ID) {
+                errors.push(
+                    format!("mapping.fields[{i}].marketo"),
+                    "externalSalesPersonId is set from the opportunity's owner while mapping.sales_persons is on",
+                    "remove this entry, or set mapping.sales_persons = false to map the field yourself",
+                );
+            }
+        }
 
         if let Some(attr) = &self.sync_filter
             && !is_logical_name(attr)
@@ -457,6 +475,7 @@ impl MappingConfig {
                 create_missing_leads,
                 delete_opportunities,
                 delete_roles,
+                sales_persons: self.sales_persons,
             })
         } else {
             Err(ConfigErrors(errors.0))
@@ -486,6 +505,9 @@ impl Mapping {
             }
         }
         attrs.extend(self.sync_filter.clone());
+        if self.sales_persons {
+            attrs.push("_ownerid_value".to_owned());
+        }
         attrs.sort();
         attrs.dedup();
         attrs

@@ -189,5 +189,11 @@ fn the_attributes_to_select_cover_the_mapping_the_rules_and_the_filter() {
     ] {
         assert!(attrs.iter().any(|a| a == needed), "{needed} not in {attrs:?}");
     }
-    assert_eq!(Mapping::default().opportunity_attributes().len(), attrs.len() - 2);
+    // The owner is selected by default (sales persons), the filter only when set.
+    assert_eq!(Mapping::default().opportunity_attributes().len(), attrs.len() - 1);
+    let without = MappingConfig::from_toml("[mapping]\nsales_persons = false\n")
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert!(!without.opportunity_attributes().iter().any(|a| a == "_ownerid_value"));
 }

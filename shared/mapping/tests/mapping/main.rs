@@ -4,6 +4,7 @@
 mod common;
 mod config;
 mod customer_rules;
+mod owners;
 mod plans;
 mod properties;
 mod stakeholders;

@@ -36,6 +36,7 @@ fn default_fields_follow_the_native_default_mapping() {
             "description",
             "externalCompanyId",
             "externalOpportunityId",
+            "externalSalesPersonId",
             "isClosed",
             "isWon",
             "name",

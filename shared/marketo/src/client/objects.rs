@@ -1,4 +1,5 @@
-//! The endpoints oppsync uses, one method each: opportunities, roles, companies and leads
+//! The endpoints oppsync uses, one method each: opportunities, roles, companies, sales persons
+//! and leads
 //! (sync, delete, query), describe, the preflight and usage.
 
 use super::*;
@@ -171,6 +172,19 @@ impl MarketoClient {
             envelope,
             records,
             |r| r.get("externalCompanyId").map(Value::to_string).unwrap_or_default(),
+        )
+        .await
+    }
+
+    /// Creates or updates sales persons (by externalSalesPersonId; sales-persons page).
+    pub async fn sync_sales_persons(&self, records: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        let envelope = object([("action", json!("createOrUpdate")), ("dedupeBy", json!("dedupeFields"))]);
+        self.write(
+            Operation::SalesPersonSync.name(),
+            "rest/v1/salespersons.json",
+            envelope,
+            records,
+            |r| r.get("externalSalesPersonId").map(Value::to_string).unwrap_or_default(),
         )
         .await
     }

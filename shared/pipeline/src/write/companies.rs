@@ -15,7 +15,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             if let Action::Upsert(desired) = &work.plan.action
                 && let Some(company) = &desired.company
                 && !fresh
-                && self.companies.holds(company.external_company_id, &company.name)
+                && self.companies.holds(company.external_company_id.0, &company.name)
             {
                 // Written by this process already, with this name.
                 work.company_done = true;
@@ -68,7 +68,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 work.company_done = true;
                 work.touched = true;
                 if let Action::Upsert(Desired { company: Some(c), .. }) = &work.plan.action {
-                    self.companies.remember(c.external_company_id, &c.name);
+                    self.companies.remember(c.external_company_id.0, &c.name);
                 }
             }
         }

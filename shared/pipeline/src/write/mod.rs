@@ -1,11 +1,12 @@
 //! The write: ready plans go to Marketo in as few calls as the 300-record limit allows, in
-//! dependency order (companies, leads, opportunities and roles, role and opportunity
+//! dependency order (companies, sales persons, leads, opportunities and roles, role and opportunity
 //! deletions; one file each), and each record's outcome is recorded.
 
 mod companies;
 mod deletions;
 mod leads;
 mod opportunities;
+mod sales_persons;
 mod sent;
 
 use leads::{LeadId, Resolved};
@@ -102,6 +103,7 @@ pub(crate) struct Work {
     /// Hashes of the planned roles now in Marketo as planned.
     pub(crate) in_marketo: BTreeSet<u64>,
     pub(crate) company_done: bool,
+    pub(crate) sales_person_done: bool,
     /// The opportunity is in Marketo as planned (written by this try, or unchanged since the
     /// last): a retry need not send it again.
     pub(crate) opportunity_done: bool,
@@ -289,7 +291,7 @@ pub(crate) fn backoff_ms(attempts: u32) -> i64 {
 pub(crate) const PAUSE_AFTER_STOP_MS: i64 = 15 * 60_000;
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
-    /// Writes a batch of ready plans to Marketo: companies, then leads (found or created), then
+    /// Writes a batch of ready plans to Marketo: companies and sales persons, then leads (found or created), then
     /// opportunities, roles, role deletions and opportunity deletions, each as few calls as the
     /// 300-record limit allows; then records each outcome.
     #[tracing::instrument(skip_all, name = "write", fields(records = ids.len()))]
@@ -358,6 +360,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                             soft_error: None,
                             replaced: Vec::new(),
                             company_done: false,
+                            sales_person_done: false,
                             opportunity_done: false,
                             touched: false,
                             answers: Vec::new(),
@@ -795,6 +798,9 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             if let Some(stop) = self.write_companies(works, fresh).await {
                 return Some(Stop::Marketo(stop));
             }
+            if let Some(stop) = self.write_sales_persons(works, fresh, false, |_| true).await {
+                return Some(Stop::Marketo(stop));
+            }
             if Self::out_of_time(deadline) {
                 return Some(Stop::Deadline);
             }
@@ -832,6 +838,13 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
 
 /// The code a record left by the writer's deadline carries.
 pub(crate) const DEADLINE_CODE: &str = "deadline";
+
+pub(crate) fn sales_person_of(work: &Work) -> Option<&SalesPerson> {
+    match &work.plan.action {
+        Action::Upsert(d) => d.sales_person.as_ref(),
+        _ => None,
+    }
+}
 
 pub(crate) fn company_of(work: &Work) -> Option<String> {
     match &work.plan.action {

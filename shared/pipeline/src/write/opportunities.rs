@@ -7,6 +7,10 @@ use super::*;
 /// page: "not found" for a lead, or for the object generally).
 const LEAD_GONE_CODES: [&str; 2] = ["1004", "1013"];
 
+/// Error-codes page: 718 "ExternalSalesPersonID not found", a Sync Opportunities call naming a
+/// sales person Marketo does not have; the whole call fails.
+const SALES_PERSON_NOT_FOUND: &str = "718";
+
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     /// The opportunities, then their roles (on the leads already resolved: a role needs its
     /// lead's id).
@@ -21,16 +25,33 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         for work in works.iter_mut() {
             work.opportunity_done = !work.sends_opportunity();
         }
-        let records: Vec<Value> = works
-            .iter()
-            .filter(|w| sending(w))
-            .filter_map(|w| match &w.plan.action {
-                Action::Upsert(d) => Some(Value::Object(d.opportunity.clone().into_iter().collect())),
-                _ => None,
-            })
-            .collect();
+        let records_of = |works: &[Work]| -> Vec<Value> {
+            works
+                .iter()
+                .filter(|w| sending(w))
+                .filter_map(|w| match &w.plan.action {
+                    Action::Upsert(d) => Some(Value::Object(d.opportunity.clone().into_iter().collect())),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut records = records_of(works);
         if !records.is_empty() {
-            match self.marketo.sync_opportunities(&records).await {
+            let mut answered = self.marketo.sync_opportunities(&records).await;
+            if matches!(&answered, Err(e) if e.code() == SALES_PERSON_NOT_FOUND) {
+                // Marketo lacks a sales person the call names: written again, the call once
+                // more; a sales person it rejects keeps only its own records back.
+                tracing::warn!("Marketo has lost a sales person (718); writing the call's sales persons again");
+                if let Some(stop) = self.restore_sales_persons(works, sending).await {
+                    return Some(Stop::Marketo(stop));
+                }
+                records = records_of(works);
+                if !records.is_empty() {
+                    answered = self.marketo.sync_opportunities(&records).await;
+                }
+            }
+            match answered {
+                _ if records.is_empty() => {}
                 Ok(outcomes) => {
                     let mut outcomes = outcomes.into_iter();
                     for work in works.iter_mut().filter(|w| sending(w)) {
@@ -50,6 +71,14 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                                 work.guid = outcome.marketo_id.clone();
                             }
                         }
+                    }
+                }
+                Err(e) if e.code() == SALES_PERSON_NOT_FOUND => {
+                    // Still refused with every sales person just written: not these records'
+                    // fault, so they stay queued and the next run tries them again.
+                    let error = sync_error(Operation::OpportunitySync.name(), e.code(), e.to_string());
+                    for work in works.iter_mut().filter(|w| sending(w)) {
+                        work.fail(error.clone(), true);
                     }
                 }
                 Err(e) => {

@@ -20,6 +20,7 @@ const NOT_SENT: u64 = 0;
 pub(crate) struct Parts {
     pub(crate) opportunity: u64,
     pub(crate) company: Option<u64>,
+    pub(crate) sales_person: Option<u64>,
     /// By (contact, role name).
     pub(crate) roles: BTreeMap<(ContactId, String), u64>,
 }
@@ -42,6 +43,7 @@ impl Parts {
         Parts {
             opportunity: hash(&desired.opportunity),
             company: desired.company.as_ref().map(hash),
+            sales_person: desired.sales_person.as_ref().map(hash),
             roles: desired
                 .roles
                 .iter()
@@ -68,6 +70,11 @@ impl Parts {
             } else {
                 self.company.map(|_| NOT_SENT)
             },
+            sales_person: if work.sales_person_done {
+                self.sales_person
+            } else {
+                self.sales_person.map(|_| NOT_SENT)
+            },
             roles: work.in_marketo.iter().copied().collect(),
         }
     }
@@ -78,6 +85,7 @@ impl Parts {
         Sent {
             opportunity: self.opportunity,
             company: self.company,
+            sales_person: self.sales_person,
             roles: roles.iter().copied().collect(),
         }
     }
@@ -88,6 +96,14 @@ impl Work {
     pub(crate) fn sends_company(&self) -> bool {
         match (&self.parts, &self.previous) {
             (Some(parts), Some(previous)) => parts.company != previous.company,
+            _ => true,
+        }
+    }
+
+    /// Whether the sales person goes to Marketo in this write.
+    pub(crate) fn sends_sales_person(&self) -> bool {
+        match (&self.parts, &self.previous) {
+            (Some(parts), Some(previous)) => parts.sales_person != previous.sales_person,
             _ => true,
         }
     }

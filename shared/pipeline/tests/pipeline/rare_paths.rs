@@ -80,6 +80,10 @@ impl MarketoPort for Hooked {
         self.run("companies.sync").await;
         self.inner.sync_companies(records).await
     }
+    async fn sync_sales_persons(&self, records: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        self.run("salespersons.sync").await;
+        self.inner.sync_sales_persons(records).await
+    }
     async fn query_leads(
         &self,
         field: &str,

@@ -133,6 +133,8 @@ pub enum Table {
     Contacts,
     Connections,
     ConnectionRoles,
+    /// Users: opportunity owners.
+    SystemUsers,
 }
 
 impl Table {
@@ -143,6 +145,7 @@ impl Table {
             "contacts" => Table::Contacts,
             "connections" => Table::Connections,
             "connectionroles" => Table::ConnectionRoles,
+            "systemusers" => Table::SystemUsers,
             _ => return None,
         })
     }
@@ -153,6 +156,7 @@ impl Table {
             Table::Contacts => "contacts",
             Table::Connections => "connections",
             Table::ConnectionRoles => "connectionroles",
+            Table::SystemUsers => "systemusers",
         }
     }
     fn key(self) -> &'static str {
@@ -162,6 +166,7 @@ impl Table {
             Table::Contacts => "contactid",
             Table::Connections => "connectionid",
             Table::ConnectionRoles => "connectionroleid",
+            Table::SystemUsers => "systemuserid",
         }
     }
     fn logical(self) -> &'static str {
@@ -171,6 +176,7 @@ impl Table {
             Table::Contacts => "contact",
             Table::Connections => "connection",
             Table::ConnectionRoles => "connectionrole",
+            Table::SystemUsers => "systemuser",
         }
     }
 }

@@ -154,6 +154,7 @@ pub(super) fn table_of_logical(name: &str) -> Option<Table> {
         Table::Contacts,
         Table::Connections,
         Table::ConnectionRoles,
+        Table::SystemUsers,
     ]
     .into_iter()
     .find(|t| t.logical() == name)

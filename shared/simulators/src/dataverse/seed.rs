@@ -27,6 +27,8 @@ pub struct Seeded {
     pub opportunities: Vec<String>,
     pub accounts: Vec<String>,
     pub contacts: Vec<String>,
+    /// The users that own opportunities.
+    pub users: Vec<String>,
     /// Connection pairs, by opportunity.
     pub stakeholders: BTreeMap<String, Vec<(String, String)>>,
 }
@@ -80,6 +82,26 @@ impl DataverseSim {
             );
             out.accounts.push(id);
         }
+        // Owners: about one user per hundred opportunities, as a sales team would have.
+        let users = (n / 100).clamp(1, 300);
+        for u in 0..users {
+            let id = seed_id(0x5e00_0000, u);
+            // One realistic user without an email: the sales person goes without one.
+            let email = if matches!(mix, Mix::Realistic) && u == 1 {
+                Value::Null
+            } else {
+                json!(format!("seller{u}@example.com"))
+            };
+            upsert_row(
+                &mut g,
+                Table::SystemUsers,
+                &id,
+                json!({"firstname": "Sam", "lastname": format!("Seller {u}"), "fullname": format!("Sam Seller {u}"),
+                       "internalemailaddress": email}),
+                &[],
+            );
+            out.users.push(id);
+        }
         let contacts = if matches!(mix, Mix::Lean) { 0 } else { 3 * n.max(1) };
         for c in 0..contacts {
             let id = seed_id(0xc000_0000, c);
@@ -130,6 +152,14 @@ impl DataverseSim {
                 "_customerid_value": Value::Null, "_parentaccountid_value": Value::Null, "_parentcontactid_value": Value::Null,
             });
             let mut lookups = vec![("_transactioncurrencyid_value", "transactioncurrency")];
+            // Owned by a user; one realistic opportunity in ten by a team (no sales person).
+            if matches!(mix, Mix::Realistic) && rand(10) == 0 {
+                attrs["_ownerid_value"] = json!(seed_id(0x7ea0_0000, 1));
+                lookups.push(("_ownerid_value", "team"));
+            } else {
+                attrs["_ownerid_value"] = json!(seed_id(0x5e00_0000, o % users));
+                lookups.push(("_ownerid_value", "systemuser"));
+            }
             match kind {
                 0 => {
                     attrs["_customerid_value"] = json!(account);

@@ -12,7 +12,7 @@
 //! - Limits: 100 calls per 20 s (606), 10 at once (615), a daily quota (607), 300 records a
 //!   call (error-codes page and marketo.md).
 //! - Native CRM sync (`crm_enabled`): opportunity and company writes are skipped with 1018 (the
-//!   opportunities and companies pages: "read-only"), the role API is refused (the
+//!   opportunities and companies pages: "read-only"; the sales-persons page: "read-only access"), the role API is refused (the
 //!   opportunity-roles page: "only exposed for subscriptions which do not have a native CRM sync";
 //!   the code is not documented, so `crm_refusal` picks it), and with `crm_reads_disabled` the
 //!   opportunity and company reads are refused too (the lead-database page: "disabled").
@@ -39,6 +39,7 @@ mod companies;
 mod leads;
 mod opportunities;
 mod roles;
+mod salespersons;
 mod server;
 
 use server::{
@@ -183,6 +184,8 @@ const COMPANY_FIELDS: &[&str] = &[
     "industry",
     "numberOfEmployees",
 ];
+/// Sales-persons page: the describe example's fields and the "Create and Update" example's.
+const SALES_PERSON_FIELDS: &[&str] = &["externalSalesPersonId", "email", "firstName", "lastName"];
 const LEAD_FIELDS: &[&str] = &[
     "email",
     "firstName",
@@ -217,13 +220,15 @@ pub struct Snapshot {
     pub roles: Vec<SimRole>,
     /// By externalCompanyId.
     pub companies: BTreeMap<String, Map<String, Value>>,
+    /// By externalSalesPersonId.
+    pub sales_persons: BTreeMap<String, Map<String, Value>>,
     pub leads: Vec<SimLead>,
 }
 
 /// The honest minimum of calls between two snapshots: every record Marketo came to hold (new
 /// or changed) written once, every record it lost deleted once, 300 records a call per object
 /// type and direction. For an initial sync that is ⌈opportunities/300⌉ + ⌈companies/300⌉ +
-/// ⌈leads/300⌉ + ⌈roles/300⌉.
+/// ⌈sales persons/300⌉ + ⌈leads/300⌉ + ⌈roles/300⌉.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Minimum {
     /// By object type: (records written, records deleted).
@@ -292,6 +297,10 @@ impl Snapshot {
             diff(&by_key(&before.opportunities), &by_key(&self.opportunities)),
         );
         by_object.insert("companies", diff(&by_key(&before.companies), &by_key(&self.companies)));
+        by_object.insert(
+            "sales_persons",
+            diff(&by_key(&before.sales_persons), &by_key(&self.sales_persons)),
+        );
         by_object.insert("leads", diff(&leads(before), &leads(self)));
         by_object.insert("roles", (roles_written, roles_deleted));
         Minimum { by_object }
@@ -327,6 +336,7 @@ struct Data {
     opportunities: BTreeMap<String, Map<String, Value>>,
     roles: BTreeMap<(String, i64, String), SimRole>,
     companies: BTreeMap<String, Map<String, Value>>,
+    sales_persons: BTreeMap<String, Map<String, Value>>,
     /// By id; `lead_index` finds them by a lookup field's value (Marketo's lookups are
     /// indexed; a linear scan made 100,000-opportunity runs quadratic).
     leads: BTreeMap<i64, SimLead>,
@@ -512,8 +522,15 @@ impl MarketoSim {
             opportunities: inner.data.opportunities.clone(),
             roles: inner.data.roles.values().cloned().collect(),
             companies: inner.data.companies.clone(),
+            sales_persons: inner.data.sales_persons.clone(),
             leads: inner.data.leads.values().cloned().collect(),
         }
+    }
+
+    /// Deletes a sales person directly (as an admin could through the API): opportunities
+    /// naming it are then refused with 718.
+    pub fn delete_sales_person(&self, external_id: &str) -> bool {
+        lock(&self.inner).data.sales_persons.remove(external_id).is_some()
     }
 
     /// Adds a lead directly (as if created in Marketo), returning its id.
@@ -539,7 +556,7 @@ impl MarketoSim {
     }
 
     /// Makes the next `times` writes of the record with this key (externalOpportunityId,
-    /// externalCompanyId, email, or "externalOpportunityId|leadId|role") skipped with `code`.
+    /// externalCompanyId, externalSalesPersonId, email, or "externalOpportunityId|leadId|role") skipped with `code`.
     pub fn skip_record(&self, key: &str, code: &'static str, times: u32) {
         lock(&self.inner).record_faults.push((key.to_owned(), code, times));
     }

@@ -18,10 +18,20 @@ const OPPORTUNITY_CHECKS: RecordChecks<'static, String> = RecordChecks {
 };
 
 /// Sync Opportunities (opportunities page, "Create and Update"): `action` createOrUpdate by
-/// default, `externalOpportunityId` required, `name` not null on create; results with `seq` and
+/// default, `externalOpportunityId` required, every `externalSalesPersonId` known (718),, `name` not null on create; results with `seq` and
 /// `marketoGUID`. Read-only with native CRM sync: each record skipped with 1018.
 pub(super) fn opportunity_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
     let input = inputs(g, body)?.clone();
+    // Error-codes page, 718 "ExternalSalesPersonID not found": "A Sync Opportunities call was
+    // made with a non-existent ExternalSalesPersonID value" — the whole call fails.
+    let unknown_sales_person = input.iter().any(|r| {
+        r.get("externalSalesPersonId")
+            .and_then(Value::as_str)
+            .is_some_and(|id| !g.data.sales_persons.contains_key(id))
+    });
+    if unknown_sales_person && !g.config.crm_enabled {
+        return Err(refusal("718", "ExternalSalesPersonID not found"));
+    }
     let action = body.get("action").and_then(Value::as_str).unwrap_or("createOrUpdate");
     let mut seen = std::collections::HashSet::new();
     let mut results = Vec::with_capacity(input.len());
@@ -91,7 +101,7 @@ pub(super) fn delete(g: &mut Inner, body: &Value, kind: Kind) -> Result<Vec<Valu
             Kind::Role => role_key(&record)
                 .and_then(|k| g.data.roles.remove(&k))
                 .map(|r| json!(r.marketo_guid)),
-            Kind::Company => None,
+            Kind::Company | Kind::SalesPerson => None,
         };
         match found {
             Some(guid) => results.push(json!({"seq": seq, "status": "deleted", "marketoGUID": guid})),
@@ -111,9 +121,10 @@ pub(super) fn query_by(g: &Inner, params: &HashMap<String, String>, kind: Kind) 
     }
     let table = match kind {
         Kind::Opportunity => &g.data.opportunities,
+        Kind::SalesPerson => &g.data.sales_persons,
         _ => &g.data.companies,
     };
-    // The opportunities and companies pages show query results with `seq`.
+    // The opportunities, companies and sales-persons pages show query results with `seq`.
     Ok(values
         .into_iter()
         .filter_map(|v| table.get(v).cloned())

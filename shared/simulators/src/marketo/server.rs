@@ -7,6 +7,7 @@ use companies::company_sync;
 use leads::{lead_query, lead_sync};
 use opportunities::{delete, describe, opportunity_sync, query_by};
 use roles::{role_query, role_sync};
+use salespersons::{sales_person_describe, sales_person_sync};
 
 type Shared = Arc<Mutex<Inner>>;
 
@@ -57,6 +58,14 @@ pub(super) fn routes(inner: Shared) -> Router {
         .route(
             "/rest/v1/companies.json",
             get(read(O::CompanyQuery)).post(read_or_write(O::CompanyQuery, O::CompanySync)),
+        )
+        .route(
+            "/rest/v1/salespersons.json",
+            get(read(O::SalesPersonQuery)).post(read_or_write(O::SalesPersonQuery, O::SalesPersonSync)),
+        )
+        .route(
+            "/rest/v1/salespersons/describe.json",
+            get(read(O::SalesPersonDescribe)),
         )
         .route(
             "/rest/v1/leads.json",
@@ -347,6 +356,9 @@ pub(super) async fn handle(
         Operation::RoleSync => input().map(|b| role_sync(g, &b)),
         Operation::RoleDelete => input().map(|b| delete(g, &b, Kind::Role)),
         Operation::CompanySync => input().map(|b| company_sync(g, &b)),
+        Operation::SalesPersonSync => input().map(|b| sales_person_sync(g, &b)),
+        Operation::SalesPersonQuery => Ok(query_by(g, &read_params(), Kind::SalesPerson)),
+        Operation::SalesPersonDescribe => Ok(Ok(sales_person_describe())),
         Operation::LeadSync => input().map(|b| lead_sync(g, &b, &raced)),
         Operation::OpportunityQuery => Ok(query_by(g, &read_params(), Kind::Opportunity)),
         Operation::CompanyQuery => Ok(query_by(g, &read_params(), Kind::Company)),
@@ -392,6 +404,7 @@ pub(super) fn reshape(endpoint: Operation, shape: ResultShape, results: &mut [Va
             | Operation::RoleSync
             | Operation::RoleDelete
             | Operation::CompanySync
+            | Operation::SalesPersonSync
             | Operation::LeadSync
     );
     if !write {
@@ -465,6 +478,7 @@ pub(super) enum Kind {
     Opportunity,
     Role,
     Company,
+    SalesPerson,
 }
 
 /// The `input` array of a write, or a request-level error.

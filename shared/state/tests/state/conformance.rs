@@ -424,6 +424,7 @@ pub async fn what_a_write_sent_is_kept_part_by_part<S: StateStore>(store: S) {
     let sent = oppsync_state::Sent {
         opportunity: u64::MAX,
         company: Some(7),
+        sales_person: Some(u64::MAX - 1),
         roles: vec![1, 2, 3],
     };
     let w = Written {
