@@ -4,4 +4,5 @@
 mod flow;
 mod ports;
 mod rare_paths;
+mod sales_persons;
 mod steps;

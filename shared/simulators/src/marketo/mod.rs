@@ -312,7 +312,8 @@ struct Counters {
     calls: BTreeMap<Operation, u64>,
     /// Records carried by answered calls, per endpoint (lead lookups: the values looked up).
     records: BTreeMap<Operation, u64>,
-    /// Calls refused by a limit, by code (606, 615, 607, 601, 602, 413, 414).
+    /// Calls refused, by code: by a limit (606, 615, 607, 601, 602, 413, 414) or by what they
+    /// carried (609, 718, …).
     refused: BTreeMap<String, u64>,
     in_flight: usize,
     high_water: usize,
@@ -485,7 +486,8 @@ impl MarketoSim {
             .sum()
     }
 
-    /// Calls refused with `code` (606, 615, 607, 601, 602, 413, 414).
+    /// Calls refused with `code` (606, 615, 607, 601, 602, 413, 414, or a request-level error
+    /// such as 718).
     pub fn refused(&self, code: &str) -> u64 {
         lock(&self.inner).counters.refused.get(code).copied().unwrap_or(0)
     }

@@ -381,7 +381,10 @@ pub(super) async fn handle(
         reshape(endpoint, g.config.result_shape, results);
     }
     match response {
-        Err(r) | Ok(Err(r)) => failure(&r.code, &r.message),
+        Err(r) | Ok(Err(r)) => {
+            *g.counters.refused.entry(r.code.clone()).or_default() += 1;
+            failure(&r.code, &r.message)
+        }
         Ok(Ok(results)) => {
             let carried = match endpoint {
                 Operation::LeadQuery => read_params()
