@@ -148,10 +148,11 @@ async fn demo(
     );
 
     println!(
-        "oppsync demo: {} opportunities in the Dataverse simulator ({} accounts, {} contacts), state in {}",
+        "oppsync demo: {} opportunities in the Dataverse simulator ({} accounts, {} contacts, {} users who own them), state in {}",
         seeded.opportunities.len(),
         seeded.accounts.len(),
         seeded.contacts.len(),
+        seeded.users.len(),
         if temporary {
             "a temporary file, removed at the end".to_owned()
         } else {
@@ -189,10 +190,11 @@ async fn demo(
         }
     }
     println!(
-        "\nMarketo now holds {} opportunities, {} roles, {} companies, {} leads.",
+        "\nMarketo now holds {} opportunities, {} roles, {} companies, {} sales persons, {} leads.",
         snapshot.opportunities.len(),
         snapshot.roles.len(),
         snapshot.companies.len(),
+        snapshot.sales_persons.len(),
         snapshot.leads.len()
     );
     println!("Total time: {:.1} s", started.elapsed().as_secs_f64());
@@ -214,10 +216,11 @@ async fn demo(
         return Ok(ExitCode::from(code));
     }
     println!(
-        "\nPASS: Marketo matches Dynamics by the rules, record by record ({} opportunities, {} roles, {} companies checked).",
+        "\nPASS: Marketo matches Dynamics by the rules, record by record ({} opportunities, {} roles, {} companies, {} sales persons checked).",
         expected.opportunities.len(),
         expected.roles.len(),
-        expected.companies.len()
+        expected.companies.len(),
+        expected.sales_persons.len()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -418,6 +421,25 @@ fn change_dynamics(dv: &DataverseSim, seeded: &Seeded) -> Script {
     let id = o(5);
     dv.delete(Table::Opportunities, &id);
     lines.push(format!("{id}: deleted"));
+
+    // A new seller takes over an opportunity: a new Marketo sales person, named by it.
+    let id = o(7);
+    let seller = seed_id(0x5e00_0000, 999_999);
+    dv.upsert(
+        Table::SystemUsers,
+        &seller,
+        json!({"firstname": "Nova", "lastname": "Seller", "internalemailaddress": "nova.seller@example.com"}),
+        &[],
+    );
+    dv.upsert(
+        Table::Opportunities,
+        &id,
+        json!({"_ownerid_value": seller}),
+        &[("_ownerid_value", "systemuser")],
+    );
+    lines.push(format!(
+        "{id}: owner changed to a new user {seller} (a new sales person)"
+    ));
 
     let excluded = o(6);
     let excluded_old_name = dv

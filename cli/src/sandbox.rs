@@ -162,10 +162,11 @@ fn command(dv: &DataverseSim, mk: &MarketoSim, line: &str, round: u64) -> String
             let expected = oracle::expected(dv, &Rules::default());
             let differences = oracle::differences(&expected, &held, &BTreeSet::new());
             let mut out = format!(
-                "Dynamics: {} opportunities. Marketo holds {} opportunities, {} companies, {} leads, {} roles; {} REST calls so far.\nDifferences from the rules: {}",
+                "Dynamics: {} opportunities. Marketo holds {} opportunities, {} companies, {} sales persons, {} leads, {} roles; {} REST calls so far.\nDifferences from the rules: {}",
                 dv.count(Table::Opportunities),
                 held.opportunities.len(),
                 held.companies.len(),
+                held.sales_persons.len(),
                 held.leads.len(),
                 held.roles.len(),
                 mk.rest_calls(),

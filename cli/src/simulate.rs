@@ -46,8 +46,9 @@ pub struct SimulateArgs {
 }
 
 /// The Marketo operations `stats` reports, by their one name (`Operation::name`).
-pub const ENDPOINTS: [(&str, E); 9] = [
+pub const ENDPOINTS: [(&str, E); 10] = [
     (E::CompanySync.name(), E::CompanySync),
+    (E::SalesPersonSync.name(), E::SalesPersonSync),
     (E::LeadQuery.name(), E::LeadQuery),
     (E::LeadSync.name(), E::LeadSync),
     (E::OpportunitySync.name(), E::OpportunitySync),
@@ -157,7 +158,7 @@ fn stats(dv: &DataverseSim, mk: &MarketoSim, snapshot: &Snapshot, last: &Snapsho
         "in_flight_high_water": mk.concurrency_high_water(),
         "dataverse_requests": dv.requests(),
         "held": {"opportunities": snapshot.opportunities.len(), "companies": snapshot.companies.len(),
-                 "leads": snapshot.leads.len(), "roles": snapshot.roles.len()},
+                 "sales_persons": snapshot.sales_persons.len(), "leads": snapshot.leads.len(), "roles": snapshot.roles.len()},
         "minimum_since_last": {"calls": minimum.calls(), "by_object": minimum.by_object},
         "differences": differences.len(),
         "first_differences": differences.iter().take(5).collect::<Vec<_>>(),

@@ -218,6 +218,63 @@ async fn marketo_companies_sync_and_query() {
     assert_eq!(found[1]["company"], "Yahoo");
 }
 
+/// Sales-persons page, "Create and Update": the request in the page's shape, its response
+/// parsed; "Describe": the simulator answers the page's example.
+#[tokio::test]
+async fn marketo_sales_persons_sync_and_the_simulators_describe() {
+    let server = Canned::start().await;
+    let client = marketo(&server);
+    server.reply("/rest/v1/salespersons.json", fixture!("marketo/salespersons-sync"));
+    let synced = client
+        .sync_sales_persons(&[
+            json!({"externalSalesPersonId": "sam@test.com", "email": "sam@test.com", "firstName": "Sam", "lastName": "Sanosin"}),
+            json!({"externalSalesPersonId": "david@test.com", "email": "david@test.com", "firstName": "David", "lastName": "Aulassak"}),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        (synced[0].status, synced[0].marketo_id.as_deref()),
+        (RecordStatus::Updated, Some("45232"))
+    );
+    assert_eq!(
+        (synced[1].status, synced[1].marketo_id.as_deref()),
+        (RecordStatus::Created, Some("45236"))
+    );
+    let sent: Value = serde_json::from_str(&server.seen_at("/rest/v1/salespersons.json")[0].body).unwrap();
+    assert_eq!(sent["action"], "createOrUpdate");
+    assert_eq!(sent["dedupeBy"], "dedupeFields");
+    assert_eq!(sent["input"][1]["externalSalesPersonId"], "david@test.com");
+
+    let sims = sims().await;
+    let http = reqwest::Client::new();
+    let token: Value = http
+        .get(format!(
+            "{}/identity/oauth/token?grant_type=client_credentials&client_id={}&client_secret={}",
+            sims.mk.url(),
+            sims.mk.client_id(),
+            sims.mk.client_secret()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let described: Value = http
+        .get(format!("{}/rest/v1/salespersons/describe.json", sims.mk.url()))
+        .bearer_auth(token["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let documented: Value = serde_json::from_str(&fixture!("marketo/salespersons-describe").body).unwrap();
+    for key in ["name", "idField", "dedupeFields", "searchableFields", "fields"] {
+        assert_eq!(described["result"][0][key], documented["result"][0][key], "{key}");
+    }
+}
+
 #[tokio::test]
 async fn marketo_get_leads_match_and_no_match() {
     let server = Canned::start().await;

@@ -385,10 +385,16 @@ async fn a_mapped_field_marketo_lacks_stops_the_run_before_anything_is_sent() {
         "{run:?}"
     );
     use oppsync_marketo::Operation as E;
-    let writes: u64 = [E::CompanySync, E::LeadSync, E::OpportunitySync, E::RoleSync]
-        .into_iter()
-        .map(|e| sims.mk.calls(e))
-        .sum();
+    let writes: u64 = [
+        E::CompanySync,
+        E::SalesPersonSync,
+        E::LeadSync,
+        E::OpportunitySync,
+        E::RoleSync,
+    ]
+    .into_iter()
+    .map(|e| sims.mk.calls(e))
+    .sum();
     assert_eq!(writes, 0, "nothing was sent");
     assert_eq!(sims.mk.calls(E::OpportunityDescribe), 1, "one preflight");
     let status = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();

@@ -277,7 +277,13 @@ async fn an_instance_running_the_native_crm_sync_stops_sync_before_any_write() {
     let run = oppsync(&["sync", "--state", s(&state)], &env).await;
     assert_eq!(run.code, 3, "{run:?}");
     assert!(run.stderr.contains("native"), "{run:?}");
-    for op in [E::OpportunitySync, E::CompanySync, E::LeadSync, E::RoleSync] {
+    for op in [
+        E::OpportunitySync,
+        E::CompanySync,
+        E::SalesPersonSync,
+        E::LeadSync,
+        E::RoleSync,
+    ] {
         assert_eq!(sims.mk.calls(op), 0, "{op:?}");
     }
     // What was read stays queued.

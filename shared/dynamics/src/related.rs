@@ -152,21 +152,20 @@ impl DataverseClient {
             None,
             None,
         );
-        let contacts = self
-            .read_in(
-                EntitySet::Contacts,
+        let contacts = self.read_in(
+            EntitySet::Contacts,
+            "contactid",
+            &contact_ids,
+            &[
                 "contactid",
-                &contact_ids,
-                &[
-                    "contactid",
-                    "emailaddress1",
-                    "firstname",
-                    "lastname",
-                    "_parentcustomerid_value",
-                ],
-                None,
-                None,
-            );
+                "emailaddress1",
+                "firstname",
+                "lastname",
+                "_parentcustomerid_value",
+            ],
+            None,
+            None,
+        );
         let (contacts, users) = tokio::try_join!(contacts, users)?;
         for c in &contacts {
             if let Ok(contact) = oppsync_mapping::Contact::from_json(c.clone()) {

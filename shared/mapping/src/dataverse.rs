@@ -251,7 +251,9 @@ pub struct SystemUser {
 /// Personal data stays out of logs: the id only.
 impl std::fmt::Debug for SystemUser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SystemUser").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("SystemUser")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 

@@ -27,6 +27,6 @@ pub use config::{ConfigError, ConfigErrors, LeadMatch, Mapping, MappingConfig};
 pub use dataverse::{Account, Connection, ConnectionRole, Contact, Opportunity, RecordError, Related, SystemUser};
 pub use ids::{AccountId, ContactId, Guid, GuidError, OpportunityId, UserId};
 pub use plan::{
-    Action, Change, Company, Desired, Lead, Plan, PlanHash, Role, SalesPerson, Warning, WrittenRole, plan_change, plan_delete,
-    plan_upsert,
+    Action, Change, Company, Desired, Lead, Plan, PlanHash, Role, SalesPerson, Warning, WrittenRole, plan_change,
+    plan_delete, plan_upsert,
 };

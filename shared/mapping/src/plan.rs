@@ -19,6 +19,8 @@ use crate::rules::{apply_customer_rules, potential_customer, stakeholder_roles};
 pub const MARKETO_ROLE_MAX: usize = 50;
 
 /// A change read from Dataverse.
+// Nearly every change is an upsert: boxing it would add an allocation to each and save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     Upserted(Opportunity),
@@ -122,6 +124,8 @@ pub struct Desired {
 /// What to do in Marketo.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// Nearly every plan is an upsert: boxing it would add an allocation to each and save nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     /// Create or update the opportunity, its company, leads and roles.
     Upsert(Desired),
@@ -443,7 +447,10 @@ fn sales_person_for(opportunity: &Opportunity, related: &Related, warnings: &mut
         _ => {
             warnings.push(Warning::new(
                 field,
-                format!("the owner {} is neither a readable user nor a team; the opportunity has no sales person", owner.id),
+                format!(
+                    "the owner {} is neither a readable user nor a team; the opportunity has no sales person",
+                    owner.id
+                ),
             ));
             None
         }

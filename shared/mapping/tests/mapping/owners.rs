@@ -31,7 +31,11 @@ fn plan(mapping: &Mapping, opportunity: Opportunity, users: Vec<Value>) -> oppsy
 
 #[test]
 fn a_user_owner_becomes_the_sales_person_the_opportunity_names() {
-    let p = plan(&Mapping::default(), owned_by(Some((USER, "systemuser"))), vec![user_row()]);
+    let p = plan(
+        &Mapping::default(),
+        owned_by(Some((USER, "systemuser"))),
+        vec![user_row()],
+    );
     let person = desired(&p).sales_person.clone().expect("a sales person");
     assert_eq!(person.external_sales_person_id.to_string(), USER);
     assert_eq!(person.email.as_deref(), Some("dana@example.com"));
@@ -74,9 +78,17 @@ fn an_unreadable_user_is_still_the_sales_person_without_email_or_name() {
 #[test]
 fn an_owner_without_its_table_is_a_user_when_one_was_read_and_none_otherwise() {
     let mut row = json!({"opportunityid": o(1), "name": "Chairs", "_ownerid_value": USER});
-    let read = plan(&Mapping::default(), Opportunity::from_json(row.clone()).unwrap(), vec![user_row()]);
+    let read = plan(
+        &Mapping::default(),
+        Opportunity::from_json(row.clone()).unwrap(),
+        vec![user_row()],
+    );
     assert!(desired(&read).sales_person.is_some());
-    let unread = plan(&Mapping::default(), Opportunity::from_json(row.clone()).unwrap(), vec![]);
+    let unread = plan(
+        &Mapping::default(),
+        Opportunity::from_json(row.clone()).unwrap(),
+        vec![],
+    );
     assert!(desired(&unread).sales_person.is_none());
     assert_eq!(field(&unread, "externalSalesPersonId"), Some(&Value::Null));
     // A malformed owner costs the sales person, with a warning, not the record.

@@ -66,11 +66,10 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             .zip(outcomes)
             .map(|(r, o)| (r["externalSalesPersonId"].as_str().unwrap_or_default().to_owned(), o))
             .collect();
-        for work in works
-            .iter_mut()
-            .filter(|w| w.ok() && only(w) && !w.sales_person_done)
-        {
-            let Some(person) = sales_person_of(work).cloned() else { continue };
+        for work in works.iter_mut().filter(|w| w.ok() && only(w) && !w.sales_person_done) {
+            let Some(person) = sales_person_of(work).cloned() else {
+                continue;
+            };
             let key = person.external_sales_person_id.to_string();
             let Some(outcome) = by_id.get(&key) else { continue };
             work.answers.push(Answer {

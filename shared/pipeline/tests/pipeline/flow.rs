@@ -173,7 +173,7 @@ async fn write_groups_overlap_without_two_lead_calls_on_one_key() {
     assert_marketo_matches_dynamics(&sims);
 
     let log = sims.mk.call_log();
-    let front = |e: E| matches!(e, E::CompanySync | E::LeadSync);
+    let front = |e: E| matches!(e, E::CompanySync | E::SalesPersonSync | E::LeadSync);
     let back = |e: E| matches!(e, E::OpportunitySync | E::RoleSync);
     let overlapping = log
         .iter()

@@ -36,11 +36,15 @@ async fn each_owner_is_written_once_before_the_opportunities_that_name_it() {
         .filter_map(|(_, o)| o.attributes["_ownerid_value"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(owners.len(), seeded.users.len());
-    assert_eq!(snapshot.sales_persons.keys().cloned().collect::<std::collections::BTreeSet<_>>(), owners);
     assert_eq!(
-        snapshot.sales_persons[&user(0)]["email"],
-        json!("seller0@example.com")
+        snapshot
+            .sales_persons
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        owners
     );
+    assert_eq!(snapshot.sales_persons[&user(0)]["email"], json!("seller0@example.com"));
     assert_eq!(sims.mk.calls(E::SalesPersonSync), 1, "10 sales persons, one call");
     assert_eq!(sims.mk.records(E::SalesPersonSync), 10, "each written once");
     let team_owned = snapshot
@@ -50,8 +54,16 @@ async fn each_owner_is_written_once_before_the_opportunities_that_name_it() {
         .count();
     assert!(team_owned > 50, "one in ten is owned by a team: {team_owned}");
     let log = sims.mk.call_log();
-    let sales_persons_ended = log.iter().filter(|(op, _, _)| *op == E::SalesPersonSync).map(|c| c.2).max();
-    let first_opportunity = log.iter().filter(|(op, _, _)| *op == E::OpportunitySync).map(|c| c.1).min();
+    let sales_persons_ended = log
+        .iter()
+        .filter(|(op, _, _)| *op == E::SalesPersonSync)
+        .map(|c| c.2)
+        .max();
+    let first_opportunity = log
+        .iter()
+        .filter(|(op, _, _)| *op == E::OpportunitySync)
+        .map(|c| c.1)
+        .min();
     assert!(sales_persons_ended.unwrap() <= first_opportunity.unwrap());
     assert_eq!(sims.mk.refused("718"), 0);
 
@@ -72,8 +84,12 @@ async fn each_owner_is_written_once_before_the_opportunities_that_name_it() {
         .unwrap();
     sims.dv
         .upsert(Table::Opportunities, &owned_by_3, json!({"name": "Renamed"}), &[]);
-    sims.dv
-        .upsert(Table::Opportunities, &seed_id(0x0b00_0000, 5), json!({"name": "Renamed too"}), &[]);
+    sims.dv.upsert(
+        Table::Opportunities,
+        &seed_id(0x0b00_0000, 5),
+        json!({"name": "Renamed too"}),
+        &[],
+    );
     let again = sync(&p).await;
     assert_eq!(again.failed, 0, "{again:?}");
     assert_eq!(
@@ -97,11 +113,23 @@ async fn a_sales_person_marketo_rejects_keeps_back_only_its_own_opportunities() 
     let report = sync(&p).await;
     assert_eq!(report.failed, 100, "{report:?}");
     assert_eq!(report.written, 200, "{report:?}");
-    assert_eq!(sims.mk.refused("718"), 0, "no opportunity call named the rejected sales person");
-    let failed = p.store().get(oppsync_mapping::OpportunityId::parse(&seed_id(0x0b00_0000, 1)).unwrap()).await.unwrap().unwrap();
+    assert_eq!(
+        sims.mk.refused("718"),
+        0,
+        "no opportunity call named the rejected sales person"
+    );
+    let failed = p
+        .store()
+        .get(oppsync_mapping::OpportunityId::parse(&seed_id(0x0b00_0000, 1)).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(failed.status, Status::Failed);
     let error = failed.last_error.unwrap();
-    assert_eq!((error.operation.as_str(), error.code.as_str()), ("salespersons.sync", "1003"));
+    assert_eq!(
+        (error.operation.as_str(), error.code.as_str()),
+        ("salespersons.sync", "1003")
+    );
     assert_eq!(sims.mk.snapshot().opportunities.len(), 200);
 
     let resynced = p.resync(ResyncTarget::Failed, false).await.unwrap();
@@ -122,11 +150,19 @@ async fn a_sales_person_deleted_in_marketo_is_written_again_when_marketo_answers
     let owned_by_2 = seed_id(0x0b00_0000, 2);
     sims.dv
         .upsert(Table::Opportunities, &owned_by_2, json!({"name": "Renamed"}), &[]);
-    sims.dv
-        .upsert(Table::Opportunities, &seed_id(0x0b00_0000, 0), json!({"name": "Also renamed"}), &[]);
+    sims.dv.upsert(
+        Table::Opportunities,
+        &seed_id(0x0b00_0000, 0),
+        json!({"name": "Also renamed"}),
+        &[],
+    );
     let before = sims.mk.calls(E::SalesPersonSync);
     let report = sync(&p).await;
-    assert_eq!((report.failed, report.left_for_retry, report.written), (0, 0, 2), "{report:?}");
+    assert_eq!(
+        (report.failed, report.left_for_retry, report.written),
+        (0, 0, 2),
+        "{report:?}"
+    );
     assert_eq!(sims.mk.refused("718"), 1, "one refused call");
     assert_eq!(sims.mk.calls(E::SalesPersonSync), before + 1);
     let snapshot = sims.mk.snapshot();
@@ -148,7 +184,12 @@ async fn with_sales_persons_off_owners_are_neither_read_nor_written() {
     assert_eq!(sims.mk.calls(E::SalesPersonSync), 0);
     let snapshot = sims.mk.snapshot();
     assert!(snapshot.sales_persons.is_empty());
-    assert!(snapshot.opportunities.values().all(|o| !o.contains_key("externalSalesPersonId")));
+    assert!(
+        snapshot
+            .opportunities
+            .values()
+            .all(|o| !o.contains_key("externalSalesPersonId"))
+    );
     let rules = Rules {
         sales_persons: false,
         ..Rules::default()

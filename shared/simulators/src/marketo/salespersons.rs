@@ -33,9 +33,12 @@ pub(super) fn sales_person_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value
                 continue;
             }
         };
-        let too_long = ["externalSalesPersonId", "email"]
-            .into_iter()
-            .find(|f| record.get(*f).and_then(Value::as_str).is_some_and(|v| v.chars().count() > 255));
+        let too_long = ["externalSalesPersonId", "email"].into_iter().find(|f| {
+            record
+                .get(*f)
+                .and_then(Value::as_str)
+                .is_some_and(|v| v.chars().count() > 255)
+        });
         if let Some(field) = too_long {
             results.push(skipped(seq, "1003", &format!("{field} longer than 255")));
             continue;

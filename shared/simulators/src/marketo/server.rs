@@ -63,10 +63,7 @@ pub(super) fn routes(inner: Shared) -> Router {
             "/rest/v1/salespersons.json",
             get(read(O::SalesPersonQuery)).post(read_or_write(O::SalesPersonQuery, O::SalesPersonSync)),
         )
-        .route(
-            "/rest/v1/salespersons/describe.json",
-            get(read(O::SalesPersonDescribe)),
-        )
+        .route("/rest/v1/salespersons/describe.json", get(read(O::SalesPersonDescribe)))
         .route(
             "/rest/v1/leads.json",
             get(read(O::LeadQuery)).post(read_or_write(O::LeadQuery, O::LeadSync)),
