@@ -265,13 +265,12 @@ macro_rules! with_pipeline {
     }};
 }
 
-/// The pipeline over real endpoints.
-pub fn pipeline<S>(
-    store: S,
-    config: Config,
+/// The two HTTP clients over real endpoints, held to the configuration's Marketo budget.
+pub fn clients(
+    config: &Config,
     dynamics: DataverseSettings,
     marketo: MarketoSettings,
-) -> Result<Pipeline<S>, CliError> {
+) -> Result<(DataverseClient, MarketoClient), CliError> {
     let dataverse = DataverseClient::new(dynamics).map_err(|e| CliError::Usage(format!("Dynamics: {e}")))?;
     let marketo = MarketoClient::new(
         marketo,
@@ -279,6 +278,17 @@ pub fn pipeline<S>(
         config.marketo.daily_budget,
     )
     .map_err(|e| CliError::Usage(format!("Marketo: {e}")))?;
+    Ok((dataverse, marketo))
+}
+
+/// The pipeline over real endpoints.
+pub fn pipeline<S>(
+    store: S,
+    config: Config,
+    dynamics: DataverseSettings,
+    marketo: MarketoSettings,
+) -> Result<Pipeline<S>, CliError> {
+    let (dataverse, marketo) = clients(&config, dynamics, marketo)?;
     Ok(Pipeline::new(
         store,
         dataverse,

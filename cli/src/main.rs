@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod context;
 mod demo;
+mod fields;
 mod plan;
 mod progress;
 mod resync;
@@ -65,6 +66,10 @@ enum Command {
     /// Checks the configuration, the environment, both sets of credentials, Dataverse change
     /// tracking and Marketo's preflight, each with pass or fail and the fix.
     Validate(validate::ValidateArgs),
+    /// Reads Dynamics' opportunity columns and Marketo's opportunity fields, prints them side by
+    /// side with a suggested mapping, and with --write FILE writes it as a configuration that
+    /// `validate` accepts: choosing the fields to sync at setup.
+    Fields(fields::FieldsArgs),
     /// Measures the product against the API ceilings on the simulators: wall time, Marketo calls
     /// against the minimum possible, Dataverse requests, peak memory; then a 1% incremental
     /// round. `--limits` enforces Marketo's real limits at the default budget.
@@ -127,6 +132,7 @@ fn main() -> ExitCode {
             Command::Errors(args) => status::errors(args).await,
             Command::Runs(args) => status::runs(args).await,
             Command::Validate(args) => validate::run(args).await,
+            Command::Fields(args) => fields::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Sandbox(args) => sandbox::run(args).await,

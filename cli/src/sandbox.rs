@@ -42,7 +42,14 @@ pub async fn run(args: SandboxArgs) -> Result<ExitCode, CliError> {
     let io = |e: std::io::Error| CliError::Fatal(format!("sandbox: could not start a simulator: {e}"));
     let dv = DataverseSim::start(DataverseConfig::default()).await.map_err(io)?;
     // Marketo's documented limits, as a real instance enforces them.
-    let mk = MarketoSim::start(MarketoConfig::default()).await.map_err(io)?;
+    // One custom opportunity field, fed by the seed's custom column new_region once
+    // `oppsync fields` suggests it.
+    let mk = MarketoSim::start(MarketoConfig {
+        custom_opportunity_fields: vec!["region".into()],
+        ..MarketoConfig::default()
+    })
+    .await
+    .map_err(io)?;
     dv.seed(args.opportunities, args.seed, Mix::Realistic);
     let (tenant, client, secret) = dv.credentials();
     let exports: Vec<String> = [

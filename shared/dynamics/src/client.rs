@@ -405,6 +405,11 @@ impl DataverseClient {
         }
     }
 
+    /// A path under the Web API root (`…/api/data/v9.2/`).
+    pub(crate) fn api_url(&self, path: &str) -> Result<Url, DataverseError> {
+        self.api.join(path).map_err(|e| DataverseError::Settings(e.to_string()))
+    }
+
     /// Whether change tracking is on for a table, from its metadata
     /// (`EntityDefinitions(LogicalName='…')?$select=ChangeTrackingEnabled`).
     pub async fn change_tracking_enabled(&self, set: EntitySet) -> Result<bool, DataverseError> {

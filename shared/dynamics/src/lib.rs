@@ -42,6 +42,7 @@ const MAX_ATTEMPTS: u32 = 6;
 mod changes;
 mod client;
 mod error;
+mod metadata;
 mod options;
 mod related;
 mod settings;
@@ -50,5 +51,6 @@ pub use changes::{ChangePage, Watermark, WatermarkPage, contacts_touched, opport
 pub use client::DataverseClient;
 pub use error::DataverseError;
 use error::{odata_error, redirect_host};
+pub use metadata::AttributeDefinition;
 pub use options::{ChangeDetection, DataverseOptions};
 pub use settings::{DataverseSettings, EntitySet, Secret};

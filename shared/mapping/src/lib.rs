@@ -22,6 +22,7 @@ pub mod dataverse;
 pub mod ids;
 pub mod plan;
 pub mod rules;
+pub mod suggest;
 
 pub use config::{ConfigError, ConfigErrors, LeadMatch, Mapping, MappingConfig};
 pub use dataverse::{Account, Connection, ConnectionRole, Contact, Opportunity, RecordError, Related, SystemUser};

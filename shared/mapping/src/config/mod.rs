@@ -62,7 +62,7 @@ impl Default for MappingConfig {
 }
 
 /// One `[[mapping.fields]]` entry: a Marketo opportunity field and where its value comes from.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FieldConfig {
     /// The Marketo opportunity field's REST API name.
@@ -233,6 +233,36 @@ pub const EXTERNAL_OPPORTUNITY_ID: &str = "externalOpportunityId";
 pub const EXTERNAL_COMPANY_ID: &str = "externalCompanyId";
 /// Set by the owner rule when sales persons are synced.
 pub const EXTERNAL_SALES_PERSON_ID: &str = "externalSalesPersonId";
+
+/// Marketo's standard opportunity fields (opportunities page; ../shared/docs/marketo.md).
+pub const STANDARD_MARKETO_FIELDS: [&str; 21] = [
+    "externalOpportunityId",
+    "name",
+    "description",
+    "stage",
+    "type",
+    "amount",
+    "expectedRevenue",
+    "closeDate",
+    "fiscalQuarter",
+    "fiscalYear",
+    "forecastCategory",
+    "forecastCategoryName",
+    "isClosed",
+    "isWon",
+    "quantity",
+    "probability",
+    "lastActivityDate",
+    "leadSource",
+    "nextStep",
+    "externalCompanyId",
+    "externalSalesPersonId",
+];
+
+/// Whether `name` is one of Marketo's standard opportunity fields (else a custom one).
+pub fn is_standard_marketo_field(name: &str) -> bool {
+    STANDARD_MARKETO_FIELDS.contains(&name)
+}
 
 /// The most `[[mapping.fields]]` entries a configuration may have.
 pub const MAX_FIELDS: usize = 200;

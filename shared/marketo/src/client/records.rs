@@ -86,6 +86,16 @@ pub struct ObjectDescription {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct FieldDescription {
     pub name: String,
+    #[serde(rename = "displayName", default)]
+    pub display_name: Option<String>,
+    /// string, text, integer, float, currency, boolean, date, datetime, …
+    #[serde(rename = "dataType", default)]
+    pub data_type: Option<String>,
+    #[serde(default)]
+    pub length: Option<i64>,
+    /// False for what Marketo sets itself (marketoGUID, createdAt, updatedAt).
+    #[serde(default)]
+    pub updateable: Option<bool>,
 }
 
 /// What the preflight found.

@@ -33,6 +33,7 @@ use serde_json::{Map, Value, json};
 
 use crate::query::decode_pairs as parse_query;
 
+mod metadata;
 mod odata;
 mod seed;
 mod server;

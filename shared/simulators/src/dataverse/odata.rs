@@ -265,11 +265,22 @@ pub(super) fn lookup_name(g: &Inner, target: &str, id: &Value) -> Option<String>
 
 pub(super) fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefer: &str) -> Response {
     let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    if let Some(logical) = rest
+    if let Some((logical, tail)) = rest
         .strip_prefix("EntityDefinitions(LogicalName='")
-        .and_then(|r| r.strip_suffix("')"))
+        .and_then(|r| r.split_once("')"))
     {
-        return entity_definition(g, logical);
+        return match tail {
+            "" => entity_definition(g, logical),
+            "/Attributes" => super::metadata::attributes(logical, None, param("$select"), param("$expand")),
+            _ => match tail.strip_prefix("/Attributes/") {
+                Some(cast) => super::metadata::attributes(logical, Some(cast), param("$select"), param("$expand")),
+                None => odata_error(
+                    StatusCode::NOT_FOUND,
+                    "0x80060888",
+                    &format!("Resource not found for the segment '{tail}'."),
+                ),
+            },
+        };
     }
     let (set, single) = match rest.split_once('(') {
         Some((set, id)) => (set, Some(id.trim_end_matches(')').to_ascii_lowercase())),

@@ -7,7 +7,7 @@ use odata::{serve, table_of_logical};
 type Shared = Arc<Mutex<Inner>>;
 
 /// The routes: Entra ID's token endpoint for a tenant, and the Web API's resources (an entity
-/// set, one row by key, or `EntityDefinitions(...)`), every method accepted so that anything but
+/// set, one row by key, `EntityDefinitions(...)` or its columns), every method accepted so that anything but
 /// a GET is counted before it is refused. Anything else is a Dataverse 404.
 pub(super) fn routes(inner: Shared) -> Router {
     use axum::extract::Path;
@@ -22,6 +22,27 @@ pub(super) fn routes(inner: Shared) -> Router {
             any(
                 |Path(resource): Path<String>, st: State<Shared>, m: Method, u: Uri, h: HeaderMap| async move {
                     handle(resource, st, m, u, h).await
+                },
+            ),
+        )
+        // A table definition's columns: `EntityDefinitions(…)/Attributes[/<cast>]`.
+        .route(
+            "/api/data/v9.2/{definition}/Attributes",
+            any(
+                |Path(definition): Path<String>, st: State<Shared>, m: Method, u: Uri, h: HeaderMap| async move {
+                    handle(format!("{definition}/Attributes"), st, m, u, h).await
+                },
+            ),
+        )
+        .route(
+            "/api/data/v9.2/{definition}/Attributes/{cast}",
+            any(
+                |Path((definition, cast)): Path<(String, String)>,
+                 st: State<Shared>,
+                 m: Method,
+                 u: Uri,
+                 h: HeaderMap| async move {
+                    handle(format!("{definition}/Attributes/{cast}"), st, m, u, h).await
                 },
             ),
         )

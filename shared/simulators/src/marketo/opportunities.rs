@@ -136,29 +136,63 @@ pub(super) fn query_by(g: &Inner, params: &HashMap<String, String>, kind: Kind) 
         .collect())
 }
 
+/// The data type the simulator describes a standard opportunity field with. The opportunities
+/// page's describe example shows four fields (marketoGUID, createdAt, updatedAt,
+/// externalOpportunityId); the other types are inferred from the fields' meaning
+/// (docs/API-FIDELITY.md).
+fn opportunity_field_type(name: &str) -> (&'static str, Option<u32>) {
+    match name {
+        "externalOpportunityId" => ("string", Some(50)),
+        "description" => ("text", None),
+        "amount" | "expectedRevenue" => ("currency", None),
+        "probability" | "quantity" | "fiscalYear" | "fiscalQuarter" => ("integer", None),
+        "closeDate" | "lastActivityDate" => ("date", None),
+        "isClosed" | "isWon" => ("boolean", None),
+        _ => ("string", Some(255)),
+    }
+}
+
 /// Describe Opportunity / Opportunity Role (their pages, "Describe"): name, idField,
-/// dedupeFields and the fields.
+/// dedupeFields and the fields with `dataType`, `length` and `updateable`.
 pub(super) fn describe(g: &Inner, kind: Kind) -> Result<Vec<Value>, Refusal> {
-    let (name, dedupe, fields): (&str, Vec<&str>, Vec<String>) = match kind {
-        Kind::Opportunity => (
-            "opportunity",
-            vec!["externalOpportunityId"],
-            STANDARD_OPPORTUNITY_FIELDS
-                .iter()
-                .map(|f| (*f).to_owned())
-                .chain(g.config.custom_opportunity_fields.iter().cloned())
-                .collect(),
-        ),
+    let field = |name: &str, display: &str, kind: &str, length: Option<u32>, updateable: bool| {
+        let mut f = json!({"name": name, "displayName": display, "dataType": kind, "updateable": updateable});
+        if let Some(length) = length {
+            f["length"] = json!(length);
+        }
+        f
+    };
+    let (name, id_field, dedupe, fields): (&str, &str, Vec<&str>, Vec<Value>) = match kind {
+        Kind::Opportunity => {
+            // The page's example: the id, the timestamps and the key, none updateable.
+            let mut fields = vec![
+                field("marketoGUID", "Marketo GUID", "string", Some(36), false),
+                field("createdAt", "Created At", "datetime", None, false),
+                field("updatedAt", "Updated At", "datetime", None, false),
+            ];
+            for f in STANDARD_OPPORTUNITY_FIELDS {
+                let (kind, length) = opportunity_field_type(f);
+                fields.push(field(f, f, kind, length, *f != "externalOpportunityId"));
+            }
+            for f in &g.config.custom_opportunity_fields {
+                fields.push(field(f, f, "string", Some(255), true));
+            }
+            ("opportunity", "marketoGUID", vec!["externalOpportunityId"], fields)
+        }
         _ => (
             "opportunityRole",
+            "marketoGUID",
             vec!["externalOpportunityId", "leadId", "role"],
-            ROLE_FIELDS.iter().map(|f| (*f).to_owned()).collect(),
+            ROLE_FIELDS
+                .iter()
+                .map(|f| field(f, f, if *f == "leadId" { "integer" } else { "string" }, None, true))
+                .collect(),
         ),
     };
     Ok(vec![json!({
         "name": name,
-        "idField": "marketoGUID",
+        "idField": id_field,
         "dedupeFields": dedupe,
-        "fields": fields.iter().map(|f| json!({"name": f, "displayName": f, "dataType": "string", "updateable": true})).collect::<Vec<_>>(),
+        "fields": fields,
     })])
 }
