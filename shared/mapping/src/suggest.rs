@@ -347,15 +347,12 @@ impl Suggestion {
             out,
             "sales_persons = {sales_persons}     # owners become Marketo sales persons (externalSalesPersonId)"
         );
-        match &self.sync_filter {
-            Some(filter) => {
-                let _ = writeln!(
-                    out,
-                    "# sync_filter = {}   # a Two Options column: only an explicit No keeps a record out",
-                    quoted(filter)
-                );
-            }
-            None => {}
+        if let Some(filter) = &self.sync_filter {
+            let _ = writeln!(
+                out,
+                "# sync_filter = {}   # a Two Options column: only an explicit No keeps a record out",
+                quoted(filter)
+            );
         }
         for pair in self.pairs.iter().filter(|p| p.entry.is_some()) {
             let Some(e) = &pair.entry else { continue };
