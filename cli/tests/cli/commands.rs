@@ -14,7 +14,7 @@ async fn every_command_has_help_and_the_exit_codes_are_documented() {
     assert_eq!(top.code, 0, "{top:?}");
     assert!(top.stdout.contains("Exit codes"), "{top:?}");
     for command in [
-        "demo", "sync", "plan", "resync", "status", "errors", "validate", "sandbox",
+        "demo", "sync", "plan", "resync", "status", "errors", "validate", "sandbox", "fields", "runs",
     ] {
         let run = oppsync(&[command, "--help"], &[]).await;
         assert_eq!(run.code, 0, "{command}: {run:?}");
@@ -284,6 +284,102 @@ async fn resync_of_an_id_dynamics_does_not_have_deletes_only_what_oppsync_wrote(
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stdout.contains("deleted"), "{run:?}");
     assert!(!sims.mk.snapshot().opportunities.contains_key(&gone));
+}
+
+/// GIVEN Dynamics with a custom `new_region` column and a Marketo with a custom `region` field
+/// WHEN `oppsync fields --write x.toml` runs THEN it shows both sides with the suggestion, the
+/// file maps region from new_region, `oppsync validate --config x.toml` passes, and a sync with
+/// it carries each opportunity's region into Marketo. An existing file is never overwritten
+/// (exit 2) and a run that fails leaves no file behind (exit 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_writes_a_configuration_that_validate_accepts_and_sync_uses() {
+    let sims = sims().await;
+    sims.mk
+        .configure(|c| c.custom_opportunity_fields = vec!["region".into()]);
+    sims.dv.seed(20, 36, Mix::Realistic);
+    let env = env_for(&sims);
+    let path = std::env::temp_dir().join(format!("{}.toml", oppsync_tests::harness::unique("fields")));
+    let run = oppsync(&["fields", "--write", s(&path)], &env).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    for shown in [
+        "externalOpportunityId      string    <- opportunityid",
+        "externalSalesPersonId",
+        "region                     string    <- new_region",
+        "matching names, custom",
+        "A sync filter column was found: new_synctomkto",
+    ] {
+        assert!(run.stdout.contains(shown), "{shown}: {}", run.stdout);
+    }
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        written.contains("marketo = \"region\"\ndataverse = \"new_region\"\ntype = \"string\""),
+        "{written}"
+    );
+    let validate = oppsync(&["validate", "--config", s(&path), "--state", s(&state_path())], &env).await;
+    assert_eq!(validate.code, 0, "{validate:?}");
+    assert!(
+        validate
+            .stdout
+            .contains("PASS  Marketo fields: all 11 mapped fields exist"),
+        "{validate:?}"
+    );
+    let state = state_path();
+    let sync = oppsync(&["sync", "--config", s(&path), "--state", s(&state)], &env).await;
+    assert_eq!(sync.code, 0, "{sync:?}");
+    let regions = sims
+        .mk
+        .snapshot()
+        .opportunities
+        .values()
+        .filter(|o| {
+            o.get("region")
+                .and_then(|r| r.as_str())
+                .is_some_and(|r| ["EMEA", "AMER", "APAC"].contains(&r))
+        })
+        .count();
+    assert_eq!(regions, 20, "every opportunity's region reached Marketo");
+
+    // Never over an existing file: refused before anything is read, the file as it was.
+    let again = oppsync(&["fields", "--write", s(&path)], &env).await;
+    assert_eq!(again.code, 2, "{again:?}");
+    assert!(again.stderr.contains("never overwrites"), "{again:?}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), written);
+    // A run that cannot read Dynamics writes nothing, and leaves no empty file.
+    let fresh = path.with_extension("second.toml");
+    let mut bad = env.clone();
+    for (k, v) in bad.iter_mut() {
+        if k == "DYNAMICS_CLIENT_SECRET" {
+            *v = "wrong".into();
+        }
+    }
+    let failed = oppsync(&["fields", "--write", s(&fresh)], &bad).await;
+    assert_eq!(failed.code, 3, "{failed:?}");
+    assert!(failed.stderr.contains("Dynamics"), "{failed:?}");
+    assert!(!fresh.exists(), "no file left behind");
+    // The JSON form holds both sides and the suggestion.
+    let json = oppsync(&["fields", "--json"], &env).await.json();
+    assert!(
+        json["dataverse"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "new_region" && c["custom"] == true)
+    );
+    assert!(
+        json["marketo"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "region")
+    );
+    assert!(
+        json["suggestion"]["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["marketo"] == "region" && p["why"] == "name")
+    );
+    let _ = std::fs::remove_file(&path);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,8 @@ use crate::common::*;
 /// rest typed in the sandbox's.
 const WALKTHROUGH: &[&str] = &[
     "oppsync validate",
+    "oppsync fields --write oppsync.toml",
+    "oppsync validate --config oppsync.toml",
     "oppsync plan",
     "oppsync sync",
     "change 3",
@@ -142,6 +144,17 @@ async fn the_readmes_sandbox_walkthrough_runs_as_written() {
     let validate = run(&["validate"]).await;
     assert_eq!(validate.code, 0, "{validate:?}");
     assert!(!validate.stdout.contains("FAIL"), "{validate:?}");
+    let config = std::env::temp_dir().join(format!("{}.toml", oppsync_tests::harness::unique("sandbox-fields")));
+    let fields = oppsync(&["fields", "--write", s(&config)], &env).await;
+    assert_eq!(fields.code, 0, "{fields:?}");
+    assert!(
+        fields.stdout.contains("<- new_region"),
+        "the sandbox's custom field: {fields:?}"
+    );
+    let suggested = run(&["validate", "--config", s(&config)]).await;
+    assert_eq!(suggested.code, 0, "{suggested:?}");
+    assert!(!suggested.stdout.contains("FAIL"), "{suggested:?}");
+    let _ = std::fs::remove_file(&config);
     let plan = run(&["plan"]).await;
     assert_eq!(plan.code, 0, "{plan:?}");
     assert!(

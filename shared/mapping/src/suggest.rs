@@ -120,8 +120,12 @@ fn entry(marketo: &str, dataverse: &str, kind: &str) -> FieldConfig {
     }
 }
 
-/// The configuration entry that converts `column` into `field`, if their types allow one.
+/// The configuration entry that converts `column` into `field`, if their types allow one (and
+/// both names are ones a configuration can hold).
 fn convert(field: &Field, column: &Column) -> Option<FieldConfig> {
+    if !crate::config::is_marketo_name(&field.name) || !crate::config::is_logical_name(&column.name) {
+        return None;
+    }
     let numeric = matches!(
         column.kind.as_str(),
         "Integer" | "BigInt" | "Decimal" | "Double" | "Money"
@@ -395,21 +399,24 @@ impl Suggestion {
                 out,
                 "\n# Marketo fields no Dynamics column was found for; to map one, add an entry like:\n\
                  # [[mapping.fields]]\n# marketo = \"<field>\"\n# dataverse = \"<column>\"\n# type = \"string\"\n#\n# {}",
-                self.unmatched_marketo.join(", ")
+                one_line(&self.unmatched_marketo.join(", "))
             );
         }
         for m in &self.mismatches {
             let _ = writeln!(
                 out,
-                "# {} ({}) and {} ({}) match by name, but no conversion turns one into the other",
-                m.marketo, m.marketo_kind, m.dataverse, m.dataverse_kind
+                "# {}",
+                one_line(&format!(
+                    "{} ({}) and {} ({}) match by name, but no conversion turns one into the other",
+                    m.marketo, m.marketo_kind, m.dataverse, m.dataverse_kind
+                ))
             );
         }
         if !self.unmatched_dataverse.is_empty() {
             let _ = writeln!(
                 out,
                 "\n# Custom Dynamics columns no Marketo field matches (create the field in Marketo to sync one):\n# {}",
-                self.unmatched_dataverse.join(", ")
+                one_line(&self.unmatched_dataverse.join(", "))
             );
         }
         out

@@ -3,14 +3,14 @@
 
 use super::*;
 
-pub(super) fn is_marketo_name(s: &str) -> bool {
+pub(crate) fn is_marketo_name(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         && s.len() <= 100
 }
 
-pub(super) fn is_logical_name(s: &str) -> bool {
+pub(crate) fn is_logical_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && s.chars()

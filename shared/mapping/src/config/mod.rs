@@ -12,7 +12,8 @@ use crate::convert::{Conversion, FieldRule, NullPolicy, Source};
 use crate::plan::MARKETO_ROLE_MAX;
 mod fields;
 
-use fields::{Errors, choice, field_rule, is_logical_name, is_marketo_name};
+use fields::{Errors, choice, field_rule};
+pub(crate) use fields::{is_logical_name, is_marketo_name};
 
 /// The section as written in the file. Every table rejects unknown keys, so a typo is an error.
 #[derive(Debug, Clone, Deserialize)]

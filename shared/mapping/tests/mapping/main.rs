@@ -8,3 +8,4 @@ mod owners;
 mod plans;
 mod properties;
 mod stakeholders;
+mod suggest;
