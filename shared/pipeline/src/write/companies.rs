@@ -3,7 +3,9 @@
 use super::*;
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
-    pub(crate) async fn write_companies(&self, works: &mut [Work], fresh: bool) -> Option<MarketoError> {
+    /// The companies to send (each once), marking the records whose company is in Marketo
+    /// already as done.
+    pub(crate) fn companies_to_send(&self, works: &mut [Work], fresh: bool) -> Vec<Value> {
         let mut records: Vec<Value> = Vec::new();
         let mut seen = BTreeSet::new();
         for work in works.iter_mut().filter(|w| w.ok()) {
@@ -36,10 +38,17 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 records.push(Value::Object(record));
             }
         }
-        if records.is_empty() {
-            return None;
-        }
-        let outcomes = match self.marketo.sync_companies(&records).await {
+        records
+    }
+
+    /// Records Marketo's answer for the companies sent; returns the error when it stops the run.
+    pub(crate) fn companies_answered(
+        &self,
+        works: &mut [Work],
+        records: &[Value],
+        answered: Result<Vec<RecordOutcome>, MarketoError>,
+    ) -> Option<MarketoError> {
+        let outcomes = match answered {
             Ok(o) => o,
             Err(e) => {
                 let affected = works

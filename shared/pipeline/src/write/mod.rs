@@ -795,10 +795,30 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             if Self::out_of_time(deadline) {
                 return Some(Stop::Deadline);
             }
-            if let Some(stop) = self.write_companies(works, fresh).await {
-                return Some(Stop::Marketo(stop));
-            }
-            if let Some(stop) = self.write_sales_persons(works, fresh, false, |_| true).await {
+            // Companies and sales persons depend on nothing: their calls go out together.
+            let companies = self.companies_to_send(works, fresh);
+            let persons = self.sales_persons_to_send(works, fresh, false, |_| true);
+            let (companies_answered, persons_answered) = tokio::join!(
+                async {
+                    if companies.is_empty() {
+                        None
+                    } else {
+                        Some(self.marketo.sync_companies(&companies).await)
+                    }
+                },
+                async {
+                    if persons.is_empty() {
+                        None
+                    } else {
+                        Some(self.marketo.sync_sales_persons(&persons).await)
+                    }
+                }
+            );
+            let stopped = [
+                companies_answered.and_then(|a| self.companies_answered(works, &companies, a)),
+                persons_answered.and_then(|a| self.sales_persons_answered(works, &persons, a, |_| true)),
+            ];
+            if let Some(stop) = stopped.into_iter().flatten().next() {
                 return Some(Stop::Marketo(stop));
             }
             if Self::out_of_time(deadline) {

@@ -9,16 +9,17 @@ fn content(person: &SalesPerson) -> (&Option<String>, &Option<String>, &Option<S
 }
 
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
-    /// Upserts the sales persons of the records `only` picks. `fresh` writes even one this
-    /// process wrote; `again` also one the record's last write left in Marketo (Marketo
-    /// answered 718: it no longer has it).
-    pub(crate) async fn write_sales_persons(
+    /// The sales persons of the records `only` picks, to send (each once); the records whose
+    /// sales person is in Marketo already are marked done. `fresh` sends even one this process
+    /// wrote; `again` also one the record's last write left in Marketo (Marketo answered 718:
+    /// it no longer has it).
+    pub(crate) fn sales_persons_to_send(
         &self,
         works: &mut [Work],
         fresh: bool,
         again: bool,
         only: impl Fn(&Work) -> bool,
-    ) -> Option<MarketoError> {
+    ) -> Vec<Value> {
         let mut records: Vec<Value> = Vec::new();
         let mut seen = BTreeSet::new();
         for work in works.iter_mut().filter(|w| w.ok() && only(w)) {
@@ -49,10 +50,19 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 records.push(Value::Object(record));
             }
         }
-        if records.is_empty() {
-            return None;
-        }
-        let outcomes = match self.marketo.sync_sales_persons(&records).await {
+        records
+    }
+
+    /// Records Marketo's answer for the sales persons sent; returns the error when it stops
+    /// the run.
+    pub(crate) fn sales_persons_answered(
+        &self,
+        works: &mut [Work],
+        records: &[Value],
+        answered: Result<Vec<RecordOutcome>, MarketoError>,
+        only: impl Fn(&Work) -> bool,
+    ) -> Option<MarketoError> {
+        let outcomes = match answered {
             Ok(o) => o,
             Err(e) => {
                 let affected = works
@@ -105,6 +115,11 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 self.sales_persons.forget(person.external_sales_person_id.0);
             }
         }
-        self.write_sales_persons(works, true, true, sending).await
+        let records = self.sales_persons_to_send(works, true, true, &sending);
+        if records.is_empty() {
+            return None;
+        }
+        let answered = self.marketo.sync_sales_persons(&records).await;
+        self.sales_persons_answered(works, &records, answered, &sending)
     }
 }
