@@ -49,7 +49,7 @@ async fn plan<S: StateStore>(pipeline: &Pipeline<S>, all: bool, json_out: bool) 
         let mut ids = pipeline.peek().await.map_err(fatal)?;
         // Recorded but not yet written: a poll already ran.
         for status in [Status::Pending, Status::Ready] {
-            ids.extend(pipeline.ids_in(status, |_| true).await.map_err(fatal)?);
+            ids.extend(pipeline.ids_in(status, |_| true, None).await.map_err(fatal)?);
         }
         ids
     };

@@ -295,12 +295,17 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             // write before the transform's pass is over.
             let finished = handover.done.load(Relaxed);
             handover.ready.store(0, Relaxed);
+            // Up to a group of ready records, oldest first, past those in flight or done with.
             let ids = self
-                .ready_group(group, |id| {
-                    !in_flight.contains(id)
-                        && !not_claimed.contains(id)
-                        && write_attempts.get(id).copied().unwrap_or(0) < DRAIN_WRITE_ATTEMPTS
-                })
+                .ids_in(
+                    Status::Ready,
+                    |s| {
+                        !in_flight.contains(&s.id)
+                            && !not_claimed.contains(&s.id)
+                            && write_attempts.get(&s.id).copied().unwrap_or(0) < DRAIN_WRITE_ATTEMPTS
+                    },
+                    Some(group),
+                )
                 .await;
             let ids = match ids {
                 Ok(ids) => ids,
@@ -325,27 +330,6 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             Some(e) => Err(e),
             None => Ok((moved, report)),
         }
-    }
-
-    /// Up to `group` ready records that `take` accepts, oldest first, read page by page past
-    /// those it does not.
-    async fn ready_group(
-        &self,
-        group: usize,
-        take: impl Fn(&OpportunityId) -> bool,
-    ) -> Result<Vec<OpportunityId>, PipelineError> {
-        let mut ids = Vec::new();
-        let mut page: Option<String> = None;
-        loop {
-            let listed = self.store.list(Status::Ready, group, page.as_deref()).await?;
-            ids.extend(listed.items.iter().map(|s| s.id).filter(|id| take(id)));
-            match listed.next {
-                Some(next) if ids.len() < group => page = Some(next),
-                _ => break,
-            }
-        }
-        ids.truncate(group);
-        Ok(ids)
     }
 
     /// Whether a drain has anything that may reach Marketo (a preflight for nothing costs calls).

@@ -502,7 +502,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             if status == Status::Deleted {
                 continue;
             }
-            known.extend(self.ids_in(status, |s| !s.deleted).await?);
+            known.extend(self.ids_in(status, |s| !s.deleted, None).await?);
         }
         let known_count = known.len();
         let present = self.dataverse.all_ids(EntitySet::Opportunities).await?;
@@ -568,22 +568,27 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         Ok(ids)
     }
 
-    /// The ids of the records in `status` that `keep` keeps, read from the store page by page.
+    /// The ids of the records in `status` that `keep` keeps, read from the store page by page,
+    /// at most `limit` of them (all without one).
     pub async fn ids_in(
         &self,
         status: Status,
         keep: impl Fn(&OpportunityState) -> bool,
+        limit: Option<usize>,
     ) -> Result<Vec<OpportunityId>, PipelineError> {
+        let limit = limit.unwrap_or(usize::MAX);
         let mut ids = Vec::new();
         let mut page: Option<String> = None;
         loop {
-            let listed = self.store.list(status, 1000, page.as_deref()).await?;
+            let listed = self.store.list(status, limit.clamp(1, 1000), page.as_deref()).await?;
             ids.extend(listed.items.iter().filter(|s| keep(s)).map(|s| s.id));
             match listed.next {
-                Some(next) => page = Some(next),
-                None => return Ok(ids),
+                Some(next) if ids.len() < limit => page = Some(next),
+                _ => break,
             }
         }
+        ids.truncate(limit);
+        Ok(ids)
     }
 
     /// Every page of a watermark read from `from`, each handed to `visit` as it comes.

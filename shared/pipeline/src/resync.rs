@@ -222,7 +222,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 .into_iter()
                 .map(OpportunityId)
                 .collect(),
-            ResyncTarget::Failed => self.ids_in(Status::Failed, |_| true).await?,
+            ResyncTarget::Failed => self.ids_in(Status::Failed, |_| true, None).await?,
             ResyncTarget::ModifiedSince(since) => self.modified_since(&since).await?,
         };
         let mut report = ResyncReport {
