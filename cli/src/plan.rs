@@ -89,7 +89,7 @@ async fn plan<S: StateStore>(pipeline: &Pipeline<S>, all: bool, json_out: bool) 
 }
 
 /// One record's change, as data: the action, fields old → new, roles added and removed,
-/// the company, warnings, and the plan itself.
+/// the company, the sales person, warnings, and the plan itself.
 fn diff(preview: &Planned, before: Option<&OpportunityState>) -> Value {
     let plan = match &preview.plan {
         Ok(plan) => plan,
@@ -116,6 +116,7 @@ fn diff(preview: &Planned, before: Option<&OpportunityState>) -> Value {
     let mut fields = serde_json::Map::new();
     let mut roles_added = Vec::new();
     let mut company = Value::Null;
+    let mut sales_person = Value::Null;
     if let Action::Upsert(desired) = &plan.action {
         for (name, value) in &desired.opportunity {
             let old = old_fields.get(name);
@@ -139,6 +140,7 @@ fn diff(preview: &Planned, before: Option<&OpportunityState>) -> Value {
             }
         }
         company = json!(desired.company.as_ref().map(|c| c.external_company_id));
+        sales_person = json!(desired.sales_person.as_ref().map(|p| p.external_sales_person_id));
     }
     let roles_removed: Vec<Value> = plan
         .role_deletions
@@ -152,6 +154,7 @@ fn diff(preview: &Planned, before: Option<&OpportunityState>) -> Value {
         "roles_added": roles_added,
         "roles_removed": roles_removed,
         "company": company,
+        "sales_person": sales_person,
         "warnings": plan.warnings,
         "plan": plan,
     })
@@ -175,6 +178,9 @@ fn print_entry(e: &Value) {
     }
     if let Some(company) = e["company"].as_str() {
         println!("    company: {company}");
+    }
+    if let Some(person) = e["sales_person"].as_str() {
+        println!("    sales person: {person}");
     }
     for r in e["roles_added"].as_array().into_iter().flatten() {
         println!(

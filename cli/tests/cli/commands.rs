@@ -198,6 +198,14 @@ async fn plan_shows_the_diff_and_writes_nothing_and_moves_no_cursor() {
     let json = oppsync(&["plan", "--json", "--state", s(&state)], &env).await.json();
     assert_eq!(json["changes"][0]["id"], json!(changed));
     assert_eq!(json["changes"][0]["fields"]["amount"]["to"], json!(777.25));
+    // The owner, as the sales person the opportunity names.
+    let owner = sims.dv.row(Table::Opportunities, &changed).unwrap().attributes["_ownerid_value"].clone();
+    assert_eq!(json["changes"][0]["sales_person"], owner);
+    assert!(
+        plan.stdout
+            .contains(&format!("sales person: {}", owner.as_str().unwrap())),
+        "{plan:?}"
+    );
 
     assert_eq!(sims.mk.rest_calls(), calls, "plan makes no Marketo write");
     let after = oppsync(&["status", "--json", "--state", s(&state)], &[]).await.json();
