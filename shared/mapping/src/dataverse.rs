@@ -238,6 +238,15 @@ impl Account {
     }
 }
 
+/// A text attribute, trimmed; `None` when absent, not text, or blank.
+fn trimmed_text(map: &Map<String, Value>, key: &str) -> Option<String> {
+    map.get(key)
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
 /// A user row (`systemuserid`, `internalemailaddress`, `firstname`, `lastname`): an owner, who
 /// becomes a Marketo sales person.
 #[derive(Clone, PartialEq, Eq)]
@@ -261,13 +270,7 @@ impl SystemUser {
     pub fn from_json(value: Value) -> Result<Self, RecordError> {
         const E: &str = "systemuser";
         let map = into_object(value, E)?;
-        let text = |k: &str| {
-            map.get(k)
-                .and_then(Value::as_str)
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-        };
+        let text = |k: &str| trimmed_text(&map, k);
         Ok(SystemUser {
             id: UserId(require_guid(&map, E, "systemuserid")?),
             email: text("internalemailaddress"),
@@ -300,13 +303,7 @@ impl Contact {
     pub fn from_json(value: Value) -> Result<Self, RecordError> {
         const E: &str = "contact";
         let map = into_object(value, E)?;
-        let text = |k: &str| {
-            map.get(k)
-                .and_then(Value::as_str)
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-        };
+        let text = |k: &str| trimmed_text(&map, k);
         let parent = read_lookup(&map, E, "_parentcustomerid_value")?.map(|lookup| match lookup.table {
             Some(Table::Account) => ParentCustomer::Account(AccountId(lookup.id)),
             Some(Table::Contact) => ParentCustomer::Contact(ContactId(lookup.id)),

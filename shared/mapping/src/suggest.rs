@@ -107,17 +107,7 @@ fn unprefixed(column: &Column) -> &str {
 }
 
 fn entry(marketo: &str, dataverse: &str, kind: &str) -> FieldConfig {
-    FieldConfig {
-        marketo: marketo.to_owned(),
-        dataverse: Some(dataverse.to_owned()),
-        kind: kind.to_owned(),
-        null: None,
-        max_length: None,
-        label: None,
-        labels: None,
-        values: None,
-        lookup: None,
-    }
+    FieldConfig::new(marketo, Some(dataverse), kind)
 }
 
 /// The configuration entry that converts `column` into `field`, if their types allow one (and

@@ -277,19 +277,26 @@ fn marketo_string_length(field: &str) -> usize {
     }
 }
 
+impl FieldConfig {
+    /// An entry with only its Marketo field, source and conversion set.
+    pub fn new(marketo: &str, dataverse: Option<&str>, kind: &str) -> FieldConfig {
+        FieldConfig {
+            marketo: marketo.to_owned(),
+            dataverse: dataverse.map(str::to_owned),
+            kind: kind.to_owned(),
+            null: None,
+            max_length: None,
+            label: None,
+            labels: None,
+            values: None,
+            lookup: None,
+        }
+    }
+}
+
 /// The default field selection (architecture.md), as configuration entries.
 pub fn default_fields() -> Vec<FieldConfig> {
-    let f = |marketo: &str, dataverse: Option<&str>, kind: &str| FieldConfig {
-        marketo: marketo.to_owned(),
-        dataverse: dataverse.map(str::to_owned),
-        kind: kind.to_owned(),
-        null: None,
-        max_length: None,
-        label: None,
-        labels: None,
-        values: None,
-        lookup: None,
-    };
+    let f = FieldConfig::new;
     let statecode_labels: BTreeMap<String, String> = [("0", "Open"), ("1", "Won"), ("2", "Lost")]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))

@@ -22,44 +22,18 @@ const SALES_PERSON_CHECKS: RecordChecks<'static, String> = RecordChecks {
 /// by externalSalesPersonId; results with `seq`, `status` and the integer `id`. The describe
 /// example gives externalSalesPersonId and email a length of 255: longer is skipped (1003).
 pub(super) fn sales_person_sync(g: &mut Inner, body: &Value) -> Result<Vec<Value>, Refusal> {
-    let input = inputs(g, body)?.clone();
-    let mut seen = std::collections::HashSet::new();
-    let mut results = Vec::with_capacity(input.len());
-    for (seq, record) in input.iter().enumerate() {
-        let (record, key) = match check_record(g, seq, record, &mut seen, &SALES_PERSON_CHECKS) {
-            Ok(checked) => checked,
-            Err(skip) => {
-                results.push(skip);
-                continue;
-            }
-        };
-        let too_long = ["externalSalesPersonId", "email"].into_iter().find(|f| {
-            record
-                .get(*f)
-                .and_then(Value::as_str)
-                .is_some_and(|v| v.chars().count() > 255)
-        });
-        if let Some(field) = too_long {
-            results.push(skipped(seq, "1003", &format!("{field} longer than 255")));
-            continue;
-        }
-        match g.data.sales_persons.get_mut(&key) {
-            Some(existing) => {
-                existing.extend(record.clone());
-                let id = existing.get("id").cloned();
-                results.push(json!({"seq": seq, "status": "updated", "id": id}));
-            }
-            None => {
-                g.data.next_id += 1;
-                let id = g.data.next_id;
-                let mut stored = record.clone();
-                stored.insert("id".into(), json!(id));
-                g.data.sales_persons.insert(key, stored);
-                results.push(json!({"seq": seq, "status": "created", "id": id}));
-            }
-        }
-    }
-    Ok(results)
+    let too_long = |record: &Map<String, Value>| {
+        ["externalSalesPersonId", "email"]
+            .into_iter()
+            .find(|f| {
+                record
+                    .get(*f)
+                    .and_then(Value::as_str)
+                    .is_some_and(|v| v.chars().count() > 255)
+            })
+            .map(|field| ("1003", format!("{field} longer than 255")))
+    };
+    super::companies::upsert_with_id(g, body, &SALES_PERSON_CHECKS, too_long, |d| &mut d.sales_persons)
 }
 
 /// Describe Sales Persons (sales-persons page, "Describe"): the page's example.
