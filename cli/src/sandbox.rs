@@ -91,10 +91,14 @@ pub async fn run(args: SandboxArgs) -> Result<ExitCode, CliError> {
     let mut rx = crate::simulate::stdin_lines();
     let mut commands_open = true;
     let mut round = 0u64;
+    // One listener for the sandbox's life: made anew each time round the loop, a signal that
+    // came while a command ran was lost, and the sandbox ran on.
+    let interrupted = crate::context::interrupted();
+    tokio::pin!(interrupted);
     loop {
         let line = tokio::select! {
             line = rx.recv(), if commands_open => line,
-            signal = crate::context::interrupted() => {
+            signal = &mut interrupted => {
                 say(&format!("oppsync sandbox: stopped by {signal}; the simulators are gone"));
                 return Ok(ExitCode::SUCCESS);
             }

@@ -211,3 +211,23 @@ async fn the_readmes_sandbox_walkthrough_runs_as_written() {
         .unwrap();
     assert_eq!(code, Some(0));
 }
+
+/// GIVEN a sandbox busy with a typed command WHEN SIGTERM arrives during it THEN the sandbox
+/// still stops, saying so, with exit 0. (It listened for signals only while waiting for a
+/// line, so one that came during a command was lost and the sandbox ran on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_a_command_stops_the_sandbox() {
+    let mut sandbox = Sandbox::start(&["--opportunities", "20000"]);
+    sandbox.read_until(|l| l.contains("Ctrl-C stops the simulators"));
+    // `stats` compares 20,000 opportunities with the rules: long enough to be busy in it.
+    writeln!(sandbox.stdin, "stats").unwrap();
+    sandbox.stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    send_signal(&sandbox.child, "TERM");
+    let stopped = sandbox.read_until(|l| l.contains("stopped by SIGTERM"));
+    assert!(!stopped.is_empty());
+    let code = tokio::task::spawn_blocking(move || sandbox.child.wait().unwrap().code())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}
