@@ -159,6 +159,17 @@ async fn dataverse_checks(checks: &mut Checks, client: &DataverseClient, config:
             ),
         }
     }
+    if config.mapping.sales_persons {
+        // Not a failure: without it the sync runs, with sales persons lacking email and name.
+        match client.probe(EntitySet::SystemUsers).await {
+            Ok(()) => checks.pass("Dynamics read systemusers", "readable (the owners, for sales persons)"),
+            Err(e) => checks.warn(
+                "Dynamics read systemusers",
+                format!("Dynamics: {e}; sales persons would be written without email or name"),
+                "give the application user's security role organization-level Read on User, or set [mapping] sales_persons = false",
+            ),
+        }
+    }
     currency_check(checks, client, config).await;
     if config.dataverse.change_detection != ChangeDetection::ChangeTracking {
         checks.skip(

@@ -402,6 +402,17 @@ async fn validate_passes_against_good_systems_and_names_each_problem_with_its_fi
         "{ok:?}"
     );
     assert!(ok.stdout.contains("PASS  Marketo opportunity writes"), "{ok:?}");
+    assert!(ok.stdout.contains("PASS  Dynamics read systemusers"), "{ok:?}");
+    // Without Read on User: a warning with the fix, not a failure (the sync runs without the
+    // sales persons' emails and names).
+    sims.dv.configure(|c| c.forbidden = vec![Table::SystemUsers]);
+    let warned = oppsync(&["validate", "--state", s(&state_path())], &env).await;
+    assert_eq!(warned.code, 0, "{warned:?}");
+    assert!(
+        warned.stdout.contains("WARN  Dynamics read systemusers") && warned.stdout.contains("Read on User"),
+        "{warned:?}"
+    );
+    sims.dv.configure(|c| c.forbidden = Vec::new());
 
     sims.dv.configure(|c| c.untracked = vec![Table::Connections]);
     let config =

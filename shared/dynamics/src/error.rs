@@ -11,7 +11,7 @@ pub enum DataverseError {
     )]
     Auth { status: u16, detail: String },
     #[error(
-        "Dataverse refused access ({code}: {message}); give the application user a security role with organization-level Read on opportunity, connection, account, contact and connectionrole"
+        "Dataverse refused access ({code}: {message}); give the application user a security role with organization-level Read on opportunity, connection, account, contact, connectionrole and (for sales persons) systemuser"
     )]
     Forbidden { code: String, message: String },
     #[error("Dataverse: not found ({code}: {message})")]

@@ -166,7 +166,20 @@ impl DataverseClient {
             None,
             None,
         );
-        let (contacts, users) = tokio::try_join!(contacts, users)?;
+        let (contacts, users) = tokio::join!(contacts, users);
+        let contacts = contacts?;
+        // Without Read on User the owners go unread, not the batch: each opportunity still
+        // names its sales person, without email or name (the mapping warns).
+        let users = match users {
+            Err(DataverseError::Forbidden { code, .. }) => {
+                tracing::warn!(
+                    code = %code,
+                    "Dynamics refused reading the owners (systemusers); sales persons are written without email or name. Fix: give the application user's role Read on User, or set [mapping] sales_persons = false"
+                );
+                Vec::new()
+            }
+            other => other?,
+        };
         for c in &contacts {
             if let Ok(contact) = oppsync_mapping::Contact::from_json(c.clone()) {
                 match contact.parent {

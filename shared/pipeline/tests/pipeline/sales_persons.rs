@@ -197,3 +197,29 @@ async fn with_sales_persons_off_owners_are_neither_read_nor_written() {
     let diff = oracle::differences(&oracle::expected(&sims.dv, &rules), &snapshot, &Default::default());
     assert!(diff.is_empty(), "{diff:?}");
 }
+
+/// GIVEN an application user without Read on User (Dynamics answers 403 for `systemusers`)
+/// WHEN opportunities sync THEN nothing fails: each opportunity still names its owner, and the
+/// sales persons are written without email or name (the README's "a user oppsync cannot read").
+/// Before, the refusal failed the whole batch's read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_read_on_user_the_sales_persons_go_without_email_and_nothing_fails() {
+    let sims = sims().await;
+    sims.dv.seed(300, 9, Mix::Uniform);
+    sims.dv.configure(|c| c.forbidden = vec![Table::SystemUsers]);
+    let p = pipeline(&sims, sqlite(), Config::default());
+    let report = sync(&p).await;
+    assert_eq!(
+        (report.failed, report.left_for_retry, report.written),
+        (0, 0, 300),
+        "{report:?}"
+    );
+    assert!(sims.dv.requests_to(Table::SystemUsers) > 0, "the owners were asked for");
+    let snapshot = sims.mk.snapshot();
+    assert_eq!(snapshot.sales_persons.len(), 3);
+    assert!(snapshot.sales_persons.values().all(|p| !p.contains_key("email")));
+    for (id, o) in &snapshot.opportunities {
+        let owner = &sims.dv.row(Table::Opportunities, id).unwrap().attributes["_ownerid_value"];
+        assert_eq!(o.get("externalSalesPersonId"), Some(owner), "{id}");
+    }
+}

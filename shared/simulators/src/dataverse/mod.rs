@@ -59,6 +59,10 @@ pub struct DataverseConfig {
     /// Tables whose change tracking is off: their metadata says so, and a change-tracking read
     /// of them is refused.
     pub untracked: Vec<Table>,
+    /// Tables the application user has no Read privilege on: every read answers 403 with
+    /// code 0x80040220 "Principal user … is missing prv… privilege" (the client-errors page,
+    /// error -2147220960).
+    pub forbidden: Vec<Table>,
     /// Random faults: a request is throttled (429, `Retry-After: 1`), fails with 500 or 503, or
     /// answers with a body that is not JSON.
     pub chaos: Option<crate::Chaos>,
@@ -98,6 +102,7 @@ impl Default for DataverseConfig {
             token_ttl: Duration::from_secs(3599),
             max_page_size: 5000,
             untracked: Vec::new(),
+            forbidden: Vec::new(),
             chaos: None,
             change_retention: Duration::from_secs(7 * 24 * 3600),
             throttle: None,

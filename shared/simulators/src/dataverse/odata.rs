@@ -294,6 +294,16 @@ pub(super) fn serve(g: &mut Inner, rest: &str, query: &[(String, String)], prefe
         );
     };
     *g.counters.by_table.entry(table).or_default() += 1;
+    if g.config.forbidden.contains(&table) {
+        return odata_error(
+            StatusCode::FORBIDDEN,
+            "0x80040220",
+            &format!(
+                "Principal user (Id=00000000-0000-4000-8000-00000000c11e, type=8) is missing prvRead{} privilege",
+                table.logical()
+            ),
+        );
+    }
     let annotate = prefer.contains("odata.include-annotations");
     let select = param("$select").map(|s| s.split(',').map(str::to_owned).collect::<Vec<_>>());
     let expand: Vec<String> = param("$expand")
