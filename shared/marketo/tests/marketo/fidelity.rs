@@ -188,3 +188,43 @@ async fn identity_is_asked_in_the_documented_shape_and_a_form_body_is_not_read()
     client.sync_opportunities(&opportunities(1)).await.unwrap();
     assert_eq!(sim.calls(E::Identity), 2);
 }
+
+/// Sync Sales Persons (sales-persons page) goes through the same matching: in every shape the
+/// docs show or leave open, a skip lands on its own sales person and the rest get their ids.
+#[tokio::test]
+async fn sales_person_results_land_on_their_records_in_every_shape() {
+    for shape in [
+        ResultShape::Documented,
+        ResultShape::Shuffled,
+        ResultShape::NoSeq,
+        ResultShape::SingularReason,
+    ] {
+        let sim = sim(MarketoConfig {
+            result_shape: shape,
+            ..fast_config()
+        })
+        .await;
+        let client = client(&sim);
+        let records: Vec<Value> = (0..5)
+            .map(|i| json!({"externalSalesPersonId": format!("user-{i}"), "email": format!("seller{i}@example.com")}))
+            .collect();
+        sim.skip_record("user-2", "1003", 1);
+        let outcomes = client.sync_sales_persons(&records).await.unwrap();
+        assert_eq!(outcomes.len(), 5, "{shape:?}");
+        let stored = sim.snapshot().sales_persons;
+        for (i, outcome) in outcomes.iter().enumerate() {
+            let key = format!("user-{i}");
+            if i == 2 {
+                assert_eq!(outcome.code(), Some("1003"), "{shape:?}");
+                assert!(!stored.contains_key(&key), "{shape:?}");
+            } else {
+                assert_eq!(outcome.status, RecordStatus::Created, "{shape:?}");
+                assert_eq!(
+                    outcome.marketo_id.as_deref(),
+                    stored[&key]["id"].as_i64().map(|n| n.to_string()).as_deref(),
+                    "{shape:?}: {key}"
+                );
+            }
+        }
+    }
+}
