@@ -82,6 +82,16 @@ impl Sandbox {
         }
     }
 
+    /// Sends SIGTERM, waits for the sandbox to say it stopped, and returns its exit code.
+    async fn terminate(mut self) -> Option<i32> {
+        send_signal(&self.child, "TERM");
+        let stopped = self.read_until(|l| l.contains("stopped by SIGTERM"));
+        assert!(!stopped.is_empty());
+        tokio::task::spawn_blocking(move || self.child.wait().unwrap().code())
+            .await
+            .unwrap()
+    }
+
     /// Types a line in the sandbox's terminal; its answer, up to a line `last` accepts.
     fn type_line(&mut self, line: &str, last: impl Fn(&str) -> bool) -> Vec<String> {
         writeln!(self.stdin, "{line}").unwrap();
@@ -203,13 +213,7 @@ async fn the_readmes_sandbox_walkthrough_runs_as_written() {
     let unknown = sandbox.type_line("frobnicate", |l| l.starts_with("error:"));
     assert!(unknown.last().unwrap().contains("help"), "{unknown:?}");
 
-    send_signal(&sandbox.child, "TERM");
-    let stopped = sandbox.read_until(|l| l.contains("stopped by SIGTERM"));
-    assert!(!stopped.is_empty());
-    let code = tokio::task::spawn_blocking(move || sandbox.child.wait().unwrap().code())
-        .await
-        .unwrap();
-    assert_eq!(code, Some(0));
+    assert_eq!(sandbox.terminate().await, Some(0));
 }
 
 /// GIVEN a sandbox busy with a typed command WHEN SIGTERM arrives during it THEN the sandbox
@@ -223,11 +227,5 @@ async fn a_sigterm_during_a_command_stops_the_sandbox() {
     writeln!(sandbox.stdin, "stats").unwrap();
     sandbox.stdin.flush().unwrap();
     std::thread::sleep(Duration::from_millis(30));
-    send_signal(&sandbox.child, "TERM");
-    let stopped = sandbox.read_until(|l| l.contains("stopped by SIGTERM"));
-    assert!(!stopped.is_empty());
-    let code = tokio::task::spawn_blocking(move || sandbox.child.wait().unwrap().code())
-        .await
-        .unwrap();
-    assert_eq!(code, Some(0));
+    assert_eq!(sandbox.terminate().await, Some(0));
 }
