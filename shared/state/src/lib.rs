@@ -1,6 +1,8 @@
 //! The sync state: a cursor per source, the poller lease, one item per opportunity, and the
-//! queries operators need. One trait, [`StateStore`], with a DynamoDB implementation for Lambda
-//! and an embedded SQLite one for local runs; both pass the same conformance suite.
+//! queries operators need. One trait, [`StateStore`], with a DynamoDB implementation for Lambda,
+//! an embedded SQLite one for local runs, and the reference store in memory ([`MemoryStore`]:
+//! the model the other two are checked against, and the simulation's store); all three pass the
+//! same conformance suite.
 //!
 //! Guarantees every implementation keeps (architecture.md, "State model"):
 //! - idempotent: any step can run twice;
@@ -18,9 +20,11 @@ use oppsync_mapping::{AccountId, OpportunityId, Plan, PlanHash, WrittenRole};
 use serde::{Deserialize, Serialize};
 
 pub mod dynamodb;
+pub mod memory;
 pub mod sqlite;
 
 pub use dynamodb::DynamoStore;
+pub use memory::MemoryStore;
 pub use sqlite::{FileProblem, SCHEMA_VERSION, SqliteStore};
 
 /// Unix time in milliseconds.

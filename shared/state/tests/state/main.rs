@@ -1,4 +1,5 @@
-//! The state stores' tests: one conformance suite, run against SQLite and DynamoDB (moto).
+//! The state stores' tests: one conformance suite, run against the reference store, SQLite and
+//! DynamoDB (moto).
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod conformance;
@@ -6,9 +7,17 @@ mod dynamodb_only;
 mod files;
 mod stores;
 
-/// Instantiates every conformance test for both stores.
-macro_rules! for_both_stores {
+/// Instantiates every conformance test for each store.
+macro_rules! for_every_store {
     ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::conformance::$name(oppsync_state::MemoryStore::new()).await;
+                }
+            )*
+        }
         mod sqlite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,7 +37,7 @@ macro_rules! for_both_stores {
     };
 }
 
-for_both_stores!(
+for_every_store!(
     the_run_history_lists_the_newest_runs_first_and_forgets_old_ones,
     a_cursor_starts_empty_and_moves_only_under_the_lease,
     a_lease_cannot_be_taken_while_held_and_expires_by_itself,
