@@ -3,6 +3,7 @@
 //! sparse `open` index, and the daily Marketo call count as an atomic ADD.
 
 use super::*;
+use crate::overlapped;
 
 impl StateStore for DynamoStore {
     async fn cursor(&self, source: Source) -> Result<Option<Cursor>, StateError> {
@@ -316,53 +317,72 @@ impl StateStore for DynamoStore {
 
     async fn lock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<Vec<bool>, StateError> {
         let expires = now + ttl_ms;
-        let takes = keys.iter().map(|key| {
-            // An update creates the item when it is missing: the writer's role needs no PutItem.
-            self.count_write();
-            let request = self
-                .client
-                .update_item()
-                .table_name(&*self.table)
-                .key("pk", s(format!("lock#{key}")))
-                // DynamoDB's TTL removes the item some time after `expire_at_s` (seconds since the
-                // epoch); the condition reads `expires`, so a late removal changes nothing.
-                .update_expression(format!("SET expires = :e, {} = :x", attr::EXPIRE_AT))
-                .condition_expression("attribute_not_exists(pk) OR expires <= :now")
-                .expression_attribute_values(":e", n(expires))
-                .expression_attribute_values(":x", n(expires / 1000 + 3600))
-                .expression_attribute_values(":now", n(now));
-            async move {
-                match request.send().await {
-                    Ok(_) => Ok(true),
-                    Err(e) if is_condition_failed(&e) => Ok(false),
-                    Err(e) => Err(dynamo_err("UpdateItem (lock)", e)),
+        // A key named twice in one call is taken once, by its first mention: sent twice at once,
+        // which of the two requests won would be a race.
+        let mut seen = std::collections::HashSet::new();
+        let first: Vec<bool> = keys.iter().map(|key| seen.insert(key.as_str())).collect();
+        let takes: Vec<_> = keys
+            .iter()
+            .zip(first)
+            .map(|(key, first)| {
+                if first {
+                    // An update creates the item when it is missing: the writer's role needs no PutItem.
+                    self.count_write();
                 }
-            }
-        });
-        futures_util::future::join_all(takes).await.into_iter().collect()
+                let request = self
+                    .client
+                    .update_item()
+                    .table_name(&*self.table)
+                    .key("pk", s(format!("lock#{key}")))
+                    // DynamoDB's TTL removes the item some time after `expire_at_s` (seconds since the
+                    // epoch); the condition reads `expires`, so a late removal changes nothing.
+                    .update_expression(format!("SET expires = :e, {} = :x", attr::EXPIRE_AT))
+                    .condition_expression("attribute_not_exists(pk) OR expires <= :now")
+                    .expression_attribute_values(":e", n(expires))
+                    .expression_attribute_values(":x", n(expires / 1000 + 3600))
+                    .expression_attribute_values(":now", n(now));
+                async move {
+                    if !first {
+                        return Ok(false);
+                    }
+                    match request.send().await {
+                        Ok(_) => Ok(true),
+                        Err(e) if is_condition_failed(&e) => Ok(false),
+                        Err(e) => Err(dynamo_err("UpdateItem (lock)", e)),
+                    }
+                }
+            })
+            .collect();
+        // A bounded number in flight: a batch's hundreds of new leads are not hundreds of
+        // requests at once.
+        overlapped(takes).await.into_iter().collect()
     }
 
     async fn unlock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<(), StateError> {
-        let frees = keys.iter().map(|key| {
-            self.count_write();
-            let request = self
-                .client
-                .update_item()
-                .table_name(&*self.table)
-                .key("pk", s(format!("lock#{key}")))
-                .update_expression("SET expires = :zero")
-                .condition_expression("expires = :e")
-                .expression_attribute_values(":zero", n(0))
-                .expression_attribute_values(":e", n(now + ttl_ms));
-            async move {
-                match request.send().await {
-                    Ok(_) => Ok(()),
-                    Err(e) if is_condition_failed(&e) => Ok(()),
-                    Err(e) => Err(dynamo_err("UpdateItem (unlock)", e)),
+        let unique: std::collections::BTreeSet<&String> = keys.iter().collect();
+        let frees: Vec<_> = unique
+            .into_iter()
+            .map(|key| {
+                self.count_write();
+                let request = self
+                    .client
+                    .update_item()
+                    .table_name(&*self.table)
+                    .key("pk", s(format!("lock#{key}")))
+                    .update_expression("SET expires = :zero")
+                    .condition_expression("expires = :e")
+                    .expression_attribute_values(":zero", n(0))
+                    .expression_attribute_values(":e", n(now + ttl_ms));
+                async move {
+                    match request.send().await {
+                        Ok(_) => Ok(()),
+                        Err(e) if is_condition_failed(&e) => Ok(()),
+                        Err(e) => Err(dynamo_err("UpdateItem (unlock)", e)),
+                    }
                 }
-            }
-        });
-        futures_util::future::join_all(frees).await.into_iter().collect()
+            })
+            .collect();
+        overlapped(frees).await.into_iter().collect()
     }
 
     async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
@@ -594,13 +614,25 @@ impl StateStore for DynamoStore {
                 (out.items.unwrap_or_default(), out.last_evaluated_key)
             };
             for item in &batch {
+                if items.len() == limit {
+                    // A scan page can hold more than asked (its limit counts items before the
+                    // filter, and is at least 25): the listing goes on after the last item it
+                    // gave, not after the scan's page, so the rest is listed next time.
+                    let last = items
+                        .last()
+                        .map(|kept: &OpportunityState| Item::from([("pk".to_owned(), opp_key(kept.id))]));
+                    return Ok(Page {
+                        items,
+                        next: last.map(|key| encode_page(&key)),
+                    });
+                }
                 items.push(read_state(item)?);
             }
             match last {
                 Some(key) if items.len() < limit => start = Some(key),
                 Some(key) => {
                     return Ok(Page {
-                        items: items.into_iter().take(limit).collect(),
+                        items,
                         next: Some(encode_page(&key)),
                     });
                 }
@@ -706,7 +738,8 @@ impl StateStore for DynamoStore {
             .key("pk", s(format!("calls#{day}")))
             .update_expression("ADD n :c")
             .expression_attribute_values(":c", n(calls))
-            .return_values(ReturnValue::UpdatedNew)
+            // All of the item: adding 0 changes nothing, and moto then returns no updated `n`.
+            .return_values(ReturnValue::AllNew)
             .send()
             .await
             .map_err(|e| dynamo_err("UpdateItem (Marketo calls)", e))?;

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use oppsync_mapping::{OpportunityId, Plan, WrittenRole};
 
 use crate::{
-    Claim, Completion, Counts, Cursor, Lease, MarkOutcome, Millis, OpportunityState, Page, PendingChange, Run, Source,
-    StateError, Status, SyncError, Written, minute_of,
+    Claim, Counts, Cursor, Lease, MarkOutcome, Millis, OpportunityState, Page, PendingChange, Run, Source, StateError,
+    Status, SyncError, Written, minute_of,
 };
 
 mod store;
@@ -264,13 +264,5 @@ fn outcome(recorded: bool) -> MarkOutcome {
         MarkOutcome::Recorded
     } else {
         MarkOutcome::Stale
-    }
-}
-
-fn completion(held: bool) -> Completion {
-    if held {
-        Completion::Completed
-    } else {
-        Completion::Superseded
     }
 }

@@ -2,7 +2,7 @@
 //! the other stores check with conditional writes and transactions, written out plainly.
 
 use super::*;
-use crate::{StateStore, TransformResult, WriteResult};
+use crate::{Completion, StateStore, TransformResult, WriteResult};
 
 impl StateStore for MemoryStore {
     async fn cursor(&self, source: Source) -> Result<Option<Cursor>, StateError> {

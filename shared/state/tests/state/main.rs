@@ -5,6 +5,7 @@
 mod conformance;
 mod dynamodb_only;
 mod files;
+mod model;
 mod stores;
 
 /// Instantiates every conformance test for each store.
@@ -57,6 +58,7 @@ for_every_store!(
     a_superseded_write_still_records_what_was_written_but_never_an_older_one,
     a_retryable_failure_stays_ready_and_a_permanent_one_goes_to_the_error_ledger,
     the_failed_view_pages_through_every_failure_oldest_first,
+    a_closed_status_lists_every_record_once_in_small_pages,
     counts_and_oldest_pending_describe_the_backlog,
     completions_are_counted_per_minute,
     marketo_call_counters_are_exact_under_concurrent_increments,
@@ -114,4 +116,16 @@ async fn a_state_file_from_before_the_new_columns_opens_and_keeps_its_records() 
     assert!(store.get(conformance::id(1)).await.unwrap().unwrap().rewrite);
     drop(store);
     let _ = std::fs::remove_file(&path);
+}
+
+/// SQLite answers every generated sequence of operations as the reference store does.
+#[test]
+fn sqlite_answers_every_generated_sequence_as_the_reference_store_does() {
+    model::check_against_the_model(500, || async { stores::sqlite() });
+}
+
+/// DynamoDB (moto) answers every generated sequence of operations as the reference store does.
+#[test]
+fn dynamodb_answers_every_generated_sequence_as_the_reference_store_does() {
+    model::check_against_the_model(500, stores::dynamo);
 }
