@@ -9,6 +9,7 @@ use std::path::PathBuf;
 pub mod canned;
 pub mod coldstart;
 pub mod harness;
+pub mod sim;
 pub mod stream;
 pub mod template;
 

@@ -58,6 +58,15 @@ pub struct Expected {
     pub sales_persons: BTreeMap<String, Option<String>>,
 }
 
+/// A table's rows by name.
+struct Rows<F>(F);
+
+impl<F: Fn(Table) -> Vec<(String, Row)>> Rows<F> {
+    fn rows(&self, table: Table) -> Vec<(String, Row)> {
+        (self.0)(table)
+    }
+}
+
 fn text(row: &Row, key: &str) -> Option<String> {
     row.attributes.get(key).and_then(Value::as_str).map(str::to_owned)
 }
@@ -73,6 +82,13 @@ fn valid_email(email: &str) -> bool {
 /// What Marketo should hold for `dv`'s current rows. Records excluded by the sync filter are
 /// left out; `differences` takes the ids whose Marketo copy is expected to stay as it was.
 pub fn expected(dv: &DataverseSim, rules: &Rules) -> Expected {
+    expected_from(|table| dv.rows(table), rules)
+}
+
+/// [`expected`] for rows from anywhere the simulators' [`Row`]s can be made (the deterministic
+/// simulation's Dynamics).
+pub fn expected_from(rows: impl Fn(Table) -> Vec<(String, Row)>, rules: &Rules) -> Expected {
+    let dv = Rows(rows);
     let accounts: BTreeMap<String, Row> = dv.rows(Table::Accounts).into_iter().collect();
     let contacts: BTreeMap<String, Row> = dv.rows(Table::Contacts).into_iter().collect();
     let roles: BTreeMap<String, Row> = dv.rows(Table::ConnectionRoles).into_iter().collect();
