@@ -223,11 +223,18 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 }
                 crash::point("poll.recorded");
                 self.renew(lease).await?;
-                if page.full_resync && source == Source::Opportunities {
+                if page.full_resync {
                     // Deletions during the expired window are gone from change tracking; the
-                    // full read is followed by a scan that finds them. The obligation is stored
-                    // before the cursor moves past the expiry, so no stop can lose it.
-                    self.owe_deletion_scan(lease).await?;
+                    // full read is followed by a scan that finds them (opportunities) or a
+                    // replan of every opportunity (connections: a removed stakeholder is known
+                    // only by its absence). The obligation is stored before the cursor moves
+                    // past the expiry, so no stop can lose it.
+                    let scan = if source == Source::Opportunities {
+                        Source::DeletionScan
+                    } else {
+                        Source::StakeholderScan
+                    };
+                    self.owe(lease, scan).await?;
                 }
                 self.store
                     .advance_cursor(lease, source, &page.cursor, self.now())
@@ -239,13 +246,44 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             }
         }
         self.pay_deletion_scan(lease, report, marked_now).await?;
+        self.pay_stakeholder_scan(lease, report, marked_now).await?;
         Ok(true)
     }
 
-    /// Records that a deletion scan is owed (see [`Source::DeletionScan`]).
-    async fn owe_deletion_scan(&self, lease: &mut Lease) -> Result<(), PipelineError> {
+    /// Records that a scan is owed (see [`Source::DeletionScan`], [`Source::StakeholderScan`]).
+    async fn owe(&self, lease: &mut Lease, scan: Source) -> Result<(), PipelineError> {
+        self.store.advance_cursor(lease, scan, SCAN_OWED, self.now()).await?;
+        Ok(())
+    }
+
+    async fn owed(&self, scan: Source) -> Result<bool, PipelineError> {
+        Ok(self.store.cursor(scan).await?.is_some_and(|c| c.value == SCAN_OWED))
+    }
+
+    /// Plans every opportunity again if a stakeholder scan is owed: the synced and ready ones
+    /// are put back to pending (a plan that is what Marketo holds costs no Marketo call), so a
+    /// stakeholder removed while the connections' token was expired loses its role. Then
+    /// clears the obligation.
+    async fn pay_stakeholder_scan(
+        &self,
+        lease: &mut Lease,
+        report: &mut PollReport,
+        marked_now: &mut BTreeSet<OpportunityId>,
+    ) -> Result<(), PipelineError> {
+        if !self.owed(Source::StakeholderScan).await? {
+            return Ok(());
+        }
+        for status in [Status::Synced, Status::Ready] {
+            for id in self.ids_in(status, |_| true, None).await? {
+                if !marked_now.contains(&id) && self.store.requeue(id, false, self.now()).await? {
+                    report.requeued += 1;
+                    marked_now.insert(id);
+                }
+            }
+            self.renew(lease).await?;
+        }
         self.store
-            .advance_cursor(lease, Source::DeletionScan, SCAN_OWED, self.now())
+            .advance_cursor(lease, Source::StakeholderScan, SCAN_DONE, self.now())
             .await?;
         Ok(())
     }
@@ -259,12 +297,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         report: &mut PollReport,
         marked_now: &mut BTreeSet<OpportunityId>,
     ) -> Result<(), PipelineError> {
-        let owed = self
-            .store
-            .cursor(Source::DeletionScan)
-            .await?
-            .is_some_and(|c| c.value == SCAN_OWED);
-        if !owed {
+        if !self.owed(Source::DeletionScan).await? {
             return Ok(());
         }
         report.deletion_scan = true;
@@ -337,7 +370,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             let due = source == Source::Opportunities && polls >= self.config.dataverse.full_scan_every;
             if due {
                 // Stored before the count resets with the cursor, so no stop can lose it.
-                self.owe_deletion_scan(lease).await?;
+                self.owe(lease, Source::DeletionScan).await?;
             }
             cursor.reading = None;
             cursor.advance(reached, self.now(), overlap_ms);
@@ -346,6 +379,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             crash::point("poll.cursor");
         }
         self.pay_deletion_scan(lease, report, marked_now).await?;
+        self.pay_stakeholder_scan(lease, report, marked_now).await?;
         Ok(true)
     }
 

@@ -94,6 +94,10 @@ pub enum Source {
     /// Not a read position but an obligation: a deletion scan is owed (a full re-read after an
     /// expired token, a watermark's periodic scan) until one completes, across any number of runs.
     DeletionScan,
+    /// An obligation too: every opportunity's stakeholders are to be planned again, because a
+    /// connection's change-tracking token expired and the connections deleted meanwhile are
+    /// gone from change tracking (their opportunities would keep the stakeholder's role).
+    StakeholderScan,
 }
 
 impl Source {
@@ -102,6 +106,7 @@ impl Source {
             Source::Opportunities => "opportunities",
             Source::Connections => "connections",
             Source::DeletionScan => "deletion_scan",
+            Source::StakeholderScan => "stakeholder_scan",
         }
     }
 }

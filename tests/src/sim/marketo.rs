@@ -90,6 +90,21 @@ impl SimMarketo {
     }
 }
 
+/// Role keys as the trace shows them: the opportunity's number, the lead and the role.
+fn short_roles<'a>(keys: impl Iterator<Item = &'a RoleKey>) -> String {
+    let shown: Vec<String> = keys
+        .map(|k| {
+            format!(
+                "{}/{}/{}",
+                k.external_opportunity_id.trim_start_matches("0b000000-0000-4000-8000-"),
+                k.lead_id,
+                k.role
+            )
+        })
+        .collect();
+    shown.join(" ")
+}
+
 impl MarketoPort for SimMarketo {
     async fn sync_opportunities(&self, records: &[Value]) -> Result<Vec<RecordOutcome>, MarketoError> {
         let records = records.to_vec();
@@ -108,12 +123,18 @@ impl MarketoPort for SimMarketo {
     }
 
     async fn sync_roles(&self, roles: &[RoleRecord]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        self.faults.trace(format!(
+            "Marketo roles.sync sent: {}",
+            short_roles(roles.iter().map(|r| &r.key))
+        ));
         let roles = roles.to_vec();
         self.send("roles.sync", move |m| async move { m.sync_roles(&roles).await })
             .await
     }
 
     async fn delete_roles(&self, keys: &[RoleKey]) -> Result<Vec<RecordOutcome>, MarketoError> {
+        self.faults
+            .trace(format!("Marketo roles.delete sent: {}", short_roles(keys.iter())));
         let keys = keys.to_vec();
         self.send("roles.delete", move |m| async move { m.delete_roles(&keys).await })
             .await
