@@ -10,4 +10,5 @@ mod e2e;
 mod lambda_events;
 mod lambda_flow;
 mod repo;
+mod simulation;
 mod template;

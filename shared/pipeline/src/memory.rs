@@ -430,6 +430,11 @@ impl MemoryMarketo {
         d.holds.roles.retain(|k, _| k.external_opportunity_id != external_id);
     }
 
+    /// A role a Marketo user deleted.
+    pub fn remove_role(&self, key: &RoleKey) {
+        guard(&self.0).holds.roles.remove(key);
+    }
+
     /// A sales person deleted in Marketo: opportunities naming it are refused with 718.
     pub fn remove_sales_person(&self, external_id: &str) {
         guard(&self.0).holds.sales_persons.remove(external_id);

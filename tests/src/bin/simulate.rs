@@ -1,11 +1,11 @@
 //! Runs the deterministic simulation on a range of seeds: `simulate --seeds 0..1000 [--minutes N]
-//! [--opportunities N] [--no-faults] [--trace]`. Prints each failing seed's report and a summary; exits 1
+//! [--opportunities N] [--faults a,b,… | --no-faults] [--trace]`. Prints each failing seed's report and a summary; exits 1
 //! when any seed failed, 2 on bad arguments.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use oppsync_tests::sim::{Options, run};
+use oppsync_tests::sim::{Class, Options, run};
 
 fn parse_range(text: &str) -> Option<(u64, u64)> {
     let (a, b) = text.split_once("..")?;
@@ -36,11 +36,23 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             },
-            "--no-faults" => options.faults = false,
+            "--no-faults" => options.faults.clear(),
+            "--faults" => {
+                let text = value(&mut args);
+                let parsed: Option<Vec<Class>> = text.split(',').map(Class::parse).collect();
+                match parsed {
+                    Some(classes) => options.faults = classes,
+                    None => {
+                        let names: Vec<&str> = Class::ALL.iter().map(|c| c.name()).collect();
+                        eprintln!("--faults takes a comma-separated list of {}", names.join(", "));
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             "--trace" => trace = true,
             other => {
                 eprintln!(
-                    "unknown argument `{other}`; usage: simulate --seeds A..B [--minutes N] [--opportunities N] [--no-faults] [--trace]"
+                    "unknown argument `{other}`; usage: simulate --seeds A..B [--minutes N] [--opportunities N] [--faults a,b,… | --no-faults] [--trace]"
                 );
                 return ExitCode::from(2);
             }

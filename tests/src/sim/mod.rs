@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use oppsync_mapping::OpportunityId;
+use oppsync_pipeline::memory::MemoryMarketo;
 use oppsync_pipeline::{Config, Pipeline, ResyncTarget};
 use oppsync_simulators::dataverse::Table;
 use oppsync_simulators::marketo::{SimLead, SimRole, Snapshot};
@@ -42,8 +43,60 @@ pub struct Options {
     pub minutes: u64,
     /// Opportunities Dynamics starts with.
     pub opportunities: u64,
-    /// Faults on (every class, at rates the seed draws) or off.
-    pub faults: bool,
+    /// The fault classes on, at rates the seed draws (none: only the actors' interleavings and
+    /// Dynamics' changes).
+    pub faults: Vec<Class>,
+}
+
+/// A class of fault, each a switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Calls to Dataverse, Marketo or the store refused before they are applied.
+    Refused,
+    /// Calls applied with their answers lost.
+    Lost,
+    /// Lost Marketo calls applied only later, after calls sent after them.
+    Late,
+    /// Marketo's daily quota (607).
+    Quota,
+    /// Processes killed between two awaits.
+    Kills,
+    /// The clock jumping past claim and lock lifetimes.
+    Jumps,
+    /// A Marketo outage of up to an hour.
+    Outage,
+    /// Dataverse's change tokens expiring.
+    Expiry,
+}
+
+impl Class {
+    pub const ALL: [Class; 8] = [
+        Class::Refused,
+        Class::Lost,
+        Class::Late,
+        Class::Quota,
+        Class::Kills,
+        Class::Jumps,
+        Class::Outage,
+        Class::Expiry,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Refused => "refused",
+            Class::Lost => "lost",
+            Class::Late => "late",
+            Class::Quota => "quota",
+            Class::Kills => "kills",
+            Class::Jumps => "jumps",
+            Class::Outage => "outage",
+            Class::Expiry => "expiry",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Class> {
+        Class::ALL.into_iter().find(|c| c.name() == text)
+    }
 }
 
 impl Default for Options {
@@ -51,7 +104,7 @@ impl Default for Options {
         Options {
             minutes: 20,
             opportunities: 12,
-            faults: true,
+            faults: Class::ALL.to_vec(),
         }
     }
 }
@@ -263,10 +316,21 @@ pub fn run(seed: u64, options: &Options) -> Outcome {
         .start_paused(true)
         .build()
         .expect("a single-threaded runtime");
-    runtime.block_on(simulate(seed, options))
+    runtime.block_on(simulate(seed, options, |_| {}))
 }
 
-async fn simulate(seed: u64, options: &Options) -> Outcome {
+/// [`run`], with `tamper` changing Marketo after the drain and before the check (a test that
+/// the oracle sees what it should).
+pub fn run_then(seed: u64, options: &Options, tamper: impl FnOnce(&MemoryMarketo)) -> Outcome {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a single-threaded runtime");
+    runtime.block_on(simulate(seed, options, tamper))
+}
+
+async fn simulate(seed: u64, options: &Options, tamper: impl FnOnce(&MemoryMarketo)) -> Outcome {
     let mut rng = Rng::new(seed);
     let faults = Faults::new(rng.fork());
     let dynamics = SimDynamics::new(&mut rng, options.opportunities, faults.clone());
@@ -279,9 +343,19 @@ async fn simulate(seed: u64, options: &Options) -> Outcome {
         faults: faults.clone(),
         config,
     };
-    if options.faults {
-        faults.set_rates(Rates::every_class(&mut rng));
+    let on = |class: Class| options.faults.contains(&class);
+    let mut rates = Rates::every_class(&mut rng);
+    for (class, rate) in [
+        (Class::Refused, &mut rates.before),
+        (Class::Lost, &mut rates.lost),
+        (Class::Late, &mut rates.late),
+        (Class::Quota, &mut rates.quota),
+    ] {
+        if !on(class) {
+            *rate = 0.0;
+        }
     }
+    faults.set_rates(rates);
     let mut generation = 0;
     let mut actors: BTreeMap<Actor, JoinHandle<()>> = ACTORS
         .iter()
@@ -293,11 +367,8 @@ async fn simulate(seed: u64, options: &Options) -> Outcome {
         tokio::time::sleep(Duration::from_millis(rng.range(1_000, 20_000))).await;
         dynamics.set_time(time_text(faults.now()));
         change_dynamics(&dynamics, &mut rng, &faults);
-        if !options.faults {
-            continue;
-        }
         match rng.below(40) {
-            0..=2 => {
+            0..=2 if on(Class::Kills) => {
                 // A process killed between two awaits: its claims and locks are left to expire.
                 let victim = *rng.pick(&ACTORS).unwrap_or(&Actor::Writer1);
                 generation += 1;
@@ -307,9 +378,9 @@ async fn simulate(seed: u64, options: &Options) -> Outcome {
                 faults.trace(format!("{victim:?} killed; a new process starts"));
                 actors.insert(victim, spawn_actor(&world, victim, generation, rng.fork()));
             }
-            3 => faults.jump(rng.range(61_000, 400_000) as i64),
-            4 if rng.one_in(4) => faults.outage(rng.range(60_000, 3_600_000) as i64),
-            5 if rng.one_in(3) => {
+            3 if on(Class::Jumps) => faults.jump(rng.range(61_000, 400_000) as i64),
+            4 if on(Class::Outage) && rng.one_in(4) => faults.outage(rng.range(60_000, 3_600_000) as i64),
+            5 if on(Class::Expiry) && rng.one_in(3) => {
                 dynamics.expire_tokens();
                 faults.trace("Dataverse's change tokens expire".into());
             }
@@ -330,6 +401,7 @@ async fn simulate(seed: u64, options: &Options) -> Outcome {
         violations.push(format!("the replay of the failed records failed: {e}"));
     }
     violations.extend(drain(&p, &faults).await);
+    tamper(&world.marketo.inner);
     violations.extend(check(&world).await);
     let (trace, events) = faults.trace_lines();
     Outcome {
