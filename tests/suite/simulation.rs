@@ -48,3 +48,13 @@ fn the_oracle_finds_a_role_missing_in_marketo() {
         outcome.violations
     );
 }
+
+/// Seed 125 (every fault class): a Sync Leads call whose answer was lost may have created the
+/// leads, but the writer freed their creation locks at once; another writer's try created the
+/// same emails again (two leads, and every later role for the contact failed as ambiguous). It
+/// failed before the locks were kept for a call that may have been applied.
+#[test]
+fn seed_125_a_lead_creation_whose_answer_was_lost_is_not_made_twice() {
+    let outcome = run(125, &Options::default());
+    assert!(outcome.violations.is_empty(), "{}", outcome.report());
+}

@@ -157,6 +157,19 @@ impl MarketoError {
         }
     }
 
+    /// Whether Marketo may have applied the call although it failed: its answer was lost (a
+    /// timeout, a dropped connection, a 5xx from a gateway after the instance acted) or could
+    /// not be read. Such a call is treated as applied: what it may have created is not created
+    /// again at once, and what it may have written is written again. A refusal Marketo answered
+    /// (an error code in its envelope, 4xx, the quota) was not applied.
+    pub fn may_have_been_applied(&self) -> bool {
+        match self {
+            MarketoError::Transport { .. } | MarketoError::ResultMismatch { .. } | MarketoError::Decode { .. } => true,
+            MarketoError::Http { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+
     /// What this failure means for the records of the call: see [`Disposition`].
     pub fn disposition(&self) -> Disposition {
         match self {

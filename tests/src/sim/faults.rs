@@ -18,6 +18,12 @@ use super::rng::Rng;
 /// Where the simulated time starts: a July day, when Marketo's quota day is on daylight time.
 pub const T0: Millis = 1_782_907_200_000;
 
+/// A call applied after its answer was lost lands at most this long after it was sent. The
+/// Marketo client gives up on a call after 60 s; the sync relies on a lost call settling
+/// within that (a lead-creation lock lasts 60 s), so the simulation draws late landings
+/// within it, and longer ones are not a fault the sync claims to survive.
+pub const LATE_MAX_MS: u64 = 50_000;
+
 /// The trace keeps this many of the last events (a run has tens of thousands).
 const TRACE_KEPT: usize = 600;
 
@@ -229,7 +235,7 @@ impl Faults {
     pub fn late(&self) -> Option<Duration> {
         let mut inner = self.inner();
         let p = inner.rates.lost * inner.rates.late;
-        (p > 0.0 && inner.rng.chance(p)).then(|| Duration::from_millis(inner.rng.range(1_000, 120_000)))
+        (p > 0.0 && inner.rng.chance(p)).then(|| Duration::from_millis(inner.rng.range(1_000, LATE_MAX_MS)))
     }
 }
 

@@ -42,25 +42,7 @@ impl SimMarketo {
         Fut: Future<Output = Result<T, MarketoError>> + Send + 'static,
         T: Send + 'static,
     {
-        self.send_or(operation, apply, || {}).await
-    }
-
-    /// [`Self::send`], running `refused` when the call is refused before it is applied.
-    async fn send_or<T, F, Fut>(
-        &self,
-        operation: &'static str,
-        apply: F,
-        refused: impl FnOnce(),
-    ) -> Result<T, MarketoError>
-    where
-        F: FnOnce(MemoryMarketo) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<T, MarketoError>> + Send + 'static,
-        T: Send + 'static,
-    {
-        if let Err(fault) = self.faults.call(Port::Marketo, operation).await {
-            refused();
-            return Err(fault.into());
-        }
+        self.faults.call(Port::Marketo, operation).await?;
         if let Some(after) = self.faults.late() {
             let (inner, faults) = (self.inner.clone(), self.faults.clone());
             faults.trace(format!(
@@ -87,6 +69,21 @@ impl SimMarketo {
         let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
         *calls += 1;
         *calls
+    }
+}
+
+/// A Sync Leads call in flight, until dropped.
+struct InFlight {
+    creating: Arc<Mutex<BTreeMap<u64, BTreeSet<String>>>>,
+    call: u64,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.call);
     }
 }
 
@@ -177,7 +174,8 @@ impl MarketoPort for SimMarketo {
             .iter()
             .filter_map(|l| l.get(lookup_field)?.as_str().map(str::to_ascii_lowercase))
             .collect();
-        // The call is in flight from here until Marketo applies it (or refuses it).
+        // The call is in flight from here until Marketo applies it, or until it is refused or
+        // dropped unsent (its process killed): the guard, moved into the call, says which.
         let call = self.call_number();
         let racing: BTreeSet<String> = {
             let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
@@ -188,29 +186,24 @@ impl MarketoPort for SimMarketo {
             creating.insert(call, keys);
             racing
         };
-        let (lookup, leads_sent) = (lookup_field.to_owned(), leads.to_vec());
-        let (creating, faults) = (self.creating.clone(), self.faults.clone());
-        let creating_now = self.creating.clone();
-        let refused = move || {
-            creating_now.lock().unwrap_or_else(|p| p.into_inner()).remove(&call);
+        let in_flight = InFlight {
+            creating: self.creating.clone(),
+            call,
         };
-        self.send_or(
-            "leads.sync",
-            move |m| async move {
-                let answer = m.create_leads(&lookup, &leads_sent).await;
-                creating.lock().unwrap_or_else(|p| p.into_inner()).remove(&call);
-                // Another creation of the same email was in flight: each looked the email up
-                // before the other created it, so both create.
-                for email in racing {
-                    m.add_lead(json!({ lookup.clone(): email }));
-                    faults.trace(format!(
-                        "Marketo leads.sync: two creations of one email were in flight ({email}): a duplicate lead"
-                    ));
-                }
-                answer
-            },
-            refused,
-        )
+        let (lookup, leads_sent, faults) = (lookup_field.to_owned(), leads.to_vec(), self.faults.clone());
+        self.send("leads.sync", move |m| async move {
+            let answer = m.create_leads(&lookup, &leads_sent).await;
+            drop(in_flight);
+            // Another creation of the same email was in flight: each looked the email up
+            // before the other created it, so both create.
+            for email in racing {
+                m.add_lead(json!({ lookup.clone(): email }));
+                faults.trace(format!(
+                    "Marketo leads.sync: two creations of one email were in flight ({email}): a duplicate lead"
+                ));
+            }
+            answer
+        })
         .await
     }
 

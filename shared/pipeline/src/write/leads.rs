@@ -118,9 +118,13 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 let outcomes = match self.marketo.create_leads(field, &records).await {
                     Ok(outcomes) => outcomes,
                     Err(e) => {
-                        // Nothing known to be created: the keys are free for the next try.
-                        let keys: Vec<String> = free.iter().filter_map(|l| key_of(l)).collect();
-                        self.unlock_lead_keys(&locks, &keys).await;
+                        // Refused: nothing was created, and the keys are free for the next try.
+                        // A call whose answer was lost may have created them: their locks stand
+                        // until they expire, so no other try creates them again meanwhile.
+                        if !e.may_have_been_applied() {
+                            let keys: Vec<String> = free.iter().filter_map(|l| key_of(l)).collect();
+                            self.unlock_lead_keys(&locks, &keys).await;
+                        }
                         return Err(e);
                     }
                 };
