@@ -2,19 +2,32 @@
 
 use super::*;
 
+/// What a deleted role's record forgets.
+enum Forget {
+    /// A role no longer planned: its (contact, role).
+    Role(ContactId, String),
+    /// A replaced role, on a lead the contact no longer maps to.
+    Replaced(ContactId, RoleKey),
+}
+
 impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     pub(crate) async fn delete_roles(&self, works: &mut [Work]) -> Option<MarketoError> {
         let mut keys = Vec::new();
-        // Whose key each is: (work, the (contact, role) to forget once deleted — none for a
-        // replaced role, whose (contact, role) now names the role on the current lead).
-        let mut owners: Vec<(usize, Option<(ContactId, String)>)> = Vec::new();
+        // Whose key each is, and what it forgets once deleted.
+        let mut owners: Vec<(usize, Forget)> = Vec::new();
         for (index, work) in works.iter_mut().enumerate() {
             if !work.ok() {
                 continue;
             }
-            for key in work.replaced.drain(..) {
-                keys.push(key);
-                owners.push((index, None));
+            // A replaced role whose lead is the contact's lead again is the current one.
+            let current = |(contact, key): &(ContactId, RoleKey)| {
+                work.roles.get(&(*contact, key.role.clone())) == Some(&Some(key.lead_id))
+            };
+            let replaced: Vec<(ContactId, RoleKey)> = work.replaced.iter().filter(|r| !current(r)).cloned().collect();
+            work.replaced.retain(|r| !current(r));
+            for (contact, key) in replaced {
+                keys.push(key.clone());
+                owners.push((index, Forget::Replaced(contact, key)));
             }
             for gone in &work.plan.role_deletions {
                 // The lead id recorded when the role was written; fall back to the one in state.
@@ -28,7 +41,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                             lead_id,
                             role: gone.role.clone(),
                         });
-                        owners.push((index, Some((gone.contact, gone.role.clone()))));
+                        owners.push((index, Forget::Role(gone.contact, gone.role.clone())));
                     }
                     None => {
                         tracing::warn!(
@@ -58,8 +71,11 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         work.fail(error, retryable);
                     } else {
                         work.touched = true;
-                        if let Some(forget) = forget {
-                            work.roles.remove(&forget);
+                        match forget {
+                            Forget::Role(contact, role) => {
+                                work.roles.remove(&(contact, role));
+                            }
+                            Forget::Replaced(contact, key) => work.replaced.retain(|r| *r != (contact, key.clone())),
                         }
                     }
                 }

@@ -91,10 +91,12 @@ pub(crate) struct Work {
     /// An error that does not stop the other writes (a duplicate lead), recorded at the end.
     pub(crate) soft_error: Option<SyncError>,
     pub(crate) roles: BTreeMap<(ContactId, String), Option<i64>>,
-    /// Roles written on a lead the contact no longer maps to (its email changed, its leads were
-    /// merged): the role now on the current lead replaced them, so they are deleted in the same
-    /// write.
-    pub(crate) replaced: Vec<RoleKey>,
+    /// Roles on a lead the contact no longer maps to (its email changed, its leads were
+    /// merged), with the contact: the role on the current lead replaced them, so they are
+    /// deleted in the same write. Until deleted they are recorded with what was written (a
+    /// refused role, a failed delete or the deadline cannot make them forgotten), and the next
+    /// write finds them again (see [`roles_in_marketo`]).
+    pub(crate) replaced: Vec<(ContactId, RoleKey)>,
     pub(crate) guid: Option<String>,
     /// The plan's parts, hashed (an upsert's).
     pub(crate) parts: Option<sent::Parts>,
@@ -279,6 +281,42 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     }
 }
 
+/// What Marketo may hold of a record's roles: those written, and those planned by a write that
+/// never recorded its outcome, by (contact, role), with the lead each is on. A (contact, role)
+/// recorded on more than one lead (a replaced role not yet deleted) keeps the last one, the
+/// newest (planned roles come after written ones, and a record lists its replaced roles
+/// first), and the others are to be deleted.
+pub(crate) fn roles_in_marketo(
+    state: &OpportunityState,
+) -> (BTreeMap<(ContactId, String), Option<i64>>, Vec<(ContactId, RoleKey)>) {
+    let mut roles: BTreeMap<(ContactId, String), Option<i64>> = BTreeMap::new();
+    let mut replaced = Vec::new();
+    let every = state
+        .written
+        .iter()
+        .flat_map(|w| w.roles.iter())
+        .chain(state.planned.iter());
+    for r in every {
+        if let Some(Some(old)) = roles.insert((r.contact, r.role.clone()), r.lead_id)
+            && Some(old) != r.lead_id
+        {
+            replaced.push((
+                r.contact,
+                RoleKey {
+                    external_opportunity_id: state.id.to_string(),
+                    lead_id: old,
+                    role: r.role.clone(),
+                },
+            ));
+        }
+    }
+    replaced.sort_by(|a, b| (a.0, &a.1.role, a.1.lead_id).cmp(&(b.0, &b.1.role, b.1.lead_id)));
+    replaced.dedup();
+    // A lead recorded twice is one role, and the current one is no replaced one.
+    replaced.retain(|(contact, key)| roles.get(&(*contact, key.role.clone())) != Some(&Some(key.lead_id)));
+    (roles, replaced)
+}
+
 /// The wait before the next try of a record whose write failed retryably `attempts` times:
 /// 30 s, doubling, at most 15 minutes.
 pub(crate) fn backoff_ms(attempts: u32) -> i64 {
@@ -337,16 +375,10 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                     Some(plan) => works.push({
                         let (parts, previous, in_marketo) =
                             sent::parts_and_previous(&plan, &state, &self.config.mapping.lead_match, fresh);
+                        let (roles, replaced) = roles_in_marketo(&state);
                         Work {
-                            // What Marketo may hold: the roles written, and those planned by a write
-                            // that never recorded its outcome.
-                            roles: state
-                                .written
-                                .iter()
-                                .flat_map(|w| w.roles.iter())
-                                .chain(state.planned.iter())
-                                .map(|r| ((r.contact, r.role.clone()), r.lead_id))
-                                .collect(),
+                            roles,
+                            replaced,
                             guid: state.written.as_ref().and_then(|w| w.marketo_guid.clone()),
                             parts,
                             previous,
@@ -358,7 +390,6 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                             paused: false,
                             lost: false,
                             soft_error: None,
-                            replaced: Vec::new(),
                             company_done: false,
                             sales_person_done: false,
                             opportunity_done: false,
@@ -585,14 +616,21 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     pub(crate) fn finish(&self, work: &Work, backoff: bool) -> (WriteResult, Wrote) {
         let deleting = matches!(work.plan.action, Action::Delete);
         let previous = work.state.written.as_ref();
+        // Replaced roles first: of a (contact, role) recorded on two leads, the last is the
+        // current one (see `roles_in_marketo`).
         let roles: Vec<WrittenRole> = work
-            .roles
+            .replaced
             .iter()
-            .map(|((contact, role), lead_id)| WrittenRole {
+            .map(|(contact, key)| WrittenRole {
+                contact: *contact,
+                role: key.role.clone(),
+                lead_id: Some(key.lead_id),
+            })
+            .chain(work.roles.iter().map(|((contact, role), lead_id)| WrittenRole {
                 contact: *contact,
                 role: role.clone(),
                 lead_id: *lead_id,
-            })
+            }))
             .collect();
         let written = |hash: PlanHash, deleted: bool, complete: bool| Written {
             version: work.plan.source_version.unwrap_or(work.claim.version),

@@ -226,10 +226,13 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         if let Some(Some(old)) = work.roles.insert((contact, role), Some(record.key.lead_id))
                             && old != record.key.lead_id
                         {
-                            work.replaced.push(RoleKey {
-                                lead_id: old,
-                                ..record.key.clone()
-                            });
+                            work.replaced.push((
+                                contact,
+                                RoleKey {
+                                    lead_id: old,
+                                    ..record.key.clone()
+                                },
+                            ));
                         }
                     }
                 }
