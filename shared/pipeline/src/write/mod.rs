@@ -110,6 +110,10 @@ pub(crate) struct Work {
     /// last): a retry need not send it again.
     pub(crate) opportunity_done: bool,
     pub(crate) touched: bool,
+    /// The roles this write recorded as planned before sending them: until a completed write
+    /// records what Marketo holds, Marketo may hold any of them (a send that failed or lost
+    /// its answer), so a write that does not complete records them with what was written.
+    pub(crate) planned: Vec<WrittenRole>,
     pub(crate) answers: Vec<Answer>,
 }
 
@@ -394,6 +398,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                             sales_person_done: false,
                             opportunity_done: false,
                             touched: false,
+                            planned: Vec::new(),
                             answers: Vec::new(),
                         }
                     }),
@@ -555,33 +560,40 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 Ok(c) => {
                     completed.insert(work.claim.id);
                     crash::point("write.recorded");
-                    recorded.push(c);
+                    recorded.push(Some(c));
                 }
                 Err(e) => {
                     failed.get_or_insert(e);
+                    recorded.push(None);
                 }
             }
         }
-        if let Some(e) = failed {
+        // A record this write touched in Marketo is planned and written again when another
+        // worker took it during the write (what this one sent may have landed after the other's:
+        // a late call, a retry inside the client), or when its completion may not have been
+        // recorded. Done for every such record before an error is returned, so that one failed
+        // completion never leaves another record's older data in Marketo.
+        let mut requeue_failed = None;
+        for (work, completion) in works.iter().zip(&recorded) {
+            if work.touched && !matches!(completion, Some(Completion::Completed)) {
+                match self.store.requeue(work.claim.id, true, self.now()).await {
+                    Ok(_) => {
+                        tracing::info!(opportunity = %work.claim.id, "superseded after writing; requeued to be written again")
+                    }
+                    Err(e) => {
+                        requeue_failed.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        if let Some(e) = failed.or(requeue_failed) {
             // The records not recorded are released by the caller.
             return Err(fail(e, &completed));
         }
         for ((work, (_, wrote)), completion) in works.into_iter().zip(decided).zip(recorded) {
             let wrote = match completion {
-                Completion::Completed => wrote,
-                Completion::Superseded => {
-                    // Another worker took the record during the write. What this one sent may
-                    // have landed after the other's (a retry inside the client): Marketo may hold
-                    // the older plan, so the record is planned and written again.
-                    if work.touched {
-                        self.store
-                            .requeue(work.claim.id, true, self.now())
-                            .await
-                            .map_err(|e| fail(e, &completed))?;
-                        tracing::info!(opportunity = %work.claim.id, "superseded after writing; requeued to be written again");
-                    }
-                    Wrote::Superseded
-                }
+                Some(Completion::Completed) => wrote,
+                _ => Wrote::Superseded,
             };
             let name = match &wrote {
                 Wrote::Synced => "OpportunitiesSynced",
@@ -665,15 +677,25 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 if deleting { Wrote::Deleted } else { Wrote::Synced },
             );
         };
-        // Record what did get written, so later plans delete the right roles; keep the old hash
-        // so the record is never mistaken for synced.
-        let partial = (work.touched || previous.is_some() || !work.state.planned.is_empty()).then(|| {
-            written(
-                previous.map_or(PlanHash(0), |w| w.hash),
-                previous.is_some_and(|w| w.deleted),
-                false,
-            )
-        });
+        // Record what did get written, and the roles planned and perhaps sent (newest last, so
+        // a role on a new lead reads back as the current one), so later plans delete the right
+        // roles; keep the old hash so the record is never mistaken for synced.
+        let partial =
+            (work.touched || previous.is_some() || !work.state.planned.is_empty() || !work.planned.is_empty()).then(
+                || {
+                    let mut partial = written(
+                        previous.map_or(PlanHash(0), |w| w.hash),
+                        previous.is_some_and(|w| w.deleted),
+                        false,
+                    );
+                    for role in &work.planned {
+                        if !partial.roles.contains(role) {
+                            partial.roles.push(role.clone());
+                        }
+                    }
+                    partial
+                },
+            );
         let now = self.now();
         if retryable && work.paused {
             let until = if error.code == DEADLINE_CODE || !backoff {
@@ -749,7 +771,10 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         let operation = error.operation().unwrap_or(operation);
         let recorded = sync_error(operation, error.code(), error.to_string());
         let stops = disposition.stops_the_run();
+        // A call whose answer was lost may have been applied: its records count as touched.
+        let applied = error.may_have_been_applied();
         for work in affected {
+            work.touched |= applied;
             if stops {
                 work.pause(recorded.clone());
             } else {

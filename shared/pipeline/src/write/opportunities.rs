@@ -276,13 +276,19 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             sending.sort();
             sending.dedup();
             let claim = work.claim.clone();
-            async move { (index, self.store.record_planned(&claim, &sending, ttl, now).await) }
+            async move {
+                let recorded = self.store.record_planned(&claim, &sending, ttl, now).await;
+                (index, recorded, sending)
+            }
         });
         let mut lost = BTreeSet::new();
-        for (index, recorded) in overlapped(calls).await {
+        for (index, recorded, sending) in overlapped(calls).await {
             let work = &mut works[index];
             match recorded {
-                Ok(Some(claim)) => work.claim = claim,
+                Ok(Some(claim)) => {
+                    work.claim = claim;
+                    work.planned = sending;
+                }
                 Ok(None) => {
                     work.lost = true;
                     work.fail(
