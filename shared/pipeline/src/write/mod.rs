@@ -90,7 +90,7 @@ pub(crate) struct Work {
     pub(crate) lost: bool,
     /// An error that does not stop the other writes (a duplicate lead), recorded at the end.
     pub(crate) soft_error: Option<SyncError>,
-    pub(crate) roles: BTreeMap<(ContactId, String), Option<i64>>,
+    pub(crate) roles: RoleLeads,
     /// Roles on a lead the contact no longer maps to (its email changed, its leads were
     /// merged), with the contact: the role on the current lead replaced them, so they are
     /// deleted in the same write. Until deleted they are recorded with what was written (a
@@ -285,15 +285,16 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
     }
 }
 
+/// Each (contact, role) with the lead its role is on.
+pub(crate) type RoleLeads = BTreeMap<(ContactId, String), Option<i64>>;
+
 /// What Marketo may hold of a record's roles: those written, and those planned by a write that
 /// never recorded its outcome, by (contact, role), with the lead each is on. A (contact, role)
 /// recorded on more than one lead (a replaced role not yet deleted) keeps the last one, the
 /// newest (planned roles come after written ones, and a record lists its replaced roles
 /// first), and the others are to be deleted.
-pub(crate) fn roles_in_marketo(
-    state: &OpportunityState,
-) -> (BTreeMap<(ContactId, String), Option<i64>>, Vec<(ContactId, RoleKey)>) {
-    let mut roles: BTreeMap<(ContactId, String), Option<i64>> = BTreeMap::new();
+pub(crate) fn roles_in_marketo(state: &OpportunityState) -> (RoleLeads, Vec<(ContactId, RoleKey)>) {
+    let mut roles = RoleLeads::new();
     let mut replaced = Vec::new();
     let every = state
         .written
