@@ -265,6 +265,17 @@ async fn deletes_and_the_sync_filter() {
         &[kept.clone()].into_iter().collect(),
     );
     assert!(diff.is_empty(), "{diff:?}");
+
+    // Excluded, then deleted in Dynamics: the filter means oppsync leaves the record alone, so
+    // Marketo's copy stays (README: "nothing is deleted").
+    sims.dv.delete(Table::Opportunities, &kept);
+    sync(&mut d).await;
+    assert_eq!(
+        field(&sims, &kept, "name"),
+        Some(json!("E2E deal 2")),
+        "an excluded record deleted in Dynamics is left alone in Marketo"
+    );
+    assert_eq!(d.state(&kept).await.status, Status::Deleted);
 }
 
 #[tokio::test]

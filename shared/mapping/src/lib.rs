@@ -29,5 +29,5 @@ pub use dataverse::{Account, Connection, ConnectionRole, Contact, Opportunity, R
 pub use ids::{AccountId, ContactId, Guid, GuidError, OpportunityId, UserId};
 pub use plan::{
     Action, Change, Company, Desired, Lead, Plan, PlanHash, Role, SalesPerson, Warning, WrittenRole, plan_change,
-    plan_delete, plan_upsert,
+    plan_delete, plan_delete_excluded, plan_upsert,
 };

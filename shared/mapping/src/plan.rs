@@ -238,6 +238,21 @@ pub fn plan_delete(mapping: &Mapping, id: OpportunityId, written_roles: &[Writte
     }
 }
 
+/// Plans the deletion of an opportunity the sync filter excluded: oppsync left it alone while it
+/// was excluded, and leaves it alone now (README: the filter deletes nothing). Marketo keeps
+/// what it holds; the record ends deleted in the state.
+pub fn plan_delete_excluded(id: OpportunityId) -> Plan {
+    let action = Action::Kept;
+    Plan {
+        opportunity_id: id,
+        source_version: None,
+        hash: hash_of(id, &action),
+        action,
+        role_deletions: Vec::new(),
+        warnings: Vec::new(),
+    }
+}
+
 /// The sync filter: only an explicit false excludes; true → false stops updates and deletes
 /// nothing.
 pub fn excluded_by_sync_filter(mapping: &Mapping, opportunity: &Opportunity, warnings: &mut Vec<Warning>) -> bool {

@@ -18,7 +18,7 @@ use std::time::Instant;
 use oppsync_dynamics::{ChangeDetection, DataverseClient, DataverseError, EntitySet, Watermark};
 use oppsync_mapping::{
     Action, Change, ContactId, Desired, Guid, LeadMatch, Opportunity, OpportunityId, Plan, PlanHash, Related,
-    SalesPerson, WrittenRole, plan_change,
+    SalesPerson, WrittenRole, plan_change, plan_delete_excluded,
 };
 use oppsync_marketo::{Disposition, MarketoClient, MarketoError, Operation, RecordOutcome, RoleKey, RoleRecord};
 use oppsync_state::{

@@ -159,7 +159,16 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                         None => Change::Deleted(*id),
                     }
                 };
-                let plan = plan_change(&self.config.mapping, &change, &related, &written_roles);
+                // Excluded by the sync filter when last planned: deleted in Dynamics, it is left
+                // alone in Marketo as it was while excluded.
+                let excluded = state
+                    .as_ref()
+                    .and_then(|s| s.plan.as_ref())
+                    .is_some_and(|p| matches!(p.action, Action::Filtered));
+                let plan = match &change {
+                    Change::Deleted(id) if excluded => plan_delete_excluded(*id),
+                    _ => plan_change(&self.config.mapping, &change, &related, &written_roles),
+                };
                 for w in &plan.warnings {
                     tracing::warn!(opportunity = %id, field = %w.field, "{}", w.message);
                 }
