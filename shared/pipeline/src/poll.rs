@@ -151,19 +151,34 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         report: &mut PollReport,
     ) -> Result<(), PipelineError> {
         let mut marked_now: BTreeSet<OpportunityId> = BTreeSet::new();
-        let done = match self.config.dataverse.change_detection {
-            ChangeDetection::ChangeTracking => self.poll_tracked(&mut lease, deadline, report, &mut marked_now).await?,
-            _ => {
-                self.poll_watermark(&mut lease, deadline, report, &mut marked_now)
-                    .await?
-            }
+        let read = match self.config.dataverse.change_detection {
+            ChangeDetection::ChangeTracking => self.poll_tracked(&mut lease, deadline, report, &mut marked_now).await,
+            _ => self.poll_watermark(&mut lease, deadline, report, &mut marked_now).await,
         };
-        report.caught_up = done;
-        if done {
-            report.requeued += self.sweep_stuck().await?;
-            report.woken += self.wake_due().await?;
+        report.caught_up = matches!(read, Ok(true));
+        match read {
+            Ok(true) => {
+                report.requeued += self.sweep_stuck().await?;
+                report.woken += self.wake_due().await?;
+                Ok(())
+            }
+            // Out of time: the next poll sweeps.
+            Ok(false) => Ok(()),
+            Err(e) => {
+                // The read failed (Dataverse down, a deletion scan the guard refused): the
+                // records already queued do not wait for it. Their sweep and wake go on, and
+                // the read's error is what the poll reports.
+                match self.sweep_stuck().await {
+                    Ok(n) => report.requeued += n,
+                    Err(sweep) => tracing::warn!(error = %sweep, "could not sweep stuck records"),
+                }
+                match self.wake_due().await {
+                    Ok(n) => report.woken += n,
+                    Err(wake) => tracing::warn!(error = %wake, "could not wake records whose wait ended"),
+                }
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     pub(crate) fn out_of_time(deadline: Option<Instant>) -> bool {

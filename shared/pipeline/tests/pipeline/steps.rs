@@ -7,7 +7,7 @@ use oppsync_marketo::Operation as E;
 use oppsync_pipeline::{Config, POLL_LEASE};
 use oppsync_simulators::dataverse::{DataverseFault, Mix, Table, seed_id};
 use oppsync_simulators::marketo::Fault;
-use oppsync_state::{Source, StateStore, Status};
+use oppsync_state::{PendingChange, Source, StateStore, Status, SyncError, TransformResult, WriteResult};
 use oppsync_tests::harness::*;
 use serde_json::json;
 
@@ -296,7 +296,41 @@ async fn a_deletion_scan_that_would_delete_too_much_stops_and_deletes_nothing() 
     for id in &seeded.opportunities[..15] {
         sims.dv.delete(Table::Opportunities, id);
     }
+    // A record waiting out a retry whose wait has ended: the refused scan must not hold it.
+    let waiting = oppsync_mapping::OpportunityId::parse(&seeded.opportunities[20]).unwrap();
+    let now = p.now();
+    let plan = store.get(waiting).await.unwrap().unwrap().plan.unwrap();
+    let version = store.get(waiting).await.unwrap().unwrap().version;
+    store
+        .mark_pending(&[PendingChange::upserted(waiting, version + 1, None)], now)
+        .await
+        .unwrap();
+    let (claim, _) = store
+        .claim(waiting, Status::Pending, 60_000, now)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .complete_transform(&claim, TransformResult::Ready(plan), now)
+        .await
+        .unwrap();
+    let (claim, _) = store.claim(waiting, Status::Ready, 60_000, now).await.unwrap().unwrap();
+    let retry = WriteResult::Retry {
+        error: SyncError {
+            operation: "opportunities.sync".into(),
+            code: "604".into(),
+            message: "timed out".into(),
+        },
+        written: None,
+        retry_at: now - 1,
+    };
+    store.complete_write(&claim, retry, now).await.unwrap();
     let err = p.poll(None).await.unwrap_err();
+    assert_eq!(
+        store.get(waiting).await.unwrap().unwrap().retry_at,
+        None,
+        "a record whose retry wait ended is woken although the deletion scan was refused"
+    );
     let message = err.to_string();
     assert!(!err.is_retryable(), "{message}");
     assert!(
