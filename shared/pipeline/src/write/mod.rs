@@ -86,6 +86,10 @@ pub(crate) struct Work {
     /// The error came from a stop of the whole run (quota, budget, credentials, the deadline),
     /// not from the record: it waits without counting an attempt.
     pub(crate) paused: bool,
+    /// The error came from a whole call that failed retryably (a 5xx, a lost answer, 606,
+    /// 615): Marketo's trouble, not the record's. It waits like a retry but counts no attempt,
+    /// so an outage longer than `max_attempts` tries never fails the backlog.
+    pub(crate) call_failed: bool,
     /// Another worker took the record during the write (a newer version, an expired claim).
     pub(crate) lost: bool,
     /// An error that does not stop the other writes (a duplicate lead), recorded at the end.
@@ -393,6 +397,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                             plan,
                             error: None,
                             paused: false,
+                            call_failed: false,
                             lost: false,
                             soft_error: None,
                             company_done: false,
@@ -714,6 +719,16 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 },
                 Wrote::Retry { error: error.clone() },
             )
+        } else if retryable && work.call_failed {
+            // Marketo's trouble, not the record's: no attempt counted, the first retry's wait.
+            (
+                WriteResult::Paused {
+                    error: error.clone(),
+                    written: partial,
+                    until: if backoff { now + backoff_ms(1) } else { now },
+                },
+                Wrote::Retry { error: error.clone() },
+            )
         } else if retryable && work.state.attempts + 1 < self.config.sync.max_attempts {
             (
                 WriteResult::Retry {
@@ -778,8 +793,10 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             work.touched |= applied;
             if stops {
                 work.pause(recorded.clone());
-            } else {
-                work.fail(recorded.clone(), disposition.keeps_records_queued());
+            } else if work.ok() {
+                let retryable = disposition.keeps_records_queued();
+                work.fail(recorded.clone(), retryable);
+                work.call_failed = retryable;
             }
         }
         stops.then_some(error)

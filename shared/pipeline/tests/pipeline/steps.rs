@@ -377,3 +377,44 @@ async fn a_row_committed_late_with_an_earlier_stamp_is_not_skipped_by_a_watermar
         assert_marketo_matches_dynamics(&sims);
     }
 }
+
+/// A Marketo outage is not the records' fault: every write call answering 503 leaves each
+/// record ready and waiting, with no attempt counted, so an outage longer than
+/// `max_attempts` tries never turns the backlog into failures that someone must replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marketo_outage_is_not_charged_to_the_records() {
+    let sims = sims().await;
+    sims.dv.seed(5, 2, Mix::Uniform);
+    let config = Config::from_toml("[sync]\nmax_attempts = 1\n", "test").unwrap();
+    let store = sqlite();
+    let p = pipeline(&sims, store.clone(), config);
+    p.poll(None).await.unwrap();
+    let pending: Vec<_> = store
+        .list(Status::Pending, 100, None)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    p.transform(&pending, false).await.unwrap();
+    for operation in [
+        E::CompanySync,
+        E::SalesPersonSync,
+        E::LeadQuery,
+        E::LeadSync,
+        E::OpportunitySync,
+        E::RoleSync,
+    ] {
+        for n in 1..=20 {
+            sims.mk.inject(operation, n, Fault::Http(503));
+        }
+    }
+    let report = p.write(&pending).await.unwrap();
+    assert_eq!(report.retry().len(), pending.len(), "{report:?}");
+    for id in &pending {
+        let state = store.get(*id).await.unwrap().unwrap();
+        assert_eq!((state.status, state.attempts), (Status::Ready, 0), "{state:?}");
+        assert!(state.retry_at.is_some(), "it waits before the next try");
+    }
+}
