@@ -6,12 +6,28 @@ use oppsync_state::Millis;
 pub use oppsync_support::{civil_from_days, days_from_civil};
 
 /// The Marketo quota day a moment falls in. Marketo resets the daily quota at midnight US
-/// Central time; a fixed UTC−6 is used, so the counter turns over an hour late in summer time,
-/// which errs on the side of spending less.
+/// Central time (America/Chicago, daylight saving time included: 05:00 UTC in summer, 06:00 in
+/// winter). A fixed UTC−6 turned the count over an hour late in summer, so Marketo's new day
+/// could take the budget plus an hour of calls.
 pub fn marketo_day(now: Millis) -> String {
-    let shifted = now - 6 * 3_600_000;
-    let (y, m, d) = civil_from_days(shifted.div_euclid(86_400_000));
-    format!("{y:04}-{m:02}-{d:02}")
+    let central = jiff::Timestamp::from_millisecond(now)
+        .ok()
+        .zip(central_time())
+        .map(|(at, zone)| zone.to_datetime(at).date());
+    match central {
+        Some(date) => format!("{:04}-{:02}-{:02}", date.year(), date.month(), date.day()),
+        // Out of jiff's range (years past 9999) or no zone data: standard time.
+        None => {
+            let (y, m, d) = civil_from_days((now - 6 * 3_600_000).div_euclid(86_400_000));
+            format!("{y:04}-{m:02}-{d:02}")
+        }
+    }
+}
+
+/// US Central time from the zone database built into the binary.
+fn central_time() -> Option<jiff::tz::TimeZone> {
+    static ZONE: std::sync::OnceLock<Option<jiff::tz::TimeZone>> = std::sync::OnceLock::new();
+    ZONE.get_or_init(|| jiff::tz::db().get("America/Chicago").ok()).clone()
 }
 
 /// A moment as `2026-11-25T08:30:00Z` (UTC, seconds): how the run history shows it.
@@ -48,11 +64,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_quota_day_turns_over_at_six_utc() {
-        let midnight_utc = parse_utc("2026-11-25T00:00:00Z").unwrap_or_default();
-        assert_eq!(marketo_day(midnight_utc), "2026-11-24");
-        assert_eq!(marketo_day(midnight_utc + 6 * 3_600_000 - 1), "2026-11-24");
-        assert_eq!(marketo_day(midnight_utc + 6 * 3_600_000), "2026-11-25");
+    fn the_quota_day_turns_over_at_midnight_us_central_time_with_daylight_saving() {
+        let at = |text: &str| parse_utc(text).unwrap_or_default();
+        // Winter (CST, UTC−6): at 06:00 UTC.
+        assert_eq!(marketo_day(at("2026-11-25T05:59:59Z")), "2026-11-24");
+        assert_eq!(marketo_day(at("2026-11-25T06:00:00Z")), "2026-11-25");
+        // Summer (CDT, UTC−5): at 05:00 UTC. A fixed UTC−6 said 2026-07-01 until 06:00.
+        assert_eq!(marketo_day(at("2026-07-02T04:59:59Z")), "2026-07-01");
+        assert_eq!(marketo_day(at("2026-07-02T05:00:00Z")), "2026-07-02");
+        // The days of the changes: clocks go forward at 02:00 on 2026-03-08 and back at 02:00
+        // on 2026-11-01, Central time; the day still begins at local midnight.
+        assert_eq!(marketo_day(at("2026-03-08T05:59:59Z")), "2026-03-07");
+        assert_eq!(marketo_day(at("2026-03-08T06:00:00Z")), "2026-03-08");
+        assert_eq!(marketo_day(at("2026-03-09T04:59:59Z")), "2026-03-08");
+        assert_eq!(marketo_day(at("2026-03-09T05:00:00Z")), "2026-03-09");
+        assert_eq!(marketo_day(at("2026-11-01T04:59:59Z")), "2026-10-31");
+        assert_eq!(marketo_day(at("2026-11-01T05:00:00Z")), "2026-11-01");
+        assert_eq!(marketo_day(at("2026-11-02T05:59:59Z")), "2026-11-01");
+        assert_eq!(marketo_day(at("2026-11-02T06:00:00Z")), "2026-11-02");
     }
 
     #[test]
