@@ -71,14 +71,40 @@ pub(crate) fn redirect_host(location: &str) -> String {
         .unwrap_or_else(|| "an unnamed location".into())
 }
 
-/// A parsed OData error body.
+/// The longest error message kept from a Dataverse answer (errors, logs and the run history
+/// carry it).
+const MESSAGE_CHARS: usize = 500;
+
+/// A parsed OData error body, its code and message clipped: a body can be megabytes.
 pub(crate) fn odata_error(body: &str) -> (String, String) {
     let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     (
-        v["error"]["code"].as_str().unwrap_or("").to_owned(),
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or_else(|| body.get(..200).unwrap_or(body))
-            .to_owned(),
+        oppsync_support::clipped(v["error"]["code"].as_str().unwrap_or(""), 100),
+        oppsync_support::clipped(v["error"]["message"].as_str().unwrap_or(body), MESSAGE_CHARS),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 64 MB answer must not become a 64 MB error: the message is clipped, on a character
+    /// boundary (a body cut at byte 200 inside a character was kept whole before).
+    #[test]
+    fn an_error_body_of_any_size_gives_a_short_message() {
+        let huge = format!(
+            "{{\"error\":{{\"code\":\"0x1\",\"message\":\"{}\"}}}}",
+            "x".repeat(1_000_000)
+        );
+        let (code, message) = odata_error(&huge);
+        assert_eq!(code, "0x1");
+        assert!(
+            message.len() < 600 && message.ends_with("(1000000 characters in all)"),
+            "{}",
+            &message[..80]
+        );
+        let not_json = format!("{}é{}", "a".repeat(199), "b".repeat(100_000));
+        let (_, message) = odata_error(&not_json);
+        assert!(message.chars().count() < 560, "{} characters", message.chars().count());
+    }
 }

@@ -40,6 +40,17 @@ pub enum BodyError {
 /// Capped exponential backoff with jitter: between half and all of base × 2^(attempt-1), at
 /// most `cap`. Half is fixed so a throttled client never retries at once; half is random so
 /// many clients spread out.
+/// At most `max` characters of `text` (cut on a character boundary), saying how long it was
+/// when it was longer: an error from a server can carry a whole response body, and a message,
+/// log line or run-history entry must stay small.
+pub fn clipped(text: &str, max: usize) -> String {
+    let mut chars = text.char_indices();
+    match chars.nth(max) {
+        None => text.to_owned(),
+        Some((cut, _)) => format!("{}… ({} characters in all)", &text[..cut], text.chars().count()),
+    }
+}
+
 pub fn backoff(base: Duration, attempt: u32, cap: Duration) -> Duration {
     use std::hash::{BuildHasher, Hasher};
     let ceiling = base.saturating_mul(1 << attempt.saturating_sub(1).min(10)).min(cap);
