@@ -19,9 +19,11 @@ fn a_seed_replays_the_same_run_event_for_event() {
     assert_ne!(run(3, &options).trace, run(41, &options).trace);
 }
 
-/// Seed 0 (every fault class): a stakeholder removed while Dataverse's change tokens were
-/// expired kept its role in Marketo, since the full read that follows an expired connections
-/// token cannot report deleted connections. It failed before the stakeholder scan.
+/// Seed 0 (every fault class): a stakeholder removed before a full read of the connections (an
+/// expired token, or their first read after opportunities were synced, the earlier polls having
+/// stopped before the connections' cursor was stored) kept its role in Marketo: a full read
+/// cannot report deleted connections. It failed before the stakeholder scan, and again (after
+/// other changes moved its interleaving) before the first read owed one too.
 #[test]
 fn seed_0_a_stakeholder_removed_while_the_change_token_was_expired_loses_its_role() {
     let outcome = run(0, &Options::default());

@@ -238,7 +238,11 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 }
                 crash::point("poll.recorded");
                 self.renew(lease).await?;
-                if page.full_resync {
+                // The first read of the connections is a full read too: opportunities synced
+                // before it (an earlier poll stopped before the connections' cursor was
+                // stored) may name a stakeholder removed meanwhile.
+                let first_connections_read = cursor.is_none() && source == Source::Connections;
+                if page.full_resync || first_connections_read {
                     // Deletions during the expired window are gone from change tracking; the
                     // full read is followed by a scan that finds them (opportunities) or a
                     // replan of every opportunity (connections: a removed stakeholder is known
@@ -275,10 +279,11 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         Ok(self.store.cursor(scan).await?.is_some_and(|c| c.value == SCAN_OWED))
     }
 
-    /// Plans every opportunity again if a stakeholder scan is owed: the synced and ready ones
-    /// are put back to pending (a plan that is what Marketo holds costs no Marketo call), so a
-    /// stakeholder removed while the connections' token was expired loses its role. Then
-    /// clears the obligation.
+    /// Plans every opportunity again if a stakeholder scan is owed: the synced, ready and
+    /// pending ones are put back to pending (a plan that is what Marketo holds costs no Marketo
+    /// call; a transform or write in flight, which may have read the stakeholders before the
+    /// removal, loses its claim), so a stakeholder removed while the connections' token was
+    /// expired loses its role. Then clears the obligation.
     async fn pay_stakeholder_scan(
         &self,
         lease: &mut Lease,
@@ -288,7 +293,7 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         if !self.owed(Source::StakeholderScan).await? {
             return Ok(());
         }
-        for status in [Status::Synced, Status::Ready] {
+        for status in [Status::Synced, Status::Ready, Status::Pending] {
             for id in self.ids_in(status, |_| true, None).await? {
                 if !marked_now.contains(&id) && self.store.requeue(id, false, self.now()).await? {
                     report.requeued += 1;

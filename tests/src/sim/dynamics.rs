@@ -499,6 +499,14 @@ impl DataversePort for SimDynamics {
                 Some(v) if !expired => w.changes(table, v),
                 _ => (w.changes(table, 0).0, Vec::new()),
             };
+            if cursor.is_none() || expired {
+                self.faults.trace(format!(
+                    "Dataverse {}: a full read ({} rows){}",
+                    set.name(),
+                    rows.len(),
+                    if expired { ", the token had expired" } else { "" }
+                ));
+            }
             ChangePage {
                 rows,
                 deleted,

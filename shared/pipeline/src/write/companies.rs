@@ -17,9 +17,12 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             if let Action::Upsert(desired) = &work.plan.action
                 && let Some(company) = &desired.company
                 && !fresh
+                && !work.state.rewrite
                 && self.companies.holds(company.external_company_id.0, &company.name)
             {
-                // Written by this process already, with this name.
+                // Written by this process already, with this name. (Not for a rewrite: Marketo
+                // may differ from what this process wrote, since another process may have
+                // written an older plan's company after it.)
                 work.company_done = true;
                 continue;
             }

@@ -28,9 +28,11 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 continue;
             };
             let id = person.external_sales_person_id;
-            if !again && (!work.sends_sales_person() || (!fresh && self.sales_persons.holds(id.0, &content(&person)))) {
+            let cached = !fresh && !work.state.rewrite && self.sales_persons.holds(id.0, &content(&person));
+            if !again && (!work.sends_sales_person() || cached) {
                 // In Marketo as planned since the record's last write, or written by this
-                // process already.
+                // process already. (A rewrite does not trust the cache: another process may
+                // have written an older plan's sales person after this one wrote it.)
                 work.sales_person_done = true;
                 continue;
             }
