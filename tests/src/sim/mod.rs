@@ -365,7 +365,7 @@ async fn simulate(seed: u64, options: &Options, tamper: impl FnOnce(&MemoryMarke
     let end = faults.now() + options.minutes as i64 * 60_000;
     while faults.now() < end {
         tokio::time::sleep(Duration::from_millis(rng.range(1_000, 20_000))).await;
-        dynamics.set_time(time_text(faults.now()));
+        dynamics.set_time(oppsync_pipeline::time::format_utc(faults.now()));
         change_dynamics(&dynamics, &mut rng, &faults);
         match rng.below(40) {
             0..=2 if on(Class::Kills) => {
@@ -438,27 +438,6 @@ async fn drain(p: &SimPipeline, faults: &Faults) -> Vec<String> {
         }
     }
     vec!["the drain did not end: records stay pending or ready after an hour without faults".into()]
-}
-
-fn time_text(now: i64) -> String {
-    let secs = now / 1000;
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
 }
 
 /// The oracle: Marketo against the rules applied to Dynamics, one lead per email, and every

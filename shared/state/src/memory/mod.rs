@@ -164,6 +164,24 @@ impl Data {
         true
     }
 
+    /// Extends a claim still held, after `change` to its item; `None` when it was lost.
+    fn extend_claim(
+        &mut self,
+        claim: &Claim,
+        ttl_ms: i64,
+        now: Millis,
+        change: impl FnOnce(&mut Item),
+    ) -> Option<Claim> {
+        let item = self.items.get_mut(&claim.id).filter(|item| item.held_by(claim))?;
+        change(item);
+        item.claim_until = Some(now + ttl_ms);
+        item.updated_at = now;
+        Some(Claim {
+            until: now + ttl_ms,
+            ..claim.clone()
+        })
+    }
+
     fn claim(
         &mut self,
         id: OpportunityId,

@@ -124,18 +124,7 @@ impl StateStore for MemoryStore {
     }
 
     async fn renew_claim(&self, claim: &Claim, ttl_ms: i64, now: Millis) -> Result<Option<Claim>, StateError> {
-        let mut d = self.data();
-        match d.items.get_mut(&claim.id) {
-            Some(item) if item.held_by(claim) => {
-                item.claim_until = Some(now + ttl_ms);
-                item.updated_at = now;
-                Ok(Some(Claim {
-                    until: now + ttl_ms,
-                    ..claim.clone()
-                }))
-            }
-            _ => Ok(None),
-        }
+        Ok(self.data().extend_claim(claim, ttl_ms, now, |_| {}))
     }
 
     async fn record_planned(
@@ -145,19 +134,9 @@ impl StateStore for MemoryStore {
         ttl_ms: i64,
         now: Millis,
     ) -> Result<Option<Claim>, StateError> {
-        let mut d = self.data();
-        match d.items.get_mut(&claim.id) {
-            Some(item) if item.held_by(claim) => {
-                item.planned = roles.to_vec();
-                item.claim_until = Some(now + ttl_ms);
-                item.updated_at = now;
-                Ok(Some(Claim {
-                    until: now + ttl_ms,
-                    ..claim.clone()
-                }))
-            }
-            _ => Ok(None),
-        }
+        Ok(self
+            .data()
+            .extend_claim(claim, ttl_ms, now, |item| item.planned = roles.to_vec()))
     }
 
     async fn lock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<Vec<bool>, StateError> {
