@@ -707,3 +707,32 @@ async fn a_batchs_store_round_trips_overlap_instead_of_one_after_another() {
     // Claims, completions, renewals and planned roles go out 16 at once: a few waves per step.
     assert!(critical <= 40, "{critical} round trips one after another");
 }
+
+#[tokio::test]
+async fn a_superseded_write_is_requeued_even_when_another_completion_of_its_batch_fails() {
+    // Records 1 and 2 are written together. During the opportunity call a newer version of 2
+    // arrives (another poller), so what this write sent for 2 may land after the newer write:
+    // 2 must be marked for a rewrite. The completion of 1 fails (the store), which returned the
+    // error before 2's rewrite was asked for.
+    let (dv, mk) = (dataverse(&[1, 2]), MemoryMarketo::default());
+    let store = Hooks::new();
+    let hooked = Hooked::new(&mk);
+    let p = Pipeline::new(store.clone(), dv.clone(), hooked.clone(), Config::default(), "writer");
+    p.poll(None).await.unwrap();
+    p.transform(&[id(1), id(2)], false).await.unwrap();
+    let other = Pipeline::new(store.clone(), dv.clone(), mk.clone(), Config::default(), "poller");
+    let dv2 = dv.clone();
+    hooked.before(
+        "opportunities.sync",
+        Box::new(move || {
+            Box::pin(async move {
+                dv2.upsert_opportunity(edited(2, 20, 2000.0));
+                other.poll(None).await.unwrap();
+            })
+        }),
+    );
+    store.fail_completions.store(1, Ordering::SeqCst);
+    assert!(p.write(&[id(1), id(2)]).await.is_err(), "1's outcome was not recorded");
+    let state = p.store().get(id(2)).await.unwrap().unwrap();
+    assert!(state.rewrite, "2 is written again whatever its plan's hash: {state:?}");
+}
