@@ -18,6 +18,8 @@ use crate::{
 
 mod codec;
 mod file;
+mod ledger;
+mod steps;
 mod store;
 
 use codec::*;

@@ -2,6 +2,7 @@
 //! conditional writes.
 
 use super::*;
+use steps::{claim_in, complete_write_in};
 
 /// Back to pending at the current version, unclaimed, its wait and attempts reset; Dynamics is
 /// read again, so a restored record is written and a missing one deleted. `?3` sets `rewrite`.
@@ -515,289 +516,54 @@ impl StateStore for SqliteStore {
     }
 
     async fn completions(&self, since: Millis, until: Millis) -> Result<u64, StateError> {
-        self.run(move |c| {
-            let n: i64 = c
-                .query_row(
-                    "SELECT COALESCE(SUM(n), 0) FROM completions WHERE minute BETWEEN ?1 AND ?2",
-                    params![minute_of(since), minute_of(until)],
-                    |r| r.get(0),
-                )
-                .map_err(sql)?;
-            Ok(n as u64)
-        })
-        .await
+        self.completions_between(since, until).await
     }
 
     async fn add_marketo_calls(&self, day: &str, calls: u64) -> Result<u64, StateError> {
-        let day = day.to_owned();
-        self.run(move |c| {
-            let n: i64 = c
-                .query_row(
-                    "INSERT INTO marketo_calls (day, n) VALUES (?1, ?2)
-                     ON CONFLICT (day) DO UPDATE SET n = n + excluded.n RETURNING n",
-                    params![day, calls as i64],
-                    |r| r.get(0),
-                )
-                .map_err(sql)?;
-            Ok(n as u64)
-        })
-        .await
+        self.count_calls(day, calls).await
     }
 
     async fn take_marketo_call(&self, day: &str, budget: u64) -> Result<Option<u64>, StateError> {
-        let day = day.to_owned();
-        self.run(move |c| {
-            // The update's WHERE refuses the call once the budget is spent: no row comes back.
-            let n: Option<i64> = c
-                .query_row(
-                    "INSERT INTO marketo_calls (day, n) VALUES (?1, 1)
-                     ON CONFLICT (day) DO UPDATE SET n = n + 1 WHERE n < ?2 RETURNING n",
-                    // SQLite integers are signed: an unlimited budget is the largest one.
-                    params![day, i64::try_from(budget).unwrap_or(i64::MAX)],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(sql)?;
-            Ok(n.map(|n| n as u64).filter(|n| *n <= budget))
-        })
-        .await
+        self.take_call(day, budget).await
     }
 
     async fn join_budget(&self, member: &str, until: Millis, now: Millis) -> Result<u32, StateError> {
-        let member = member.to_owned();
-        self.run(move |c| {
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql)?;
-            tx.execute(
-                "INSERT OR REPLACE INTO budget_members (member, until) VALUES (?1, ?2)",
-                params![member, until],
-            )
-            .map_err(sql)?;
-            tx.execute("DELETE FROM budget_members WHERE until <= ?1", params![now])
-                .map_err(sql)?;
-            let live: i64 = tx
-                .query_row("SELECT COUNT(*) FROM budget_members", [], |r| r.get(0))
-                .map_err(sql)?;
-            tx.commit().map_err(sql)?;
-            Ok(live.max(1) as u32)
-        })
-        .await
+        self.join_members(member, until, now).await
     }
 
     async fn leave_budget(&self, member: &str) -> Result<(), StateError> {
-        let rows = vec![vec![SqlValue::Text(member.to_owned())]];
-        self.execute_all("DELETE FROM budget_members WHERE member = ?1", rows)
-            .await
+        self.leave_members(member).await
     }
 
     async fn marketo_calls(&self, day: &str) -> Result<u64, StateError> {
-        let day = day.to_owned();
-        self.run(move |c| {
-            let n: Option<i64> = c
-                .query_row("SELECT n FROM marketo_calls WHERE day = ?1", params![day], |r| r.get(0))
-                .optional()
-                .map_err(sql)?;
-            Ok(n.unwrap_or(0) as u64)
-        })
-        .await
+        self.calls_on(day).await
     }
 
     async fn remember_links(&self, links: &[(String, OpportunityId)]) -> Result<(), StateError> {
-        let rows: Vec<Vec<SqlValue>> = links
-            .iter()
-            .map(|(c, o)| vec![SqlValue::Text(c.to_ascii_lowercase()), SqlValue::Text(o.to_string())])
-            .collect();
-        self.execute_all(
-            "INSERT OR REPLACE INTO links (connection, opportunity) VALUES (?1, ?2)",
-            rows,
-        )
-        .await
+        self.put_links(links).await
     }
 
     async fn linked_opportunities(&self, connections: &[String]) -> Result<Vec<OpportunityId>, StateError> {
-        let connections: Vec<String> = connections.iter().map(|c| c.to_ascii_lowercase()).collect();
-        self.run(move |c| {
-            let mut stmt = c
-                .prepare_cached("SELECT opportunity FROM links WHERE connection = ?1")
-                .map_err(sql)?;
-            let mut out = std::collections::BTreeSet::new();
-            for connection in &connections {
-                let found: Option<String> = stmt
-                    .query_row(params![connection], |r| r.get(0))
-                    .optional()
-                    .map_err(sql)?;
-                if let Some(text) = found {
-                    out.insert(
-                        OpportunityId::parse(&text)
-                            .map_err(|e| corrupt(format!("link {connection}"), e.to_string()))?,
-                    );
-                }
-            }
-            Ok(out.into_iter().collect())
-        })
-        .await
+        self.get_links(connections).await
     }
 
     async fn remember_leads(&self, leads: &[(String, i64)]) -> Result<(), StateError> {
-        let rows: Vec<Vec<SqlValue>> = leads
-            .iter()
-            .map(|(k, id)| vec![SqlValue::Text(k.clone()), SqlValue::Integer(*id)])
-            .collect();
-        self.execute_all("INSERT OR REPLACE INTO leads (key, lead_id) VALUES (?1, ?2)", rows)
-            .await
+        self.put_leads(leads).await
     }
 
     async fn known_leads(&self, keys: &[String]) -> Result<HashMap<String, i64>, StateError> {
-        let keys = keys.to_vec();
-        self.run(move |c| {
-            let mut stmt = c
-                .prepare_cached("SELECT lead_id FROM leads WHERE key = ?1")
-                .map_err(sql)?;
-            let mut out = HashMap::new();
-            for key in keys {
-                let found: Option<i64> = stmt.query_row(params![key], |r| r.get(0)).optional().map_err(sql)?;
-                if let Some(id) = found {
-                    out.insert(key, id);
-                }
-            }
-            Ok(out)
-        })
-        .await
+        self.get_leads(keys).await
     }
 
     async fn forget_leads(&self, keys: &[String]) -> Result<(), StateError> {
-        let rows: Vec<Vec<SqlValue>> = keys.iter().map(|k| vec![SqlValue::Text(k.clone())]).collect();
-        self.execute_all("DELETE FROM leads WHERE key = ?1", rows).await
+        self.delete_leads(keys).await
     }
 
     async fn record_run(&self, run: &Run, keep_ms: i64) -> Result<(), StateError> {
-        let json = serde_json::to_string(run).map_err(|e| StateError::Corrupt {
-            key: "run".into(),
-            reason: e.to_string(),
-        })?;
-        let (started, ended) = (run.started, run.ended);
-        self.in_transaction(move |t| {
-            t.execute("DELETE FROM runs WHERE keep_until < ?1", params![ended])
-                .map_err(sql)?;
-            t.execute(
-                "INSERT INTO runs (started, keep_until, run) VALUES (?1, ?2, ?3)",
-                params![started, ended.saturating_add(keep_ms), json],
-            )
-            .map_err(sql)?;
-            Ok(())
-        })
-        .await
+        self.put_run(run, keep_ms).await
     }
 
     async fn runs(&self, limit: usize, now: Millis) -> Result<Vec<Run>, StateError> {
-        self.run(move |c| {
-            let mut stmt = match c
-                .prepare("SELECT run FROM runs WHERE keep_until >= ?1 ORDER BY started DESC, id DESC LIMIT ?2")
-            {
-                Ok(stmt) => stmt,
-                // A file an older oppsync wrote, opened read-only, has no run history yet.
-                Err(e) if e.to_string().contains("no such table") => return Ok(Vec::new()),
-                Err(e) => return Err(sql(e)),
-            };
-            let rows = stmt
-                .query_map(params![now, limit as i64], |r| r.get::<_, String>(0))
-                .map_err(sql)?;
-            let mut out = Vec::new();
-            for row in rows {
-                let text = row.map_err(sql)?;
-                out.push(serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
-                    key: "run".into(),
-                    reason: e.to_string(),
-                })?);
-            }
-            Ok(out)
-        })
-        .await
+        self.get_runs(limit, now).await
     }
-}
-
-/// [`StateStore::claim`] inside a transaction.
-fn claim_in(
-    tx: &rusqlite::Transaction<'_>,
-    id: OpportunityId,
-    from: Status,
-    ttl_ms: i64,
-    now: Millis,
-) -> Result<Option<(Claim, OpportunityState)>, StateError> {
-    let token = new_token();
-    let n = tx
-        .prepare_cached(
-            "UPDATE opportunities SET claim_token = ?3, claim_until = ?4, updated_at = ?5
-             WHERE id = ?1 AND status = ?2 AND (claim_until IS NULL OR claim_until <= ?5)
-               AND (retry_at IS NULL OR retry_at <= ?5)",
-        )
-        .and_then(|mut update| update.execute(params![id.to_string(), from.as_str(), token, now + ttl_ms, now]))
-        .map_err(sql)?;
-    let result = if n == 1 {
-        let state = get_state(tx, id)?.ok_or_else(|| corrupt(id.to_string(), "vanished inside a transaction"))?;
-        Some((
-            Claim {
-                id,
-                version: state.version,
-                token,
-                until: now + ttl_ms,
-            },
-            state,
-        ))
-    } else {
-        None
-    };
-    Ok(result)
-}
-
-/// [`StateStore::complete_write`] inside a transaction.
-fn complete_write_in(
-    tx: &rusqlite::Transaction<'_>,
-    claim: &Claim,
-    result: WriteResult,
-    now: Millis,
-) -> Result<Completion, StateError> {
-    let id = claim.id.to_string();
-    let (status, written, error) = result.parts();
-    let attempts_delta = result.attempts_delta();
-    let retry_at = result.retry_at();
-    let synced = matches!(result, WriteResult::Synced(_));
-    if let Some(w) = written {
-        record_written(tx, &id, w)?;
-    }
-    let n = tx
-        .prepare_cached(
-            "UPDATE opportunities SET status = ?4,
-                 attempts = CASE WHEN ?5 IS NULL THEN 0 ELSE attempts + ?5 END,
-                 err_operation = ?6, err_code = ?7, err_message = ?8,
-                 claim_token = NULL, claim_until = NULL, updated_at = ?9,
-                 status_since = CASE WHEN status = ?4 THEN status_since ELSE ?9 END,
-                 retry_at = ?10, rewrite = CASE WHEN ?11 THEN 0 ELSE rewrite END, planned = NULL
-             WHERE id = ?1 AND claim_token = ?2 AND version = ?3",
-        )
-        .and_then(|mut update| {
-            update.execute(params![
-                id,
-                claim.token,
-                claim.version,
-                status.as_str(),
-                attempts_delta,
-                error.map(|e| e.operation.clone()),
-                error.map(|e| e.code.clone()),
-                error.map(|e| e.message.clone()),
-                now,
-                retry_at,
-                synced
-            ])
-        })
-        .map_err(sql)?;
-    if n == 1 && matches!(status, Status::Synced | Status::Deleted) {
-        count_completion(tx, now)?;
-    }
-    Ok(if n == 1 {
-        Completion::Completed
-    } else {
-        Completion::Superseded
-    })
 }
