@@ -1,11 +1,82 @@
 //! Small keyed values beside the records: connection → opportunity links (a deleted connection
 //! arrives as an id alone, so the link recorded when it was seen says which opportunity lost a
-//! stakeholder), lead key → Marketo lead id, and the processes sharing the Marketo budget. None
+//! stakeholder), lead key → Marketo lead id, lead-creation locks, and the processes sharing the
+//! Marketo budget. None
 //! carries a `status`, so the stream filters never pass them to a function.
 
 use super::*;
+use crate::overlapped;
 
 impl DynamoStore {
+    pub(super) async fn take_locks(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<Vec<bool>, StateError> {
+        let expires = now + ttl_ms;
+        // A key named twice in one call is taken once, by its first mention: sent twice at once,
+        // which of the two requests won would be a race.
+        let mut seen = std::collections::HashSet::new();
+        let first: Vec<bool> = keys.iter().map(|key| seen.insert(key.as_str())).collect();
+        let takes: Vec<_> = keys
+            .iter()
+            .zip(first)
+            .map(|(key, first)| {
+                if first {
+                    // An update creates the item when it is missing: the writer's role needs no PutItem.
+                    self.count_write();
+                }
+                let request = self
+                    .client
+                    .update_item()
+                    .table_name(&*self.table)
+                    .key("pk", s(format!("lock#{key}")))
+                    // DynamoDB's TTL removes the item some time after `expire_at_s` (seconds since the
+                    // epoch); the condition reads `expires`, so a late removal changes nothing.
+                    .update_expression(format!("SET expires = :e, {} = :x", attr::EXPIRE_AT))
+                    .condition_expression("attribute_not_exists(pk) OR expires <= :now")
+                    .expression_attribute_values(":e", n(expires))
+                    .expression_attribute_values(":x", n(expires / 1000 + 3600))
+                    .expression_attribute_values(":now", n(now));
+                async move {
+                    if !first {
+                        return Ok(false);
+                    }
+                    match request.send().await {
+                        Ok(_) => Ok(true),
+                        Err(e) if is_condition_failed(&e) => Ok(false),
+                        Err(e) => Err(dynamo_err("UpdateItem (lock)", e)),
+                    }
+                }
+            })
+            .collect();
+        // A bounded number in flight: a batch's hundreds of new leads are not hundreds of
+        // requests at once.
+        overlapped(takes).await.into_iter().collect()
+    }
+    pub(super) async fn free_locks(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<(), StateError> {
+        let unique: std::collections::BTreeSet<&String> = keys.iter().collect();
+        let frees: Vec<_> = unique
+            .into_iter()
+            .map(|key| {
+                self.count_write();
+                let request = self
+                    .client
+                    .update_item()
+                    .table_name(&*self.table)
+                    .key("pk", s(format!("lock#{key}")))
+                    .update_expression("SET expires = :zero")
+                    .condition_expression("expires = :e")
+                    .expression_attribute_values(":zero", n(0))
+                    .expression_attribute_values(":e", n(now + ttl_ms));
+                async move {
+                    match request.send().await {
+                        Ok(_) => Ok(()),
+                        Err(e) if is_condition_failed(&e) => Ok(()),
+                        Err(e) => Err(dynamo_err("UpdateItem (unlock)", e)),
+                    }
+                }
+            })
+            .collect();
+        overlapped(frees).await.into_iter().collect()
+    }
+
     /// Stores connection → opportunity links.
     pub(super) async fn put_links(&self, links: &[(String, OpportunityId)]) -> Result<(), StateError> {
         let mut unique: HashMap<String, OpportunityId> = HashMap::new();

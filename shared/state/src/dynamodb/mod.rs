@@ -36,6 +36,8 @@ use crate::{
 type Item = HashMap<String, AttributeValue>;
 
 mod codec;
+mod lease;
+mod ledger;
 mod links;
 mod store;
 mod update;

@@ -3,76 +3,14 @@
 //! sparse `open` index, and the daily Marketo call count as an atomic ADD.
 
 use super::*;
-use crate::overlapped;
 
 impl StateStore for DynamoStore {
     async fn cursor(&self, source: Source) -> Result<Option<Cursor>, StateError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&*self.table)
-            .key("pk", s(format!("cursor#{}", source.as_str())))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| dynamo_err("GetItem (cursor)", e))?;
-        Ok(out.item.and_then(|item| {
-            Some(Cursor {
-                value: get_s(&item, "value")?.to_owned(),
-                updated_at: get_n(&item, "updated").unwrap_or(0),
-            })
-        }))
+        self.read_cursor(source).await
     }
 
     async fn advance_cursor(&self, lease: &Lease, source: Source, value: &str, now: Millis) -> Result<(), StateError> {
-        let build = |e: aws_sdk_dynamodb::error::BuildError| StateError::Dynamo {
-            operation: "TransactWriteItems (cursor)",
-            message: e.to_string(),
-            retryable: false,
-        };
-        let check = ConditionCheck::builder()
-            .table_name(&*self.table)
-            .key("pk", s(format!("lease#{}", lease.name)))
-            .condition_expression("#t = :t AND expires > :now")
-            .expression_attribute_names("#t", "token")
-            .expression_attribute_values(":t", n(lease.token))
-            .expression_attribute_values(":now", n(now))
-            .build()
-            .map_err(build)?;
-        let put = Put::builder()
-            .table_name(&*self.table)
-            .item("pk", s(format!("cursor#{}", source.as_str())))
-            .item("value", s(value))
-            .item("updated", n(now))
-            .build()
-            .map_err(build)?;
-        self.count_write();
-        let result = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().condition_check(check).build())
-            .transact_items(TransactWriteItem::builder().put(put).build())
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Some("TransactionCanceledException") => {
-                let reasons = e
-                    .as_service_error()
-                    .and_then(|se| match se {
-                        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(tc) => Some(tc),
-                        _ => None,
-                    })
-                    .map(|tc| tc.cancellation_reasons().iter().filter_map(|r| r.code()).collect::<Vec<_>>())
-                    .unwrap_or_default();
-                if reasons.contains(&"ConditionalCheckFailed") || reasons.is_empty() {
-                    Err(StateError::LeaseLost(lease.name.clone()))
-                } else {
-                    Err(dynamo_err("TransactWriteItems (cursor)", e))
-                }
-            }
-            Err(e) => Err(dynamo_err("TransactWriteItems (cursor)", e)),
-        }
+        self.move_cursor(lease, source, value, now).await
     }
 
     async fn acquire_lease(
@@ -82,80 +20,15 @@ impl StateStore for DynamoStore {
         ttl_ms: i64,
         now: Millis,
     ) -> Result<Option<Lease>, StateError> {
-        let mut u = Update::default();
-        u.set("#o = :o, expires = :e, #t = if_not_exists(#t, :zero) + :one")
-            .value(":o", s(owner))
-            .value(":e", n(now + ttl_ms))
-            .value(":zero", n(0))
-            .value(":one", n(1))
-            .value(":now", n(now));
-        self.count_write();
-        let request = self
-            .client
-            .update_item()
-            .table_name(&*self.table)
-            .key("pk", s(format!("lease#{name}")))
-            .update_expression(u.expression())
-            .condition_expression("attribute_not_exists(pk) OR expires <= :now")
-            .expression_attribute_names("#o", "owner")
-            .expression_attribute_names("#t", "token")
-            .set_expression_attribute_values(Some(u.values))
-            .return_values(ReturnValue::AllNew);
-        match request.send().await {
-            Ok(out) => {
-                let item = out.attributes.unwrap_or_default();
-                Ok(Some(Lease {
-                    name: name.to_owned(),
-                    owner: owner.to_owned(),
-                    token: get_n(&item, "token").unwrap_or(0),
-                    expires_at: now + ttl_ms,
-                }))
-            }
-            Err(e) if is_condition_failed(&e) => Ok(None),
-            Err(e) => Err(dynamo_err("UpdateItem (acquire lease)", e)),
-        }
+        self.take_lease(name, owner, ttl_ms, now).await
     }
 
     async fn renew_lease(&self, lease: &Lease, ttl_ms: i64, now: Millis) -> Result<Option<Lease>, StateError> {
-        self.count_write();
-        let request = self
-            .client
-            .update_item()
-            .table_name(&*self.table)
-            .key("pk", s(format!("lease#{}", lease.name)))
-            .update_expression("SET expires = :e")
-            .condition_expression("#t = :t AND expires > :now")
-            .expression_attribute_names("#t", "token")
-            .expression_attribute_values(":e", n(now + ttl_ms))
-            .expression_attribute_values(":t", n(lease.token))
-            .expression_attribute_values(":now", n(now));
-        match request.send().await {
-            Ok(_) => Ok(Some(Lease {
-                expires_at: now + ttl_ms,
-                ..lease.clone()
-            })),
-            Err(e) if is_condition_failed(&e) => Ok(None),
-            Err(e) => Err(dynamo_err("UpdateItem (renew lease)", e)),
-        }
+        self.extend_lease(lease, ttl_ms, now).await
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<(), StateError> {
-        self.count_write();
-        let request = self
-            .client
-            .update_item()
-            .table_name(&*self.table)
-            .key("pk", s(format!("lease#{}", lease.name)))
-            .update_expression("SET expires = :zero")
-            .condition_expression("#t = :t")
-            .expression_attribute_names("#t", "token")
-            .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":t", n(lease.token));
-        match request.send().await {
-            Ok(_) => Ok(()),
-            Err(e) if is_condition_failed(&e) => Ok(()),
-            Err(e) => Err(dynamo_err("UpdateItem (release lease)", e)),
-        }
+        self.give_up_lease(lease).await
     }
 
     async fn mark_pending(&self, changes: &[PendingChange], now: Millis) -> Result<Vec<MarkOutcome>, StateError> {
@@ -316,73 +189,11 @@ impl StateStore for DynamoStore {
     }
 
     async fn lock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<Vec<bool>, StateError> {
-        let expires = now + ttl_ms;
-        // A key named twice in one call is taken once, by its first mention: sent twice at once,
-        // which of the two requests won would be a race.
-        let mut seen = std::collections::HashSet::new();
-        let first: Vec<bool> = keys.iter().map(|key| seen.insert(key.as_str())).collect();
-        let takes: Vec<_> = keys
-            .iter()
-            .zip(first)
-            .map(|(key, first)| {
-                if first {
-                    // An update creates the item when it is missing: the writer's role needs no PutItem.
-                    self.count_write();
-                }
-                let request = self
-                    .client
-                    .update_item()
-                    .table_name(&*self.table)
-                    .key("pk", s(format!("lock#{key}")))
-                    // DynamoDB's TTL removes the item some time after `expire_at_s` (seconds since the
-                    // epoch); the condition reads `expires`, so a late removal changes nothing.
-                    .update_expression(format!("SET expires = :e, {} = :x", attr::EXPIRE_AT))
-                    .condition_expression("attribute_not_exists(pk) OR expires <= :now")
-                    .expression_attribute_values(":e", n(expires))
-                    .expression_attribute_values(":x", n(expires / 1000 + 3600))
-                    .expression_attribute_values(":now", n(now));
-                async move {
-                    if !first {
-                        return Ok(false);
-                    }
-                    match request.send().await {
-                        Ok(_) => Ok(true),
-                        Err(e) if is_condition_failed(&e) => Ok(false),
-                        Err(e) => Err(dynamo_err("UpdateItem (lock)", e)),
-                    }
-                }
-            })
-            .collect();
-        // A bounded number in flight: a batch's hundreds of new leads are not hundreds of
-        // requests at once.
-        overlapped(takes).await.into_iter().collect()
+        self.take_locks(keys, ttl_ms, now).await
     }
 
     async fn unlock(&self, keys: &[String], ttl_ms: i64, now: Millis) -> Result<(), StateError> {
-        let unique: std::collections::BTreeSet<&String> = keys.iter().collect();
-        let frees: Vec<_> = unique
-            .into_iter()
-            .map(|key| {
-                self.count_write();
-                let request = self
-                    .client
-                    .update_item()
-                    .table_name(&*self.table)
-                    .key("pk", s(format!("lock#{key}")))
-                    .update_expression("SET expires = :zero")
-                    .condition_expression("expires = :e")
-                    .expression_attribute_values(":zero", n(0))
-                    .expression_attribute_values(":e", n(now + ttl_ms));
-                async move {
-                    match request.send().await {
-                        Ok(_) => Ok(()),
-                        Err(e) if is_condition_failed(&e) => Ok(()),
-                        Err(e) => Err(dynamo_err("UpdateItem (unlock)", e)),
-                    }
-                }
-            })
-            .collect();
-        overlapped(frees).await.into_iter().collect()
+        self.free_locks(keys, ttl_ms, now).await
     }
 
     async fn release(&self, claim: &Claim, now: Millis) -> Result<(), StateError> {
@@ -696,77 +507,15 @@ impl StateStore for DynamoStore {
     }
 
     async fn completions(&self, since: Millis, until: Millis) -> Result<u64, StateError> {
-        let minutes: Vec<i64> = (minute_of(since)..=minute_of(until)).collect();
-        let mut total = 0u64;
-        for chunk in minutes.chunks(100) {
-            let mut keys = KeysAndAttributes::builder();
-            for m in chunk {
-                keys = keys.keys(HashMap::from([("pk".to_owned(), s(format!("done#{m}")))]));
-            }
-            let mut request: HashMap<String, KeysAndAttributes> = HashMap::from([(
-                self.table.to_string(),
-                keys.build().map_err(|e| StateError::Dynamo {
-                    operation: "BatchGetItem (completions)",
-                    message: e.to_string(),
-                    retryable: false,
-                })?,
-            )]);
-            // BatchGetItem may return some keys unprocessed; ask again for those.
-            while !request.is_empty() {
-                let out = self
-                    .client
-                    .batch_get_item()
-                    .set_request_items(Some(request))
-                    .send()
-                    .await
-                    .map_err(|e| dynamo_err("BatchGetItem (completions)", e))?;
-                for items in out.responses.unwrap_or_default().into_values() {
-                    total += items.iter().filter_map(|i| get_n(i, "n")).sum::<i64>() as u64;
-                }
-                request = out.unprocessed_keys.unwrap_or_default();
-            }
-        }
-        Ok(total)
+        self.completions_between(since, until).await
     }
 
     async fn add_marketo_calls(&self, day: &str, calls: u64) -> Result<u64, StateError> {
-        self.count_write();
-        let out = self
-            .client
-            .update_item()
-            .table_name(&*self.table)
-            .key("pk", s(format!("calls#{day}")))
-            .update_expression("ADD n :c")
-            .expression_attribute_values(":c", n(calls))
-            // All of the item: adding 0 changes nothing, and moto then returns no updated `n`.
-            .return_values(ReturnValue::AllNew)
-            .send()
-            .await
-            .map_err(|e| dynamo_err("UpdateItem (Marketo calls)", e))?;
-        Ok(out.attributes.as_ref().and_then(|a| get_n(a, "n")).unwrap_or(0) as u64)
+        self.count_calls(day, calls).await
     }
 
     async fn take_marketo_call(&self, day: &str, budget: u64) -> Result<Option<u64>, StateError> {
-        self.count_write();
-        let out = self
-            .client
-            .update_item()
-            .table_name(&*self.table)
-            .key("pk", s(format!("calls#{day}")))
-            .update_expression("ADD n :one")
-            .condition_expression("attribute_not_exists(n) OR n < :budget")
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":budget", n(budget))
-            .return_values(ReturnValue::UpdatedNew)
-            .send()
-            .await;
-        match out {
-            Ok(out) => Ok(Some(
-                out.attributes.as_ref().and_then(|a| get_n(a, "n")).unwrap_or(0) as u64
-            )),
-            Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(None),
-            Err(e) => Err(dynamo_err("UpdateItem (Marketo calls)", e)),
-        }
+        self.take_call(day, budget).await
     }
 
     async fn join_budget(&self, member: &str, until: Millis, now: Millis) -> Result<u32, StateError> {
@@ -778,16 +527,7 @@ impl StateStore for DynamoStore {
     }
 
     async fn marketo_calls(&self, day: &str) -> Result<u64, StateError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&*self.table)
-            .key("pk", s(format!("calls#{day}")))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| dynamo_err("GetItem (Marketo calls)", e))?;
-        Ok(out.item.as_ref().and_then(|i| get_n(i, "n")).unwrap_or(0) as u64)
+        self.calls_on(day).await
     }
 
     async fn remember_links(&self, links: &[(String, OpportunityId)]) -> Result<(), StateError> {
@@ -799,64 +539,11 @@ impl StateStore for DynamoStore {
     }
 
     async fn record_run(&self, run: &Run, keep_ms: i64) -> Result<(), StateError> {
-        let json = serde_json::to_string(run).map_err(|e| StateError::Corrupt {
-            key: "run".into(),
-            reason: e.to_string(),
-        })?;
-        self.count_write();
-        // In the sparse index under `q = run`, newest last by `since`; the table's TTL removes
-        // it after its time. An update that creates its item: every function's role may update.
-        self.client
-            .update_item()
-            .table_name(&*self.table)
-            .key("pk", s(format!("run#{:013}#{:x}", run.started.max(0), new_token())))
-            .update_expression("SET q = :q, since = :since, run_json = :run, expire_at_s = :expire")
-            .expression_attribute_values(":q", s(RUN_QUEUE))
-            .expression_attribute_values(":since", n(run.started))
-            .expression_attribute_values(":run", s(json))
-            .expression_attribute_values(":expire", n(run.ended.saturating_add(keep_ms) / 1000))
-            .send()
-            .await
-            .map_err(|e| dynamo_err("UpdateItem (run)", e))?;
-        Ok(())
+        self.put_run(run, keep_ms).await
     }
 
     async fn runs(&self, limit: usize, now: Millis) -> Result<Vec<Run>, StateError> {
-        let mut out = Vec::new();
-        let mut start = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&*self.table)
-                .index_name(OPEN_INDEX)
-                .key_condition_expression("q = :q")
-                .expression_attribute_values(":q", s(RUN_QUEUE))
-                .scan_index_forward(false)
-                .limit(limit.clamp(1, 1000) as i32)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(|e| dynamo_err("Query (runs)", e))?;
-            for item in page.items.unwrap_or_default() {
-                // The TTL removes expired items within days, not at once.
-                if get_n(&item, "expire_at_s").is_some_and(|at| at < now / 1000) {
-                    continue;
-                }
-                let text = get_s(&item, "run_json").unwrap_or_default();
-                out.push(serde_json::from_str(text).map_err(|e| StateError::Corrupt {
-                    key: "run".into(),
-                    reason: e.to_string(),
-                })?);
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-            }
-            match page.last_evaluated_key {
-                Some(key) => start = Some(key),
-                None => return Ok(out),
-            }
-        }
+        self.get_runs(limit, now).await
     }
 
     async fn remember_leads(&self, leads: &[(String, i64)]) -> Result<(), StateError> {
