@@ -124,6 +124,10 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
         marked_now: &mut BTreeSet<OpportunityId>,
     ) -> Result<bool, PipelineError> {
         let select: Vec<String> = vec!["opportunityid".into(), "versionnumber".into(), "modifiedon".into()];
+        // Opportunities read by an earlier poll: a first read of the connections now comes after
+        // them (on an initial sync both are read for the first time, and every opportunity is
+        // planned anyway).
+        let opportunities_read_before = self.store.cursor(Source::Opportunities).await?.is_some();
         let select: Vec<&str> = select.iter().map(String::as_str).collect();
         for (source, set) in [
             (Source::Opportunities, EntitySet::Opportunities),
@@ -161,7 +165,8 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
                 // The first read of the connections is a full read too: opportunities synced
                 // before it (an earlier poll stopped before the connections' cursor was
                 // stored) may name a stakeholder removed meanwhile.
-                let first_connections_read = cursor.is_none() && source == Source::Connections;
+                let first_connections_read =
+                    cursor.is_none() && source == Source::Connections && opportunities_read_before;
                 if page.full_resync || first_connections_read {
                     // Deletions during the expired window are gone from change tracking; the
                     // full read is followed by a scan that finds them (opportunities) or a
