@@ -34,10 +34,24 @@ impl<S: StateStore, D: DataversePort, M: MarketoPort> Pipeline<S, D, M> {
             return Ok(());
         }
         for status in [Status::Synced, Status::Ready, Status::Pending] {
-            for id in self.ids_in(status, |_| true, None).await? {
-                if !marked_now.contains(&id) && self.store.requeue(id, false, self.now()).await? {
+            let ids: Vec<OpportunityId> = self
+                .ids_in(status, |_| true, None)
+                .await?
+                .into_iter()
+                .filter(|id| !marked_now.contains(id))
+                .collect();
+            // Several requeues in flight at once: on DynamoDB each is a round trip, and a
+            // scan of a large table one after another would outlast the poller's deadline.
+            let now = self.now();
+            let requeues: Vec<_> = ids
+                .iter()
+                .copied()
+                .map(|id| self.store.requeue(id, false, now))
+                .collect();
+            for (id, requeued) in ids.iter().zip(overlapped(requeues).await) {
+                if requeued? {
                     report.requeued += 1;
-                    marked_now.insert(id);
+                    marked_now.insert(*id);
                 }
             }
             self.renew(lease).await?;
